@@ -1,0 +1,3 @@
+from mprun.cli import main
+
+main()

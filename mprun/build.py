@@ -1,0 +1,78 @@
+"""Turns a composed config into built objects. The only module that calls hydra.utils.instantiate."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from mprun import models
+from mprun.data import DataBundle
+from mprun.errors import ConfigError
+from mprun.loop import TrainerConfig, planned_steps, resolve_device
+from mprun.optim import implementation
+from mprun.precision import Precision
+from mprun.tracking import Tracker
+
+
+@dataclass
+class Components:
+    device: torch.device
+    precision: Precision
+    data: DataBundle
+    model: nn.Module  # what the loop calls: compiled if trainer.compile
+    module: nn.Module  # the plain module: what checkpoints hold
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def tracker(cfg: DictConfig) -> Tracker:
+    """The configured tracker, already connected to its store (a bad store fails here, before training)."""
+    return instantiate(cfg.tracking, _convert_="all")(output_root=cfg.paths.output_root)
+
+
+def components(cfg: DictConfig, checked: dict[str, Any]) -> Components:
+    """Device, precision, data, model, optimizer and schedule, in the order each needs the last."""
+    trainer: TrainerConfig = checked["trainer"]
+    device = resolve_device(trainer.device)
+    precision = Precision(checked["precision"], device)
+    seed_everything(trainer.seed)
+    data: DataBundle = instantiate(cfg.dataset, _convert_="all")(seed=trainer.seed, device=device)
+    model_name = cfg.model.get("name") or _choice(cfg, "model")
+    try:
+        module: nn.Module = instantiate(cfg.model, _convert_="all")(
+            in_chans=data.in_chans, image_size=data.image_size, num_classes=data.num_classes
+        )
+    except ConfigError:
+        raise
+    except (AssertionError, ValueError, RuntimeError) as e:  # e.g. a ViT patch larger than the image
+        raise ConfigError(f"model={model_name} cannot be built for dataset={data.name} "
+                          f"({data.in_chans}x{data.image_size[0]}x{data.image_size[1]}, {data.num_classes} classes): {e}") from e
+    memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
+    module = module.to(device, memory_format=memory_format)
+    models.check_fits(module, data.example().to(device), data.num_classes, model_name, data.name)
+    optimizer = instantiate(cfg.optimizer, _convert_="all")(module.parameters(), **implementation(device))
+    total = planned_steps(trainer, len(data.train))
+    scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer=optimizer, total_steps=total)
+    model = torch.compile(module) if trainer.compile else module
+    return Components(device, precision, data, model, module, optimizer, scheduler, total)
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    """A readable name for a group's option, from its _target_ (e.g. SimpleCNN)."""
+    target = cfg[group].get("_target_", "")
+    return target.rsplit(".", 1)[-1] if target else group

@@ -1,0 +1,39 @@
+"""`python -m mprun` / `mprun`: Hydra composes conf/, then one experiment runs per job."""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # wall time in the summary counts from here: imports included
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from mprun import config  # noqa: E402
+from mprun.errors import ConfigError  # noqa: E402
+
+log = logging.getLogger("mprun")
+config.register()
+# Absolute, so Hydra reads it as a directory: under `python -m` a relative path is taken as a module.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _main(cfg: DictConfig) -> float:
+    from mprun.experiment import run
+
+    try:
+        return run(cfg, STARTED)["val_acc"]
+    except ConfigError as e:
+        # A user's mistake: one short line, no traceback, exit 2 (like argparse).
+        print(f"mprun: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _main()

@@ -1,0 +1,77 @@
+"""Config schemas registered in Hydra's ConfigStore, and validation of a composed config.
+
+The schema is in code, the values in conf/*.yaml. Types and unknown keys are checked by
+OmegaConf while Hydra composes; ranges and cross-field rules run in each schema's
+__post_init__ when `validate` converts the config to dataclass instances, before any tensor exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mprun import data, loop, models, optim, precision, tracking
+from mprun.errors import ConfigError
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    data_dir: str = MISSING
+    output_root: str = MISSING  # run dirs, sweeps and the default MLflow store live here
+    run_dir: str = MISSING  # this run's directory (Hydra's output dir)
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    dataset: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    precision: precision.PrecisionConfig = MISSING
+    trainer: loop.TrainerConfig = MISSING
+    tracking: Any = MISSING
+    paths: PathsConfig = MISSING
+
+
+# group -> {schema name: dataclass}. YAML options extend one with `- /schema/<group>/<name>@_here_`.
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"simple_mlp": models.SimpleMLPConfig, "simple_cnn": models.SimpleCNNConfig,
+              "timm": models.TimmModelConfig, "torchvision": models.TorchvisionModelConfig},
+    "dataset": {"digits": data.DigitsConfig, "synthetic": data.SyntheticConfig,
+                "torchvision": data.VisionConfig, "imagefolder": data.ImageFolderConfig},
+    "optimizer": {"sgd": optim.SGDConfig, "adam": optim.AdamConfig, "adamw": optim.AdamWConfig},
+    "scheduler": {"none": optim.ConstantConfig, "cosine": optim.CosineConfig,
+                  "step": optim.StepConfig, "onecycle": optim.OneCycleConfig},
+    "precision": {"precision": precision.PrecisionConfig},
+    "trainer": {"trainer": loop.TrainerConfig},
+    "tracking": {"mlflow": tracking.MlflowConfig, "none": tracking.NoTrackingConfig},
+    "paths": {"paths": PathsConfig},
+}
+
+
+def register() -> None:
+    """Put every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check ranges and cross-field rules group by group; returns {group: dataclass instance}."""
+    checked = {}
+    for group in Config.__dataclass_fields__:
+        try:
+            checked[group] = OmegaConf.to_object(cfg[group])
+        except ConfigError as e:
+            raise ConfigError(f"{group}.{e}") from None
+        except OmegaConfBaseException as e:
+            msg = str(e).strip().splitlines()[0]
+            raise ConfigError(f"{group}: {msg}") from None
+    return checked

@@ -1,0 +1,295 @@
+"""Datasets, their config schemas, and loaders with a deterministic per-epoch order.
+
+In-memory datasets (digits, synthetic) are served by TensorLoader: whole-batch index_select
+on tensors that can live on the GPU, with no per-sample __getitem__ or collate. Datasets on
+disk use torch's DataLoader with pinned memory and persistent workers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, List, Protocol
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+
+from mprun.errors import ConfigError, require
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DatasetConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class DigitsConfig(DatasetConfig):
+    _target_: str = "mprun.data.digits"
+    val_fraction: float = 0.2
+    split_seed: int = 0  # fixed, so the validation set is the same across a seed sweep
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 < self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in (0, 1)")
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    _target_: str = "mprun.data.synthetic"
+    num_samples: int = 2048
+    val_samples: int = 256
+    shape: List[int] = field(default_factory=lambda: [3, 32, 32])
+    num_classes: int = 10
+    on_device: bool = True  # generate straight into GPU memory: measures the step, not the input pipeline
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.num_samples >= 1 and self.val_samples >= 1, "num_samples and val_samples must be >= 1")
+        require(len(self.shape) == 3 and min(self.shape) >= 1, f"shape={list(self.shape)} must be [channels, height, width]")
+        require(self.num_classes >= 2, f"num_classes={self.num_classes} must be >= 2")
+
+
+class VisionName(Enum):
+    mnist = "mnist"
+    fashion_mnist = "fashion_mnist"
+    cifar10 = "cifar10"
+    cifar100 = "cifar100"
+
+
+@dataclass
+class LoaderConfig(DatasetConfig):
+    num_workers: int = 2
+    prefetch_factor: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0")
+        require(self.prefetch_factor >= 1, f"prefetch_factor={self.prefetch_factor} must be >= 1")
+
+
+@dataclass
+class VisionConfig(LoaderConfig):
+    _target_: str = "mprun.data.torchvision_dataset"
+    name: VisionName = MISSING
+    root: str = MISSING
+    download: bool = False
+    batch_size: int = 128
+
+
+@dataclass
+class ImageFolderConfig(LoaderConfig):
+    _target_: str = "mprun.data.image_folder"
+    root: str = MISSING
+    train_dir: str = "train"
+    val_dir: str = "val"
+    image_size: int = 224
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.image_size >= 1, f"image_size={self.image_size} must be >= 1")
+
+
+class Loader(Protocol):
+    def __iter__(self) -> Iterator[Batch]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+@dataclass
+class DataBundle:
+    """What the loop and the model builder need to know about a dataset."""
+
+    name: str
+    train: Loader
+    val: Loader
+    in_chans: int
+    image_size: tuple[int, int]
+    num_classes: int
+
+    def example(self) -> torch.Tensor:
+        """Two input samples, for checking that a model fits."""
+        x, _ = next(iter(self.val))
+        return x[:2]
+
+
+class TensorLoader:
+    """Batches from in-memory tensors: one index_select per batch, in a seeded per-epoch order."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+        self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
+        # Training drops a ragged last batch (a size-1 batch breaks BatchNorm); evaluation keeps every sample.
+        self.drop_last = shuffle and len(x) >= batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.x)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).to(self.x.device)
+        else:
+            order = torch.arange(n, device=self.x.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+
+class EpochDataLoader:
+    """torch DataLoader whose shuffle order depends only on (seed, epoch), so a run can be replayed."""
+
+    def __init__(
+        self, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, prefetch_factor: int,
+        shuffle: bool, seed: int, device: torch.device,
+    ):
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        workers = num_workers
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= batch_size,
+            generator=self.generator,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",  # pinned pages make the non_blocking H2D copy truly async
+            persistent_workers=workers > 0,
+            prefetch_factor=prefetch_factor if workers > 0 else None,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.loader)
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, split_seed: int) -> tuple[Batch, Batch]:
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))
+    n_val = max(1, int(round(len(x) * val_fraction)))
+    val, train = order[:n_val], order[n_val:]
+    return (x[train], y[train]), (x[val], y[val])
+
+
+def _digits_csv() -> Path:
+    # Read scikit-learn's bundled file without importing sklearn: the import alone costs ~2 s of start-up.
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("dataset=digits needs scikit-learn (pip install scikit-learn); it ships the data")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+
+
+def digits(batch_size: int, val_fraction: float, split_seed: int, seed: int, device: torch.device) -> DataBundle:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), held in memory."""
+    raw = np.loadtxt(_digits_csv(), delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(raw[:, :-1]).reshape(-1, 1, 8, 8) / 8.0 - 1.0  # pixels are 0..16
+    y = torch.from_numpy(raw[:, -1]).long()
+    (xt, yt), (xv, yv) = _split(x, y, val_fraction, split_seed)
+    xt, yt, xv, yv = (t.to(device) for t in (xt, yt, xv, yv))
+    return DataBundle(
+        "digits", TensorLoader(xt, yt, batch_size, True, seed), TensorLoader(xv, yv, batch_size, False), 1, (8, 8), 10
+    )
+
+
+def synthetic(
+    batch_size: int, num_samples: int, val_samples: int, shape: List[int], num_classes: int, on_device: bool, seed: int, device: torch.device
+) -> DataBundle:
+    """Random images and labels: for measuring speed and memory, not accuracy."""
+    where = device if on_device else torch.device("cpu")
+    g = torch.Generator(device=where).manual_seed(seed)
+    c, h, w = shape
+
+    def make(n: int) -> Batch:
+        return (
+            torch.randn(n, c, h, w, generator=g, device=where),
+            torch.randint(0, num_classes, (n,), generator=g, device=where),
+        )
+
+    (xt, yt), (xv, yv) = make(num_samples), make(val_samples)
+    if not on_device and device.type == "cuda":
+        xt, yt, xv, yv = (t.pin_memory() for t in (xt, yt, xv, yv))
+    return DataBundle(
+        "synthetic", TensorLoader(xt, yt, batch_size, True, seed), TensorLoader(xv, yv, batch_size, False), c, (h, w), num_classes
+    )
+
+
+# name -> (torchvision class, folder torchvision expects under root, channels, size, mean, std)
+_VISION = {
+    VisionName.mnist: ("MNIST", "MNIST/raw", 1, 28, (0.1307,), (0.3081,)),
+    VisionName.fashion_mnist: ("FashionMNIST", "FashionMNIST/raw", 1, 28, (0.2860,), (0.3530,)),
+    VisionName.cifar10: ("CIFAR10", "cifar-10-batches-py", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    VisionName.cifar100: ("CIFAR100", "cifar-100-python", 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def torchvision_dataset(
+    name: VisionName, root: str, download: bool, seed: int, device: torch.device, **loader: int
+) -> DataBundle:
+    # loader: batch_size, num_workers, prefetch_factor (LoaderConfig), passed through to EpochDataLoader.
+    """MNIST, Fashion-MNIST, CIFAR-10/100 from disk, downloaded only when dataset.download=true."""
+    import torchvision
+    from torchvision import transforms as T
+
+    name = VisionName(name)
+    cls_name, folder, chans, size, mean, std = _VISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    expected = Path(root).absolute() / folder
+    try:
+        train = cls(root, train=True, download=download, transform=tf)
+        val = cls(root, train=False, download=download, transform=tf)
+    except RuntimeError as e:
+        if download:
+            raise ConfigError(f"dataset={name.value}: download into {expected} failed ({e}); without network, copy the files there") from e
+        raise ConfigError(
+            f"dataset={name.value} not found at {expected}; set dataset.download=true to fetch it "
+            f"(needs network), or set dataset.root to where it is"
+        ) from e
+    except OSError as e:  # URLError and socket errors: offline
+        raise ConfigError(f"dataset={name.value}: download into {expected} failed ({e}); without network, copy the files there") from e
+    return DataBundle(
+        name.value, EpochDataLoader(train, **loader, shuffle=True, seed=seed, device=device),
+        EpochDataLoader(val, **loader, shuffle=False, seed=seed, device=device),
+        chans, (size, size), len(train.classes),
+    )
+
+
+def image_folder(
+    root: str, train_dir: str, val_dir: str, image_size: int, seed: int, device: torch.device, **loader: int
+) -> DataBundle:
+    """root/train/<class>/*.jpg and root/val/<class>/*.jpg, resized to image_size, ImageNet-normalized."""
+    import torchvision
+    from torchvision import transforms as T
+
+    dirs = [Path(root) / train_dir, Path(root) / val_dir]
+    for d in dirs:
+        require(d.is_dir(), f"dataset=imagefolder: {d.absolute()} is not a directory (expected <class>/<image> folders below it)")
+    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    val_tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), norm])
+    train = torchvision.datasets.ImageFolder(str(dirs[0]), transform=train_tf)
+    val = torchvision.datasets.ImageFolder(str(dirs[1]), transform=val_tf)
+    require(train.classes == val.classes, f"dataset=imagefolder: train classes {train.classes} differ from val classes {val.classes}")
+    return DataBundle(
+        "imagefolder", EpochDataLoader(train, **loader, shuffle=True, seed=seed, device=device),
+        EpochDataLoader(val, **loader, shuffle=False, seed=seed, device=device),
+        3, (image_size, image_size), len(train.classes),
+    )

@@ -1,0 +1,11 @@
+"""The one exception type for a user's mistake: shown as a short message, never a traceback."""
+
+
+class ConfigError(ValueError):
+    """Bad user input (config value, missing data, unusable device): message names the key and the valid choices."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ok."""
+    if not ok:
+        raise ConfigError(message)

@@ -1,0 +1,156 @@
+"""One experiment end to end: validate, build, track, fit, checkpoint, summarize.
+
+The tracking run is opened only after everything is built, so bad input never creates a run,
+and once open it is always closed: FINISHED, FAILED (with the error as a tag) or KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import mprun
+from mprun import build, checkpoint, config
+from mprun.build import Components
+from mprun.checkpoint import unwrap
+from mprun.loop import FitResult, TrainState, fit
+from mprun.tracking import Tracker
+
+log = logging.getLogger("mprun")
+
+
+def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params are flat."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(mprun.__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(parts: Components) -> dict[str, str]:
+    """Where and how this run ran: what makes two runs' numbers comparable or not."""
+    device = parts.device
+    return {
+        "git_commit": _git_commit(),
+        "host": socket.gethostname(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "torch_version": torch.__version__,
+        "cuda_version": str(torch.version.cuda),
+        "precision": parts.precision.name.value,
+        "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
+        "mprun_version": mprun.__version__,
+    }
+
+
+def checkpoint_state(parts: Components, state: TrainState, cfg: DictConfig) -> dict[str, Any]:
+    """Everything needed to continue: unwrapped model, optimizer, schedule, scaler, RNG, progress, config."""
+    return {
+        "model": unwrap(parts.module).state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "precision": parts.precision.state_dict(),
+        "rng": checkpoint.rng_state(),
+        "progress": {"epoch": state.epoch, "step": state.step, "samples": state.samples},
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+    }
+
+
+def summary_dict(result: FitResult, parts: Components, state: TrainState, tracker: Tracker, wall_s: float) -> dict[str, Any]:
+    """The end-of-run numbers, as written to summary.json."""
+    return {
+        "val_acc": result.val_acc,
+        "val_loss": result.val_loss,
+        "train_loss": result.train_loss,
+        "samples_per_s": result.samples_per_s,
+        "peak_mem_mib": result.peak_mem_mib,
+        "peak_mem_kind": "cuda_max_allocated" if parts.device.type == "cuda" else "process_max_rss",
+        "precision": parts.precision.name.value,
+        "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
+        "loss_scale": parts.precision.scale_value(),
+        "skipped_steps": parts.precision.skipped_steps,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "train_time_s": sum(result.epoch_times),
+        "wall_time_s": wall_s,
+        "device": str(parts.device),
+        "mlflow_run_id": tracker.run_id,
+    }
+
+
+def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None:
+    """Human-readable closing block on stdout."""
+    mem = "GPU tensors, peak allocated" if s["peak_mem_kind"] == "cuda_max_allocated" else "process peak RSS"
+    lines = [
+        "",
+        "── mprun summary " + "─" * 44,
+        f"val/acc     {s['val_acc']:.4f}   (val/loss {s['val_loss']:.4f})",
+        f"throughput  {s['samples_per_s']:,.0f} samples/s  (median over epochs, first excluded)",
+        f"peak memory {s['peak_mem_mib']:,.0f} MiB  ({mem})",
+        f"precision   {s['precision_detail']}",
+        f"loss scale  {s['loss_scale']:g}   skipped steps {s['skipped_steps']}",
+        f"time        {s['train_time_s']:.1f} s training, {s['wall_time_s']:.1f} s since start, {s['steps']} steps on {s['device']}",
+        f"run dir     {run_dir}",
+        *tracker.describe(),
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def run(cfg: DictConfig, started: float | None = None) -> dict[str, Any]:
+    """Run one experiment from a composed config; returns the summary dict."""
+    started = started if started is not None else time.perf_counter()
+    checked = config.validate(cfg)
+    run_dir = Path(cfg.paths.run_dir).absolute()
+    tracker = build.tracker(cfg)  # reaches the store now, so a bad URI fails before any data or model work
+    parts = build.components(cfg, checked)
+    log.info("precision %s (%s); device %s; %d optimizer steps planned",
+             parts.precision.description, parts.precision.reason, parts.device, parts.total_steps)
+    tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), run_tags(parts))
+    status = "FAILED"
+    try:
+        state = TrainState()
+        result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
+                     checked["trainer"], parts.device, state)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = checkpoint.save(run_dir / "checkpoints" / "final.pt", checkpoint_state(parts, state, cfg))
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        summary = summary_dict(result, parts, state, tracker, time.perf_counter() - started)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for path in (run_dir / "config_resolved.yaml", run_dir / "summary.json"):
+            tracker.log_artifact(path)
+        if (run_dir / ".hydra").is_dir():
+            tracker.log_artifact(run_dir / ".hydra", "hydra")
+        if getattr(tracker, "log_checkpoint", False):
+            tracker.log_artifact(ckpt, "checkpoints")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException as e:
+        tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        tracker.end(status)
+    print_summary(summary, run_dir, tracker)
+    return summary

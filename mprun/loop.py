@@ -1,0 +1,236 @@
+"""The training loop: fit -> train_epoch -> train_step, plus evaluate. Built objects in, results out.
+
+Host syncs are confined to log steps, evaluation and epoch ends. Between them the loss is
+accumulated on the device; the only per-step sync is the one GradScaler.step makes itself
+(fp16 with loss scaling) to decide whether the step is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from itertools import islice
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mprun.data import Batch, DataBundle, Loader
+from mprun.errors import require
+from mprun.precision import Precision
+from mprun.progress import Progress
+from mprun.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class DeviceName(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ProgressMode(Enum):
+    auto = "auto"  # a bar on a terminal, log lines otherwise
+    bar = "bar"
+    log = "log"
+    off = "off"
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    max_steps: int = -1  # optimizer steps (taken or skipped) across all epochs; -1: no limit
+    grad_accum_steps: int = 1
+    device: DeviceName = DeviceName.auto
+    seed: int = 0
+    eval_every_epochs: int = 1
+    log_every_steps: int = 10
+    channels_last: bool = False
+    compile: bool = False
+    progress: ProgressMode = ProgressMode.auto
+
+    def __post_init__(self) -> None:
+        require(self.max_epochs >= 1, f"max_epochs={self.max_epochs} must be >= 1")
+        require(self.max_steps == -1 or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1, or -1 for no limit")
+        require(self.grad_accum_steps >= 1, f"grad_accum_steps={self.grad_accum_steps} must be >= 1")
+        require(self.eval_every_epochs >= 1, f"eval_every_epochs={self.eval_every_epochs} must be >= 1")
+        require(self.log_every_steps >= 1, f"log_every_steps={self.log_every_steps} must be >= 1")
+
+
+def resolve_device(name: DeviceName) -> torch.device:
+    """auto: the GPU when there is one. Asking for cuda without one is an error, not a silent CPU run."""
+    if name is DeviceName.auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    require(
+        name is not DeviceName.cuda or torch.cuda.is_available(),
+        "trainer.device=cuda but no CUDA GPU is visible; choose trainer.device=cpu or auto",
+    )
+    return torch.device(name.value)
+
+
+@dataclass
+class TrainState:
+    """Progress counters: what a checkpoint needs to know where training stands."""
+
+    epoch: int = 0
+    step: int = 0
+    samples: int = 0
+
+
+@dataclass
+class FitResult:
+    val_loss: float = float("nan")
+    val_acc: float = float("nan")
+    train_loss: float = float("nan")
+    samples_per_s: float = 0.0
+    peak_mem_mib: float = 0.0
+    epoch_times: list[float] = field(default_factory=list)
+    epoch_rates: list[float] = field(default_factory=list)
+
+
+def planned_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps the run will attempt: the LR schedule's length."""
+    per_epoch = -(-batches_per_epoch // cfg.grad_accum_steps)
+    total = per_epoch * cfg.max_epochs
+    return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak tensor memory on a GPU; on the CPU the process's peak resident set (tensors and all)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
+    x, y = batch
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def _chunks(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    it = iter(batches)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def train_step(
+    model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, precision: Precision, want_norm: bool
+) -> tuple[torch.Tensor, bool, Optional[torch.Tensor]]:
+    """Forward/backward over the micro-batches, then one optimizer step: (mean loss, stepped, grad norm)."""
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    for x, y in micro_batches:
+        with precision.autocast():
+            loss = F.cross_entropy(model(x), y)
+        # Averaging over micro-batches makes the accumulated gradient equal one big batch's. The loss
+        # scale must not change between micro-batches, which holds because update() runs only in step().
+        precision.backward(loss / len(micro_batches))
+        total += loss.detach()
+    stepped, norm = precision.step(optimizer, model.parameters(), want_norm)
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(micro_batches), stepped, norm
+
+
+def train_epoch(
+    model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision, tracker: Tracker, cfg: TrainerConfig, state: TrainState, device: torch.device, progress: Progress,
+) -> float:
+    """One pass over the training data; returns the epoch's mean training loss."""
+    model.train()
+    loader.set_epoch(state.epoch)
+    epoch_loss = torch.zeros((), device=device)  # stays on the device: no sync per step
+    window_loss, window_steps, epoch_steps = torch.zeros((), device=device), 0, 0
+    for micro in _chunks(loader, cfg.grad_accum_steps):
+        if cfg.max_steps > 0 and state.step >= cfg.max_steps:
+            break
+        micro = [_to_device(b, device, cfg.channels_last) for b in micro]
+        at_log_step = (state.step + 1) % cfg.log_every_steps == 0
+        loss, stepped, norm = train_step(model, micro, optimizer, precision, want_norm=at_log_step)
+        if stepped:  # a skipped fp16 step must not advance the LR schedule
+            scheduler.step()
+        state.step += 1
+        state.samples += sum(len(y) for _, y in micro)
+        epoch_loss += loss
+        window_loss += loss
+        window_steps += 1
+        epoch_steps += 1
+        progress.advance(len(micro))
+        if at_log_step:
+            metrics = {
+                "train/loss": (window_loss / window_steps).item(),  # sync point, once per log interval
+                "train/lr": scheduler.get_last_lr()[0],
+                "amp/loss_scale": precision.scale_value(),
+                "amp/skipped_steps": precision.skipped_steps,
+            }
+            if norm is not None:
+                metrics["train/grad_norm"] = norm.item()
+            tracker.log_metrics(metrics, state.step)
+            progress.show({"loss": metrics["train/loss"], "scale": metrics["amp/loss_scale"]})
+            window_loss.zero_()
+            window_steps = 0
+    return (epoch_loss / max(1, epoch_steps)).item()
+
+
+def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: torch.device, channels_last: bool) -> tuple[float, float]:
+    """Validation (loss, accuracy) under the run's autocast; one host sync at the end."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            x, y = _to_device(batch, device, channels_last)
+            with precision.autocast():
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(dim=1) == y).sum()
+            seen += len(y)
+    model.train()
+    return (loss_sum / max(1, seen)).item(), (correct.double() / max(1, seen)).item()
+
+
+def fit(
+    model: nn.Module, data: DataBundle, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision, tracker: Tracker, cfg: TrainerConfig, device: torch.device, state: Optional[TrainState] = None,
+) -> FitResult:
+    """Train for max_epochs (or max_steps), evaluating every eval_every_epochs and at the end."""
+    state = state or TrainState()
+    result = FitResult()
+    progress = Progress.create(cfg.progress.value, cfg.max_epochs, len(data.train))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    while state.epoch < cfg.max_epochs and not (cfg.max_steps > 0 and state.step >= cfg.max_steps):
+        progress.start_epoch(state.epoch)
+        start, samples_before = time.perf_counter(), state.samples
+        result.train_loss = train_epoch(model, data.train, optimizer, scheduler, precision, tracker, cfg, state, device, progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # epoch time must include the queued GPU work
+        seconds = time.perf_counter() - start
+        result.epoch_times.append(seconds)
+        result.epoch_rates.append((state.samples - samples_before) / seconds)
+        state.epoch += 1
+        metrics = {
+            "perf/epoch_time_s": seconds,
+            "perf/samples_per_s": result.epoch_rates[-1],
+            "perf/peak_mem_mib": peak_memory_mib(device),
+        }
+        finished = state.epoch >= cfg.max_epochs or (cfg.max_steps > 0 and state.step >= cfg.max_steps)
+        if state.epoch % cfg.eval_every_epochs == 0 or finished:
+            result.val_loss, result.val_acc = evaluate(model, data.val, precision, device, cfg.channels_last)
+            metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
+        tracker.log_metrics(metrics, state.step)
+        progress.end_epoch(state.epoch, {"train_loss": result.train_loss, **metrics})
+    progress.close()
+    # Median over epochs, leaving out the first (warm-up, compilation) when there are others.
+    rates = result.epoch_rates[1:] if len(result.epoch_rates) > 1 else result.epoch_rates
+    result.samples_per_s = statistics.median(rates) if rates else 0.0
+    result.peak_mem_mib = peak_memory_mib(device)
+    return result

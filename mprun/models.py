@@ -1,0 +1,163 @@
+"""Models and their config schemas. Every builder adapts to the dataset: in_chans, image_size, num_classes.
+
+timm and torchvision.models are imported only when such a model is asked for: `import timm`
+alone costs ~5 s on a 2-core CPU, more than the whole default run trains.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from mprun.errors import ConfigError, require
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+
+
+@dataclass
+class SimpleMLPConfig(ModelConfig):
+    _target_: str = "mprun.models.SimpleMLP"
+    hidden: int = 256
+    depth: int = 2
+
+    def __post_init__(self) -> None:
+        require(self.hidden >= 1, f"hidden={self.hidden} must be >= 1")
+        require(self.depth >= 1, f"depth={self.depth} must be >= 1")
+
+
+@dataclass
+class SimpleCNNConfig(ModelConfig):
+    _target_: str = "mprun.models.SimpleCNN"
+    width: int = 32
+
+    def __post_init__(self) -> None:
+        require(self.width >= 1, f"width={self.width} must be >= 1")
+
+
+@dataclass
+class TimmModelConfig(ModelConfig):
+    _target_: str = "mprun.models.timm_model"
+    name: str = MISSING
+    pretrained: bool = False  # True downloads weights from the Hugging Face hub
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TorchvisionModelConfig(ModelConfig):
+    _target_: str = "mprun.models.torchvision_model"
+    name: str = MISSING
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+class SimpleMLP(nn.Sequential):
+    """Flatten -> depth x (Linear, ReLU) -> Linear."""
+
+    def __init__(self, in_chans: int, image_size: tuple[int, int], num_classes: int, hidden: int = 256, depth: int = 2):
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_chans * image_size[0] * image_size[1]
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class SimpleCNN(nn.Sequential):
+    """Three conv-BN-ReLU blocks, one 2x pool, global average pool, linear head. Works from 8x8 up."""
+
+    def __init__(self, in_chans: int, image_size: tuple[int, int], num_classes: int, width: int = 32):
+        super().__init__(
+            *_conv_bn(in_chans, width),
+            *_conv_bn(width, 2 * width),
+            nn.MaxPool2d(2),
+            *_conv_bn(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * width, num_classes),
+        )
+
+
+def _unknown(kind: str, name: str, choices: list[str], hint: str) -> ConfigError:
+    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.5)
+    suggestion = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown {kind} model '{name}'{suggestion} ({hint})")
+
+
+def timm_model(
+    in_chans: int, image_size: tuple[int, int], num_classes: int, name: str, pretrained: bool = False, kwargs: Dict[str, Any] | None = None
+) -> nn.Module:
+    """Any timm model; ViT-style models get img_size so position embeddings match the data."""
+    import timm
+
+    if not timm.is_model(name):
+        raise _unknown("timm", name, timm.list_models(), f"list them with: python -c \"import timm; print(timm.list_models('{name[:3]}*'))\"")
+    common = dict(pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(kwargs or {}))
+    model = timm.create_model(name, **common)
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and tuple(getattr(patch_embed, "img_size", image_size)) != tuple(image_size):
+        model = timm.create_model(name, img_size=tuple(image_size), **common)
+    return model
+
+
+def torchvision_model(
+    in_chans: int, image_size: tuple[int, int], num_classes: int, name: str, kwargs: Dict[str, Any] | None = None
+) -> nn.Module:
+    """Any torchvision classification model, untrained, with its first conv adapted to in_chans."""
+    import torchvision
+
+    choices = torchvision.models.list_models(module=torchvision.models)
+    if name not in choices:
+        raise _unknown("torchvision", name, choices, "see torchvision.models.list_models()")
+    extra = dict(kwargs or {})
+    if name.startswith("vit_"):
+        require(image_size[0] == image_size[1], f"torchvision {name} needs square images, dataset gives {image_size}")
+        extra.setdefault("image_size", image_size[0])
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
+    if in_chans != 3:
+        _replace_first_conv(model, in_chans)
+    return model
+
+
+def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                setattr(parent, child_name, nn.Conv2d(
+                    in_chans, child.out_channels, child.kernel_size, child.stride, child.padding,
+                    child.dilation, child.groups, child.bias is not None, child.padding_mode,
+                ))
+                return
+    raise ConfigError(f"cannot adapt {type(model).__name__} to {in_chans} input channels: it has no Conv2d")
+
+
+def check_fits(model: nn.Module, example: torch.Tensor, num_classes: int, model_name: str, dataset_name: str) -> None:
+    """Run one tiny forward pass so a model/dataset mismatch fails now, with both names, not mid-epoch."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model={model_name} cannot take dataset={dataset_name} inputs of shape {tuple(example.shape[1:])}: {first_line}"
+        ) from e
+    finally:
+        model.train(was_training)
+    require(
+        tuple(out.shape) == (example.shape[0], num_classes),
+        f"model={model_name} outputs shape {tuple(out.shape[1:])}, dataset={dataset_name} has {num_classes} classes",
+    )

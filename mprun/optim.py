@@ -1,0 +1,155 @@
+"""Optimizer and LR-scheduler config schemas, and the scheduler factories they point at.
+
+Schedulers count *optimizer steps that really happened*: the loop calls scheduler.step() only
+after a step that was not skipped by the loss scaler.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List
+
+import torch
+from omegaconf import MISSING
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from mprun.errors import require
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, f"lr={self.lr} must be > 0")
+        require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)")
+        require(not self.nesterov or self.momentum > 0, "nesterov=true needs momentum > 0")
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    _target_: str = "torch.optim.Adam"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas={list(self.betas)} must be two values in [0, 1)")
+        require(self.eps > 0, f"eps={self.eps} must be > 0")
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    _target_: str = "torch.optim.AdamW"
+    weight_decay: float = 0.01
+
+
+def implementation(device: torch.device) -> dict:
+    """Fastest optimizer kernels for the device: one fused kernel on CUDA, torch's default elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+@dataclass
+class SchedulerConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    warmup_steps: int = 0  # linear warmup from 0 over this many optimizer steps
+
+    def __post_init__(self) -> None:
+        require(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+
+
+@dataclass
+class ConstantConfig(SchedulerConfig):
+    _target_: str = "mprun.optim.constant"
+
+
+@dataclass
+class CosineConfig(SchedulerConfig):
+    _target_: str = "mprun.optim.cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+@dataclass
+class StepConfig(SchedulerConfig):
+    _target_: str = "mprun.optim.step"
+    step_size: int = 1000  # optimizer steps between decays
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.step_size >= 1, f"step_size={self.step_size} must be >= 1")
+        require(0 < self.gamma <= 1, f"gamma={self.gamma} must be in (0, 1]")
+
+
+@dataclass
+class OneCycleConfig(SchedulerConfig):
+    _target_: str = "mprun.optim.onecycle"
+    pct_start: float = 0.3  # used when warmup_steps is 0
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 < self.pct_start < 1, f"pct_start={self.pct_start} must be in (0, 1)")
+
+
+def _with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, shape: Callable[[int], float]) -> LRScheduler:
+    # One LambdaLR instead of SequentialLR: a single multiplier, a single state_dict, no chaining quirks.
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * shape(max(0, step - warmup_steps))
+
+    return LambdaLR(optimizer, factor)
+
+
+def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> LRScheduler:
+    """Constant LR after optional warmup."""
+    return _with_warmup(optimizer, warmup_steps, lambda step: 1.0)
+
+
+def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> LRScheduler:
+    """Cosine decay to min_lr_ratio * lr over the steps after warmup."""
+    span = max(1, total_steps - warmup_steps)
+    return _with_warmup(
+        optimizer, warmup_steps,
+        lambda step: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, span) / span)),
+    )
+
+
+def step(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, step_size: int, gamma: float) -> LRScheduler:
+    """Multiply LR by gamma every step_size optimizer steps after warmup."""
+    return _with_warmup(optimizer, warmup_steps, lambda step: gamma ** (step // step_size))
+
+
+def onecycle(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, pct_start: float, div_factor: float, final_div_factor: float
+) -> LRScheduler:
+    """torch's OneCycleLR peaking at the configured lr; warmup_steps, if set, fixes the rise length."""
+    if warmup_steps:
+        pct_start = min(0.99, warmup_steps / max(1, total_steps))
+    max_lr = [group["lr"] for group in optimizer.param_groups]
+    return OneCycleLR(
+        optimizer, max_lr=max_lr, total_steps=max(2, total_steps), pct_start=pct_start,
+        div_factor=div_factor, final_div_factor=final_div_factor, cycle_momentum=False,
+    )

@@ -1,0 +1,63 @@
+"""Progress display: a tqdm bar on a terminal, plain log lines elsewhere (CI, files, sweeps)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Mapping
+
+log = logging.getLogger("mprun")
+
+
+def _fmt(values: Mapping[str, float]) -> str:
+    return "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items())
+
+
+class Progress:
+    """Log lines per epoch. Subclass BarProgress adds a live bar."""
+
+    def __init__(self, epochs: int, batches: int, enabled: bool = True) -> None:
+        self.epochs, self.batches, self.enabled = epochs, batches, enabled
+
+    @staticmethod
+    def create(mode: str, epochs: int, batches: int) -> "Progress":
+        """mode: auto | bar | log | off."""
+        if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+            return BarProgress(epochs, batches)
+        return Progress(epochs, batches, enabled=mode != "off")
+
+    def start_epoch(self, epoch: int) -> None:
+        """An epoch begins (0-based)."""
+
+    def advance(self, n: int) -> None:
+        """n more batches are done."""
+
+    def show(self, values: Mapping[str, float]) -> None:
+        """Latest values at a log step."""
+
+    def end_epoch(self, epoch: int, values: Mapping[str, float]) -> None:
+        """An epoch ended (1-based count) with these values."""
+        if self.enabled:
+            log.info("epoch %d/%d  %s", epoch, self.epochs, _fmt(values))
+
+    def close(self) -> None:
+        """Training ended."""
+
+
+class BarProgress(Progress):
+    """tqdm bar per epoch, updated only with values the loop already synced at log steps."""
+
+    def start_epoch(self, epoch: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.batches, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
+
+    def advance(self, n: int) -> None:
+        self.bar.update(n)
+
+    def show(self, values: Mapping[str, float]) -> None:
+        self.bar.set_postfix_str(_fmt(values), refresh=False)
+
+    def end_epoch(self, epoch: int, values: Mapping[str, float]) -> None:
+        self.bar.close()
+        super().end_epoch(epoch, values)
