@@ -57,7 +57,7 @@ class PrecisionConfig:
             require(value is None or value > 0, f"{key}={value} must be > 0 (or null to disable)")
         require(
             self.grad_clip_norm is None or self.grad_clip_value is None,
-            "set grad_clip_norm or grad_clip_value, not both",
+            "grad_clip_norm and grad_clip_value are both set; choose one",
         )
         require(
             self.loss_scale is LossScale.none or self.dtype in (PrecisionName.fp16, PrecisionName.auto),

@@ -1,0 +1,105 @@
+"""Every option of every group composes against its schema; bad values fail before any tensor exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ValidationError
+
+from mprun.config import validate
+from mprun.errors import ConfigError
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# Options that need a value only the user can give.
+REQUIRED = {
+    ("model", "timm"): ["model.name=resnet18"],
+    ("model", "torchvision"): ["model.name=resnet18"],
+    ("dataset", "imagefolder"): ["dataset.root=/nonexistent"],
+}
+OPTIONS = [
+    (group.name, option.stem)
+    for group in sorted(CONF.iterdir()) if group.is_dir()
+    for option in sorted(group.glob("*.yaml"))
+]
+
+
+def test_every_group_has_options() -> None:
+    groups = {g for g, _ in OPTIONS}
+    assert {"model", "dataset", "optimizer", "scheduler", "precision", "trainer", "tracking", "paths"} <= groups
+    precisions = {o for g, o in OPTIONS if g == "precision"}
+    assert precisions == {"auto", "fp32", "tf32", "fp16", "fp16_static", "bf16"}
+    models = {o for g, o in OPTIONS if g == "model"}
+    assert {"simple_mlp", "simple_cnn", "resnet18", "resnet50", "vit_b16", "timm", "torchvision"} <= models
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_validates(make_cfg, group: str, option: str) -> None:
+    cfg = make_cfg(f"{group}={option}", *REQUIRED.get((group, option), []))
+    checked = validate(cfg)
+    assert set(checked) >= {"model", "dataset", "optimizer", "scheduler", "precision", "trainer", "tracking"}
+
+
+def test_defaults(make_cfg) -> None:
+    cfg = make_cfg()
+    assert cfg.precision.dtype.name == "auto"
+    assert cfg.dataset._target_ == "mprun.data.digits"
+    assert cfg.model._target_ == "mprun.models.SimpleCNN"
+
+
+@pytest.mark.parametrize("override", ["precision=fp17", "model=resnet5000", "dataset=imagenet22k"])
+def test_unknown_option_fails_at_compose(make_cfg, override: str) -> None:
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg(override)
+    assert "Could not find" in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["trainer.max_epochs=abc", "optimizer.lr=fast", "precision.dtype=fp64"])
+def test_wrong_type_fails_at_compose(make_cfg, override: str) -> None:
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg(override)
+    assert isinstance(e.value.__cause__, ValidationError)
+
+
+def test_unknown_key_fails_at_compose(make_cfg) -> None:
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg("trainer.epochs=3")
+    assert isinstance(e.value.__cause__, ConfigAttributeError)
+    assert "not in 'TrainerConfig'" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["optimizer.lr=-1"], "optimizer.lr"),
+        (["optimizer.lr=0"], "optimizer.lr"),
+        (["trainer.grad_accum_steps=0"], "trainer.grad_accum_steps"),
+        (["trainer.max_epochs=0"], "trainer.max_epochs"),
+        (["precision=fp16", "precision.init_scale=0"], "precision.init_scale"),
+        (["precision=fp16_static", "precision.init_scale=-128"], "precision.init_scale"),
+        (["precision=fp16", "precision.backoff_factor=1.5"], "precision.backoff_factor"),
+        (["precision=fp16", "precision.growth_factor=1.0"], "precision.growth_factor"),
+        (["precision.grad_clip_norm=1", "precision.grad_clip_value=1"], "precision.grad_clip_norm"),
+        (["precision=bf16", "precision.loss_scale=dynamic"], "precision.loss_scale"),
+        (["optimizer=sgd", "optimizer.momentum=1.5"], "optimizer.momentum"),
+        (["dataset.batch_size=0"], "dataset.batch_size"),
+        (["dataset.val_fraction=1.0"], "dataset.val_fraction"),
+        (["scheduler=step", "scheduler.gamma=0"], "scheduler.gamma"),
+    ],
+)
+def test_out_of_range_names_the_key(make_cfg, overrides: list[str], key: str) -> None:
+    cfg = make_cfg(*overrides)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_fp16_scaling_can_be_switched_off_with_one_override(make_cfg) -> None:
+    checked = validate(make_cfg("precision=fp16", "precision.loss_scale=none"))
+    assert checked["precision"].loss_scale.value == "none"
+
+
+def test_fp16_static_is_a_delta_over_fp16(make_cfg) -> None:
+    p = validate(make_cfg("precision=fp16_static"))["precision"]
+    assert (p.dtype.value, p.loss_scale.value, p.init_scale) == ("fp16", "static", 128.0)

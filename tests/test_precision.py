@@ -1,0 +1,185 @@
+"""The precision object and the loop's step logic, on the CPU (torch's CPU autocast and GradScaler do fp16)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mprun.data import TensorLoader
+from mprun.loop import TrainerConfig, TrainState, train_epoch, train_step
+from mprun.optim import constant
+from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName, resolve
+from mprun.progress import Progress
+from mprun.tracking import Tracker
+
+CPU = torch.device("cpu")
+
+
+def fp16(**kw) -> Precision:
+    return Precision(PrecisionConfig(dtype=PrecisionName.fp16, **kw), CPU)
+
+
+class InfOnSteps(nn.Module):
+    """Linear model whose weight gradient becomes inf on chosen (0-based) backward calls."""
+
+    def __init__(self, bad_steps: set[int]):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.calls, self.bad = 0, bad_steps
+        self.fc.weight.register_hook(self._hook)
+
+    def _hook(self, grad: torch.Tensor) -> torch.Tensor:
+        bad = self.calls in self.bad
+        self.calls += 1
+        return grad * float("inf") if bad else grad
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def run_epoch(model: nn.Module, precision: Precision, steps: int):
+    torch.manual_seed(0)
+    x, y = torch.randn(steps * 8, 4), torch.randint(0, 3, (steps * 8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = constant(opt, total_steps=steps, warmup_steps=0)
+    cfg = TrainerConfig(log_every_steps=1)
+    state = TrainState()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_epoch(model, TensorLoader(x, y, 8, shuffle=True), opt, sched, precision, Tracker(), cfg, state, CPU,
+                    Progress(1, steps, enabled=False))
+    return sched, state, caught
+
+
+def test_dynamic_scaling_skips_backs_off_and_holds_the_schedule() -> None:
+    precision = fp16(init_scale=1024.0, growth_interval=3)
+    sched, state, caught = run_epoch(InfOnSteps({0}), precision, steps=1)
+    assert precision.skipped_steps == 1
+    assert precision.scale_value() == 512.0  # backoff_factor 0.5
+    assert sched.last_epoch == 0  # the skipped step did not advance the LR schedule
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_dynamic_scale_grows_after_growth_interval_clean_steps() -> None:
+    precision = fp16(init_scale=1024.0, growth_interval=3)
+    sched, state, caught = run_epoch(InfOnSteps({0}), precision, steps=4)
+    # step 0 overflowed (1024 -> 512), steps 1-3 are clean: after 3 clean steps the scale doubles.
+    assert precision.skipped_steps == 1
+    assert precision.scale_value() == 1024.0
+    assert sched.last_epoch == 3
+    assert state.step == 4
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_static_scaling_skips_but_never_moves() -> None:
+    precision = fp16(loss_scale=LossScale.static, init_scale=128.0, growth_interval=1)
+    sched, _, _ = run_epoch(InfOnSteps({1}), precision, steps=4)
+    assert precision.skipped_steps == 1
+    assert precision.scale_value() == 128.0  # no backoff on overflow, no growth with growth_interval=1
+    assert sched.last_epoch == 3
+
+
+def test_fp16_without_loss_scaling_has_no_scaler() -> None:
+    precision = fp16(loss_scale=LossScale.none)
+    assert not precision.scaler.is_enabled()
+    assert precision.scale_value() == 1.0
+
+
+def test_unscaled_fp16_step_with_inf_is_taken() -> None:
+    # Without a scaler nothing checks for inf: the step happens (issue 4 adds a policy for this).
+    precision = fp16(loss_scale=LossScale.none)
+    _, state, _ = run_epoch(InfOnSteps({0}), precision, steps=1)
+    assert precision.skipped_steps == 0
+
+
+def test_clipping_sees_unscaled_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(32, 16) * 10, torch.randint(0, 4, (32,))
+    max_norm = 0.05
+
+    # fp32 reference: plain backward + clip_grad_norm_ + SGD.
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1.0)
+    nn.functional.cross_entropy(ref(x), y).backward()
+    ref_norm = nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+    ref_opt.step()
+    assert ref_norm > 10 * max_norm  # clipping really acts
+
+    precision = fp16(init_scale=2.0**12, grad_clip_norm=max_norm)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    _, stepped, norm = train_step(model, [(x, y)], opt, precision, want_norm=True)
+    assert stepped
+    assert norm.item() == pytest.approx(ref_norm.item(), rel=2e-2)  # the unscaled norm, not 4096x it
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-3)
+
+
+def test_clip_by_value_sees_unscaled_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    before = model.weight.detach().clone()
+    precision = fp16(init_scale=2.0**12, grad_clip_value=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    _, stepped, _ = train_step(model, [(x, y)], opt, precision, want_norm=False)
+    assert stepped
+    # With lr=1 each weight moves by exactly its clipped gradient: at most 1e-3, and not 1e-3 / 4096.
+    delta = (model.weight.detach() - before).abs()
+    assert delta.max().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_gradient_accumulation_equals_one_big_batch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    big = copy.deepcopy(model)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    fp32 = Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), CPU)
+    opt_a = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt_b = torch.optim.SGD(big.parameters(), lr=0.5)
+    loss_a, _, _ = train_step(model, [(x[:8], y[:8]), (x[8:], y[8:])], opt_a, fp32, want_norm=False)
+    loss_b, _, _ = train_step(big, [(x, y)], opt_b, fp32, want_norm=False)
+    torch.testing.assert_close(loss_a, loss_b)
+    for p, q in zip(model.parameters(), big.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_auto_is_fp32_on_a_cpu_without_amx(monkeypatch) -> None:
+    monkeypatch.setattr("mprun.precision.cpu_has_fast_bf16", lambda: False)
+    name, why = resolve(PrecisionName.auto, CPU)
+    assert name is PrecisionName.fp32 and "CPU" in why
+
+
+def test_auto_is_bf16_on_a_cpu_with_amx(monkeypatch) -> None:
+    monkeypatch.setattr("mprun.precision.cpu_has_fast_bf16", lambda: True)
+    assert resolve(PrecisionName.auto, CPU)[0] is PrecisionName.bf16
+
+
+def test_half_precision_on_a_slow_cpu_warns(monkeypatch, caplog) -> None:
+    monkeypatch.setattr("mprun.precision.cpu_has_fast_bf16", lambda: False)
+    assert resolve(PrecisionName.bf16, CPU)[0] is PrecisionName.bf16
+    assert "emulation" in caplog.text
+
+
+@pytest.mark.parametrize("name,matmul,cudnn", [("fp32", False, False), ("tf32", True, True), ("bf16", False, True)])
+def test_tf32_flags_are_set_every_run(name: str, matmul: bool, cudnn: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = not matmul  # a previous job's leftovers
+    torch.backends.cudnn.allow_tf32 = not cudnn
+    loss_scale = LossScale.none
+    Precision(PrecisionConfig(dtype=PrecisionName(name), loss_scale=loss_scale), CPU)
+    assert torch.backends.cuda.matmul.allow_tf32 is matmul
+    assert torch.backends.cudnn.allow_tf32 is cudnn
+
+
+def test_autocast_dtype_follows_precision() -> None:
+    model = nn.Linear(4, 4)
+    with fp16().autocast():
+        assert model(torch.randn(2, 4)).dtype == torch.float16
+    with Precision(PrecisionConfig(dtype=PrecisionName.bf16, loss_scale=LossScale.none), CPU).autocast():
+        assert model(torch.randn(2, 4)).dtype == torch.bfloat16
+    with Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), CPU).autocast():
+        assert model(torch.randn(2, 4)).dtype == torch.float32

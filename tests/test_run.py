@@ -1,0 +1,197 @@
+"""Few-step runs of the real config: every precision, model, dataset, optimizer and scheduler option."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mprun import checkpoint
+from mprun.errors import ConfigError
+from mprun.experiment import run
+
+SHORT = ["trainer.max_steps=3", "trainer.max_epochs=1", "trainer.log_every_steps=1"]
+TINY_IMAGES = ["dataset=synthetic", "dataset.shape=[3,32,32]", "dataset.num_samples=8",
+               "dataset.val_samples=4", "dataset.batch_size=4"]
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "tf32", "fp16", "fp16_static", "bf16"])
+def test_every_precision_trains(make_cfg, precision: str) -> None:
+    summary = run(make_cfg(f"precision={precision}", *SHORT))
+    assert summary["steps"] == 3
+    assert 0.0 <= summary["val_acc"] <= 1.0
+    expected = {"auto": "fp32", "fp16_static": "fp16"}.get(precision, precision)
+    assert summary["precision"] == expected
+    if precision == "fp16_static":
+        assert summary["loss_scale"] == 128.0
+
+
+def test_fp16_without_scaling_trains(make_cfg) -> None:
+    summary = run(make_cfg("precision=fp16", "precision.loss_scale=none", *SHORT))
+    assert summary["loss_scale"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "model",
+    [["model=simple_mlp"], ["model=simple_cnn"], ["model=resnet18"], ["model=resnet50"],
+     ["model=vit_b16"], ["model=timm", "model.name=convnext_atto"], ["model=torchvision", "model.name=resnet18"],
+     ["model=torchvision", "model.name=vit_b_16"]],
+    ids=lambda m: m[-1].split("=")[-1],
+)
+def test_models_adapt_to_the_dataset(make_cfg, model: list[str]) -> None:
+    # 3x32x32 synthetic images, 7 classes: each model must adapt channels, size and classes.
+    summary = run(make_cfg(*model, *TINY_IMAGES, "dataset.num_classes=7", "trainer.max_steps=1", "trainer.max_epochs=1"))
+    assert summary["steps"] == 1
+
+
+def test_models_adapt_input_channels(make_cfg) -> None:
+    # Digits are 1-channel 8x8: torchvision's resnet18 gets its first conv rebuilt for 1 channel.
+    run(make_cfg("model=torchvision", "model.name=resnet18", *SHORT))
+
+
+def test_model_dataset_mismatch_is_a_clear_error(make_cfg) -> None:
+    with pytest.raises(ConfigError, match="vit_base_patch16_224.*digits"):
+        run(make_cfg("model=vit_b16", *SHORT))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("scheduler", ["none", "cosine", "step", "onecycle"])
+def test_optimizers_and_schedulers(make_cfg, optimizer: str, scheduler: str) -> None:
+    summary = run(make_cfg(f"optimizer={optimizer}", f"scheduler={scheduler}", "scheduler.warmup_steps=2", *SHORT))
+    assert summary["steps"] == 3
+
+
+def test_cosine_warmup_schedule(make_cfg) -> None:
+    from mprun.optim import cosine
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine(opt, total_steps=12, warmup_steps=2, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(12):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # linear warmup
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] < 0.2  # then cosine down toward 0.1
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_synthetic_dataset(make_cfg) -> None:
+    summary = run(make_cfg(*TINY_IMAGES, *SHORT))
+    assert summary["steps"] == 2  # 8 samples / batch 4 = 2 steps in the one epoch
+
+
+def test_imagefolder_dataset(make_cfg, tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            d = tmp_path / "imgs" / split / cls
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 30), color).save(d / f"{i}.png")
+    summary = run(make_cfg("dataset=imagefolder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=32",
+                           "dataset.batch_size=4", "dataset.num_workers=0", *SHORT))
+    assert summary["steps"] == 2
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "cifar100"])
+def test_missing_torchvision_dataset_names_path_and_flag(make_cfg, tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        run(make_cfg(f"dataset={name}", *SHORT))
+    assert str(tmp_path / "data") in str(e.value) and "dataset.download=true" in str(e.value)
+
+
+def test_missing_imagefolder_is_a_clear_error(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not a directory"):
+        run(make_cfg("dataset=imagefolder", f"dataset.root={tmp_path}/nothing", *SHORT))
+
+
+def test_gradient_accumulation_run(make_cfg) -> None:
+    summary = run(make_cfg("trainer.grad_accum_steps=4", "trainer.max_steps=2", "trainer.max_epochs=1"))
+    assert summary["steps"] == 2
+
+
+def test_channels_last_run(make_cfg) -> None:
+    run(make_cfg("trainer.channels_last=true", *SHORT))
+
+
+def test_compiled_run_checkpoints_the_plain_module(make_cfg, tmp_path: Path) -> None:
+    run(make_cfg("model=simple_mlp", "trainer.compile=true", "trainer.max_steps=2", "trainer.max_epochs=1"))
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "final.pt")
+    assert not any(k.startswith("_orig_mod.") for k in state["model"])
+
+
+def test_final_checkpoint_contents(make_cfg, tmp_path: Path) -> None:
+    run(make_cfg("precision=fp16", *SHORT))
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "final.pt")
+    assert {"model", "optimizer", "scheduler", "precision", "rng", "progress", "config", "mprun_version"} <= set(state)
+    assert state["progress"]["step"] == 3
+    assert state["precision"]["scaler"]["scale"] > 0
+    assert state["config"]["precision"]["dtype"] == "fp16"
+
+
+def test_mlflow_run_records_params_tags_metrics_artifacts(make_cfg, tmp_path: Path) -> None:
+    summary = run(make_cfg("precision=fp16", "trainer.max_epochs=2", "trainer.log_every_steps=5", tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    r = client.get_run(summary["mlflow_run_id"])
+    assert r.info.status == "FINISHED"
+    assert r.data.params["precision.dtype"] == "fp16"
+    assert r.data.params["optimizer.lr"] == "0.003"
+    assert r.data.params["trainer.max_epochs"] == "2"
+    for tag in ("git_commit", "host", "device", "torch_version", "cuda_version", "precision"):
+        assert tag in r.data.tags, tag
+    assert r.data.tags["precision"] == "fp16"
+    expected = {"train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc", "perf/samples_per_s",
+                "perf/epoch_time_s", "perf/peak_mem_mib", "amp/loss_scale", "amp/skipped_steps"}
+    assert expected <= set(r.data.metrics)
+    assert len(client.get_metric_history(r.info.run_id, "val/acc")) == 2  # one per epoch
+    assert r.data.metrics["val/acc"] == pytest.approx(summary["val_acc"])
+    top = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"config_resolved.yaml", "summary.json", "checkpoints"} <= top
+    local = Path(client.download_artifacts(r.info.run_id, "summary.json", str(tmp_path)))
+    assert json.loads(local.read_text())["mlflow_run_id"] == r.info.run_id
+    # The experiment's artifacts live beside the store, never in ./mlruns of the cwd.
+    assert (tmp_path / "outputs" / "mlartifacts").is_dir()
+
+
+def test_failed_run_is_marked_failed_with_the_error(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    def boom(*a, **k):
+        raise RuntimeError("exploded mid-training")
+
+    monkeypatch.setattr("mprun.experiment.fit", boom)
+    with pytest.raises(RuntimeError):
+        run(make_cfg(*SHORT, tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (r,) = client.search_runs([client.get_experiment_by_name("mprun").experiment_id])
+    assert r.info.status == "FAILED"
+    assert "exploded mid-training" in r.data.tags["error"]
+
+
+def test_interrupted_run_is_marked_killed(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mprun.experiment.fit", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(*SHORT, tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (r,) = client.search_runs([client.get_experiment_by_name("mprun").experiment_id])
+    assert r.info.status == "KILLED"
+
+
+def test_tracking_uri_override_wins(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
+    summary = run(make_cfg(*SHORT, f"tracking.uri=sqlite:///{tmp_path}/override.db", tracking="mlflow"))
+    assert MlflowClient(f"sqlite:///{tmp_path}/override.db").get_run(summary["mlflow_run_id"])
+    assert not (tmp_path / "env.db").exists()
+
+
+def test_tracking_env_var_wins_over_default(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
+    summary = run(make_cfg(*SHORT, tracking="mlflow"))
+    assert MlflowClient(f"sqlite:///{tmp_path}/env.db").get_run(summary["mlflow_run_id"])
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
