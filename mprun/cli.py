@@ -11,6 +11,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from mprun import config  # noqa: E402
@@ -27,11 +29,18 @@ def _main(cfg: DictConfig) -> float:
     from mprun.experiment import run
 
     try:
-        return run(cfg, STARTED)["val_acc"]
+        summary = run(cfg, STARTED)
     except ConfigError as e:
+        if HydraConfig.get().mode is RunMode.MULTIRUN:
+            # Raising lets Hydra mark this job failed and run the rest of the sweep; exiting would end it.
+            log.error("mprun: error: %s", e)
+            raise
         # A user's mistake: one short line, no traceback, exit 2 (like argparse).
         print(f"mprun: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if summary["interrupted"]:
+        sys.exit(128 + summary["interrupted"])  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+    return summary["val_acc"]
 
 
 def main() -> None:

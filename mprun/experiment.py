@@ -22,6 +22,7 @@ import mprun
 from mprun import build, checkpoint, config
 from mprun.build import Components
 from mprun.checkpoint import unwrap
+from mprun.interrupts import GracefulStop
 from mprun.loop import FitResult, TrainState, fit
 from mprun.tracking import Tracker
 
@@ -130,12 +131,15 @@ def run(cfg: DictConfig, started: float | None = None) -> dict[str, Any]:
     status = "FAILED"
     try:
         state = TrainState()
-        result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
-                     checked["trainer"], parts.device, state)
+        with GracefulStop() as stop:
+            result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
+                         checked["trainer"], parts.device, state, stop)
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = checkpoint.save(run_dir / "checkpoints" / "final.pt", checkpoint_state(parts, state, cfg))
+        name = "interrupted.pt" if result.interrupted else "final.pt"
+        ckpt = checkpoint.save(run_dir / "checkpoints" / name, checkpoint_state(parts, state, cfg))
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         summary = summary_dict(result, parts, state, tracker, time.perf_counter() - started)
+        summary["interrupted"] = result.interrupted
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         for path in (run_dir / "config_resolved.yaml", run_dir / "summary.json"):
             tracker.log_artifact(path)
@@ -143,12 +147,15 @@ def run(cfg: DictConfig, started: float | None = None) -> dict[str, Any]:
             tracker.log_artifact(run_dir / ".hydra", "hydra")
         if getattr(tracker, "log_checkpoint", False):
             tracker.log_artifact(ckpt, "checkpoints")
-        status = "FINISHED"
+        status = "KILLED" if result.interrupted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     except BaseException as e:
-        tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
+        try:
+            tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
+        except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
+            log.exception("could not record the error in the tracking run")
         raise
     finally:
         tracker.end(status)

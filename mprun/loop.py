@@ -22,6 +22,7 @@ from torch import nn
 
 from mprun.data import Batch, DataBundle, Loader
 from mprun.errors import require
+from mprun.interrupts import GracefulStop
 from mprun.precision import Precision
 from mprun.progress import Progress
 from mprun.tracking import Tracker
@@ -92,6 +93,7 @@ class FitResult:
     peak_mem_mib: float = 0.0
     epoch_times: list[float] = field(default_factory=list)
     epoch_rates: list[float] = field(default_factory=list)
+    interrupted: Optional[int] = None  # the signal that stopped training early, if any
 
 
 def planned_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
@@ -142,6 +144,7 @@ def train_step(
 def train_epoch(
     model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision, tracker: Tracker, cfg: TrainerConfig, state: TrainState, device: torch.device, progress: Progress,
+    stop: Optional[GracefulStop] = None,
 ) -> float:
     """One pass over the training data; returns the epoch's mean training loss."""
     model.train()
@@ -149,7 +152,7 @@ def train_epoch(
     epoch_loss = torch.zeros((), device=device)  # stays on the device: no sync per step
     window_loss, window_steps, epoch_steps = torch.zeros((), device=device), 0, 0
     for micro in _chunks(loader, cfg.grad_accum_steps):
-        if cfg.max_steps > 0 and state.step >= cfg.max_steps:
+        if (cfg.max_steps > 0 and state.step >= cfg.max_steps) or (stop is not None and stop.requested):
             break
         micro = [_to_device(b, device, cfg.channels_last) for b in micro]
         at_log_step = (state.step + 1) % cfg.log_every_steps == 0
@@ -200,6 +203,7 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: tor
 def fit(
     model: nn.Module, data: DataBundle, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision, tracker: Tracker, cfg: TrainerConfig, device: torch.device, state: Optional[TrainState] = None,
+    stop: Optional[GracefulStop] = None,
 ) -> FitResult:
     """Train for max_epochs (or max_steps), evaluating every eval_every_epochs and at the end."""
     state = state or TrainState()
@@ -210,7 +214,10 @@ def fit(
     while state.epoch < cfg.max_epochs and not (cfg.max_steps > 0 and state.step >= cfg.max_steps):
         progress.start_epoch(state.epoch)
         start, samples_before = time.perf_counter(), state.samples
-        result.train_loss = train_epoch(model, data.train, optimizer, scheduler, precision, tracker, cfg, state, device, progress)
+        result.train_loss = train_epoch(model, data.train, optimizer, scheduler, precision, tracker, cfg, state, device, progress, stop)
+        if stop is not None and stop.requested:
+            result.interrupted = stop.signum
+            break
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # epoch time must include the queued GPU work
         seconds = time.perf_counter() - start

@@ -39,8 +39,8 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m mprun ARGS` as a user would, in cwd."""
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None) if env is None or "MLFLOW_TRACKING_URI" not in env else None
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default store, unless env says
+    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "mprun", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )

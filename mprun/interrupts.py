@@ -1,0 +1,49 @@
+"""Graceful stop on SIGINT/SIGTERM: finish the step, checkpoint, close the run as KILLED, exit 128+signal.
+
+Handlers are installed explicitly rather than relying on Python's default SIGINT handler: a job
+started in the background by a non-interactive shell inherits SIGINT as *ignored*, and SLURM
+preempts with SIGTERM, which Python does not turn into an exception at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Optional
+
+log = logging.getLogger("mprun")
+
+
+class GracefulStop:
+    """Context manager: the first signal sets `signum` for the loop to see; a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        """True once a stop signal arrived."""
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # second signal: unwind now; the run is still closed as KILLED
+        self.signum = signum
+        log.warning("%s received: finishing the current step, then checkpointing. Send it again to stop at once.",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()

@@ -1,0 +1,115 @@
+"""`python -m mprun` as a user runs it: the default experiment, bad input, and Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import run_cli, run_statuses
+
+
+def test_default_run_reaches_095(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    proc = run_cli(cwd=tmp_path)
+    wall = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (summary_file,) = (tmp_path / "outputs").glob("*/*/summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["val_acc"] >= 0.95
+    assert summary["precision"] == "fp32"  # auto on a CPU without AMX
+    out = proc.stdout
+    for needle in ("val/acc", "samples/s", "peak memory", "precision", "MLflow run", "mlflow ui --backend-store-uri"):
+        assert needle in out, needle
+    assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["FINISHED"]
+    # The store is where the summary says, and the UI command points at it.
+    run_id = summary["mlflow_run_id"]
+    assert MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(run_id).info.status == "FINISHED"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    print(f"default run: {wall:.1f} s wall, val_acc {summary['val_acc']:.4f}")
+
+
+BAD_INPUTS = [
+    (["precision=fp17"], ["precision/fp17", "fp16_static", "bf16"]),
+    (["trainer.max_epochs=abc"], ["trainer.max_epochs", "abc"]),
+    (["optimizer.lr=-1"], ["optimizer.lr=-1.0 must be > 0"]),
+    (["trainer.grad_accum_steps=0"], ["trainer.grad_accum_steps=0 must be >= 1"]),
+    (["precision=fp16", "precision.init_scale=0"], ["precision.init_scale=0.0 must be > 0"]),
+    (["precision=fp16_static", "precision.init_scale=-1"], ["precision.init_scale"]),
+    (["trainer.device=cuda"], ["trainer.device=cuda", "cpu or auto"]),
+    (["dataset=cifar10"], ["cifar-10-batches-py", "dataset.download=true"]),
+    (["model=vit_b16"], ["vit_base_patch16_224", "dataset=digits"]),
+    (["model=timm", "model.name=resnet5O"], ["resnet5O", "resnet50"]),
+    (["trainer.epochs=3"], ["epochs", "TrainerConfig"]),
+    (["tracking.uri=http://127.0.0.1:9"], ["127.0.0.1:9", "tracking=none"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_short_clear_and_leaves_no_running_run(tmp_path: Path, args: list[str], needles: list[str]) -> None:
+    proc = run_cli(*args, "trainer.max_epochs=1", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0
+    err = proc.stderr
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 16, err
+    assert "RUNNING" not in run_statuses(tmp_path / "outputs" / "mlflow.db")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_checkpoints_and_marks_run_killed(tmp_path: Path, sig: int, code: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mprun", "trainer.max_epochs=100000", "trainer.progress=log"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for line in proc.stdout:  # wait until training is really under way
+            if "epoch 1/" in line:
+                break
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, out[-2000:]
+    assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["KILLED"]
+    (ckpt,) = (tmp_path / "outputs").glob("*/*/checkpoints/interrupted.pt")
+    from mprun.checkpoint import load
+
+    assert load(ckpt)["progress"]["step"] > 0
+
+
+def test_second_signal_stops_at_once_and_still_marks_killed(tmp_path: Path) -> None:
+    # A huge model on the CPU: one step takes long enough that the second Ctrl-C arrives mid-step.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mprun", "model=simple_mlp", "model.hidden=4096", "model.depth=12",
+         "trainer.max_epochs=100000", "trainer.progress=log", "trainer.log_every_steps=1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if "optimizer steps planned" in line:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["KILLED"], out[-2000:]
+
+
+def test_sweep_runs_every_job_even_when_one_has_bad_input(tmp_path: Path) -> None:
+    proc = run_cli("-m", "optimizer.lr=-1,1e-3", "trainer.max_steps=2", "trainer.max_epochs=1", cwd=tmp_path)
+    assert proc.returncode != 0  # the sweep reports the failure...
+    assert "optimizer.lr=-1.0 must be > 0" in proc.stderr + proc.stdout
+    assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["FINISHED"]  # ...after the good job ran
+    assert len(list((tmp_path / "outputs" / "multirun").glob("*/*/1/summary.json"))) == 1
