@@ -128,12 +128,20 @@ def run(cfg: DictConfig, started: float | None = None) -> dict[str, Any]:
     log.info("precision %s (%s); device %s; %d optimizer steps planned",
              parts.precision.description, parts.precision.reason, parts.device, parts.total_steps)
     tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), run_tags(parts))
+    # The handlers stay installed until the run is closed: a SIGTERM while the final checkpoint is
+    # written must not kill the process with the run still RUNNING.
+    with GracefulStop() as stop:
+        return _train_and_close(cfg, checked, parts, tracker, run_dir, stop, started)
+
+
+def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components, tracker: Tracker, run_dir: Path,
+                     stop: GracefulStop, started: float) -> dict[str, Any]:
+    """Fit, checkpoint and log artifacts; always close the tracking run with the right status."""
     status = "FAILED"
     try:
         state = TrainState()
-        with GracefulStop() as stop:
-            result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
-                         checked["trainer"], parts.device, state, stop)
+        result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
+                     checked["trainer"], parts.device, state, stop)
         run_dir.mkdir(parents=True, exist_ok=True)
         name = "interrupted.pt" if result.interrupted else "final.pt"
         ckpt = checkpoint.save(run_dir / "checkpoints" / name, checkpoint_state(parts, state, cfg))
@@ -145,7 +153,7 @@ def run(cfg: DictConfig, started: float | None = None) -> dict[str, Any]:
             tracker.log_artifact(path)
         if (run_dir / ".hydra").is_dir():
             tracker.log_artifact(run_dir / ".hydra", "hydra")
-        if getattr(tracker, "log_checkpoint", False):
+        if tracker.log_checkpoint:
             tracker.log_artifact(ckpt, "checkpoints")
         status = "KILLED" if result.interrupted else "FINISHED"
     except KeyboardInterrupt:

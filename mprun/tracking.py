@@ -45,6 +45,7 @@ class Tracker:
     """What the runner needs from a tracker. The base class tracks nothing."""
 
     run_id: Optional[str] = None
+    log_checkpoint: bool = False  # whether checkpoints are uploaded as artifacts
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
         """Open a run and record params and tags."""

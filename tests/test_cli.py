@@ -30,7 +30,10 @@ def test_default_run_reaches_095(tmp_path: Path) -> None:
     assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["FINISHED"]
     # The store is where the summary says, and the UI command points at it.
     run_id = summary["mlflow_run_id"]
-    assert MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(run_id).info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    hydra_files = {Path(a.path).name for a in client.list_artifacts(run_id, "hydra")}
+    assert {"config.yaml", "hydra.yaml", "overrides.yaml"} <= hydra_files
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
     print(f"default run: {wall:.1f} s wall, val_acc {summary['val_acc']:.4f}")
 

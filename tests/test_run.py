@@ -158,29 +158,23 @@ def test_mlflow_run_records_params_tags_metrics_artifacts(make_cfg, tmp_path: Pa
     assert (tmp_path / "outputs" / "mlartifacts").is_dir()
 
 
-def test_failed_run_is_marked_failed_with_the_error(make_cfg, tmp_path: Path, monkeypatch) -> None:
-    def boom(*a, **k):
-        raise RuntimeError("exploded mid-training")
+@pytest.mark.parametrize(
+    "error,status",
+    [(RuntimeError("exploded mid-training"), "FAILED"), (KeyboardInterrupt(), "KILLED")],
+    ids=["exception", "ctrl-c"],
+)
+def test_run_that_dies_is_closed_with_its_status(make_cfg, tmp_path: Path, monkeypatch, error, status) -> None:
+    def die(*a, **k):
+        raise error
 
-    monkeypatch.setattr("mprun.experiment.fit", boom)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr("mprun.experiment.fit", die)
+    with pytest.raises(type(error)):
         run(make_cfg(*SHORT, tracking="mlflow"))
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     (r,) = client.search_runs([client.get_experiment_by_name("mprun").experiment_id])
-    assert r.info.status == "FAILED"
-    assert "exploded mid-training" in r.data.tags["error"]
-
-
-def test_interrupted_run_is_marked_killed(make_cfg, tmp_path: Path, monkeypatch) -> None:
-    def interrupt(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("mprun.experiment.fit", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(*SHORT, tracking="mlflow"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
-    (r,) = client.search_runs([client.get_experiment_by_name("mprun").experiment_id])
-    assert r.info.status == "KILLED"
+    assert r.info.status == status
+    if status == "FAILED":
+        assert "exploded mid-training" in r.data.tags["error"]
 
 
 def test_tracking_uri_override_wins(make_cfg, tmp_path: Path, monkeypatch) -> None:
