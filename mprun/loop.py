@@ -170,8 +170,7 @@ def train_epoch(
             metrics = {
                 "train/loss": (window_loss / window_steps).item(),  # sync point, once per log interval
                 "train/lr": scheduler.get_last_lr()[0],
-                "amp/loss_scale": precision.scale_value(),
-                "amp/skipped_steps": precision.skipped_steps,
+                **precision.telemetry(),
             }
             if norm is not None:
                 metrics["train/grad_norm"] = norm.item()

@@ -140,7 +140,14 @@ class Precision:
             growth_interval=cfg.growth_interval,
             enabled=self.loss_scale is not LossScale.none,
         )
+        # Telemetry, all host-side: each step's outcome is already known on the host (see step()),
+        # so these mirror GradScaler's own bookkeeping without reading the scale tensor.
         self.skipped_steps = 0
+        self.steps_since_overflow = 0
+        self.growth_events = 0
+        self.backoff_events = 0
+        self._clean_run = 0  # consecutive clean steps: GradScaler's growth tracker
+        self._window = [0, 0]  # [skipped, steps] since the last telemetry() call
         self._stepped = False
         self._hooked: set[int] = set()
 
@@ -187,9 +194,36 @@ class Precision:
         self.scaler.step(optimizer)
         # Static scaling: GradScaler cannot have growth_factor=1, so pin the scale after every update.
         self.scaler.update(self.cfg.init_scale if self.loss_scale is LossScale.static else None)
-        if not self._stepped:
-            self.skipped_steps += 1
+        self._record(self._stepped)
         return self._stepped, norm
+
+    def _record(self, stepped: bool) -> None:
+        self._window[1] += 1
+        if not stepped:
+            self.skipped_steps += 1
+            self._window[0] += 1
+            self.steps_since_overflow = 0
+            self._clean_run = 0
+            self.backoff_events += self.loss_scale is LossScale.dynamic
+            return
+        self.steps_since_overflow += 1
+        self._clean_run += 1
+        if self.loss_scale is LossScale.dynamic and self._clean_run == self.cfg.growth_interval:
+            self.growth_events += 1  # GradScaler multiplied the scale by growth_factor on this update
+            self._clean_run = 0
+
+    def telemetry(self) -> dict[str, float]:
+        """amp/* metrics for the log window that ends now (one host sync, for the scale)."""
+        skipped, steps = self._window
+        self._window = [0, 0]
+        return {
+            "amp/loss_scale": self.scale_value(),
+            "amp/skipped_steps": self.skipped_steps,
+            "amp/skip_rate": skipped / steps if steps else 0.0,
+            "amp/steps_since_overflow": self.steps_since_overflow,
+            "amp/growth_events": self.growth_events,
+            "amp/backoff_events": self.backoff_events,
+        }
 
     def _mark_stepped(self, *_: object) -> None:
         self._stepped = True
@@ -200,11 +234,13 @@ class Precision:
 
     def state_dict(self) -> dict:
         """Scaler state plus skip counter, for checkpoints."""
-        return {"name": self.name.value, "scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+        counters = ("skipped_steps", "steps_since_overflow", "growth_events", "backoff_events", "_clean_run")
+        return {"name": self.name.value, "scaler": self.scaler.state_dict(), **{k: getattr(self, k) for k in counters}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore scaler state; a checkpoint from another precision keeps the counter and drops the scaler."""
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        for key in ("skipped_steps", "steps_since_overflow", "growth_events", "backoff_events", "_clean_run"):
+            setattr(self, key, int(state.get(key, 0)))
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         elif state.get("scaler"):

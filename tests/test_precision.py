@@ -41,12 +41,12 @@ class InfOnSteps(nn.Module):
         return self.fc(x)
 
 
-def run_epoch(model: nn.Module, precision: Precision, steps: int):
+def run_epoch(model: nn.Module, precision: Precision, steps: int, log_every: int = 1):
     torch.manual_seed(0)
     x, y = torch.randn(steps * 8, 4), torch.randint(0, 3, (steps * 8,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = constant(opt, total_steps=steps, warmup_steps=0)
-    cfg = TrainerConfig(log_every_steps=1)
+    cfg = TrainerConfig(log_every_steps=log_every)
     state = TrainState()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -71,6 +71,8 @@ def test_dynamic_scale_grows_after_growth_interval_clean_steps() -> None:
     assert precision.skipped_steps == 1
     assert precision.scale_value() == 1024.0
     assert sched.last_epoch == 3
+    # Host-side telemetry agrees with what the scaler did: one backoff, one growth.
+    assert (precision.backoff_events, precision.growth_events, precision.steps_since_overflow) == (1, 1, 3)
     assert state.step == 4
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
 
@@ -183,3 +185,21 @@ def test_autocast_dtype_follows_precision() -> None:
         assert model(torch.randn(2, 4)).dtype == torch.bfloat16
     with Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), CPU).autocast():
         assert model(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_telemetry_skip_rate_is_per_log_window() -> None:
+    precision = fp16(init_scale=1024.0, growth_interval=100)
+    run_epoch(InfOnSteps({0, 2}), precision, steps=4, log_every=1000)  # the loop never reads the window
+    t = precision.telemetry()
+    assert t["amp/skip_rate"] == 0.5 and t["amp/skipped_steps"] == 2 and t["amp/steps_since_overflow"] == 1
+    assert t["amp/loss_scale"] == 256.0 and t["amp/backoff_events"] == 2 and t["amp/growth_events"] == 0
+    assert precision.telemetry()["amp/skip_rate"] == 0.0  # a new, empty window
+
+
+def test_telemetry_growth_matches_the_scaler_over_many_steps() -> None:
+    precision = fp16(init_scale=8.0, growth_interval=2)
+    run_epoch(InfOnSteps({3, 4}), precision, steps=12, log_every=1000)
+    # The scale the scaler really holds equals init * growth^events * backoff^events.
+    t = precision.telemetry()
+    assert t["amp/loss_scale"] == 8.0 * 2.0 ** t["amp/growth_events"] * 0.5 ** t["amp/backoff_events"]
+    assert t["amp/backoff_events"] == 2 and t["amp/growth_events"] == 4
