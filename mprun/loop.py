@@ -150,7 +150,7 @@ def train_epoch(
     model.train()
     loader.set_epoch(state.epoch)
     epoch_loss = torch.zeros((), device=device)  # stays on the device: no sync per step
-    window_loss, window_steps, epoch_steps = torch.zeros((), device=device), 0, 0
+    logged_loss, window_steps, epoch_steps = 0.0, 0, 0  # epoch_loss as of the last log step
     for micro in _chunks(loader, cfg.grad_accum_steps):
         if (cfg.max_steps > 0 and state.step >= cfg.max_steps) or (stop is not None and stop.requested):
             break
@@ -162,13 +162,13 @@ def train_epoch(
         state.step += 1
         state.samples += sum(len(y) for _, y in micro)
         epoch_loss += loss
-        window_loss += loss
         window_steps += 1
         epoch_steps += 1
         progress.advance(len(micro))
         if at_log_step:
+            epoch_sum = epoch_loss.item()  # sync point, once per log interval
             metrics = {
-                "train/loss": (window_loss / window_steps).item(),  # sync point, once per log interval
+                "train/loss": (epoch_sum - logged_loss) / window_steps,
                 "train/lr": scheduler.get_last_lr()[0],
                 **precision.telemetry(),
             }
@@ -176,8 +176,7 @@ def train_epoch(
                 metrics["train/grad_norm"] = norm.item()
             tracker.log_metrics(metrics, state.step)
             progress.show({"loss": metrics["train/loss"], "scale": metrics["amp/loss_scale"]})
-            window_loss.zero_()
-            window_steps = 0
+            logged_loss, window_steps = epoch_sum, 0
     return (epoch_loss / max(1, epoch_steps)).item()
 
 

@@ -182,8 +182,9 @@ class Precision:
             optimizer.register_step_post_hook(self._mark_stepped)
             self._hooked.add(id(optimizer))
         self.scaler.unscale_(optimizer)  # grads are now true grads: clipping and norms see unscaled values
-        params = [p for p in params if p.grad is not None]
         norm = None
+        if self.cfg.grad_clip_norm is not None or self.cfg.grad_clip_value is not None or want_norm:
+            params = [p for p in params if p.grad is not None]  # only when something reads the grads
         if self.cfg.grad_clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm, foreach=True)
         elif want_norm:

@@ -190,3 +190,15 @@ def test_tracking_env_var_wins_over_default(make_cfg, tmp_path: Path, monkeypatc
     summary = run(make_cfg(*SHORT, tracking="mlflow"))
     assert MlflowClient(f"sqlite:///{tmp_path}/env.db").get_run(summary["mlflow_run_id"])
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_logged_train_loss_is_the_mean_over_each_log_window(make_cfg, tmp_path: Path) -> None:
+    # 22 steps in one epoch, logged every 5 steps. Each logged value is the mean over its own window:
+    # values fall as the model learns (cumulative sums would grow), and the epoch mean lies among them.
+    summary = run(make_cfg("trainer.max_epochs=1", "trainer.log_every_steps=5", "scheduler=none", tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    history = sorted(client.get_metric_history(summary["mlflow_run_id"], "train/loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == [5, 10, 15, 20]
+    windows = [m.value for m in history]
+    assert windows[0] > windows[-1] > 0
+    assert min(windows) < summary["train_loss"] < max(windows)
