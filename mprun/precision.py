@@ -233,14 +233,19 @@ class Precision:
         """Current loss scale (1.0 without a scaler). A host sync: call at log intervals only."""
         return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
 
+    COUNTERS = ("skipped_steps", "steps_since_overflow", "growth_events", "backoff_events")
+
+    def counters(self) -> dict[str, int]:
+        """The cumulative telemetry counters, for summaries."""
+        return {k: getattr(self, k) for k in self.COUNTERS}
+
     def state_dict(self) -> dict:
-        """Scaler state plus skip counter, for checkpoints."""
-        counters = ("skipped_steps", "steps_since_overflow", "growth_events", "backoff_events", "_clean_run")
-        return {"name": self.name.value, "scaler": self.scaler.state_dict(), **{k: getattr(self, k) for k in counters}}
+        """Scaler state plus telemetry counters, for checkpoints."""
+        return {"name": self.name.value, "scaler": self.scaler.state_dict(), **self.counters(), "_clean_run": self._clean_run}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore scaler state; a checkpoint from another precision keeps the counter and drops the scaler."""
-        for key in ("skipped_steps", "steps_since_overflow", "growth_events", "backoff_events", "_clean_run"):
+        """Restore scaler state; a checkpoint from another precision keeps the counters and drops the scaler."""
+        for key in (*self.COUNTERS, "_clean_run"):
             setattr(self, key, int(state.get(key, 0)))
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])

@@ -203,3 +203,13 @@ def test_telemetry_growth_matches_the_scaler_over_many_steps() -> None:
     t = precision.telemetry()
     assert t["amp/loss_scale"] == 8.0 * 2.0 ** t["amp/growth_events"] * 0.5 ** t["amp/backoff_events"]
     assert t["amp/backoff_events"] == 2 and t["amp/growth_events"] == 4
+
+
+def test_counters_round_trip_through_the_checkpoint_state() -> None:
+    precision = fp16(init_scale=1024.0, growth_interval=2)
+    run_epoch(InfOnSteps({1}), precision, steps=5)
+    restored = fp16(init_scale=1024.0, growth_interval=2)
+    restored.load_state_dict(precision.state_dict())
+    assert restored.counters() == precision.counters() == {
+        "skipped_steps": 1, "steps_since_overflow": 3, "growth_events": 1, "backoff_events": 1}
+    assert restored.scale_value() == precision.scale_value() and restored._clean_run == precision._clean_run
