@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from mprun import config  # noqa: E402
+from mprun import config, sweep  # noqa: E402
 from mprun.errors import ConfigError  # noqa: E402
 
 log = logging.getLogger("mprun")
@@ -28,8 +28,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def _main(cfg: DictConfig) -> float:
     from mprun.experiment import run
 
+    job = sweep.current_job()
     try:
-        summary = run(cfg, STARTED)
+        summary = run(cfg, STARTED if job is None else time.perf_counter(), job)
     except ConfigError as e:
         if HydraConfig.get().mode is RunMode.MULTIRUN:
             # Raising lets Hydra mark this job failed and run the rest of the sweep; exiting would end it.
@@ -45,4 +46,11 @@ def _main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """Console-script entry point."""
-    _main()
+    try:
+        _main()
+    except BaseException as e:
+        # Hydra ends a multirun early with an exception (a failed job re-raised after its batch) or an exit
+        # (Ctrl-C); on_multirun_end then never runs, so the sweep's parent run is closed here.
+        code = e.code if isinstance(e, SystemExit) else None
+        sweep.close_active(interrupted=isinstance(e, KeyboardInterrupt) or code in (130, 143))
+        raise

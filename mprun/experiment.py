@@ -10,10 +10,11 @@ import json
 import logging
 import platform
 import socket
+import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +25,7 @@ from mprun.build import Components
 from mprun.checkpoint import unwrap
 from mprun.interrupts import GracefulStop
 from mprun.loop import FitResult, TrainState, fit
+from mprun.sweep import JobInfo
 from mprun.tracking import Tracker
 
 log = logging.getLogger("mprun")
@@ -86,7 +88,7 @@ def summary_dict(result: FitResult, parts: Components, state: TrainState, tracke
         "train_loss": result.train_loss,
         "samples_per_s": result.samples_per_s,
         "peak_mem_mib": result.peak_mem_mib,
-        "peak_mem_kind": "cuda_max_allocated" if parts.device.type == "cuda" else "process_max_rss",
+        "peak_mem_kind": "cuda_max_allocated" if parts.device.type == "cuda" else "process_peak_rss",
         "precision": parts.precision.name.value,
         "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
         "loss_scale": parts.precision.scale_value(),
@@ -94,10 +96,16 @@ def summary_dict(result: FitResult, parts: Components, state: TrainState, tracke
         "epochs": state.epoch,
         "steps": state.step,
         "train_time_s": sum(result.epoch_times),
+        "epoch_time_s": statistics.median(result.epoch_times) if result.epoch_times else float("nan"),
         "wall_time_s": wall_s,
         "device": str(parts.device),
         "mlflow_run_id": tracker.run_id,
     }
+
+
+# Summary numbers also logged as metrics: the MLflow UI compares runs on them, the sweep report reads them.
+FINAL_METRICS = ("val_acc", "val_loss", "train_loss", "samples_per_s", "peak_mem_mib", "loss_scale", "skipped_steps",
+                 "train_time_s", "epoch_time_s")
 
 
 def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None:
@@ -119,16 +127,22 @@ def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None
     print("\n".join(lines), flush=True)
 
 
-def run(cfg: DictConfig, started: float | None = None) -> dict[str, Any]:
-    """Run one experiment from a composed config; returns the summary dict."""
+def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = None) -> dict[str, Any]:
+    """Run one experiment from a composed config; returns the summary dict. `job`: its place in a sweep."""
     started = started if started is not None else time.perf_counter()
-    checked = config.validate(cfg)
     run_dir = Path(cfg.paths.run_dir).absolute()
-    tracker = build.tracker(cfg)  # reaches the store now, so a bad URI fails before any data or model work
-    parts = build.components(cfg, checked)
+    try:
+        checked = config.validate(cfg)
+        tracker = build.tracker(cfg)  # reaches the store now, so a bad URI fails before any data or model work
+        parts = build.components(cfg, checked)
+    except Exception as e:
+        if job is not None:
+            job.record_failure(e)  # a sweep shows the failed job beside its siblings
+        raise
     log.info("precision %s (%s); device %s; %d optimizer steps planned",
              parts.precision.description, parts.precision.reason, parts.device, parts.total_steps)
-    tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), run_tags(parts))
+    tags = {**run_tags(parts), **(job.tags() if job else {})}
+    tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), tags, job.name if job else None)
     # The handlers stay installed until the run is closed: a SIGTERM while the final checkpoint is
     # written must not kill the process with the run still RUNNING.
     with GracefulStop() as stop:
@@ -150,6 +164,8 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
         summary = summary_dict(result, parts, state, tracker, time.perf_counter() - started)
         summary["interrupted"] = result.interrupted
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        tracker.log_metrics({f"final/{k}": float(summary[k]) for k in FINAL_METRICS}, state.step)
+        tracker.set_tags({"peak_mem_kind": summary["peak_mem_kind"]})
         for path in (run_dir / "config_resolved.yaml", run_dir / "summary.json"):
             tracker.log_artifact(path)
         if (run_dir / ".hydra").is_dir():

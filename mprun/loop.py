@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import islice
+from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -103,10 +104,28 @@ def planned_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory window, so a process that runs several jobs (a reused sweep worker)
+    reports each job's own peak. On Linux, writing 5 to clear_refs resets the process's peak RSS."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak is the process's lifetime peak (ru_maxrss)
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak tensor memory on a GPU; on the CPU the process's peak resident set (tensors and all)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):  # peak RSS since the last reset_peak_memory
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -207,8 +226,7 @@ def fit(
     state = state or TrainState()
     result = FitResult()
     progress = Progress.create(cfg.progress.value, cfg.max_epochs, len(data.train))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     while state.epoch < cfg.max_epochs and not (cfg.max_steps > 0 and state.step >= cfg.max_steps):
         progress.start_epoch(state.epoch)
         start, samples_before = time.perf_counter(), state.samples

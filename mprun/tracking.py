@@ -6,12 +6,13 @@ MlflowTracker uses MlflowClient with explicit run ids, never the fluent API's pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, ContextManager, Mapping, Optional
 
 from omegaconf import MISSING
 
@@ -47,8 +48,8 @@ class Tracker:
     run_id: Optional[str] = None
     log_checkpoint: bool = False  # whether checkpoints are uploaded as artifacts
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
-        """Open a run and record params and tags."""
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: Optional[str] = None) -> None:
+        """Open a run and record params and tags; run_name names it unless the config names it."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue metrics for one step; written without blocking training."""
@@ -104,6 +105,33 @@ def default_uri(output_root: str) -> str:
     return f"sqlite:///{Path(output_root).absolute() / 'mlflow.db'}"
 
 
+def store_lock(uri: str) -> ContextManager:
+    """A file lock beside a sqlite store for its first use: MLflow creates the tables on first open,
+    and parallel first openers race (most of them fail). Other backends need no lock."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.lock", timeout=300)
+
+
+def record_failed_run(uri: str, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> Optional[str]:
+    """A FAILED run for a job that failed before its own run existed (bad input in one sweep job), so the
+    failure shows up beside its siblings. Returns the run id, or None if the store itself is unusable."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        run_id = client.create_run(experiment_id, run_name=run_name, tags={k: str(v)[:5000] for k, v in tags.items()}).info.run_id
+        client.set_terminated(run_id, "FAILED")
+        return run_id
+    except Exception:  # noqa: BLE001 - the job's own error is what gets reported; this is best effort
+        log.exception("could not record the failed job in %s", uri)
+        return None
+
+
 class MlflowTracker(Tracker):
     """MLflow tracking through MlflowClient; metrics go out in batches, asynchronously."""
 
@@ -118,12 +146,11 @@ class MlflowTracker(Tracker):
         self.run_name = run_name
         self.log_checkpoint = log_checkpoint
         self._pending: list = []  # async metric writes not yet confirmed
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         if self.uri.startswith(("http://", "https://")):
             probe_server(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment(experiment)
+        with store_lock(self.uri):
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._experiment(experiment)
 
     def _experiment(self, name: str) -> str:
         """Get or create the experiment; any failure here means the store is unreachable or unusable."""
@@ -145,10 +172,10 @@ class MlflowTracker(Tracker):
         except Exception as e:  # noqa: BLE001 - every backend raises its own types; all mean "cannot track"
             raise unusable(self.uri, str(e)) from e
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: Optional[str] = None) -> None:
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=dict(tags))
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name or run_name, tags=dict(tags))
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch

@@ -1,0 +1,301 @@
+"""The precision comparison report of a sweep: one row per job, compared with its fp32 baseline.
+
+Written at the end of every tracked multirun (into <sweep dir>/report/ and the parent run's
+artifacts), or on demand:
+
+    python -m mprun.report <parent run id | experiment name> [--uri URI] [--out DIR]
+
+A job's baseline is the FINISHED fp32 job with the same other overrides (everything not under
+`precision`). Rows are read back from MLflow, so the report shows what was recorded, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+PRECISION_COLORS = {"fp32": "tab:blue", "tf32": "tab:cyan", "fp16": "tab:orange", "bf16": "tab:green"}
+
+
+@dataclass
+class Row:
+    """One sweep job as recorded in its MLflow child run."""
+
+    num: int
+    name: str
+    run_id: str
+    status: str  # MLflow status: FINISHED, FAILED, KILLED (RUNNING only while a sweep is live)
+    precision: str  # the resolved precision, e.g. fp32 for precision=auto on a CPU
+    detail: str
+    others: tuple[str, ...]  # the job's overrides outside precision: what must match for a baseline
+    metrics: dict[str, float]
+    error: str = ""
+    mem_kind: str = ""  # cuda_max_allocated, or process_peak_rss on the CPU
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    scale_curve: list[tuple[int, float]] = field(default_factory=list)
+    baseline: Optional["Row"] = None
+
+    def metric(self, key: str) -> Optional[float]:
+        value = self.metrics.get(key)
+        return None if value is None else float(value)
+
+    @property
+    def diverged(self) -> bool:
+        """Finished, but with a non-finite loss: it ran, and learned nothing usable."""
+        loss = self.metric("final/train_loss")
+        return self.status == "FINISHED" and loss is not None and not math.isfinite(loss)
+
+    @property
+    def mark(self) -> str:
+        if self.status != "FINISHED":
+            return f"**{self.status}**"
+        return "**DIVERGED**" if self.diverged else "ok"
+
+    def ratio(self, key: str) -> Optional[float]:
+        """This job's metric over its baseline's."""
+        if self.baseline is None:
+            return None
+        mine, base = self.metric(key), self.baseline.metric(key)
+        return mine / base if mine is not None and base else None
+
+    def delta_acc(self) -> Optional[float]:
+        if self.baseline is None:
+            return None
+        mine, base = self.metric("final/val_acc"), self.baseline.metric("final/val_acc")
+        return None if mine is None or base is None else mine - base
+
+
+def _others(overrides: str) -> tuple[str, ...]:
+    return tuple(sorted(o for o in overrides.split() if not o.lstrip("+~").startswith("precision")))
+
+
+def _requested(overrides: str) -> str:
+    """The precision a job asked for, for a job that failed before resolving it."""
+    picked = [o.split("=", 1)[1] for o in overrides.split() if o.lstrip("+~").startswith("precision=")]
+    return f"{picked[0]}?" if picked else "?"
+
+
+def collect(client: Any, parent_id: str, curves: bool = True) -> list[Row]:
+    """The parent's child runs as rows, in job order, each linked to its fp32 baseline if there is one."""
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        row = Row(
+            num=int(tags.get("mprun.sweep_job", -1)), name=run.info.run_name or run.info.run_id, run_id=run.info.run_id,
+            status=run.info.status, precision=tags.get("precision") or _requested(tags.get("mprun.overrides", "")), detail=tags.get("precision_detail", ""),
+            others=_others(tags.get("mprun.overrides", "")), metrics=dict(run.data.metrics), error=tags.get("error", ""),
+            mem_kind=tags.get("peak_mem_kind", ""),
+        )
+        if curves and run.info.status != "FAILED":
+            row.loss_curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+            if row.precision == "fp16":
+                row.scale_curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "amp/loss_scale")]
+        rows.append(row)
+    rows.sort(key=lambda r: r.num)
+    baselines = {r.others: r for r in rows if r.precision == "fp32" and r.status == "FINISHED" and not r.diverged}
+    for r in rows:
+        r.baseline = baselines.get(r.others)
+    return rows
+
+
+def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:{spec}}{suffix}"
+
+
+COLUMNS = ["job", "run", "precision", "status", "val acc", "Δ acc vs fp32", "samples/s", "speedup",
+           "peak MiB", "mem ratio", "skipped", "final scale"]
+
+
+def table_rows(rows: list[Row]) -> list[list[str]]:
+    """The report's table cells, one list per job."""
+    out = []
+    for r in rows:
+        d = r.delta_acc()
+        out.append([
+            str(r.num), r.name, r.precision, r.mark,
+            _fmt(r.metric("final/val_acc"), ".4f"),
+            _fmt(None if d is None else 100 * d, "+.2f", " pp"),
+            _fmt(r.metric("final/samples_per_s"), ",.0f"),
+            _fmt(r.ratio("final/samples_per_s"), ".2f", "×"),
+            _fmt(r.metric("final/peak_mem_mib"), ",.0f"),
+            _fmt(r.ratio("final/peak_mem_mib"), ".2f", "×"),
+            _fmt(r.metric("final/skipped_steps"), ".0f"),
+            _fmt(r.metric("final/loss_scale"), "g") if r.precision == "fp16" else "—",
+        ])
+    return out
+
+
+@dataclass
+class Report:
+    parent_id: str
+    rows: list[Row]
+    out_dir: Path
+    notes: list[str]
+
+    def markdown(self, plots: list[str]) -> str:
+        lines = [f"# Precision comparison: sweep {self.parent_id}", ""]
+        lines += [f"- {n}" for n in self.notes] + [""]
+        lines.append("| " + " | ".join(COLUMNS) + " |")
+        lines.append("|" + "---|" * len(COLUMNS))
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in table_rows(self.rows)]
+        failed = [r for r in self.rows if r.error]
+        if failed:
+            lines += ["", "## Failed jobs", ""] + [f"- job {r.num} `{r.name}`: {r.error}" for r in failed]
+        lines += [""] + [f"![{p}]({p})" for p in plots]
+        return "\n".join(lines) + "\n"
+
+    def console(self) -> str:
+        """The table as aligned plain text, for the end of a multirun."""
+        cells = [COLUMNS] + table_rows(self.rows)
+        widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+        text = ["", "── mprun sweep report " + "─" * 40]
+        text += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+        text += self.notes + [f"report      {self.out_dir / 'report.md'}"]
+        return "\n".join(text)
+
+
+def notes_for(rows: list[Row]) -> list[str]:
+    """The caveats a reader needs before reading the numbers."""
+    notes = []
+    if not rows:
+        notes.append("No jobs recorded under this parent run.")
+    elif not any(r.baseline for r in rows):
+        notes.append("No finished fp32 job to compare with: Δ acc, speedup and memory ratio are not computed. "
+                     "Add precision=fp32 to the sweep for a baseline.")
+    else:
+        notes.append("Baseline: the finished fp32 job with the same other overrides. Speedup = samples/s ÷ baseline's; "
+                     "mem ratio = peak memory ÷ baseline's.")
+    if any(r.mem_kind == "process_peak_rss" for r in rows):
+        notes.append("CPU jobs: peak memory is the process's peak resident set during the job (libraries included), "
+                     "not tensor memory; only GPU jobs measure tensor memory.")
+    bad = [r for r in rows if r.mark != "ok"]
+    if bad:
+        notes.append(f"{len(bad)} of {len(rows)} jobs did not finish cleanly (marked in the table).")
+    return notes
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path.name
+
+
+def plot(rows: list[Row], out_dir: Path) -> list[str]:
+    """loss.png, loss_scale.png (fp16 jobs) and perf.png; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    groups = list(dict.fromkeys(r.others for r in rows))  # colour says the precision, line style the rest
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        if r.loss_curve:
+            steps, values = zip(*r.loss_curve)
+            ax.plot(steps, values, label=r.name, color=PRECISION_COLORS.get(r.precision), alpha=0.85,
+                    linestyle=styles[groups.index(r.others) % len(styles)])
+    if ax.lines:
+        ax.set(xlabel="optimizer step", ylabel="train loss (log-window mean)", title="Training loss by job", yscale="log")
+        ax.legend(fontsize="small")
+        written.append(_save(fig, out_dir / "loss.png"))
+    plt.close(fig)
+
+    scaled = [r for r in rows if r.scale_curve]
+    if scaled:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for r in scaled:
+            steps, values = zip(*r.scale_curve)
+            ax.step(steps, values, where="post", label=r.name)
+        ax.set(xlabel="optimizer step", ylabel="loss scale", title="fp16 loss scale", yscale="log")
+        ax.legend(fontsize="small")
+        written.append(_save(fig, out_dir / "loss_scale.png"))
+        plt.close(fig)
+
+    done = [r for r in rows if r.metric("final/samples_per_s") is not None]
+    if done:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.5 * len(done) + 2))
+        names = [r.name for r in done]
+        colors = [PRECISION_COLORS.get(r.precision, "tab:gray") for r in done]
+        left.barh(names, [r.metric("final/samples_per_s") for r in done], color=colors)
+        left.set(xlabel="samples/s", title="Throughput")
+        right.barh(names, [r.metric("final/peak_mem_mib") or 0 for r in done], color=colors)
+        right.set(xlabel="MiB", title="Peak memory")
+        right.set_yticklabels([])
+        for axis in (left, right):
+            axis.invert_yaxis()
+        written.append(_save(fig, out_dir / "perf.png"))
+        plt.close(fig)
+    return written
+
+
+def build(client: Any, parent_id: str, out_dir: Path, stop_running: bool = False) -> Report:
+    """Collect the children of parent_id and write report.md with its plots into out_dir.
+
+    stop_running: mark children still RUNNING as KILLED first (the sweep was interrupted, and a
+    worker killed mid-job could not close its own run)."""
+    if stop_running:
+        for row in collect(client, parent_id, curves=False):
+            if row.status == "RUNNING":
+                client.set_terminated(row.run_id, "KILLED")
+    rows = collect(client, parent_id)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(parent_id, rows, out_dir, notes_for(rows))
+    (out_dir / "report.md").write_text(report.markdown(plot(rows, out_dir)))
+    return report
+
+
+def find_parent(client: Any, what: str) -> str:
+    """A parent run id as given, or the newest sweep parent in the experiment of that name."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(what)
+    if experiment is not None:
+        runs = client.search_runs([experiment.experiment_id], "tags.`mprun.role` = 'sweep'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise SystemExit(f"mprun.report: error: experiment {what!r} has no sweep (no run tagged mprun.role=sweep)")
+        return runs[0].info.run_id
+    try:
+        run = client.get_run(what)
+    except MlflowException:
+        raise SystemExit(f"mprun.report: error: {what!r} is neither a run id nor an experiment name in {client.tracking_uri}") from None
+    if run.data.tags.get("mprun.role") != "sweep":
+        raise SystemExit(f"mprun.report: error: run {what} is not a sweep's parent run (no mprun.role=sweep tag)")
+    return what
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """python -m mprun.report <parent run id | experiment name>"""
+    from mlflow import MlflowClient
+
+    from mprun.tracking import default_uri
+
+    p = argparse.ArgumentParser(prog="python -m mprun.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep", help="the sweep's parent run id, or an experiment name (its newest sweep)")
+    p.add_argument("--uri", default=os.environ.get("MLFLOW_TRACKING_URI") or default_uri("outputs"),
+                   help="tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
+    p.add_argument("--out", type=Path, help="directory for report.md and plots (default: outputs/reports/<parent id>)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    args = p.parse_args(argv)
+    if args.uri.startswith("sqlite:///") and not Path(args.uri[len("sqlite:///"):]).is_file():
+        raise SystemExit(f"mprun.report: error: no MLflow store at {args.uri}; pass --uri or set MLFLOW_TRACKING_URI")
+    client = MlflowClient(args.uri)
+    parent_id = find_parent(client, args.sweep)
+    report = build(client, parent_id, args.out or Path("outputs") / "reports" / parent_id)
+    if not args.no_log:
+        client.log_artifacts(parent_id, str(report.out_dir), "report")
+    print(report.console())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,166 @@
+"""Multirun bookkeeping: one MLflow parent run per sweep, every job a child of it, a report at the end.
+
+Hydra calls `SweepCallback.on_multirun_start` in the launching process before any job starts. It opens
+the tracking store once (under a file lock: parallel first writers of a fresh sqlite store race),
+opens the parent run and writes <sweep dir>/mlflow_sweep.json. Each job, in whatever process the
+launcher gives it (in-process, a reused joblib worker, a SLURM node), reads that file to attach
+itself to the parent; nothing about the sweep lives in module state of a job process.
+
+The sweep is closed exactly once: by on_multirun_end when the sweeper returns, or by `close_active`
+when it does not (a job failed and the sweeper re-raised it, Ctrl-C, a crash), so the parent run is
+never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from mprun import tracking
+
+log = logging.getLogger("mprun")
+SWEEP_FILE = "mlflow_sweep.json"
+
+
+def _key(override: str) -> str:
+    """'+optimizer.lr=0.01' -> 'optimizer.lr'."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """Where a multirun job sits in its sweep: enough to name it and attach it to the parent run."""
+
+    sweep_dir: Path
+    num: int
+    overrides: tuple[str, ...]  # this job's task overrides, e.g. ('precision=fp16', 'optimizer.lr=0.01')
+    parent: dict[str, Any]  # mlflow_sweep.json: parent_run_id, uri, experiment_id, varied; {} if untracked
+
+    @property
+    def name(self) -> str:
+        """What this job varied, e.g. 'precision=fp16,optimizer.lr=0.01'."""
+        varied = set(self.parent.get("varied", ()))
+        picked = [o for o in self.overrides if _key(o) in varied] or list(self.overrides)
+        return ",".join(picked) or f"job {self.num}"
+
+    def tags(self) -> dict[str, str]:
+        """Run tags linking the job to its sweep; mlflow.parentRunId nests it under the parent in the UI."""
+        tags = {"mprun.sweep_dir": str(self.sweep_dir), "mprun.sweep_job": str(self.num),
+                "mprun.overrides": " ".join(self.overrides)}
+        if self.parent.get("parent_run_id"):
+            tags["mlflow.parentRunId"] = self.parent["parent_run_id"]
+        return tags
+
+    def record_failure(self, error: BaseException) -> None:
+        """A FAILED child run for a job that failed before it had a run of its own (e.g. bad input)."""
+        if self.parent.get("parent_run_id"):
+            tracking.record_failed_run(self.parent["uri"], self.parent["experiment_id"], self.name,
+                                       {**self.tags(), "error": f"{type(error).__name__}: {error}"})
+
+
+def current_job() -> Optional[JobInfo]:
+    """The running job's place in its sweep, or None outside a multirun (a single run)."""
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode is not RunMode.MULTIRUN:
+        return None
+    sweep_dir = Path(hc.sweep.dir).absolute()
+    file = sweep_dir / SWEEP_FILE
+    parent = json.loads(file.read_text()) if file.is_file() else {}
+    return JobInfo(sweep_dir, int(hc.job.num), tuple(hc.overrides.task), parent)
+
+
+def varied_keys(cfg: DictConfig) -> list[str]:
+    """The keys a sweep varies: sweep overrides on the command line (a=1,2) and hydra.sweeper.params."""
+    parsed = OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task))
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    params = cfg.hydra.sweeper.get("params") or {}
+    return keys + [k for k in params if k not in keys]
+
+
+class Sweep:
+    """The parent run of one multirun, from its opening to the report."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        from mprun import build  # torch and friends load only once a tracked sweep really starts
+
+        self.cfg = cfg
+        self.sweep_dir = Path(cfg.hydra.sweep.dir).absolute()
+        self.tracker = build.tracker(cfg)
+        self.varied = varied_keys(cfg)
+        params = cfg.hydra.sweeper.get("params")
+        params = OmegaConf.to_container(params) if params is not None else {}
+        spec = " ".join([*cfg.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())])
+        launcher = cfg.hydra.launcher.get("_target_", "").rsplit(".", 1)[-1]
+        self.tracker.start(
+            {"sweep.overrides": spec, "sweep.params": json.dumps(params),
+             "sweep.launcher": launcher, "sweep.sweeper": cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1]},
+            {"mprun.role": "sweep", "mprun.sweep_dir": str(self.sweep_dir),
+             "mprun.preset": str(cfg.hydra.runtime.choices.get("experiment") or "none")},
+            run_name=f"sweep {spec}"[:250],
+        )
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        (self.sweep_dir / SWEEP_FILE).write_text(json.dumps({
+            "parent_run_id": self.tracker.run_id,
+            "uri": self.tracker.uri,
+            "experiment_id": self.tracker.experiment_id,
+            "varied": self.varied,
+        }, indent=2))
+        log.info("sweep %s: MLflow parent run %s", self.sweep_dir, self.tracker.run_id)
+
+    def close(self, interrupted: bool) -> int:
+        """Report, then close the parent: KILLED if interrupted, FAILED if any job failed, else FINISHED.
+        Returns how many jobs did not finish."""
+        from mprun import report
+
+        status, unfinished = "KILLED", 0
+        try:
+            rep = report.build(self.tracker.client, self.tracker.run_id, self.sweep_dir / "report",
+                               stop_running=interrupted)
+            unfinished = sum(row.status != "FINISHED" for row in rep.rows)
+            self.tracker.log_artifact(rep.out_dir, "report")
+            print(rep.console(), flush=True)
+            if not interrupted:
+                status = "FAILED" if unfinished else "FINISHED"
+            self.tracker.set_tags({"mprun.jobs": str(len(rep.rows)), "mprun.jobs_unfinished": str(unfinished)})
+        finally:
+            self.tracker.end(status)
+        return unfinished
+
+
+_ACTIVE: Optional[Sweep] = None  # the sweep this launching process opened and has not closed yet
+
+
+def close_active(interrupted: bool) -> None:
+    """Close the open sweep, if this process has one (idempotent)."""
+    global _ACTIVE
+    sweep, _ACTIVE = _ACTIVE, None
+    if sweep is not None:
+        sweep.close(interrupted)
+
+
+class SweepCallback(Callback):
+    """Hydra callback (conf/config.yaml: hydra.callbacks.mprun_sweep) that brackets every multirun."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _ACTIVE
+        if config.tracking.get("_target_") != tracking.MlflowConfig._target_:
+            log.info("sweep without tracking (tracking=none): no parent run and no report")
+            return
+        try:
+            _ACTIVE = Sweep(config)
+        except Exception as e:  # Hydra would turn it into a warning; say plainly what it means
+            log.error("sweep: no MLflow parent run (%s: %s); each job still tracks itself", type(e).__name__, e)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        close_active(interrupted=False)

@@ -1,0 +1,207 @@
+"""Multiruns as users run them: MLflow parent/child runs, parallel launchers, the report, the presets."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+from conftest import run_cli
+from mprun import report
+from mprun.cli import CONFIG_DIR
+
+TINY = ["model=simple_mlp", "trainer.max_epochs=1", "trainer.max_steps=4", "trainer.log_every_steps=2"]
+
+
+def store(cwd: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{cwd}/outputs/mlflow.db")
+
+
+def sweep_runs(cwd: Path) -> tuple:
+    """(parent run, [child runs]) of the only sweep in cwd's default store."""
+    client = store(cwd)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    (parent,) = [r for r in runs if r.data.tags.get("mprun.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1, "every other run is a child of the sweep"
+    return parent, sorted(children, key=lambda r: int(r.data.tags["mprun.sweep_job"]))
+
+
+@pytest.mark.parametrize("n_jobs", [4, 4, 2], ids=["4-workers-a", "4-workers-b", "2-workers-reused"])
+def test_joblib_sweep_on_a_fresh_store_nests_every_job(tmp_path: Path, n_jobs: int) -> None:
+    # 4 jobs start at once on a store that does not exist yet (sqlite's first-open race), and with
+    # 2 workers each worker runs two jobs in turn (module state must not leak from one to the next).
+    proc = run_cli("-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}",
+                   "optimizer.lr=1e-3,3e-3", "trainer.log_every_steps=1,2", *TINY[:3], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert [c.info.status for c in children] == ["FINISHED"] * 4
+    assert [c.data.tags["mprun.sweep_job"] for c in children] == ["0", "1", "2", "3"]
+    assert {c.info.run_name for c in children} == {
+        f"optimizer.lr={lr},trainer.log_every_steps={n}" for lr in ("0.001", "0.003") for n in (1, 2)}
+    sweep_dir = Path(parent.data.tags["mprun.sweep_dir"])
+    assert all(c.data.tags["mprun.sweep_dir"] == str(sweep_dir) for c in children)
+    assert (sweep_dir / "report" / "report.md").is_file()
+    # The log interval does not change training: same lr, same numbers, whichever worker ran it after whatever.
+    by_lr: dict[str, set] = {}
+    for c in children:
+        m = c.data.metrics
+        by_lr.setdefault(c.data.params["optimizer.lr"], set()).add((m["final/train_loss"], m["final/val_loss"]))
+    assert all(len(results) == 1 for results in by_lr.values()), by_lr
+
+
+@pytest.fixture(scope="module")
+def precision_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real 6-job sweep (precision x lr), shared by the report tests."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    proc = run_cli("-m", "precision=fp32,fp16,bf16", "optimizer.lr=1e-3,3e-3", *TINY, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mprun sweep report" in proc.stdout
+    return cwd
+
+
+def test_report_numbers_are_the_child_runs_metrics(precision_sweep: Path) -> None:
+    parent, children = sweep_runs(precision_sweep)
+    assert parent.info.status == "FINISHED" and len(children) == 6
+    client = store(precision_sweep)
+    rep = report.build(client, parent.info.run_id, precision_sweep / "again")
+    cells = {cell[1]: cell for cell in report.table_rows(rep.rows)}
+    by_name = {c.info.run_name: c for c in children}
+    for name, child in by_name.items():
+        m, prec = child.data.metrics, child.data.tags["precision"]
+        base = by_name[name.replace(f"precision={prec}", "precision=fp32")].data.metrics
+        cell = cells[name]
+        assert cell[2] == prec and cell[3] == "ok"
+        assert cell[4] == f"{m['final/val_acc']:.4f}"
+        assert cell[5] == f"{100 * (m['final/val_acc'] - base['final/val_acc']):+.2f} pp"
+        assert cell[6] == f"{m['final/samples_per_s']:,.0f}"
+        assert cell[7] == f"{m['final/samples_per_s'] / base['final/samples_per_s']:.2f}×"
+        assert cell[8] == f"{m['final/peak_mem_mib']:,.0f}"
+        assert cell[9] == f"{m['final/peak_mem_mib'] / base['final/peak_mem_mib']:.2f}×"
+        assert cell[10] == f"{m['final/skipped_steps']:.0f}"
+        assert cell[11] == (f"{m['final/loss_scale']:g}" if prec == "fp16" else "—")
+    md = (rep.out_dir / "report.md").read_text()
+    assert md.count("| ok |") == 6
+    assert {"loss.png", "loss_scale.png", "perf.png"} <= {p.name for p in rep.out_dir.iterdir()}
+    # The report of the sweep itself went to the parent run's artifacts.
+    assert "report/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+
+
+def test_report_on_demand_by_experiment_name_or_parent_id(precision_sweep: Path) -> None:
+    parent, _ = sweep_runs(precision_sweep)
+    for what in ("mprun", parent.info.run_id):
+        proc = subprocess.run([sys.executable, "-m", "mprun.report", what, "--no-log"], cwd=precision_sweep,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "precision=fp16,optimizer.lr=0.003" in proc.stdout
+    assert (precision_sweep / "outputs" / "reports" / parent.info.run_id / "report.md").is_file()
+    bad = subprocess.run([sys.executable, "-m", "mprun.report", "no-such-thing"], cwd=precision_sweep,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "neither a run id nor an experiment name" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def _row(num: int, precision: str, status: str = "FINISHED", **metrics: float) -> report.Row:
+    return report.Row(num, f"precision={precision}", f"r{num}", status, precision, "", ("optimizer.lr=0.1",),
+                      {f"final/{k}": v for k, v in metrics.items()})
+
+
+def test_report_without_an_fp32_baseline_says_so_instead_of_dividing(tmp_path: Path) -> None:
+    rows = [_row(0, "fp16", val_acc=0.9, samples_per_s=100.0, peak_mem_mib=10.0, skipped_steps=2, loss_scale=512.0),
+            _row(1, "bf16", val_acc=0.8, samples_per_s=120.0, peak_mem_mib=9.0, skipped_steps=0, loss_scale=1.0),
+            _row(2, "fp32", status="FAILED")]
+    notes = report.notes_for(rows)
+    assert any("No finished fp32 job" in n for n in notes)
+    cells = report.table_rows(rows)
+    assert [c[5] for c in cells] == ["—", "—", "—"] and [c[7] for c in cells] == ["—", "—", "—"]
+    assert cells[0][11] == "512" and cells[2][3] == "**FAILED**"
+
+
+def test_diverged_job_is_marked(tmp_path: Path) -> None:
+    rows = [_row(0, "fp32", val_acc=0.9, train_loss=0.1, samples_per_s=1.0, peak_mem_mib=1.0),
+            _row(1, "fp16", val_acc=0.1, train_loss=float("nan"), samples_per_s=2.0, peak_mem_mib=1.0)]
+    rows[1].baseline = rows[0]
+    assert report.table_rows(rows)[1][3] == "**DIVERGED**"
+    assert report.table_rows(rows)[1][7] == "2.00×"
+
+
+def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:
+    proc = run_cli("-m", "optimizer.lr=-1,1e-3", "precision=fp32,bf16", *TINY, cwd=tmp_path)
+    assert proc.returncode != 0  # the sweep says it had a failure...
+    assert "optimizer.lr=-1.0 must be > 0" in proc.stderr + proc.stdout
+    parent, children = sweep_runs(tmp_path)  # ...after every other job ran
+    status = {c.info.run_name: c.info.status for c in children}
+    assert status == {"optimizer.lr=-1,precision=fp32": "FAILED", "optimizer.lr=-1,precision=bf16": "FAILED",
+                      "optimizer.lr=0.001,precision=fp32": "FINISHED", "optimizer.lr=0.001,precision=bf16": "FINISHED"}
+    failed = [c for c in children if c.info.status == "FAILED"]
+    assert all("optimizer.lr=-1.0 must be > 0" in c.data.tags["error"] for c in failed)
+    assert parent.info.status == "FAILED"
+    md = (Path(parent.data.tags["mprun.sweep_dir"]) / "report" / "report.md").read_text()
+    assert md.count("**FAILED**") == 2 and "## Failed jobs" in md
+
+
+def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "mprun", "-m", "precision=fp32,bf16", "model=simple_mlp",
+                             "trainer.max_epochs=100000", "trainer.progress=log"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "epoch 1/" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out[-2000:]
+    parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "KILLED"
+    assert [c.info.status for c in children] == ["KILLED"]  # the second job never started
+
+
+def test_submitit_local_launcher_runs_the_sweep(tmp_path: Path) -> None:
+    proc = run_cli("-m", "hydra/launcher=submitit_local", "precision=fp32,bf16", *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+
+
+def test_slurm_preset_composes_onto_submitit(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.gpus_per_node == 1 and launcher.partition == "gpu" and launcher.tasks_per_node == 1
+
+
+PRESETS = {
+    "amp_benchmark": ["precision=fp32", "precision=fp16", "precision=bf16"],
+    "loss_scaling": ["precision=fp16", "precision=fp16_static", "precision=fp16_unscaled"],
+    "lr_sweep": [f"optimizer.lr={lr}" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")],
+    "lr_search": None,  # Optuna picks the values
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_runs(tmp_path: Path, preset: str) -> None:
+    shrink = ["trainer.max_epochs=1", "trainer.max_steps=2"]
+    # amp_benchmark's resnet18 under CPU-emulated bf16 takes ~16 s per step here: shrink the model too.
+    extra = {"lr_search": ["hydra.sweeper.n_trials=2"], "amp_benchmark": ["model=simple_mlp"]}.get(preset, [])
+    proc = run_cli("-m", f"experiment={preset}", *shrink, *extra, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mprun.preset"] == preset
+    names = [c.info.run_name for c in children]
+    if PRESETS[preset] is not None:
+        assert names == PRESETS[preset]
+    else:
+        assert len(names) == 2 and all(n.startswith("optimizer.lr=") for n in names)
+    assert all(c.info.status == "FINISHED" for c in children)
