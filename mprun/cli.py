@@ -17,6 +17,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from mprun import config, sweep  # noqa: E402
 from mprun.errors import ConfigError  # noqa: E402
+from mprun.tracking import TrackingLost  # noqa: E402
 
 log = logging.getLogger("mprun")
 config.register()
@@ -39,6 +40,11 @@ def _main(cfg: DictConfig) -> float:
         # A user's mistake: one short line, no traceback, exit 2 (like argparse).
         print(f"mprun: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except TrackingLost as e:
+        if HydraConfig.get().mode is RunMode.MULTIRUN:
+            raise
+        print(f"mprun: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if summary["interrupted"]:
         sys.exit(128 + summary["interrupted"])  # the shell convention: 130 for SIGINT, 143 for SIGTERM
     return summary["val_acc"]

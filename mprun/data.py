@@ -102,7 +102,8 @@ class ImageFolderConfig(LoaderConfig):
 class Loader(Protocol):
     def __iter__(self) -> Iterator[Batch]: ...
     def __len__(self) -> int: ...
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Order the next pass by (seed, epoch) and start it after skip_batches batches (a resumed epoch)."""
 
 
 @dataclass
@@ -129,10 +130,10 @@ class TensorLoader:
         self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
         # Training drops a ragged last batch (a size-1 batch breaks BatchNorm); evaluation keeps every sample.
         self.drop_last = shuffle and len(x) >= batch_size
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -145,9 +146,28 @@ class TensorLoader:
             order = torch.randperm(n, generator=g).to(self.x.device)
         else:
             order = torch.arange(n, device=self.x.device)
-        for i in range(len(self)):
+        skip, self.skip = self.skip, 0  # a skip applies to one pass only
+        for i in range(skip, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Sample order from (seed, epoch) alone, as RandomSampler with a seeded generator draws it, and able
+    to start mid-epoch without loading the skipped samples (what a resumed run needs)."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.epoch, self.skip = 0, 0
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) if self.shuffle \
+            else torch.arange(self.n)
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:].tolist())
 
 
 class EpochDataLoader:
@@ -157,26 +177,27 @@ class EpochDataLoader:
         self, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, prefetch_factor: int,
         shuffle: bool, seed: int, device: torch.device,
     ):
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_size = batch_size
+        self.sampler = EpochSampler(len(dataset), shuffle, seed)
+        self.drop_last = shuffle and len(dataset) >= batch_size
         workers = num_workers
         self.loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= batch_size,
-            generator=self.generator,
+            sampler=self.sampler,
+            drop_last=self.drop_last,
             num_workers=workers,
             pin_memory=device.type == "cuda",  # pinned pages make the non_blocking H2D copy truly async
             persistent_workers=workers > 0,
             prefetch_factor=prefetch_factor if workers > 0 else None,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed + epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.sampler.epoch, self.sampler.skip = epoch, skip_batches * self.batch_size
 
     def __len__(self) -> int:
-        return len(self.loader)
+        n = self.sampler.n
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self.loader)

@@ -6,6 +6,7 @@ and once open it is always closed: FINISHED, FAILED (with the error as a tag) or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -23,6 +24,7 @@ import mprun
 from mprun import build, checkpoint, config
 from mprun.build import Components
 from mprun.checkpoint import unwrap
+from mprun.errors import ConfigError
 from mprun.interrupts import GracefulStop
 from mprun.loop import FitResult, TrainState, fit
 from mprun.sweep import JobInfo
@@ -67,17 +69,46 @@ def run_tags(parts: Components) -> dict[str, str]:
     }
 
 
-def checkpoint_state(parts: Components, state: TrainState, cfg: DictConfig) -> dict[str, Any]:
-    """Everything needed to continue: unwrapped model, optimizer, schedule, scaler, RNG, progress, config."""
+def checkpoint_state(parts: Components, state: TrainState, cfg: DictConfig, tracker: Tracker) -> dict[str, Any]:
+    """Everything needed to continue: unwrapped model, optimizer, schedule, scaler, RNG, progress
+    (down to the batch), config, and the tracking run to continue."""
     return {
         "model": unwrap(parts.module).state_dict(),
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
         "precision": parts.precision.state_dict(),
         "rng": checkpoint.rng_state(),
-        "progress": {"epoch": state.epoch, "step": state.step, "samples": state.samples},
+        "progress": dataclasses.asdict(state),
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "tracking": {"run_id": tracker.run_id or ""},
     }
+
+
+# Keys whose change on resume is expected: where things are written, and the resume switch itself.
+_RESUME_IGNORED = ("paths.", "trainer.resume", "trainer.progress", "tracking.")
+
+
+def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig) -> TrainState:
+    """Load a checkpoint into freshly built components; returns where training stands."""
+    try:
+        unwrap(parts.module).load_state_dict(ckpt["model"])
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"trainer.resume: checkpoint {path} does not fit this model/optimizer "
+                          f"(made with a different model, dataset or optimizer?): {first[:300]}") from e
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    parts.precision.load_state_dict(ckpt["precision"])
+    before = flatten(ckpt.get("config", {}))
+    now = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and not k.startswith(_RESUME_IGNORED)]
+    if changed:
+        log.warning("resuming with settings that differ from the checkpoint's (optimizer, schedule and scaler "
+                    "state come from the checkpoint): %s", "; ".join(changed[:10]))
+    state = TrainState(**ckpt["progress"])
+    log.info("resuming from %s: epoch %d, step %d, batch %d of the epoch", path, state.epoch, state.step, state.batch_in_epoch)
+    return state
 
 
 def summary_dict(result: FitResult, parts: Components, state: TrainState, tracker: Tracker, wall_s: float) -> dict[str, Any]:
@@ -135,6 +166,9 @@ def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = 
         checked = config.validate(cfg)
         tracker = build.tracker(cfg)  # reaches the store now, so a bad URI fails before any data or model work
         parts = build.components(cfg, checked)
+        resume_from = checkpoint.resume_path(checked["trainer"].resume, run_dir)
+        resumed = checkpoint.load(resume_from) if resume_from else None
+        state = restore(parts, resumed, resume_from, cfg) if resumed else TrainState()
     except Exception as e:
         if job is not None:
             job.record_failure(e)  # a sweep shows the failed job beside its siblings
@@ -142,29 +176,36 @@ def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = 
     log.info("precision %s (%s); device %s; %d optimizer steps planned",
              parts.precision.description, parts.precision.reason, parts.device, parts.total_steps)
     tags = {**run_tags(parts), **(job.tags() if job else {})}
-    tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), tags, job.name if job else None)
+    previous_run = resumed["tracking"]["run_id"] if resumed and "tracking" in resumed else ""
+    if not (previous_run and tracker.resume(previous_run, state.step)):
+        tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), tags, job.name if job else None)
+    if resumed:
+        checkpoint.restore_rng(resumed["rng"])  # last: building the model and data drew random numbers
     # The handlers stay installed until the run is closed: a SIGTERM while the final checkpoint is
     # written must not kill the process with the run still RUNNING.
     with GracefulStop() as stop:
-        return _train_and_close(cfg, checked, parts, tracker, run_dir, stop, started)
+        return _train_and_close(cfg, checked, parts, tracker, run_dir, state, stop, started)
 
 
 def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components, tracker: Tracker, run_dir: Path,
-                     stop: GracefulStop, started: float) -> dict[str, Any]:
+                     state: TrainState, stop: GracefulStop, started: float) -> dict[str, Any]:
     """Fit, checkpoint and log artifacts; always close the tracking run with the right status."""
     status = "FAILED"
+    trainer = checked["trainer"]
+    ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", trainer.keep_last)
     try:
-        state = TrainState()
         result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
-                     checked["trainer"], parts.device, state, stop)
+                     trainer, parts.device, state, stop,
+                     lambda s: ckpts.save(ckpts.periodic_name(s.step), checkpoint_state(parts, s, cfg, tracker)))
         run_dir.mkdir(parents=True, exist_ok=True)
         name = "interrupted.pt" if result.interrupted else "final.pt"
-        ckpt = checkpoint.save(run_dir / "checkpoints" / name, checkpoint_state(parts, state, cfg))
+        ckpt = ckpts.save(name, checkpoint_state(parts, state, cfg, tracker))
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         summary = summary_dict(result, parts, state, tracker, time.perf_counter() - started)
         summary["interrupted"] = result.interrupted
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        tracker.log_metrics({f"final/{k}": float(summary[k]) for k in FINAL_METRICS}, state.step)
+        if not result.interrupted:  # an interrupted run's numbers are not final: its resumption logs them
+            tracker.log_metrics({f"final/{k}": float(summary[k]) for k in FINAL_METRICS}, state.step)
         tracker.set_tags({"peak_mem_kind": summary["peak_mem_kind"]})
         for path in (run_dir / "config_resolved.yaml", run_dir / "summary.json"):
             tracker.log_artifact(path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,13 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False
     progress: ProgressMode = ProgressMode.auto
+    # Periodic checkpoints in <run dir>/checkpoints/ (0: off); final.pt / interrupted.pt are always written.
+    checkpoint_every_steps: int = 0
+    checkpoint_every_epochs: int = 1
+    keep_last: int = 2  # periodic checkpoints kept; older ones are deleted
+    # Continue from a checkpoint: a .pt file, a run directory (its newest checkpoint), or auto (this run
+    # directory's newest, or a fresh start if it has none: the pattern for preempted, requeued jobs).
+    resume: Optional[str] = None
 
     def __post_init__(self) -> None:
         require(self.max_epochs >= 1, f"max_epochs={self.max_epochs} must be >= 1")
@@ -63,6 +70,9 @@ class TrainerConfig:
         require(self.grad_accum_steps >= 1, f"grad_accum_steps={self.grad_accum_steps} must be >= 1")
         require(self.eval_every_epochs >= 1, f"eval_every_epochs={self.eval_every_epochs} must be >= 1")
         require(self.log_every_steps >= 1, f"log_every_steps={self.log_every_steps} must be >= 1")
+        require(self.checkpoint_every_steps >= 0, f"checkpoint_every_steps={self.checkpoint_every_steps} must be >= 0 (0: off)")
+        require(self.checkpoint_every_epochs >= 0, f"checkpoint_every_epochs={self.checkpoint_every_epochs} must be >= 0 (0: off)")
+        require(self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1")
 
 
 def resolve_device(name: DeviceName) -> torch.device:
@@ -78,11 +88,19 @@ def resolve_device(name: DeviceName) -> torch.device:
 
 @dataclass
 class TrainState:
-    """Progress counters: what a checkpoint needs to know where training stands."""
+    """Progress counters: what a checkpoint needs to know where training stands, down to the batch.
+
+    The in-epoch sums are kept so that a run resumed mid-epoch logs the same epoch and window means
+    as one that never stopped."""
 
     epoch: int = 0
     step: int = 0
     samples: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
+    epoch_loss_sum: float = 0.0  # sum of this epoch's step losses (the device accumulator, synced)
+    epoch_steps: int = 0
+    logged_loss_sum: float = 0.0  # epoch_loss_sum as of the last log step
+    window_steps: int = 0  # steps since the last log step
 
 
 @dataclass
@@ -160,34 +178,48 @@ def train_step(
     return total / len(micro_batches), stepped, norm
 
 
+Checkpointer = Callable[[TrainState], None]
+
+
 def train_epoch(
     model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision, tracker: Tracker, cfg: TrainerConfig, state: TrainState, device: torch.device, progress: Progress,
-    stop: Optional[GracefulStop] = None,
-) -> float:
-    """One pass over the training data; returns the epoch's mean training loss."""
+    stop: Optional[GracefulStop] = None, checkpoint: Optional[Checkpointer] = None,
+) -> Optional[float]:
+    """One pass over the training data (the rest of it, when resumed mid-epoch): the epoch's mean loss,
+    or None if a stop signal ended it early (state then says exactly where, for the checkpoint)."""
     model.train()
-    loader.set_epoch(state.epoch)
-    epoch_loss = torch.zeros((), device=device)  # stays on the device: no sync per step
-    logged_loss, window_steps, epoch_steps = 0.0, 0, 0  # epoch_loss as of the last log step
+    loader.set_epoch(state.epoch, state.batch_in_epoch)
+    epoch_loss = torch.tensor(state.epoch_loss_sum, device=device)  # stays on the device: no sync per step
+
+    def sync() -> None:  # the device accumulator into state: only where a checkpoint may follow
+        state.epoch_loss_sum = epoch_loss.item()
+
     for micro in _chunks(loader, cfg.grad_accum_steps):
-        if (cfg.max_steps > 0 and state.step >= cfg.max_steps) or (stop is not None and stop.requested):
-            break
+        if stop is not None and stop.requested:
+            sync()
+            return None
+        if cfg.max_steps > 0 and state.step >= cfg.max_steps:
+            # The run ends mid-epoch: the position stays in state, so raising max_steps and resuming
+            # continues this epoch where it stopped.
+            sync()
+            return (epoch_loss / max(1, state.epoch_steps)).item()
         micro = [_to_device(b, device, cfg.channels_last) for b in micro]
         at_log_step = (state.step + 1) % cfg.log_every_steps == 0
         loss, stepped, norm = train_step(model, micro, optimizer, precision, want_norm=at_log_step)
         if stepped:  # a skipped fp16 step must not advance the LR schedule
             scheduler.step()
         state.step += 1
+        state.batch_in_epoch += len(micro)
         state.samples += sum(len(y) for _, y in micro)
         epoch_loss += loss
-        window_steps += 1
-        epoch_steps += 1
+        state.window_steps += 1
+        state.epoch_steps += 1
         progress.advance(len(micro))
         if at_log_step:
-            epoch_sum = epoch_loss.item()  # sync point, once per log interval
+            sync()  # sync point, once per log interval
             metrics = {
-                "train/loss": (epoch_sum - logged_loss) / window_steps,
+                "train/loss": (state.epoch_loss_sum - state.logged_loss_sum) / state.window_steps,
                 "train/lr": scheduler.get_last_lr()[0],
                 **precision.telemetry(),
             }
@@ -195,8 +227,14 @@ def train_epoch(
                 metrics["train/grad_norm"] = norm.item()
             tracker.log_metrics(metrics, state.step)
             progress.show({"loss": metrics["train/loss"], "scale": metrics["amp/loss_scale"]})
-            logged_loss, window_steps = epoch_sum, 0
-    return (epoch_loss / max(1, epoch_steps)).item()
+            state.logged_loss_sum, state.window_steps = state.epoch_loss_sum, 0
+        if checkpoint is not None and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+            sync()
+            checkpoint(state)
+    mean = (epoch_loss / max(1, state.epoch_steps)).item()
+    state.batch_in_epoch = state.epoch_steps = state.window_steps = 0
+    state.epoch_loss_sum = state.logged_loss_sum = 0.0
+    return mean
 
 
 def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: torch.device, channels_last: bool) -> tuple[float, float]:
@@ -220,9 +258,10 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: tor
 def fit(
     model: nn.Module, data: DataBundle, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision, tracker: Tracker, cfg: TrainerConfig, device: torch.device, state: Optional[TrainState] = None,
-    stop: Optional[GracefulStop] = None,
+    stop: Optional[GracefulStop] = None, checkpoint: Optional[Checkpointer] = None,
 ) -> FitResult:
-    """Train for max_epochs (or max_steps), evaluating every eval_every_epochs and at the end."""
+    """Train for max_epochs (or max_steps) from `state`, evaluating every eval_every_epochs and at the end;
+    `checkpoint(state)` is called every checkpoint_every_steps steps and checkpoint_every_epochs epochs."""
     state = state or TrainState()
     result = FitResult()
     progress = Progress.create(cfg.progress.value, cfg.max_epochs, len(data.train))
@@ -230,27 +269,35 @@ def fit(
     while state.epoch < cfg.max_epochs and not (cfg.max_steps > 0 and state.step >= cfg.max_steps):
         progress.start_epoch(state.epoch)
         start, samples_before = time.perf_counter(), state.samples
-        result.train_loss = train_epoch(model, data.train, optimizer, scheduler, precision, tracker, cfg, state, device, progress, stop)
-        if stop is not None and stop.requested:
-            result.interrupted = stop.signum
+        train_loss = train_epoch(model, data.train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
+                                 stop, checkpoint)
+        if train_loss is None:
+            result.interrupted = stop.signum if stop is not None else None
             break
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # epoch time must include the queued GPU work
         seconds = time.perf_counter() - start
         result.epoch_times.append(seconds)
         result.epoch_rates.append((state.samples - samples_before) / seconds)
-        state.epoch += 1
+        result.train_loss = train_loss
+        state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
         metrics = {
             "perf/epoch_time_s": seconds,
             "perf/samples_per_s": result.epoch_rates[-1],
             "perf/peak_mem_mib": peak_memory_mib(device),
         }
         finished = state.epoch >= cfg.max_epochs or (cfg.max_steps > 0 and state.step >= cfg.max_steps)
-        if state.epoch % cfg.eval_every_epochs == 0 or finished:
+        if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or finished:
             result.val_loss, result.val_acc = evaluate(model, data.val, precision, device, cfg.channels_last)
             metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
         tracker.log_metrics(metrics, state.step)
         progress.end_epoch(state.epoch, {"train_loss": result.train_loss, **metrics})
+        if checkpoint is not None and cfg.checkpoint_every_epochs and state.epoch % cfg.checkpoint_every_epochs == 0 \
+                and not finished:  # the final checkpoint follows anyway
+            checkpoint(state)
+        if stop is not None and stop.requested:  # arrived during the epoch's last step or evaluation
+            result.interrupted = stop.signum
+            break
     progress.close()
     # Median over epochs, leaving out the first (warm-up, compilation) when there are others.
     rates = result.epoch_rates[1:] if len(result.epoch_rates) > 1 else result.epoch_rates

@@ -241,16 +241,22 @@ class Precision:
 
     def state_dict(self) -> dict:
         """Scaler state plus telemetry counters, for checkpoints."""
-        return {"name": self.name.value, "scaler": self.scaler.state_dict(), **self.counters(), "_clean_run": self._clean_run}
+        return {"name": self.name.value, "scaler": self.scaler.state_dict(), **self.counters(), "_clean_run": self._clean_run,
+                "_window": list(self._window)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore scaler state; a checkpoint from another precision keeps the counters and drops the scaler."""
+        """Restore scaler state and counters. Across precisions the counters carry over and the scaler
+        state is dropped (fp16 -> other: no scaler) or started fresh (other -> fp16: init_scale), with a warning."""
         for key in (*self.COUNTERS, "_clean_run"):
             setattr(self, key, int(state.get(key, 0)))
+        self._window = list(state.get("_window", [0, 0]))
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         elif state.get("scaler"):
             log.warning("checkpoint was %s with a loss scaler; %s has none, scaler state dropped", state.get("name"), self.name.value)
+        elif self.scaler.is_enabled():
+            log.warning("checkpoint was %s without a loss scaler; %s starts its scale fresh at %g",
+                        state.get("name"), self.description, self.cfg.init_scale)
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:

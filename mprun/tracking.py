@@ -11,14 +11,20 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any, ContextManager, Mapping, Optional
+from typing import Any, Callable, ContextManager, Mapping, Optional
 
 from omegaconf import MISSING
 
 from mprun.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+class Unreachable(Enum):
+    fail = "fail"  # stop with a clear error (before training; or mid-run, when the server goes away)
+    local = "local"  # keep training and log to the local sqlite store instead
 
 
 @dataclass
@@ -35,6 +41,9 @@ class MlflowConfig(TrackingConfig):
     experiment: str = "mprun"
     run_name: Optional[str] = None
     log_checkpoint: bool = True  # checkpoints can be large: false keeps them only in the run directory
+    # A store that cannot be reached, at start or mid-run: fail (clear error), or local (keep training,
+    # log to sqlite:///<output_root>/mlflow.db, tagging the run with the intended store).
+    on_unreachable: Unreachable = Unreachable.fail
 
 
 @dataclass
@@ -50,6 +59,10 @@ class Tracker:
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: Optional[str] = None) -> None:
         """Open a run and record params and tags; run_name names it unless the config names it."""
+
+    def resume(self, run_id: str, step: int) -> bool:
+        """Reopen an earlier run to continue it (a resumed training); False if this store lacks it."""
+        return False
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue metrics for one step; written without blocking training."""
@@ -76,6 +89,10 @@ class NullTracker(Tracker):
 
     def describe(self) -> list[str]:
         return ["tracking    off (tracking=none)"]
+
+
+class TrackingLost(RuntimeError):
+    """The tracking store went away mid-run and the policy says stop."""
 
 
 def unusable(uri: str, why: str) -> ConfigError:
@@ -133,27 +150,54 @@ def record_failed_run(uri: str, experiment_id: str, run_name: str, tags: Mapping
 
 
 class MlflowTracker(Tracker):
-    """MLflow tracking through MlflowClient; metrics go out in batches, asynchronously."""
+    """MLflow tracking through MlflowClient. Metric batches are written by one background thread
+    (in order, off the training thread); a write that fails is noticed at the next log call."""
 
-    def __init__(self, output_root: str, uri: Optional[str], experiment: str, run_name: Optional[str], log_checkpoint: bool) -> None:
+    def __init__(self, output_root: str, uri: Optional[str], experiment: str, run_name: Optional[str], log_checkpoint: bool,
+                 on_unreachable: Unreachable = Unreachable.fail) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations print a dozen INFO lines
-        import mlflow
-        from mlflow import MlflowClient
+        from concurrent.futures import ThreadPoolExecutor
 
-        self._mlflow = mlflow
-        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(output_root)
         self.output_root = Path(output_root).absolute()
         self.run_name = run_name
+        self.experiment = experiment
         self.log_checkpoint = log_checkpoint
-        self._pending: list = []  # async metric writes not yet confirmed
-        if self.uri.startswith(("http://", "https://")):
-            probe_server(self.uri)
-        with store_lock(self.uri):
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self.experiment_id = self._experiment(experiment)
+        self.on_unreachable = Unreachable(on_unreachable)
+        self.fallback_from: Optional[str] = None  # "<uri> run <id>" once logging moved to the local store
+        self._started: Optional[tuple] = None  # (params, tags, name): to reopen the run locally
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mprun-mlflow")
+        self._pending: list = []  # (future, metric batch) writes not yet confirmed
+        self._lost = False  # the store went away and the policy is fail: nothing more is sent
+        uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(output_root)
+        if uri.startswith(("http://", "https://")):
+            # MLflow's client retries a dead server for minutes (measured 4 min 13 s); a few seconds
+            # is enough to tell. Explicit environment settings still win.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+            logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # one line per retry otherwise
+        try:
+            self._connect(uri)
+        except ConfigError as e:
+            if self.on_unreachable is Unreachable.fail or uri == default_uri(output_root):
+                raise
+            log.warning("%s\ntracking.on_unreachable=local: logging to %s instead", e, default_uri(output_root))
+            self.fallback_from = uri
+            self._connect(default_uri(output_root))
+
+    def _connect(self, uri: str) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        if uri.startswith(("http://", "https://")):
+            probe_server(uri)
+        with store_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment(self.experiment)
 
     def _experiment(self, name: str) -> str:
         """Get or create the experiment; any failure here means the store is unreachable or unusable."""
+        from mlflow.exceptions import MlflowException
+
         try:
             found = self.client.get_experiment_by_name(name)
             if found is not None:
@@ -164,7 +208,7 @@ class MlflowTracker(Tracker):
                 location = (self.output_root / "mlartifacts").as_uri()
             try:
                 return self.client.create_experiment(name, artifact_location=location)
-            except self._mlflow.exceptions.MlflowException:
+            except MlflowException:
                 found = self.client.get_experiment_by_name(name)  # created meanwhile by a parallel job
                 if found is None:
                     raise
@@ -175,43 +219,104 @@ class MlflowTracker(Tracker):
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: Optional[str] = None) -> None:
         from mlflow.entities import Param
 
+        if self.fallback_from:
+            tags = {**tags, "mprun.intended_tracking_uri": self.fallback_from}
+        self._started = (params, tags, run_name)
         run = self.client.create_run(self.experiment_id, run_name=self.run_name or run_name, tags=dict(tags))
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    def resume(self, run_id: str, step: int) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            log.warning("the checkpoint's MLflow run %s is not in %s: starting a new run", run_id, self.uri)
+            return False
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        resumes = int(run.data.tags.get("mprun.resumes", "0")) + 1
+        self.set_tags({"mprun.resumes": str(resumes), f"mprun.resume_{resumes}_step": str(step)})
+        log.info("continuing MLflow run %s from step %d", run_id, step)
+        return True
+
+    def _store_lost(self, error: BaseException) -> None:
+        """The store failed a call: raise TrackingLost (fail), or move this run to the local store (local)."""
+        unsent = [batch for f, batch in self._pending if not (f.done() and not f.cancelled() and f.exception() is None)]
+        for f, _ in self._pending:
+            f.cancel()  # queued writes to a dead store would each spend their retries
+        self._pending = []
+        lost = f"MLflow store {self.uri} stopped accepting writes mid-run ({type(error).__name__}: {str(error)[:200]})"
+        if self.on_unreachable is Unreachable.fail or self.fallback_from:
+            self._lost = True
+            raise TrackingLost(f"{lost}. Resume from the run's last checkpoint with trainer.resume=<run dir>, "
+                               "or set tracking.on_unreachable=local to keep training and log locally") from error
+        local = default_uri(str(self.output_root))
+        log.warning("%s\ntracking.on_unreachable=local: continuing in a new run in %s", lost, local)
+        self.fallback_from = f"{self.uri} run {self.run_id}"
+        self._connect(local)
+        params, tags, name = self._started or ({}, {}, None)
+        self.start(params, tags, name)
+        for batch in unsent:  # what the dead store never confirmed goes to the new run
+            self._pending.append((self._writer.submit(self.client.log_batch, self.run_id, metrics=batch), batch))
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """A synchronous store call, redone on the local store if the policy moved the run there."""
+        if self._lost:
+            return None
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - any failure of the store; the policy decides
+            self._store_lost(e)
+            return fn()  # fn reads self.client / self.run_id, which now point at the local store
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
         from mlflow.utils.time import get_current_time_millis
 
+        if self._lost:
+            return
+        failed = [f for f, _ in self._pending if f.done() and not f.cancelled() and f.exception() is not None]
+        if failed:
+            self._store_lost(failed[0].exception())
+        self._pending = [(f, b) for f, b in self._pending if not f.done()]
         now = get_current_time_millis()
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        # One sqlite write costs ~13 ms here; asynchronous batches keep it off the training thread.
-        self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        # One sqlite write costs ~13 ms here: the writer thread keeps it off the training thread.
+        self._pending.append((self._writer.submit(self.client.log_batch, self.run_id, metrics=batch), batch))
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if Path(path).is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            self._call(lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self._call(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()]))
 
     def end(self, status: str) -> None:
         if self.run_id is None:
             return
         try:
-            # Wait on this client's own writes: mlflow.flush_async_logging() would go through the
-            # fluent API's global default store and create ./mlflow.db in the working directory.
-            for op in self._pending:
-                op.wait()
+            for _ in range(2):  # a second pass for what a move to the local store re-sent
+                try:
+                    for f, _batch in list(self._pending):
+                        f.result()
+                    break
+                except Exception as e:  # noqa: BLE001 - the policy decides
+                    self._store_lost(e)  # local: the unsent batches and the run's end go to the local store
             self._pending.clear()
+            self._call(lambda: self.client.set_terminated(self.run_id, status))
         finally:
-            self.client.set_terminated(self.run_id, status)
+            self._writer.shutdown(wait=False, cancel_futures=True)
+            if self._lost:
+                log.error("MLflow run %s in %s could not be closed: it stays RUNNING there until closed by hand "
+                          "(MlflowClient(uri).set_terminated(run_id, 'FAILED'))", self.run_id, self.uri)
 
     def describe(self) -> list[str]:
         ui = Path(sys.executable).with_name("mlflow")

@@ -1,0 +1,179 @@
+"""Checkpoints and resume: periodic saves, exact continuation after a real SIGTERM, damaged files, kill -9."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mprun import checkpoint
+from mprun.errors import ConfigError
+from mprun.experiment import run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_periodic_checkpoints_keep_the_last_k(make_cfg, tmp_path: Path) -> None:
+    run(make_cfg("trainer.checkpoint_every_steps=2", "trainer.keep_last=2", "trainer.max_steps=9",
+                 "trainer.max_epochs=1", "model=simple_mlp"))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["final.pt", "step-000000006.pt", "step-000000008.pt"]
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "step-000000008.pt")
+    assert {"model", "optimizer", "scheduler", "precision", "rng", "progress", "config", "mprun_version", "tracking"} <= set(state)
+    assert state["progress"]["step"] == 8 and state["progress"]["batch_in_epoch"] == 8
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+
+
+def test_epoch_checkpoints_by_default(make_cfg, tmp_path: Path) -> None:
+    run(make_cfg("trainer.max_epochs=3", "model=simple_mlp"))
+    # every epoch but the last (final.pt covers it), keep_last=2
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["final.pt", "step-000000022.pt", "step-000000044.pt"]
+
+
+def test_resume_in_process_mid_epoch_equals_uninterrupted(make_cfg, tmp_path: Path) -> None:
+    # A constant LR: a schedule spans the planned steps, which max_steps changes.
+    common = ["model=simple_cnn", "scheduler=none", "trainer.max_epochs=2", "trainer.log_every_steps=5"]
+    full = run(make_cfg(*common, "paths.run_dir=" + str(tmp_path / "full")))
+    # The same run stopped by max_steps in the middle of epoch 1, then resumed with the full budget.
+    run(make_cfg(*common, "trainer.max_steps=30", "paths.run_dir=" + str(tmp_path / "part")))
+    resumed = run(make_cfg(*common, f"trainer.resume={tmp_path / 'part'}", "paths.run_dir=" + str(tmp_path / "rest")))
+    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "final.pt")["model"]
+    b = checkpoint.load(tmp_path / "rest" / "checkpoints" / "final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["val_acc"] == full["val_acc"] and resumed["train_loss"] == full["train_loss"]
+    assert resumed["steps"] == full["steps"] == 44
+
+
+def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
+    """A real process gets a real SIGTERM mid-epoch; `trainer.resume=auto` in its run directory continues it."""
+    args = ["trainer.max_epochs=3", "trainer.progress=log", "trainer.log_every_steps=5"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+    def mprun(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "mprun", *args, *extra], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    straight = mprun("hydra.run.dir=outputs/straight")
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()[-2000:]
+    cut = mprun("hydra.run.dir=outputs/cut")
+    try:
+        for line in cut.stdout:  # into the second epoch, then a few steps more
+            if "epoch 1/" in line:
+                break
+        time.sleep(0.3)
+        cut.send_signal(signal.SIGTERM)
+        out, _ = cut.communicate(timeout=120)
+    finally:
+        cut.kill()
+    assert cut.returncode == 143, out[-2000:]
+    stopped = checkpoint.load(tmp_path / "outputs" / "cut" / "checkpoints" / "interrupted.pt")["progress"]
+    assert 22 <= stopped["step"] < 66
+    again = mprun("hydra.run.dir=outputs/cut", "trainer.resume=auto")
+    assert again.wait(timeout=300) == 0, again.stdout.read()[-2000:]
+
+    a = checkpoint.load(tmp_path / "outputs" / "straight" / "checkpoints" / "final.pt")
+    b = checkpoint.load(tmp_path / "outputs" / "cut" / "checkpoints" / "final.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}  # the cut run was continued, not duplicated
+    (cut_run,) = [r for r in runs if r.data.tags.get("mprun.resumes") == "1"]
+    (straight_run,) = [r for r in runs if r is not cut_run]
+    assert cut_run.data.tags["mprun.resume_1_step"] == str(stopped["step"])
+    for key in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc", "final/val_acc", "final/train_loss"):
+        hist = [sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)) for r in (straight_run, cut_run)]
+        assert hist[0] == hist[1], key
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(make_cfg) -> None:
+    summary = run(make_cfg("trainer.resume=auto", "trainer.max_steps=2", "trainer.max_epochs=1"))
+    assert summary["steps"] == 2
+
+
+@pytest.mark.parametrize("spec,needle", [("/nonexistent/x.pt", "no such file or directory"), ("{tmp}", "no checkpoint")])
+def test_resume_from_nothing_is_a_clear_error(make_cfg, tmp_path: Path, spec: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        run(make_cfg(f"trainer.resume={spec.format(tmp=tmp_path)}", "trainer.max_steps=2"))
+
+
+def test_resume_into_another_model_is_a_clear_error(make_cfg, tmp_path: Path) -> None:
+    run(make_cfg("model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1"))
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        run(make_cfg("model=simple_cnn", f"trainer.resume={tmp_path / 'run'}", "paths.run_dir=" + str(tmp_path / "b")))
+
+
+def test_fp16_checkpoint_resumed_in_bf16_drops_the_scaler_with_a_warning(make_cfg, tmp_path: Path, caplog) -> None:
+    run(make_cfg("precision=fp16", "model=simple_mlp", "trainer.max_steps=3", "trainer.max_epochs=2"))
+    with caplog.at_level(logging.WARNING):
+        summary = run(make_cfg("precision=bf16", "model=simple_mlp", "trainer.max_steps=5", "trainer.max_epochs=2",
+                               f"trainer.resume={tmp_path / 'run'}", "paths.run_dir=" + str(tmp_path / "b")))
+    assert "scaler state dropped" in caplog.text and "precision.dtype: 'fp16' -> 'bf16'" in caplog.text
+    assert summary["steps"] == 5 and summary["loss_scale"] == 1.0
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_truncated_tampered_and_malicious_checkpoints_fail_clearly(tmp_path: Path) -> None:
+    good = checkpoint.save(tmp_path / "good.pt", {"model": {"w": torch.ones(1000)}})
+    raw = good.read_bytes()
+    truncated = _write(tmp_path / "truncated.pt", raw[: len(raw) // 2])
+    tampered = bytearray(raw)
+    at = raw.find(b"\x00\x00\x80\x3f" * 16)  # inside the tensor's data: torch.load alone would not notice
+    tampered[at + 400 : at + 464] = b"\x00" * 64
+    flipped = _write(tmp_path / "tampered.pt", bytes(tampered))
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, evil)
+    for bad in (truncated, flipped, evil):
+        with pytest.raises(ConfigError, match="unreadable|damaged or tampered"):
+            checkpoint.load(bad)
+    assert not marker.exists(), "weights_only=True must never run code from a checkpoint"
+    assert torch.equal(checkpoint.load(good)["model"]["w"], torch.ones(1000))
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from mprun import checkpoint
+    path = Path(sys.argv[1])
+    i = 0
+    while True:
+        i += 1
+        checkpoint.save(path, {"i": i, "w": torch.full((4_000_000,), float(i))})  # 16 MB per write
+        print(i, flush=True)
+""")
+
+
+def test_kill_9_during_a_write_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    for delay in (0.05, 0.13, 0.31, 0.47, 0.7):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                                cwd=ROOT)
+        assert proc.stdout.readline()  # one complete write exists
+        time.sleep(delay)  # then die somewhere in a later write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = checkpoint.load(path)
+        assert torch.equal(state["w"], torch.full((4_000_000,), float(state["i"])))
+    # A torn temp file may be left; the next save in that directory clears it away.
+    checkpoint.Checkpoints(tmp_path, keep_last=1).save("other.pt", {"i": 0})
+    assert not list(tmp_path.glob(".*.tmp-*"))
