@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from mprun import models
+from mprun import models, numerics
 from mprun.data import DataBundle
 from mprun.errors import ConfigError
 from mprun.loop import TrainerConfig, planned_steps, resolve_device
@@ -31,6 +31,7 @@ class Components:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
+    fp32_modules: list[str]  # modules precision.fp32_modules matched, kept out of autocast
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +63,8 @@ def components(cfg: DictConfig, checked: dict[str, Any]) -> Components:
     except (AssertionError, ValueError, RuntimeError) as e:  # e.g. a ViT patch larger than the image
         raise ConfigError(f"model={model_name} cannot be built for dataset={data.name} "
                           f"({data.in_chans}x{data.image_size[0]}x{data.image_size[1]}, {data.num_classes} classes): {e}") from e
+    # Model transforms before moving/compiling: fp32 islands run outside autocast.
+    fp32_modules = numerics.keep_fp32(module, precision.cfg.fp32_modules, device.type) if precision.cfg.fp32_modules else []
     memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
     module = module.to(device, memory_format=memory_format)
     models.check_fits(module, data.example().to(device), data.num_classes, model_name, data.name)
@@ -69,7 +72,7 @@ def components(cfg: DictConfig, checked: dict[str, Any]) -> Components:
     total = planned_steps(trainer, len(data.train))
     scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer=optimizer, total_steps=total)
     model = torch.compile(module) if trainer.compile else module
-    return Components(device, precision, data, model, module, optimizer, scheduler, total)
+    return Components(device, precision, data, model, module, optimizer, scheduler, total, fp32_modules)
 
 
 def _choice(cfg: DictConfig, group: str) -> str:

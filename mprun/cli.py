@@ -16,7 +16,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from mprun import config, sweep  # noqa: E402
-from mprun.errors import ConfigError  # noqa: E402
+from mprun.errors import ConfigError, NumericsError  # noqa: E402
 from mprun.tracking import TrackingLost  # noqa: E402
 
 log = logging.getLogger("mprun")
@@ -40,6 +40,11 @@ def _main(cfg: DictConfig) -> float:
         # A user's mistake: one short line, no traceback, exit 2 (like argparse).
         print(f"mprun: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except NumericsError as e:
+        if HydraConfig.get().mode is RunMode.MULTIRUN:
+            raise
+        print(f"mprun: stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except TrackingLost as e:
         if HydraConfig.get().mode is RunMode.MULTIRUN:
             raise

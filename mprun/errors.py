@@ -9,3 +9,12 @@ def require(ok: bool, message: str) -> None:
     """Raise ConfigError(message) unless ok."""
     if not ok:
         raise ConfigError(message)
+
+
+class NumericsError(RuntimeError):
+    """The numerics policy stopped the run; `report` says why and what was seen."""
+
+    def __init__(self, diagnosis: str, report: dict) -> None:
+        super().__init__(diagnosis)
+        self.diagnosis = diagnosis
+        self.report = report

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import mprun
-from mprun import build, checkpoint, config
+from mprun import build, checkpoint, config, numerics
 from mprun.build import Components
 from mprun.checkpoint import unwrap
 from mprun.errors import ConfigError
@@ -66,6 +66,7 @@ def run_tags(parts: Components) -> dict[str, str]:
         "precision": parts.precision.name.value,
         "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
         "mprun_version": mprun.__version__,
+        "fp32_modules": ",".join(parts.fp32_modules) or "none",
     }
 
 
@@ -158,6 +159,20 @@ def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None
     print("\n".join(lines), flush=True)
 
 
+def _log_numerics(guard: numerics.Guard, run_dir: Path, tracker: Tracker) -> None:
+    """NaN traces and the underflow/overflow table, as files in the run dir and artifacts."""
+    out = run_dir / "numerics"
+    if guard.traces:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "nan_traces.json").write_text(json.dumps(guard.traces, indent=2, default=str))
+    if guard.stats is not None and guard.stats.latest:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stats.md").write_text("# fp16 numerics, last measurement per module\n\n" + guard.stats.table())
+        print("\n" + guard.stats.table(), flush=True)
+    if out.is_dir():
+        tracker.log_artifact(out, "numerics")
+
+
 def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = None) -> dict[str, Any]:
     """Run one experiment from a composed config; returns the summary dict. `job`: its place in a sweep."""
     started = started if started is not None else time.perf_counter()
@@ -193,10 +208,12 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
     status = "FAILED"
     trainer = checked["trainer"]
     ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", trainer.keep_last)
+    guard = numerics.Guard(parts.precision)
     try:
         result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
                      trainer, parts.device, state, stop,
-                     lambda s: ckpts.save(ckpts.periodic_name(s.step), checkpoint_state(parts, s, cfg, tracker)))
+                     lambda s: ckpts.save(ckpts.periodic_name(s.step), checkpoint_state(parts, s, cfg, tracker)), guard)
+        _log_numerics(guard, run_dir, tracker)
         run_dir.mkdir(parents=True, exist_ok=True)
         name = "interrupted.pt" if result.interrupted else "final.pt"
         ckpt = ckpts.save(name, checkpoint_state(parts, state, cfg, tracker))
@@ -220,6 +237,12 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
     except BaseException as e:
         try:
             tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
+            if isinstance(e, numerics.NumericsError):
+                tracker.set_tags({"diagnosis": e.diagnosis})
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "diagnosis.json").write_text(json.dumps(e.report, indent=2, default=str))
+                tracker.log_artifact(run_dir / "diagnosis.json")
+                _log_numerics(guard, run_dir, tracker)
         except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
             log.exception("could not record the error in the tracking run")
         raise

@@ -7,6 +7,7 @@ accumulated on the device; the only per-step sync is the one GradScaler.step mak
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import statistics
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mprun import numerics
 from mprun.data import Batch, DataBundle, Loader
 from mprun.errors import require
 from mprun.interrupts import GracefulStop
@@ -162,18 +164,25 @@ def _chunks(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
 
 
 def train_step(
-    model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, precision: Precision, want_norm: bool
+    model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, precision: Precision, want_norm: bool,
+    stats: Optional[dict] = None,
 ) -> tuple[torch.Tensor, bool, Optional[torch.Tensor]]:
-    """Forward/backward over the micro-batches, then one optimizer step: (mean loss, stepped, grad norm)."""
+    """Forward/backward over the micro-batches, then one optimizer step: (mean loss, stepped, grad norm).
+    With `stats` (a dict), also record activation maxima and fp16 gradient under/overflow into it."""
     total = torch.zeros((), device=micro_batches[0][0].device)
+    watch = numerics.watch_activations(model, stats.setdefault("acts", {})) if stats is not None else contextlib.nullcontext()
     for x, y in micro_batches:
-        with precision.autocast():
+        with precision.autocast(), watch:
             loss = F.cross_entropy(model(x), y)
         # Averaging over micro-batches makes the accumulated gradient equal one big batch's. The loss
         # scale must not change between micro-batches, which holds because update() runs only in step().
         precision.backward(loss / len(micro_batches))
         total += loss.detach()
-    stepped, norm = precision.step(optimizer, model.parameters(), want_norm)
+    inspect = None
+    if stats is not None:  # the scale this step's gradients were computed at, applied to the true gradients
+        scale = precision.scale_value()
+        inspect = lambda: stats.update(grads=numerics.gradient_stats(model, scale))  # noqa: E731
+    stepped, norm = precision.step(optimizer, model.parameters(), want_norm, inspect)
     optimizer.zero_grad(set_to_none=True)
     return total / len(micro_batches), stepped, norm
 
@@ -184,7 +193,7 @@ Checkpointer = Callable[[TrainState], None]
 def train_epoch(
     model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision, tracker: Tracker, cfg: TrainerConfig, state: TrainState, device: torch.device, progress: Progress,
-    stop: Optional[GracefulStop] = None, checkpoint: Optional[Checkpointer] = None,
+    stop: Optional[GracefulStop] = None, checkpoint: Optional[Checkpointer] = None, guard: Optional[numerics.Guard] = None,
 ) -> Optional[float]:
     """One pass over the training data (the rest of it, when resumed mid-epoch): the epoch's mean loss,
     or None if a stop signal ended it early (state then says exactly where, for the checkpoint)."""
@@ -206,9 +215,14 @@ def train_epoch(
             return (epoch_loss / max(1, state.epoch_steps)).item()
         micro = [_to_device(b, device, cfg.channels_last) for b in micro]
         at_log_step = (state.step + 1) % cfg.log_every_steps == 0
-        loss, stepped, norm = train_step(model, micro, optimizer, precision, want_norm=at_log_step)
+        stats = {} if guard is not None and guard.stats_due(state.step + 1) else None
+        loss, stepped, norm = train_step(model, micro, optimizer, precision, want_norm=at_log_step, stats=stats)
         if stepped:  # a skipped fp16 step must not advance the LR schedule
             scheduler.step()
+        elif guard is not None:
+            guard.on_skipped_step(model, micro[0], state.step + 1)
+        if stats:
+            tracker.log_metrics(guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {})), state.step + 1)
         state.step += 1
         state.batch_in_epoch += len(micro)
         state.samples += sum(len(y) for _, y in micro)
@@ -228,6 +242,8 @@ def train_epoch(
             tracker.log_metrics(metrics, state.step)
             progress.show({"loss": metrics["train/loss"], "scale": metrics["amp/loss_scale"]})
             state.logged_loss_sum, state.window_steps = state.epoch_loss_sum, 0
+            if guard is not None:
+                guard.check(metrics, model, micro[0], state.step)  # may stop the run with a diagnosis
         if checkpoint is not None and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
             sync()
             checkpoint(state)
@@ -258,7 +274,7 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: tor
 def fit(
     model: nn.Module, data: DataBundle, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision, tracker: Tracker, cfg: TrainerConfig, device: torch.device, state: Optional[TrainState] = None,
-    stop: Optional[GracefulStop] = None, checkpoint: Optional[Checkpointer] = None,
+    stop: Optional[GracefulStop] = None, checkpoint: Optional[Checkpointer] = None, guard: Optional[numerics.Guard] = None,
 ) -> FitResult:
     """Train for max_epochs (or max_steps) from `state`, evaluating every eval_every_epochs and at the end;
     `checkpoint(state)` is called every checkpoint_every_steps steps and checkpoint_every_epochs epochs."""
@@ -270,7 +286,7 @@ def fit(
         progress.start_epoch(state.epoch)
         start, samples_before = time.perf_counter(), state.samples
         train_loss = train_epoch(model, data.train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
-                                 stop, checkpoint)
+                                 stop, checkpoint, guard)
         if train_loss is None:
             result.interrupted = stop.signum if stop is not None else None
             break

@@ -28,10 +28,14 @@ class SimpleMLPConfig(ModelConfig):
     _target_: str = "mprun.models.SimpleMLP"
     hidden: int = 256
     depth: int = 2
+    # Multiplies the gradient flowing back from the logits (forward unchanged). 1e-6 builds a model whose
+    # gradients underflow in fp16 without loss scaling: the loss_scaling experiment.
+    grad_scale: float = 1.0
 
     def __post_init__(self) -> None:
         require(self.hidden >= 1, f"hidden={self.hidden} must be >= 1")
         require(self.depth >= 1, f"depth={self.depth} must be >= 1")
+        require(self.grad_scale > 0, f"grad_scale={self.grad_scale} must be > 0")
 
 
 @dataclass
@@ -58,16 +62,41 @@ class TorchvisionModelConfig(ModelConfig):
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
-class SimpleMLP(nn.Sequential):
-    """Flatten -> depth x (Linear, ReLU) -> Linear."""
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
 
-    def __init__(self, in_chans: int, image_size: tuple[int, int], num_classes: int, hidden: int = 256, depth: int = 2):
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+class GradScale(nn.Module):
+    """Identity forward; multiplies the gradient by `factor` on the way back."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ScaleGrad.apply(x, self.factor)
+
+
+class SimpleMLP(nn.Sequential):
+    """Flatten -> depth x (Linear, ReLU) -> Linear [-> GradScale]."""
+
+    def __init__(self, in_chans: int, image_size: tuple[int, int], num_classes: int, hidden: int = 256, depth: int = 2,
+                 grad_scale: float = 1.0):
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_chans * image_size[0] * image_size[1]
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
             width = hidden
         layers.append(nn.Linear(width, num_classes))
+        if grad_scale != 1.0:
+            layers.append(GradScale(grad_scale))
         super().__init__(*layers)
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import ContextManager, Iterable, Optional
+from typing import Callable, ContextManager, Iterable, List, Optional
 
 import torch
 
@@ -26,6 +26,22 @@ class PrecisionName(Enum):
     tf32 = "tf32"
     fp16 = "fp16"
     bf16 = "bf16"
+
+
+class NonFinite(Enum):
+    stop = "stop"  # checked at log steps (no extra sync): stop the run with a diagnosis
+    skip = "skip"  # check every step and skip a non-finite one (GradScaler pinned at 1.0: one sync per step)
+
+
+class Action(Enum):
+    stop = "stop"
+    warn = "warn"
+
+
+class Trace(Enum):
+    off = "off"
+    first = "first"  # trace the first non-finite batch only
+    every = "every"
 
 
 class LossScale(Enum):
@@ -46,12 +62,30 @@ class PrecisionConfig:
     # Clipping always sees unscaled gradients. At most one of the two.
     grad_clip_norm: Optional[float] = None
     grad_clip_value: Optional[float] = None
+    # Glob patterns over qualified module names run outside autocast, in float32 (e.g. ["*norm*", "head"]).
+    fp32_modules: List[str] = field(default_factory=list)
+    # A non-finite loss with no scaler to skip the step (fp32, tf32, bf16, fp16 unscaled): stop or skip.
+    on_nonfinite: NonFinite = NonFinite.stop
+    # Loss-scale collapse (dynamic fp16): the scale at or below the floor, or more than max_skip_rate of
+    # the steps skipped in collapse_patience consecutive log windows.
+    min_loss_scale: float = 1.0
+    max_skip_rate: float = 0.5
+    collapse_patience: int = 3
+    on_collapse: Action = Action.stop
+    # Re-run a non-finite batch with hooks to name the first module that produced inf/NaN.
+    trace_nonfinite: Trace = Trace.first
+    # Every N steps: per-module fp16 underflow/overflow of gradients and activation maxima (0: off).
+    stats_every_steps: int = 0
 
     def __post_init__(self) -> None:
         require(self.init_scale > 0, f"init_scale={self.init_scale} must be > 0")
         require(self.growth_factor > 1, f"growth_factor={self.growth_factor} must be > 1")
         require(0 < self.backoff_factor < 1, f"backoff_factor={self.backoff_factor} must be in (0, 1)")
         require(self.growth_interval >= 1, f"growth_interval={self.growth_interval} must be >= 1")
+        require(self.min_loss_scale >= 0, f"min_loss_scale={self.min_loss_scale} must be >= 0")
+        require(0 < self.max_skip_rate <= 1, f"max_skip_rate={self.max_skip_rate} must be in (0, 1]")
+        require(self.collapse_patience >= 1, f"collapse_patience={self.collapse_patience} must be >= 1")
+        require(self.stats_every_steps >= 0, f"stats_every_steps={self.stats_every_steps} must be >= 0 (0: off)")
         for key in ("grad_clip_norm", "grad_clip_value"):
             value = getattr(self, key)
             require(value is None or value > 0, f"{key}={value} must be > 0 (or null to disable)")
@@ -132,13 +166,17 @@ class Precision:
         set_matmul_flags(self.name, device)
         self.autocast_dtype = _AUTOCAST_DTYPE.get(self.name)
         self.loss_scale = cfg.loss_scale if self.name is PrecisionName.fp16 else LossScale.none
+        # on_nonfinite=skip without a loss scale: a GradScaler pinned at 1.0 finds and skips non-finite steps.
+        self.skip_mode = self.loss_scale is LossScale.none and cfg.on_nonfinite is NonFinite.skip
+        self.dynamic_scaling = self.loss_scale is LossScale.dynamic
+        self._pinned = cfg.init_scale if self.loss_scale is LossScale.static else (1.0 if self.skip_mode else None)
         self.scaler = torch.amp.GradScaler(
             device.type,
-            init_scale=cfg.init_scale,
+            init_scale=1.0 if self.skip_mode else cfg.init_scale,
             growth_factor=cfg.growth_factor,
             backoff_factor=cfg.backoff_factor,
             growth_interval=cfg.growth_interval,
-            enabled=self.loss_scale is not LossScale.none,
+            enabled=self.loss_scale is not LossScale.none or self.skip_mode,
         )
         # Telemetry, all host-side: each step's outcome is already known on the host (see step()),
         # so these mirror GradScaler's own bookkeeping without reading the scale tensor.
@@ -169,7 +207,8 @@ class Precision:
         self.scaler.scale(loss).backward()
 
     def step(
-        self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], want_norm: bool
+        self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], want_norm: bool,
+        inspect: Optional[Callable[[], None]] = None,
     ) -> tuple[bool, Optional[torch.Tensor]]:
         """unscale -> clip -> step -> update. Returns (optimizer really stepped, grad norm or None).
 
@@ -182,6 +221,8 @@ class Precision:
             optimizer.register_step_post_hook(self._mark_stepped)
             self._hooked.add(id(optimizer))
         self.scaler.unscale_(optimizer)  # grads are now true grads: clipping and norms see unscaled values
+        if inspect is not None:
+            inspect()  # numerics statistics read the true gradients here
         norm = None
         if self.cfg.grad_clip_norm is not None or self.cfg.grad_clip_value is not None or want_norm:
             params = [p for p in params if p.grad is not None]  # only when something reads the grads
@@ -193,8 +234,8 @@ class Precision:
             torch.nn.utils.clip_grad_value_(params, self.cfg.grad_clip_value, foreach=True)
         self._stepped = False
         self.scaler.step(optimizer)
-        # Static scaling: GradScaler cannot have growth_factor=1, so pin the scale after every update.
-        self.scaler.update(self.cfg.init_scale if self.loss_scale is LossScale.static else None)
+        # Static scaling (and skip mode's 1.0): GradScaler cannot have growth_factor=1, so pin the scale after every update.
+        self.scaler.update(self._pinned)
         self._record(self._stepped)
         return self._stepped, norm
 

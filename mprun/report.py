@@ -56,6 +56,11 @@ class Row:
             return f"**{self.status}**"
         return "**DIVERGED**" if self.diverged else "ok"
 
+    def worst_underflow(self) -> Optional[float]:
+        """The largest per-module share of gradients that would flush to zero in fp16 (precision.stats_every_steps)."""
+        values = [v for k, v in self.metrics.items() if k.startswith("numerics/underflow/")]
+        return max(values) if values else None
+
     def ratio(self, key: str) -> Optional[float]:
         """This job's metric over its baseline's."""
         if self.baseline is None:
@@ -110,7 +115,7 @@ def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
 
 
 COLUMNS = ["job", "run", "precision", "status", "val acc", "Δ acc vs fp32", "samples/s", "speedup",
-           "peak MiB", "mem ratio", "skipped", "final scale"]
+           "peak MiB", "mem ratio", "skipped", "final scale", "fp16 grad underflow"]
 
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
@@ -128,6 +133,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
             _fmt(r.ratio("final/peak_mem_mib"), ".2f", "×"),
             _fmt(r.metric("final/skipped_steps"), ".0f"),
             _fmt(r.metric("final/loss_scale"), "g") if r.precision == "fp16" else "—",
+            _fmt(r.worst_underflow(), ".1%"),
         ])
     return out
 

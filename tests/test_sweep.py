@@ -183,7 +183,7 @@ def test_slurm_preset_composes_onto_submitit(tmp_path: Path) -> None:
 
 PRESETS = {
     "amp_benchmark": ["precision=fp32", "precision=fp16", "precision=bf16"],
-    "loss_scaling": ["precision=fp16", "precision=fp16_static", "precision=fp16_unscaled"],
+    "loss_scaling": ["precision=fp16", "precision=fp16_static", "precision=fp16_unscaled", "precision=bf16"],
     "lr_sweep": [f"optimizer.lr={lr}" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")],
     "lr_search": None,  # Optuna picks the values
 }

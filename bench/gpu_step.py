@@ -1,0 +1,184 @@
+"""GPU throughput and memory: mprun's training loop vs. a minimal hand-written torch.amp loop (issue 5).
+
+Same model architecture, batch, on-GPU synthetic data and precision in both paths, alternating rounds
+in one process; CUDA events time each round after warm-up, the median round counts.
+  (a) hand: autocast + GradScaler(enabled=fp16) + fused SGD + zero_grad(set_to_none), nothing else;
+  (b) mprun: the model, optimizer and Precision built from conf/ by mprun.build, trained by
+      mprun.loop.train_epoch (its real hot path, log-step syncs included).
+
+    python bench/gpu_step.py                                   # the full matrix (more than one 10-minute call)
+    python bench/gpu_step.py --models resnet50 --modes eager   # one slice
+    python bench/gpu_step.py --device cpu --models simple_cnn --image 32 --batch 8 --steps 2 --rounds 1  # harness check
+
+Matrix: resnet50 (batch 256, channels_last) and vit_b16 (batch 128) x fp32, tf32, fp16, bf16 x eager,
+compiled. Writes <out>/gpu_step.json and gpu_step.md. Targets (H100): mprun/hand >= 0.98 in every
+cell; resnet50 bf16 compiled >= 5,500 img/s; bf16 peak memory <= 0.55x fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH = {"resnet50": 256, "vit_b16": 128}
+CHANNELS_LAST = {"resnet50": True}
+
+
+def components(model: str, precision: str, compiled: bool, args: argparse.Namespace):
+    """mprun's own build of one cell: config composed from conf/, objects from mprun.build."""
+    from hydra import compose, initialize_config_dir
+
+    from mprun import build, config
+    from mprun.cli import CONFIG_DIR
+
+    config.register()
+    batch = args.batch or BATCH.get(model, 64)
+    overrides = [
+        f"paths.root_dir={tempfile.mkdtemp()}", "paths.run_dir=${paths.root_dir}/run", "tracking=none",
+        f"model={model}", f"precision={precision}", "optimizer=sgd", "optimizer.lr=0.01", "scheduler=none",
+        "dataset=synthetic", "dataset.on_device=true", f"dataset.shape=[3,{args.image},{args.image}]",
+        f"dataset.batch_size={batch}", f"dataset.num_samples={batch * args.steps}", f"dataset.val_samples={batch}",
+        f"trainer.device={args.device}", f"trainer.compile={str(compiled).lower()}",
+        f"trainer.channels_last={str(CHANNELS_LAST.get(model, False)).lower()}", "trainer.progress=off",
+        f"trainer.log_every_steps={args.steps}",
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    checked = config.validate(cfg)
+    return build.components(cfg, checked), checked["trainer"], batch
+
+
+def hand_loop(parts, compiled: bool, channels_last: bool):
+    """The reference: what a careful person writes by hand with torch.amp."""
+    device = parts.device
+    dtype = parts.precision.autocast_dtype
+    model = torch.compile(parts.module) if compiled else parts.module
+    opt = torch.optim.SGD(parts.module.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,  # as conf/optimizer/sgd
+                          **({"fused": True} if device.type == "cuda" else {}))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+
+    def epoch() -> None:
+        for x, y in parts.data.train:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+    return epoch
+
+
+def mprun_loop(parts, trainer):
+    from mprun.loop import TrainState, train_epoch
+    from mprun.progress import Progress
+    from mprun.tracking import NullTracker
+
+    state, tracker, progress = TrainState(), NullTracker(), Progress(1, 0, enabled=False)
+
+    def epoch() -> None:
+        train_epoch(parts.model, parts.data.train, parts.optimizer, parts.scheduler, parts.precision, tracker, trainer,
+                    state, parts.device, progress)
+
+    return epoch
+
+
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(seconds, peak MiB above the memory in use before) for one call of fn."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t, float("nan")
+
+
+def cell(model: str, precision: str, compiled: bool, args: argparse.Namespace) -> dict:
+    """Both paths for one (model, precision, mode): warm up, then alternate timed rounds."""
+    mine, trainer, batch = components(model, precision, compiled, args)
+    theirs, _, _ = components(model, precision, compiled, args)  # a separate model instance for the hand loop
+    paths = {"hand": hand_loop(theirs, compiled, CHANNELS_LAST.get(model, False)), "mprun": mprun_loop(mine, trainer)}
+    for fn in paths.values():
+        for _ in range(args.warmup):
+            fn()  # compilation, cuDNN autotuning, allocator warm-up
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    mems: dict[str, list[float]] = {k: [] for k in paths}
+    for r in range(args.rounds):
+        for name in (("hand", "mprun") if r % 2 == 0 else ("mprun", "hand")):
+            seconds, mib = timed(paths[name], mine.device)
+            times[name].append(seconds)
+            mems[name].append(mib)
+    images = batch * args.steps
+    out = {"model": model, "precision": precision, "mode": "compiled" if compiled else "eager", "batch": batch}
+    for name in paths:
+        out[f"{name}_img_s"] = images / statistics.median(times[name])
+        out[f"{name}_peak_mib"] = max(mems[name])
+    out["ratio"] = out["mprun_img_s"] / out["hand_img_s"]
+    print(f"{model:9s} {precision:5s} {out['mode']:8s} hand {out['hand_img_s']:9.1f} img/s  mprun {out['mprun_img_s']:9.1f} "
+          f"img/s  ratio {out['ratio']:.3f}  peak MiB hand {out['hand_peak_mib']:.0f} mprun {out['mprun_peak_mib']:.0f}", flush=True)
+    del mine, theirs, paths
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def table(cells: list[dict]) -> str:
+    fp32 = {(c["model"], c["mode"]): c["mprun_peak_mib"] for c in cells if c["precision"] == "fp32"}
+    lines = ["| model | precision | mode | hand img/s | mprun img/s | mprun/hand | peak MiB (mprun) | vs fp32 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        base = fp32.get((c["model"], c["mode"]))
+        rel = f"{c['mprun_peak_mib'] / base:.2f}×" if base else "—"
+        lines.append(f"| {c['model']} | {c['precision']} | {c['mode']} | {c['hand_img_s']:,.0f} | {c['mprun_img_s']:,.0f} | "
+                     f"{c['ratio']:.3f} | {c['mprun_peak_mib']:,.0f} | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet50,vit_b16")
+    ap.add_argument("--precisions", default="fp32,tf32,fp16,bf16")
+    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=int, default=0, help="0: 256 for resnet50, 128 for vit_b16")
+    ap.add_argument("--image", type=int, default=224)
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds per path")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per path (alternating)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    cells = [cell(m, p, mode == "compiled", args) for m in args.models.split(",") for mode in args.modes.split(",")
+             for p in args.precisions.split(",")]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    result = {"benchmark": "gpu_step", "date": str(date.today()), "device": device, "torch": torch.__version__,
+              "python": platform.python_version(), "args": {k: str(v) for k, v in vars(args).items()}, "cells": cells}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_step.json").write_text(json.dumps(result, indent=2))
+    md = (f"mprun vs hand-written torch.amp loop, {result['date']}, {device}, torch {result['torch']}, synthetic data on the "
+          f"device, SGD: `python bench/gpu_step.py --models {args.models} --precisions {args.precisions} --modes {args.modes}`\n\n"
+          + table(cells))
+    (args.out / "gpu_step.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Numerics: catch mixed-precision trouble early and say what it is.
+
+- fp32 islands: `precision.fp32_modules` globs run the matching modules outside autocast, in float32.
+- Policy: a non-finite loss without a scaler (fp32/bf16), and a collapsing fp16 loss scale, stop the
+  run (or warn) with a diagnosis instead of training on with a useless model.
+- The NaN tracer re-runs the offending batch with hooks and names the first module whose output or
+  gradient went non-finite, with its dtype and input ranges.
+- Underflow/overflow statistics: per top-level module, the share of gradient elements that are zero
+  or inf in float16 at the current scale, and the largest activation against float16's 65504.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from mprun.errors import ConfigError, NumericsError
+
+log = logging.getLogger(__name__)
+FP16_MAX = 65504.0
+FP16_TINY = 2.0**-24  # smallest float16 subnormal: anything smaller in magnitude becomes 0
+
+
+# ---------------------------------------------------------------- fp32 islands
+
+def keep_fp32(model: nn.Module, patterns: list[str], device_type: str) -> list[str]:
+    """Run the modules whose qualified names match any glob outside autocast, in float32.
+    Returns the names wrapped. A pattern that matches nothing is an error (most likely a typo)."""
+    names = [n for n, _ in model.named_modules() if n]
+    empty = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if empty:
+        raise ConfigError(f"precision.fp32_modules: {empty} match no module of this model; its modules are named like "
+                          f"{names[:8]}{' ...' if len(names) > 8 else ''}")
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    outermost = [n for n in chosen if not any(n.startswith(f"{c}.") for c in chosen)]  # a parent covers its children
+    for name in outermost:
+        _run_in_fp32(model.get_submodule(name), device_type)
+    return outermost
+
+
+def _to_fp32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32:
+        return value.float()
+    return value
+
+
+def _run_in_fp32(module: nn.Module, device_type: str) -> None:
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def fp32_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, enabled=False):
+            return forward(*tree_map(_to_fp32, args), **tree_map(_to_fp32, kwargs))
+
+    module.forward = fp32_forward  # an instance attribute: state_dict and checkpoints are unchanged
+
+
+# ---------------------------------------------------------------- NaN tracer
+
+def _range(t: Any) -> Optional[dict[str, Any]]:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+        return None
+    x = t.detach().float()
+    finite = x[torch.isfinite(x)]
+    return {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
+            "min": finite.min().item() if finite.numel() else None, "max": finite.max().item() if finite.numel() else None,
+            "absmax": finite.abs().max().item() if finite.numel() else None,
+            "nonfinite": int((~torch.isfinite(x)).sum().item())}
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    tree_map(lambda v: out.append(v) if isinstance(v, torch.Tensor) else None, value)
+    return out
+
+
+def _nonfinite(value: Any) -> bool:
+    return any(t.is_floating_point() and not torch.isfinite(t).all() for t in _tensors(value))
+
+
+def trace_nonfinite(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], precision: Any) -> dict[str, Any]:
+    """Re-run one batch forward and backward with hooks on every module; report the first module whose
+    output (forward) or input gradient (backward, in the order backward reaches them) is non-finite.
+
+    The model's parameters, buffers (BatchNorm statistics), gradients and the RNG are left as found."""
+    x, y = batch
+    saved_buffers = {k: v.clone() for k, v in model.named_buffers()}
+    saved_grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    names = {m: n or "<model>" for n, m in model.named_modules()}
+    report: dict[str, Any] = {"forward": None, "backward": None,
+                              "nonfinite_params": [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]}
+
+    def on_forward(module: nn.Module, inputs: Any, output: Any) -> None:
+        if report["forward"] is None and _nonfinite(output) and not list(module.children()):
+            report["forward"] = {"module": names[module], "type": type(module).__name__,
+                                 "inputs": [r for r in map(_range, _tensors(inputs)) if r],
+                                 "output": [r for r in map(_range, _tensors(output)) if r]}
+
+    def on_backward(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
+        if report["backward"] is None and _nonfinite(grad_input) and not list(module.children()):
+            report["backward"] = {"module": names[module], "type": type(module).__name__,
+                                  "grad_output": [r for r in map(_range, _tensors(grad_output)) if r],
+                                  "grad_input": [r for r in map(_range, _tensors(grad_input)) if r]}
+
+    # Backward hooks cannot see through in-place ops (ReLU(inplace=True) edits the hooked output): off while tracing.
+    inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    for m in inplace:
+        m.inplace = False
+    handles = [m.register_forward_hook(on_forward) for m in model.modules()]
+    handles += [m.register_full_backward_hook(on_backward) for m in model.modules() if not list(m.children())]
+    try:
+        with precision.autocast():
+            loss = F.cross_entropy(model(x), y)
+        report["loss"] = loss.item()
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # "hook fires on outputs" for a first layer whose input needs no grad: expected
+            warnings.simplefilter("ignore", UserWarning)
+            (loss * precision.scale_value()).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for m in inplace:
+            m.inplace = True
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(saved_buffers[k])
+        for n, p in model.named_parameters():
+            p.grad = saved_grads[n]
+        torch.set_rng_state(rng)
+    return report
+
+
+def describe_trace(report: dict[str, Any]) -> str:
+    """One line a person can act on."""
+    parts = []
+    if report.get("nonfinite_params"):
+        parts.append(f"parameters already non-finite: {report['nonfinite_params'][:5]}")
+    fwd, bwd = report.get("forward"), report.get("backward")
+    if fwd:
+        rng = fwd["inputs"][0] if fwd["inputs"] else {}
+        parts.append(f"first non-finite output in forward: {fwd['module']} ({fwd['type']}, {fwd['output'][0]['dtype']}; "
+                     f"input range [{rng.get('min')}, {rng.get('max')}])")
+    if bwd:
+        parts.append(f"first non-finite gradient in backward: {bwd['module']} ({bwd['type']})")
+    if not parts:
+        parts.append("re-running the batch gave finite outputs and gradients (the problem did not reproduce)")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- underflow / overflow statistics
+
+def _group(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+@contextlib.contextmanager
+def watch_activations(model: nn.Module, into: dict[str, float]) -> Iterator[None]:
+    """Record each top-level module's largest |output| during the forward passes inside the block."""
+    def hook(name: str):
+        def record(module: nn.Module, inputs: Any, output: Any) -> None:
+            for t in _tensors(output):
+                if t.is_floating_point() and t.numel():
+                    into[name] = max(into.get(name, 0.0), t.detach().abs().max().float().item())
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_children()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def gradient_stats(model: nn.Module, scale: float) -> dict[str, dict[str, float]]:
+    """Per top-level module: share of gradient elements that would be 0 (underflow) or inf (overflow)
+    in float16 once multiplied by the loss scale. Reads unscaled gradients; one sync per module."""
+    totals: dict[str, list[float]] = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.detach().float().abs() * scale
+        t = totals.setdefault(_group(name), [0.0, 0.0, 0.0])
+        t[0] += (g < FP16_TINY).sum().item()
+        t[1] += (g > FP16_MAX).sum().item()
+        t[2] += g.numel()
+    return {k: {"underflow": u / n, "overflow": o / n} for k, (u, o, n) in totals.items() if n}
+
+
+@dataclass
+class Stats:
+    """Collected statistics over a run: the latest values per module, for the end-of-run table."""
+
+    latest: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def metrics(self, grads: dict[str, dict[str, float]], acts: dict[str, float]) -> dict[str, float]:
+        out = {}
+        for mod, v in grads.items():
+            self.latest.setdefault(mod, {}).update(v)
+            out[f"numerics/underflow/{mod}"] = v["underflow"]
+            out[f"numerics/overflow/{mod}"] = v["overflow"]
+        for mod, a in acts.items():
+            self.latest.setdefault(mod, {})["act_absmax"] = a
+            out[f"numerics/act_absmax/{mod}"] = a
+        return out
+
+    def table(self) -> str:
+        """Markdown: the last measured statistics per module."""
+        rows = ["| module | grad underflow in fp16 | grad overflow in fp16 | max |activation| | vs 65504 |",
+                "|---|---|---|---|---|"]
+        for mod, v in self.latest.items():
+            a = v.get("act_absmax")
+            rows.append(f"| {mod} | {100 * v.get('underflow', math.nan):.2f}% | {100 * v.get('overflow', math.nan):.4f}% | "
+                        f"{'—' if a is None else f'{a:.4g}'} | {'—' if a is None else f'{a / FP16_MAX:.1e}×'} |")
+        return "\n".join(rows) + "\n"
+
+
+# ---------------------------------------------------------------- policy
+
+class Guard:
+    """Watches each log window's numbers and applies the precision config's policy.
+
+    Stops are raised as NumericsError (the run ends FAILED with the diagnosis); warnings are logged
+    once per kind. Everything here runs at log steps on numbers already synced, so it adds no sync."""
+
+    def __init__(self, precision: Any) -> None:
+        self.precision = precision
+        self.cfg = precision.cfg
+        self.high_skip_windows = 0
+        self.warned: set[str] = set()
+        self.traces: list[dict[str, Any]] = []
+        self.stats = Stats() if self.cfg.stats_every_steps else None
+
+    def stats_due(self, step: int) -> bool:
+        """Whether step (1-based) collects underflow/overflow statistics."""
+        return self.stats is not None and step % self.cfg.stats_every_steps == 0
+
+    def _trace(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int, why: str) -> Optional[dict]:
+        mode = self.cfg.trace_nonfinite.value
+        if mode == "off" or (mode == "first" and self.traces):
+            return None
+        report = {"step": step, "why": why, **trace_nonfinite(model, batch, self.precision)}
+        report["summary"] = describe_trace(report)
+        self.traces.append(report)
+        log.warning("NaN tracer at step %d (%s): %s", step, why, report["summary"])
+        return report
+
+    def on_skipped_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
+        """A step skipped without a real loss scale (on_nonfinite=skip) had non-finite gradients: trace it."""
+        if self.precision.skip_mode:
+            self._trace(model, batch, step, "non-finite gradients, step skipped")
+
+    def check(self, metrics: dict[str, float], model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
+        """Apply the policy to one log window's metrics."""
+        p, cfg = self.precision, self.cfg
+        problems = []
+        if not p.scaler.is_enabled() and not math.isfinite(metrics["train/loss"]):
+            problems.append(("stop", f"non-finite training loss ({metrics['train/loss']}) in {p.description}, "
+                                     "which has no loss scaler to skip such steps"))
+        if p.dynamic_scaling:
+            scale, rate = metrics["amp/loss_scale"], metrics["amp/skip_rate"]
+            self.high_skip_windows = self.high_skip_windows + 1 if rate > cfg.max_skip_rate else 0
+            if scale <= cfg.min_loss_scale:
+                problems.append((cfg.on_collapse.value, f"loss scale collapsed to {scale:g} (floor precision.min_loss_scale="
+                                                        f"{cfg.min_loss_scale:g}) after {metrics['amp/skipped_steps']:.0f} skipped steps"))
+            elif self.high_skip_windows >= cfg.collapse_patience:
+                problems.append((cfg.on_collapse.value, f"{rate:.0%} of steps skipped in each of the last "
+                                                        f"{self.high_skip_windows} log windows (precision.max_skip_rate="
+                                                        f"{cfg.max_skip_rate:g}); loss scale {scale:g}"))
+        for action, text in problems:
+            if action == "stop":
+                report = {"step": step, "diagnosis": text, "metrics": metrics}
+                trace = self._trace(model, batch, step, text) or (self.traces[-1] if self.traces else None)
+                if trace:
+                    report["trace"] = trace
+                hint = (" Try bf16 (fp32's exponent range, no scaler), a lower learning rate, gradient clipping, or "
+                        "precision.fp32_modules for the module the tracer names.")
+                raise NumericsError(f"step {step}: {text}." + (f" NaN tracer: {trace['summary']}." if trace else "") + hint, report)
+            if text.split(" ")[0] not in self.warned:
+                self.warned.add(text.split(" ")[0])
+                log.warning("step %d: %s (precision.on_collapse=warn: training goes on)", step, text)

@@ -1,0 +1,119 @@
+"""Numerics: fp32 islands, the NaN tracer, the stop/skip/collapse policy, underflow statistics, and
+the loss-scaling story (fp16 without scaling stalls on a model built to underflow; scaling or bf16 fix it)."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+from mprun import build
+from mprun.config import validate
+from mprun.errors import ConfigError, NumericsError
+from mprun.experiment import run
+from mprun.numerics import trace_nonfinite
+from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName
+
+UNDERFLOWS = ["model=simple_mlp", "model.grad_scale=1e-6"]  # logits' gradients x 1e-6: below fp16's 6e-8
+
+
+def test_fp32_modules_run_outside_autocast(make_cfg) -> None:
+    cfg = make_cfg("model=simple_mlp", "precision=bf16", "precision.fp32_modules=[5]")
+    parts = build.components(cfg, validate(cfg))
+    assert parts.fp32_modules == ["5"]
+    dtypes = {}
+    for name in ("3", "5"):
+        parts.module.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: dtypes.__setitem__(name, o.dtype))
+    with parts.precision.autocast():
+        parts.model(parts.data.example())
+    assert dtypes == {"3": torch.bfloat16, "5": torch.float32}
+
+
+def test_fp32_modules_are_recorded_and_a_pattern_matching_nothing_is_an_error(make_cfg, tmp_path: Path) -> None:
+    summary = run(make_cfg("model=simple_mlp", "precision=bf16", "precision.fp32_modules=['[35]']",
+                           "trainer.max_steps=2", "trainer.max_epochs=1", tracking="mlflow"))
+    r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
+    assert r.data.tags["fp32_modules"] == "3,5" and r.data.params["precision.fp32_modules"] == "['[35]']"
+    with pytest.raises(ConfigError, match=r"fp32_modules: \['head'\] match no module"):
+        run(make_cfg("model=simple_mlp", "precision.fp32_modules=[head]"))
+
+
+class Blowup(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1e5  # beyond float16's 65504 for any |x| > 0.66
+
+
+def test_nan_tracer_names_the_injected_overflow_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(encoder=nn.Linear(16, 32), blowup=Blowup(), act=nn.ReLU(), head=nn.Linear(32, 4)))
+    precision = Precision(PrecisionConfig(dtype=PrecisionName.fp16, loss_scale=LossScale.none), torch.device("cpu"))
+    x, y = torch.randn(8, 16) * 4, torch.randint(0, 4, (8,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = trace_nonfinite(model, (x, y), precision)
+    assert report["forward"]["module"] == "blowup"
+    assert report["forward"]["output"][0]["dtype"] == "float16" and report["forward"]["output"][0]["nonfinite"] > 0
+    assert report["forward"]["inputs"][0]["dtype"] == "float16" and report["forward"]["inputs"][0]["absmax"] > 0.66
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is left as found
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_collapsing_scale_stops_the_run_failed_with_a_diagnosis(make_cfg, tmp_path: Path) -> None:
+    # grad_scale=1e30 overflows float16 at any scale: the dynamic scale halves every step toward the floor.
+    with pytest.raises(NumericsError, match="loss scale collapsed"):
+        run(make_cfg("model=simple_mlp", "model.grad_scale=1e30", "precision=fp16", "trainer.log_every_steps=5",
+                     "precision.collapse_patience=100", "trainer.max_epochs=3", tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert r.info.status == "FAILED"
+    assert "loss scale collapsed" in r.data.tags["diagnosis"] and "floor precision.min_loss_scale=1" in r.data.tags["diagnosis"]
+    assert "diagnosis.json" in {a.path for a in client.list_artifacts(r.info.run_id)}
+    report = json.loads((tmp_path / "run" / "diagnosis.json").read_text())
+    assert report["metrics"]["amp/loss_scale"] <= 1.0 and report["trace"]["backward"]["module"] == "6"  # the GradScale layer
+
+
+def test_collapse_policy_warn_trains_on(make_cfg, caplog) -> None:
+    summary = run(make_cfg("model=simple_mlp", "model.grad_scale=1e30", "precision=fp16", "precision.on_collapse=warn",
+                           "trainer.log_every_steps=5", "trainer.max_steps=30", "trainer.max_epochs=3"))
+    assert summary["skipped_steps"] == 30
+    assert "100% of steps skipped in each of the last 3 log windows" in caplog.text and "loss scale collapsed" in caplog.text
+
+
+def test_nonfinite_loss_without_a_scaler_stops_with_a_trace(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(NumericsError, match="non-finite training loss") as err:
+        run(make_cfg("model=simple_mlp", "precision=fp32", "optimizer=sgd", "optimizer.lr=1e12", "scheduler=none",
+                     "trainer.log_every_steps=5", "trainer.max_epochs=2"))
+    assert err.value.report["trace"]["summary"] in str(err.value)
+    assert (tmp_path / "run" / "numerics" / "nan_traces.json").is_file()
+
+
+def test_nonfinite_skip_policy_skips_the_bad_steps_and_finishes(make_cfg, tmp_path: Path) -> None:
+    summary = run(make_cfg("model=simple_mlp", "precision=fp32", "precision.on_nonfinite=skip", "optimizer=sgd",
+                           "optimizer.lr=1e12", "scheduler=none", "trainer.max_steps=20", "trainer.max_epochs=1"))
+    assert 0 < summary["skipped_steps"] < 20 and summary["loss_scale"] == 1.0
+    traces = json.loads((tmp_path / "run" / "numerics" / "nan_traces.json").read_text())
+    assert len(traces) == 1 and traces[0]["why"].startswith("non-finite gradients")  # trace_nonfinite=first
+
+
+def _story(make_cfg, tmp_path: Path, precision: str) -> tuple[dict, dict]:
+    summary = run(make_cfg(*UNDERFLOWS, f"precision={precision}", "precision.stats_every_steps=11",
+                           "trainer.max_epochs=4", f"paths.run_dir={tmp_path / precision}", tracking="mlflow"))
+    r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
+    return summary, r.data.metrics
+
+
+def test_loss_scaling_story(make_cfg, tmp_path: Path) -> None:
+    unscaled, m_unscaled = _story(make_cfg, tmp_path, "fp16_unscaled")
+    dynamic, m_dynamic = _story(make_cfg, tmp_path, "fp16")
+    bf16, _ = _story(make_cfg, tmp_path, "bf16")
+    # fp16 without scaling: every first-layer gradient flushes to zero, and the model stays at chance.
+    assert m_unscaled["numerics/underflow/1"] > 0.99 and unscaled["val_acc"] < 0.2
+    # Dynamic scaling lifts the same gradients into fp16's range: it learns.
+    assert m_dynamic["numerics/underflow/1"] < 0.5 and dynamic["val_acc"] > 0.8
+    assert bf16["val_acc"] > 0.8  # bf16 has fp32's exponent range: no scaler needed
+    assert "grad underflow in fp16" in (tmp_path / "fp16_unscaled" / "numerics" / "stats.md").read_text()
