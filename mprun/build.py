@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from mprun import models, numerics
+from mprun import distributed, models, numerics
+from mprun.distributed import SINGLE, Strategy, World
 from mprun.data import DataBundle
 from mprun.errors import ConfigError
 from mprun.loop import TrainerConfig, planned_steps, resolve_device
@@ -32,6 +33,8 @@ class Components:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     fp32_modules: list[str]  # modules precision.fp32_modules matched, kept out of autocast
+    world: World  # rank and world size (1 outside torchrun)
+    strategy: Strategy
 
 
 def seed_everything(seed: int) -> None:
@@ -46,13 +49,14 @@ def tracker(cfg: DictConfig) -> Tracker:
     return instantiate(cfg.tracking, _convert_="all")(output_root=cfg.paths.output_root)
 
 
-def components(cfg: DictConfig, checked: dict[str, Any]) -> Components:
+def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) -> Components:
     """Device, precision, data, model, optimizer and schedule, in the order each needs the last."""
     trainer: TrainerConfig = checked["trainer"]
-    device = resolve_device(trainer.device)
+    device = resolve_device(trainer.device, world.local_rank)
     precision = Precision(checked["precision"], device)
     seed_everything(trainer.seed)
     data: DataBundle = instantiate(cfg.dataset, _convert_="all")(seed=trainer.seed, device=device)
+    data.train.shard(world.rank, world.size)  # evaluation runs the whole validation set on every rank
     model_name = cfg.model.get("name") or _choice(cfg, "model")
     try:
         module: nn.Module = instantiate(cfg.model, _convert_="all")(
@@ -68,11 +72,14 @@ def components(cfg: DictConfig, checked: dict[str, Any]) -> Components:
     memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
     module = module.to(device, memory_format=memory_format)
     models.check_fits(module, data.example().to(device), data.num_classes, model_name, data.name)
+    # DDP wraps the module; FSDP2 shards it in place (before the optimizer sees its parameters).
+    wrapped = distributed.wrap(module, trainer.strategy, device, precision.autocast_dtype, precision.scaler.is_enabled())
     optimizer = instantiate(cfg.optimizer, _convert_="all")(module.parameters(), **implementation(device))
     total = planned_steps(trainer, len(data.train))
     scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer=optimizer, total_steps=total)
-    model = torch.compile(module) if trainer.compile else module
-    return Components(device, precision, data, model, module, optimizer, scheduler, total, fp32_modules)
+    model = torch.compile(wrapped) if trainer.compile else wrapped
+    return Components(device, precision, data, model, module, optimizer, scheduler, total, fp32_modules, world,
+                      trainer.strategy)
 
 
 def _choice(cfg: DictConfig, group: str) -> str:

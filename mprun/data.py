@@ -104,6 +104,8 @@ class Loader(Protocol):
     def __len__(self) -> int: ...
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Order the next pass by (seed, epoch) and start it after skip_batches batches (a resumed epoch)."""
+    def shard(self, rank: int, world: int) -> None:
+        """Keep every world-th sample of each epoch's order, starting at rank (DistributedSampler's split)."""
 
 
 @dataclass
@@ -131,12 +133,17 @@ class TensorLoader:
         # Training drops a ragged last batch (a size-1 batch breaks BatchNorm); evaluation keeps every sample.
         self.drop_last = shuffle and len(x) >= batch_size
         self.epoch, self.skip = 0, 0
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        self.drop_last = self.shuffle and len(self.x) // world >= self.batch_size
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
 
     def __len__(self) -> int:
-        n = len(self.x)
+        n = len(self.x) // self.world  # every rank gets the same count: the tail that does not divide is dropped
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -146,6 +153,7 @@ class TensorLoader:
             order = torch.randperm(n, generator=g).to(self.x.device)
         else:
             order = torch.arange(n, device=self.x.device)
+        order = order[self.rank : (n // self.world) * self.world : self.world]
         skip, self.skip = self.skip, 0  # a skip applies to one pass only
         for i in range(skip, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
@@ -159,13 +167,18 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     def __init__(self, n: int, shuffle: bool, seed: int) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.epoch, self.skip = 0, 0
+        self.rank, self.world = 0, 1
+
+    def per_rank(self) -> int:
+        return self.n // self.world
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return self.per_rank() - self.skip
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) if self.shuffle \
             else torch.arange(self.n)
+        order = order[self.rank : self.per_rank() * self.world : self.world]
         skip, self.skip = self.skip, 0
         return iter(order[skip:].tolist())
 
@@ -195,8 +208,11 @@ class EpochDataLoader:
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.sampler.epoch, self.sampler.skip = epoch, skip_batches * self.batch_size
 
+    def shard(self, rank: int, world: int) -> None:
+        self.sampler.rank, self.sampler.world = rank, world
+
     def __len__(self) -> int:
-        n = self.sampler.n
+        n = self.sampler.per_rank()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:

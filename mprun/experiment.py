@@ -21,14 +21,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import mprun
-from mprun import build, checkpoint, config, numerics
+from mprun import build, checkpoint, config, distributed, numerics
 from mprun.build import Components
 from mprun.checkpoint import unwrap
 from mprun.errors import ConfigError
 from mprun.interrupts import GracefulStop
 from mprun.loop import FitResult, TrainState, fit
 from mprun.sweep import JobInfo
-from mprun.tracking import Tracker
+from mprun.tracking import NullTracker, Tracker
 
 log = logging.getLogger("mprun")
 
@@ -67,15 +67,17 @@ def run_tags(parts: Components) -> dict[str, str]:
         "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
         "mprun_version": mprun.__version__,
         "fp32_modules": ",".join(parts.fp32_modules) or "none",
+        "strategy": f"{parts.strategy.value} x{parts.world.size}",
     }
 
 
 def checkpoint_state(parts: Components, state: TrainState, cfg: DictConfig, tracker: Tracker) -> dict[str, Any]:
     """Everything needed to continue: unwrapped model, optimizer, schedule, scaler, RNG, progress
     (down to the batch), config, and the tracking run to continue."""
+    model_sd, optim_sd = distributed.state_dicts(unwrap(parts.module), parts.optimizer, parts.strategy)
     return {
-        "model": unwrap(parts.module).state_dict(),
-        "optimizer": parts.optimizer.state_dict(),
+        "model": model_sd,
+        "optimizer": optim_sd,
         "scheduler": parts.scheduler.state_dict(),
         "precision": parts.precision.state_dict(),
         "rng": checkpoint.rng_state(),
@@ -92,8 +94,7 @@ _RESUME_IGNORED = ("paths.", "trainer.resume", "trainer.progress", "tracking.")
 def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig) -> TrainState:
     """Load a checkpoint into freshly built components; returns where training stands."""
     try:
-        unwrap(parts.module).load_state_dict(ckpt["model"])
-        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        distributed.load_state_dicts(unwrap(parts.module), parts.optimizer, parts.strategy, ckpt["model"], ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"trainer.resume: checkpoint {path} does not fit this model/optimizer "
@@ -179,15 +180,29 @@ def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = 
     run_dir = Path(cfg.paths.run_dir).absolute()
     try:
         checked = config.validate(cfg)
-        tracker = build.tracker(cfg)  # reaches the store now, so a bad URI fails before any data or model work
-        parts = build.components(cfg, checked)
+        trainer = checked["trainer"]
+        distributed.check(trainer.strategy, checked["precision"])
+        world = distributed.start(trainer.strategy, trainer.device.value != "cpu" and torch.cuda.is_available())
+        # Only rank 0 tracks. The store is reached now, so a bad URI fails before any data or model work.
+        tracker = build.tracker(cfg) if world.is_main else NullTracker()
+        parts = build.components(cfg, checked, world)
         resume_from = checkpoint.resume_path(checked["trainer"].resume, run_dir)
         resumed = checkpoint.load(resume_from) if resume_from else None
         state = restore(parts, resumed, resume_from, cfg) if resumed else TrainState()
     except Exception as e:
         if job is not None:
             job.record_failure(e)  # a sweep shows the failed job beside its siblings
+        distributed.stop()
         raise
+    try:
+        return _track_and_train(cfg, checked, parts, tracker, run_dir, state, resumed, job, started)
+    finally:
+        distributed.stop()  # every exit: success, error, signal
+
+
+def _track_and_train(cfg: DictConfig, checked: dict[str, Any], parts: Components, tracker: Tracker, run_dir: Path,
+                     state: TrainState, resumed: Optional[dict], job: Optional[JobInfo], started: float) -> dict[str, Any]:
+    """Open (or continue) the tracking run, then train under signal handling."""
     log.info("precision %s (%s); device %s; %d optimizer steps planned",
              parts.precision.description, parts.precision.reason, parts.device, parts.total_steps)
     tags = {**run_tags(parts), **(job.tags() if job else {})}
@@ -209,17 +224,24 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
     trainer = checked["trainer"]
     ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", trainer.keep_last)
     guard = numerics.Guard(parts.precision)
+    main = parts.world.is_main
+
+    def save(name: str, s: TrainState) -> Optional[Path]:
+        contents = checkpoint_state(parts, s, cfg, tracker)  # every rank: under FSDP this gathers the shards
+        return ckpts.save(name, contents) if main else None  # only rank 0 writes
+
     try:
         result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
-                     trainer, parts.device, state, stop,
-                     lambda s: ckpts.save(ckpts.periodic_name(s.step), checkpoint_state(parts, s, cfg, tracker)), guard)
-        _log_numerics(guard, run_dir, tracker)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        name = "interrupted.pt" if result.interrupted else "final.pt"
-        ckpt = ckpts.save(name, checkpoint_state(parts, state, cfg, tracker))
-        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                     trainer, parts.device, state, stop, lambda s: save(ckpts.periodic_name(s.step), s), guard, parts.world)
+        ckpt = save("interrupted.pt" if result.interrupted else "final.pt", state)
         summary = summary_dict(result, parts, state, tracker, time.perf_counter() - started)
         summary["interrupted"] = result.interrupted
+        if not main:  # the other ranks trained; rank 0 records
+            status = "KILLED" if result.interrupted else "FINISHED"
+            return summary
+        _log_numerics(guard, run_dir, tracker)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if not result.interrupted:  # an interrupted run's numbers are not final: its resumption logs them
             tracker.log_metrics({f"final/{k}": float(summary[k]) for k in FINAL_METRICS}, state.step)
@@ -248,5 +270,6 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
         raise
     finally:
         tracker.end(status)
-    print_summary(summary, run_dir, tracker)
+    if main:
+        print_summary(summary, run_dir, tracker)
     return summary

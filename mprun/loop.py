@@ -24,6 +24,7 @@ from torch import nn
 
 from mprun import numerics
 from mprun.data import Batch, DataBundle, Loader
+from mprun.distributed import SINGLE, Strategy, World
 from mprun.errors import require
 from mprun.interrupts import GracefulStop
 from mprun.precision import Precision
@@ -65,6 +66,8 @@ class TrainerConfig:
     # Continue from a checkpoint: a .pt file, a run directory (its newest checkpoint), or auto (this run
     # directory's newest, or a fresh start if it has none: the pattern for preempted, requeued jobs).
     resume: Optional[str] = None
+    # single process, or under torchrun: ddp (DistributedDataParallel) / fsdp (FSDP2 fully_shard)
+    strategy: Strategy = Strategy.single
 
     def __post_init__(self) -> None:
         require(self.max_epochs >= 1, f"max_epochs={self.max_epochs} must be >= 1")
@@ -77,15 +80,16 @@ class TrainerConfig:
         require(self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1")
 
 
-def resolve_device(name: DeviceName) -> torch.device:
-    """auto: the GPU when there is one. Asking for cuda without one is an error, not a silent CPU run."""
-    if name is DeviceName.auto:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: DeviceName, local_rank: int = 0) -> torch.device:
+    """auto: the GPU when there is one (this rank's, under torchrun). Asking for cuda without one is an
+    error, not a silent CPU run."""
     require(
         name is not DeviceName.cuda or torch.cuda.is_available(),
         "trainer.device=cuda but no CUDA GPU is visible; choose trainer.device=cpu or auto",
     )
-    return torch.device(name.value)
+    if name is DeviceName.cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
 
 
 @dataclass
@@ -171,8 +175,10 @@ def train_step(
     With `stats` (a dict), also record activation maxima and fp16 gradient under/overflow into it."""
     total = torch.zeros((), device=micro_batches[0][0].device)
     watch = numerics.watch_activations(model, stats.setdefault("acts", {})) if stats is not None else contextlib.nullcontext()
-    for x, y in micro_batches:
-        with precision.autocast(), watch:
+    no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce gradients on the last micro-batch only
+    for i, (x, y) in enumerate(micro_batches):
+        accumulate = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else contextlib.nullcontext()
+        with precision.autocast(), watch, accumulate:
             loss = F.cross_entropy(model(x), y)
         # Averaging over micro-batches makes the accumulated gradient equal one big batch's. The loss
         # scale must not change between micro-batches, which holds because update() runs only in step().
@@ -194,6 +200,7 @@ def train_epoch(
     model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision, tracker: Tracker, cfg: TrainerConfig, state: TrainState, device: torch.device, progress: Progress,
     stop: Optional[GracefulStop] = None, checkpoint: Optional[Checkpointer] = None, guard: Optional[numerics.Guard] = None,
+    world: World = SINGLE,
 ) -> Optional[float]:
     """One pass over the training data (the rest of it, when resumed mid-epoch): the epoch's mean loss,
     or None if a stop signal ended it early (state then says exactly where, for the checkpoint)."""
@@ -205,7 +212,8 @@ def train_epoch(
         state.epoch_loss_sum = epoch_loss.item()
 
     for micro in _chunks(loader, cfg.grad_accum_steps):
-        if stop is not None and stop.requested:
+        # Under torchrun the ranks agree on stopping at log boundaries, so all stop after the same step.
+        if stop is not None and (world.size == 1 or state.step % cfg.log_every_steps == 0) and world.any(stop.requested):
             sync()
             return None
         if cfg.max_steps > 0 and state.step >= cfg.max_steps:
@@ -233,7 +241,7 @@ def train_epoch(
         if at_log_step:
             sync()  # sync point, once per log interval
             metrics = {
-                "train/loss": (state.epoch_loss_sum - state.logged_loss_sum) / state.window_steps,
+                "train/loss": world.mean((state.epoch_loss_sum - state.logged_loss_sum) / state.window_steps),
                 "train/lr": scheduler.get_last_lr()[0],
                 **precision.telemetry(),
             }
@@ -247,7 +255,7 @@ def train_epoch(
         if checkpoint is not None and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
             sync()
             checkpoint(state)
-    mean = (epoch_loss / max(1, state.epoch_steps)).item()
+    mean = world.mean((epoch_loss / max(1, state.epoch_steps)).item())
     state.batch_in_epoch = state.epoch_steps = state.window_steps = 0
     state.epoch_loss_sum = state.logged_loss_sum = 0.0
     return mean
@@ -275,6 +283,7 @@ def fit(
     model: nn.Module, data: DataBundle, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision, tracker: Tracker, cfg: TrainerConfig, device: torch.device, state: Optional[TrainState] = None,
     stop: Optional[GracefulStop] = None, checkpoint: Optional[Checkpointer] = None, guard: Optional[numerics.Guard] = None,
+    world: World = SINGLE,
 ) -> FitResult:
     """Train for max_epochs (or max_steps) from `state`, evaluating every eval_every_epochs and at the end;
     `checkpoint(state)` is called every checkpoint_every_steps steps and checkpoint_every_epochs epochs."""
@@ -286,7 +295,7 @@ def fit(
         progress.start_epoch(state.epoch)
         start, samples_before = time.perf_counter(), state.samples
         train_loss = train_epoch(model, data.train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
-                                 stop, checkpoint, guard)
+                                 stop, checkpoint, guard, world)
         if train_loss is None:
             result.interrupted = stop.signum if stop is not None else None
             break
@@ -294,7 +303,7 @@ def fit(
             torch.cuda.synchronize(device)  # epoch time must include the queued GPU work
         seconds = time.perf_counter() - start
         result.epoch_times.append(seconds)
-        result.epoch_rates.append((state.samples - samples_before) / seconds)
+        result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
         result.train_loss = train_loss
         state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
         metrics = {
@@ -311,7 +320,7 @@ def fit(
         if checkpoint is not None and cfg.checkpoint_every_epochs and state.epoch % cfg.checkpoint_every_epochs == 0 \
                 and not finished:  # the final checkpoint follows anyway
             checkpoint(state)
-        if stop is not None and stop.requested:  # arrived during the epoch's last step or evaluation
+        if stop is not None and world.any(stop.requested):  # arrived during the epoch's last step or evaluation
             result.interrupted = stop.signum
             break
     progress.close()

@@ -1,0 +1,153 @@
+"""torch.distributed for mprun: DDP and FSDP2 (fully_shard), launched by torchrun. Nothing home-made.
+
+    torchrun --nproc_per_node=N -m mprun trainer.strategy=ddp ...
+
+Every rank builds the same model and data; the data is sharded by rank (the per-epoch order is the same
+on every rank, each takes every world-th sample, as DistributedSampler does). Only rank 0 tracks and
+writes checkpoints. Metrics are averaged over ranks at log steps, and a stop signal is agreed on at log
+steps, so every rank stops after the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mprun.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class Strategy(Enum):
+    single = "single"  # one process
+    ddp = "ddp"  # DistributedDataParallel: a full replica per rank, gradients all-reduced
+    fsdp = "fsdp"  # FSDP2 fully_shard: parameters, gradients and optimizer state sharded over ranks
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job. A single process is rank 0 of 1."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        """The average of a host number over ranks (a collective: every rank must call it)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (a collective)."""
+        if self.size == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+SINGLE = World()
+
+
+def start(strategy: Strategy, want_cuda: bool) -> World:
+    """Join the process group torchrun set up (env:// rendezvous); a single process needs none."""
+    if strategy is Strategy.single:
+        return SINGLE
+    if "RANK" not in os.environ:
+        _from_submitit()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError(f"trainer.strategy={strategy.value} needs torchrun to start the processes: "
+                          f"torchrun --nproc_per_node=N -m mprun trainer.strategy={strategy.value} ...")
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        if want_cuda:
+            torch.cuda.set_device(world.local_rank)
+        # gloo reduces CPU tensors; World.mean/any use CPU tensors, so CUDA jobs get both backends.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if want_cuda else "gloo")
+    return world
+
+
+def _from_submitit() -> None:
+    """Inside a multi-task submitit job (hydra/launcher=slurm with tasks_per_node > 1, or submitit_local),
+    the tasks are the ranks: export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's view of them."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:
+        # Keep every GPU visible: the device is chosen by LOCAL_RANK, as under torchrun.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def stop() -> None:
+    """Leave the process group (every exit path: success, error, signal)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(module: nn.Module, strategy: Strategy, device: torch.device, autocast_dtype: Optional[torch.dtype],
+         scaled: bool) -> nn.Module:
+    """The module as the strategy trains it. Checkpoints keep using the plain module."""
+    if strategy is Strategy.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    if strategy is Strategy.fsdp:
+        if scaled:
+            raise ConfigError("trainer.strategy=fsdp with fp16 loss scaling is not supported by mprun (FSDP2 needs a "
+                              "sharded grad scaler); use precision=bf16 or fp32 with fsdp, or strategy=ddp for fp16")
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16: compute (params) in bf16, reduce gradients in fp32; fp32/tf32: all fp32.
+        policy = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
+        for child in module.children():  # shard each top-level block, then the root
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)
+        return module
+    return module
+
+
+def state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state, as a single process would have it. Under FSDP this
+    gathers the shards: a collective, so every rank calls it (only rank 0 then writes the file)."""
+    if strategy is not Strategy.fsdp:
+        return module.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy, model_sd: dict,
+                     optim_sd: dict) -> None:
+    """Load full model and optimizer state into a (possibly sharded) module and its optimizer."""
+    if strategy is not Strategy.fsdp:
+        module.load_state_dict(model_sd)
+        optimizer.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def check(strategy: Strategy, precision: Any) -> None:
+    """Reject strategy/precision pairs that cannot work, before any process group exists."""
+    if strategy is Strategy.fsdp and precision.dtype.value == "fp16" and precision.loss_scale.value != "none":
+        raise ConfigError("trainer.strategy=fsdp with fp16 loss scaling is not supported by mprun (FSDP2 needs a sharded "
+                          "grad scaler); use precision=bf16 or fp32 with fsdp, or trainer.strategy=ddp for fp16")

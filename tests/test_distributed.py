@@ -1,0 +1,106 @@
+"""torchrun on the CPU (gloo, 2 processes): DDP equals one process with the same global batch; one
+MLflow run; checkpoint and resume under DDP; an FSDP2 (fully_shard, bf16) smoke run; clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import run_cli
+from mprun import checkpoint
+
+COMMON = ["model=simple_mlp", "scheduler=none", "trainer.max_epochs=1", "trainer.log_every_steps=1", "trainer.progress=off"]
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "mprun", *COMMON, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process at batch 64, and DDP on 2 ranks at 32 each: the same global batch, 12 steps."""
+    cwd = tmp_path_factory.mktemp("ddp")
+    single = run_cli(*COMMON, "trainer.max_steps=12", "dataset.batch_size=64", "hydra.run.dir=outputs/single", cwd=cwd)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun("trainer.strategy=ddp", "trainer.max_steps=12", "dataset.batch_size=32", "hydra.run.dir=outputs/ddp", cwd=cwd)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return cwd
+
+
+def _history(client: MlflowClient, strategy: str) -> list[float]:
+    (run,) = [r for r in client.search_runs(["1"]) if r.data.tags.get("strategy") == strategy]
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+
+
+def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(runs: Path) -> None:
+    client = MlflowClient(f"sqlite:///{runs}/outputs/mlflow.db")
+    strategies = sorted(r.data.tags["strategy"] for r in client.search_runs(["1"]))
+    assert strategies == ["ddp x2", "single x1"]  # rank 1 recorded nothing
+    single, ddp = _history(client, "single x1"), _history(client, "ddp x2")
+    assert len(single) == len(ddp) == 12
+    assert max(abs(a - b) for a, b in zip(single, ddp)) < 1e-5
+
+
+def test_ddp_checkpoint_and_resume(runs: Path) -> None:
+    first = torchrun("trainer.strategy=ddp", "trainer.max_steps=6", "dataset.batch_size=32", "hydra.run.dir=outputs/ddp_a", cwd=runs)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = torchrun("trainer.strategy=ddp", "trainer.max_steps=12", "dataset.batch_size=32", "hydra.run.dir=outputs/ddp_b",
+                    f"trainer.resume={runs}/outputs/ddp_a", cwd=runs)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    resumed = checkpoint.load(runs / "outputs" / "ddp_b" / "checkpoints" / "final.pt")
+    single = checkpoint.load(runs / "outputs" / "single" / "checkpoints" / "final.pt")
+    assert resumed["progress"]["step"] == 12
+    for k, v in single["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_fsdp2_bf16_smoke_run_checkpoints_full_tensors(tmp_path: Path) -> None:
+    proc = torchrun("trainer.strategy=fsdp", "precision=bf16", "trainer.max_steps=4", "dataset.batch_size=32",
+                    "hydra.run.dir=outputs/fsdp", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = checkpoint.load(tmp_path / "outputs" / "fsdp" / "checkpoints" / "final.pt")
+    assert state["model"]["1.weight"].shape == (256, 64) and state["model"]["1.weight"].dtype == torch.float32
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (run,) = client.search_runs(["1"])
+    assert run.info.status == "FINISHED" and run.data.tags["strategy"] == "fsdp x2"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["trainer.strategy=ddp"], "needs torchrun"),
+    (["trainer.strategy=fsdp", "precision=fp16"], "fsdp with fp16 loss scaling is not supported"),
+], ids=["ddp-without-torchrun", "fsdp-fp16"])
+def test_distributed_misuse_is_a_clear_error(tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = run_cli(*args, "trainer.max_steps=1", cwd=tmp_path)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_sweep_job_can_be_a_multi_process_ddp_job_through_submitit(tmp_path: Path) -> None:
+    # The same path as hydra/launcher=slurm_multigpu, on this machine: submitit starts 2 tasks per job.
+    env = {"OMP_NUM_THREADS": "1"}
+    proc = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "trainer.strategy=ddp",
+                   *COMMON, "trainer.max_steps=4", "dataset.batch_size=32", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = client.search_runs(["1"])
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FINISHED" and child.data.tags["strategy"] == "ddp x2"
+    assert len(runs) == 2  # the sweep's parent and one child: rank 1 recorded nothing
+
+
+def test_slurm_multigpu_preset_composes(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from mprun.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_multigpu", "trainer.strategy=ddp"], return_hydra_config=True)
+    assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.trainer.strategy.value == "ddp"
