@@ -100,21 +100,23 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def wrap(module: nn.Module, strategy: Strategy, device: torch.device, autocast_dtype: Optional[torch.dtype],
-         scaled: bool) -> nn.Module:
-    """The module as the strategy trains it. Checkpoints keep using the plain module."""
+def wrap(module: nn.Module, strategy: Strategy, device: torch.device, precision: Any, fp32_modules: list[str]) -> nn.Module:
+    """The module as the strategy trains it (precision: the resolved Precision). Checkpoints keep using the plain module."""
     if strategy is Strategy.ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     if strategy is Strategy.fsdp:
-        if scaled:
-            raise ConfigError("trainer.strategy=fsdp with fp16 loss scaling is not supported by mprun (FSDP2 needs a "
-                              "sharded grad scaler); use precision=bf16 or fp32 with fsdp, or strategy=ddp for fp16")
+        if precision.name.value == "fp16" and precision.loss_scale.value != "none":
+            raise ConfigError("trainer.strategy=fsdp with fp16 loss scaling is not supported by mprun (FSDP2 needs a sharded "
+                              "grad scaler); use precision=bf16 or fp32 with fsdp, or trainer.strategy=ddp for fp16")
+        if fp32_modules:
+            raise ConfigError("precision.fp32_modules with trainer.strategy=fsdp is not supported by mprun (FSDP2 casts "
+                              "every parameter to the policy's dtype); use trainer.strategy=ddp")
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # bf16: compute (params) in bf16, reduce gradients in fp32; fp32/tf32: all fp32.
-        policy = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=precision.autocast_dtype, reduce_dtype=torch.float32)
         for child in module.children():  # shard each top-level block, then the root
             if any(p.requires_grad for p in child.parameters()):
                 fully_shard(child, mp_policy=policy)
@@ -145,9 +147,3 @@ def load_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, strate
     set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(full_state_dict=True))
 
-
-def check(strategy: Strategy, precision: Any) -> None:
-    """Reject strategy/precision pairs that cannot work, before any process group exists."""
-    if strategy is Strategy.fsdp and precision.dtype.value == "fp16" and precision.loss_scale.value != "none":
-        raise ConfigError("trainer.strategy=fsdp with fp16 loss scaling is not supported by mprun (FSDP2 needs a sharded "
-                          "grad scaler); use precision=bf16 or fp32 with fsdp, or trainer.strategy=ddp for fp16")

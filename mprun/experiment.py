@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import logging
 import platform
 import socket
@@ -84,6 +85,7 @@ def checkpoint_state(parts: Components, state: TrainState, cfg: DictConfig, trac
         "progress": dataclasses.asdict(state),
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "tracking": {"run_id": tracker.run_id or ""},
+        "world_size": parts.world.size,
     }
 
 
@@ -109,6 +111,10 @@ def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig
         log.warning("resuming with settings that differ from the checkpoint's (optimizer, schedule and scaler "
                     "state come from the checkpoint): %s", "; ".join(changed[:10]))
     state = TrainState(**ckpt["progress"])
+    saved_world = int(ckpt.get("world_size", 1))
+    if state.batch_in_epoch and saved_world != parts.world.size:
+        raise ConfigError(f"trainer.resume: {path} was written mid-epoch by {saved_world} rank(s); its data position "
+                          f"means nothing to {parts.world.size}. Resume with {saved_world}, or from an end-of-epoch checkpoint")
     log.info("resuming from %s: epoch %d, step %d, batch %d of the epoch", path, state.epoch, state.step, state.batch_in_epoch)
     return state
 
@@ -181,7 +187,6 @@ def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = 
     try:
         checked = config.validate(cfg)
         trainer = checked["trainer"]
-        distributed.check(trainer.strategy, checked["precision"])
         world = distributed.start(trainer.strategy, trainer.device.value != "cpu" and torch.cuda.is_available())
         # Only rank 0 tracks. The store is reached now, so a bad URI fails before any data or model work.
         tracker = build.tracker(cfg) if world.is_main else NullTracker()
@@ -190,8 +195,8 @@ def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = 
         resumed = checkpoint.load(resume_from) if resume_from else None
         state = restore(parts, resumed, resume_from, cfg) if resumed else TrainState()
     except Exception as e:
-        if job is not None:
-            job.record_failure(e)  # a sweep shows the failed job beside its siblings
+        if job is not None and os.environ.get("RANK", "0") == "0":
+            job.record_failure(e)  # a sweep shows the failed job beside its siblings (once, not per rank)
         distributed.stop()
         raise
     try:
@@ -207,13 +212,13 @@ def _track_and_train(cfg: DictConfig, checked: dict[str, Any], parts: Components
              parts.precision.description, parts.precision.reason, parts.device, parts.total_steps)
     tags = {**run_tags(parts), **(job.tags() if job else {})}
     previous_run = resumed["tracking"]["run_id"] if resumed and "tracking" in resumed else ""
-    if not (previous_run and tracker.resume(previous_run, state.step)):
-        tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), tags, job.name if job else None)
     if resumed:
         checkpoint.restore_rng(resumed["rng"])  # last: building the model and data drew random numbers
-    # The handlers stay installed until the run is closed: a SIGTERM while the final checkpoint is
-    # written must not kill the process with the run still RUNNING.
+    # The handlers are installed before the run opens and stay until it is closed: a signal at any point
+    # in between stops training gracefully instead of killing the process with the run RUNNING.
     with GracefulStop() as stop:
+        if not (previous_run and tracker.resume(previous_run, state.step)):
+            tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), tags, job.name if job else None)
         return _train_and_close(cfg, checked, parts, tracker, run_dir, state, stop, started)
 
 
@@ -259,7 +264,7 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
     except BaseException as e:
         try:
             tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
-            if isinstance(e, numerics.NumericsError):
+            if isinstance(e, numerics.NumericsError) and main:
                 tracker.set_tags({"diagnosis": e.diagnosis})
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "diagnosis.json").write_text(json.dumps(e.report, indent=2, default=str))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mprun import numerics
+from mprun.checkpoint import unwrap
 from mprun.data import Batch, DataBundle, Loader
 from mprun.distributed import SINGLE, Strategy, World
 from mprun.errors import require
@@ -174,10 +176,11 @@ def train_step(
     """Forward/backward over the micro-batches, then one optimizer step: (mean loss, stepped, grad norm).
     With `stats` (a dict), also record activation maxima and fp16 gradient under/overflow into it."""
     total = torch.zeros((), device=micro_batches[0][0].device)
-    watch = numerics.watch_activations(model, stats.setdefault("acts", {})) if stats is not None else contextlib.nullcontext()
+    plain = unwrap(model)  # hooks and statistics see the user's module names, not DDP's or compile's wrapper
     no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce gradients on the last micro-batch only
     for i, (x, y) in enumerate(micro_batches):
         accumulate = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else contextlib.nullcontext()
+        watch = numerics.watch_activations(plain, stats.setdefault("acts", {})) if stats is not None else contextlib.nullcontext()
         with precision.autocast(), watch, accumulate:
             loss = F.cross_entropy(model(x), y)
         # Averaging over micro-batches makes the accumulated gradient equal one big batch's. The loss
@@ -187,7 +190,7 @@ def train_step(
     inspect = None
     if stats is not None:  # the scale this step's gradients were computed at, applied to the true gradients
         scale = precision.scale_value()
-        inspect = lambda: stats.update(grads=numerics.gradient_stats(model, scale))  # noqa: E731
+        inspect = lambda: stats.update(grads=numerics.gradient_stats(plain, scale))  # noqa: E731
     stepped, norm = precision.step(optimizer, model.parameters(), want_norm, inspect)
     optimizer.zero_grad(set_to_none=True)
     return total / len(micro_batches), stepped, norm
@@ -208,8 +211,8 @@ def train_epoch(
     loader.set_epoch(state.epoch, state.batch_in_epoch)
     epoch_loss = torch.tensor(state.epoch_loss_sum, device=device)  # stays on the device: no sync per step
 
-    def sync() -> None:  # the device accumulator into state: only where a checkpoint may follow
-        state.epoch_loss_sum = epoch_loss.item()
+    def sync() -> None:  # the device accumulator into state (averaged over ranks): at log steps and stops
+        state.epoch_loss_sum = world.mean(epoch_loss.item())
 
     for micro in _chunks(loader, cfg.grad_accum_steps):
         # Under torchrun the ranks agree on stopping at log boundaries, so all stop after the same step.
@@ -220,7 +223,7 @@ def train_epoch(
             # The run ends mid-epoch: the position stays in state, so raising max_steps and resuming
             # continues this epoch where it stopped.
             sync()
-            return (epoch_loss / max(1, state.epoch_steps)).item()
+            return state.epoch_loss_sum / max(1, state.epoch_steps)
         micro = [_to_device(b, device, cfg.channels_last) for b in micro]
         at_log_step = (state.step + 1) % cfg.log_every_steps == 0
         stats = {} if guard is not None and guard.stats_due(state.step + 1) else None
@@ -228,7 +231,7 @@ def train_epoch(
         if stepped:  # a skipped fp16 step must not advance the LR schedule
             scheduler.step()
         elif guard is not None:
-            guard.on_skipped_step(model, micro[0], state.step + 1)
+            guard.on_skipped_step(unwrap(model), micro[0], state.step + 1)
         if stats:
             tracker.log_metrics(guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {})), state.step + 1)
         state.step += 1
@@ -241,7 +244,7 @@ def train_epoch(
         if at_log_step:
             sync()  # sync point, once per log interval
             metrics = {
-                "train/loss": world.mean((state.epoch_loss_sum - state.logged_loss_sum) / state.window_steps),
+                "train/loss": (state.epoch_loss_sum - state.logged_loss_sum) / state.window_steps,
                 "train/lr": scheduler.get_last_lr()[0],
                 **precision.telemetry(),
             }
@@ -251,7 +254,7 @@ def train_epoch(
             progress.show({"loss": metrics["train/loss"], "scale": metrics["amp/loss_scale"]})
             state.logged_loss_sum, state.window_steps = state.epoch_loss_sum, 0
             if guard is not None:
-                guard.check(metrics, model, micro[0], state.step)  # may stop the run with a diagnosis
+                guard.check(metrics, unwrap(model), micro[0], state.step)  # may stop the run with a diagnosis
         if checkpoint is not None and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
             sync()
             checkpoint(state)
@@ -297,7 +300,7 @@ def fit(
         train_loss = train_epoch(model, data.train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
                                  stop, checkpoint, guard, world)
         if train_loss is None:
-            result.interrupted = stop.signum if stop is not None else None
+            result.interrupted = (stop.signum or signal.SIGTERM) if stop is not None else None  # agreed stop: some rank got it
             break
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # epoch time must include the queued GPU work
@@ -321,7 +324,7 @@ def fit(
                 and not finished:  # the final checkpoint follows anyway
             checkpoint(state)
         if stop is not None and world.any(stop.requested):  # arrived during the epoch's last step or evaluation
-            result.interrupted = stop.signum
+            result.interrupted = stop.signum or signal.SIGTERM
             break
     progress.close()
     # Median over epochs, leaving out the first (warm-up, compilation) when there are others.

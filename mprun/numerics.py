@@ -186,16 +186,18 @@ def watch_activations(model: nn.Module, into: dict[str, float]) -> Iterator[None
 def gradient_stats(model: nn.Module, scale: float) -> dict[str, dict[str, float]]:
     """Per top-level module: share of gradient elements that would be 0 (underflow) or inf (overflow)
     in float16 once multiplied by the loss scale. Reads unscaled gradients; one sync per module."""
-    totals: dict[str, list[float]] = {}
+    counts: dict[str, torch.Tensor] = {}  # per group: [underflow, overflow] on the device
+    sizes: dict[str, int] = {}
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         g = p.grad.detach().float().abs() * scale
-        t = totals.setdefault(_group(name), [0.0, 0.0, 0.0])
-        t[0] += (g < FP16_TINY).sum().item()
-        t[1] += (g > FP16_MAX).sum().item()
-        t[2] += g.numel()
-    return {k: {"underflow": u / n, "overflow": o / n} for k, (u, o, n) in totals.items() if n}
+        c = torch.stack([(g < FP16_TINY).sum(), (g > FP16_MAX).sum()])
+        group = _group(name)
+        counts[group] = counts[group] + c if group in counts else c
+        sizes[group] = sizes.get(group, 0) + g.numel()
+    return {k: {"underflow": u / sizes[k], "overflow": o / sizes[k]} for k, (u, o) in
+            ((k, c.tolist()) for k, c in counts.items())}
 
 
 @dataclass

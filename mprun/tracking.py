@@ -243,8 +243,21 @@ class MlflowTracker(Tracker):
         log.info("continuing MLflow run %s from step %d", run_id, step)
         return True
 
+    def _reachable(self) -> bool:
+        """After a failed call: does the store still answer? (Only a remote server can go away.)"""
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        try:
+            probe_server(self.uri)
+            return True
+        except ConfigError:
+            return False
+
     def _store_lost(self, error: BaseException) -> None:
-        """The store failed a call: raise TrackingLost (fail), or move this run to the local store (local)."""
+        """The store failed a call: if it still answers, that is the call's own error (raised); if it does
+        not, raise TrackingLost (fail) or move this run to the local store (local)."""
+        if self._reachable():
+            raise error
         unsent = [batch for f, batch in self._pending if not (f.done() and not f.cancelled() and f.exception() is None)]
         for f, _ in self._pending:
             f.cancel()  # queued writes to a dead store would each spend their retries

@@ -117,3 +117,10 @@ def test_loss_scaling_story(make_cfg, tmp_path: Path) -> None:
     assert m_dynamic["numerics/underflow/1"] < 0.5 and dynamic["val_acc"] > 0.8
     assert bf16["val_acc"] > 0.8  # bf16 has fp32's exponent range: no scaler needed
     assert "grad underflow in fp16" in (tmp_path / "fp16_unscaled" / "numerics" / "stats.md").read_text()
+
+
+def test_statistics_with_gradient_accumulation(make_cfg, tmp_path: Path) -> None:
+    summary = run(make_cfg(*UNDERFLOWS, "precision=fp16", "precision.stats_every_steps=2", "trainer.grad_accum_steps=2",
+                           "trainer.max_steps=4", "trainer.max_epochs=1"))
+    assert summary["steps"] == 4
+    assert "| 1 |" in (tmp_path / "run" / "numerics" / "stats.md").read_text()  # module names, not a wrapper's
