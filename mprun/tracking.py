@@ -149,6 +149,11 @@ def record_failed_run(uri: str, experiment_id: str, run_name: str, tags: Mapping
         return None
 
 
+def _succeeded(future: Any) -> bool:
+    """A background write that completed without error."""
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
 class MlflowTracker(Tracker):
     """MLflow tracking through MlflowClient. Metric batches are written by one background thread
     (in order, off the training thread); a write that fails is noticed at the next log call."""
@@ -258,7 +263,7 @@ class MlflowTracker(Tracker):
         not, raise TrackingLost (fail) or move this run to the local store (local)."""
         if self._reachable():
             raise error
-        unsent = [batch for f, batch in self._pending if not (f.done() and not f.cancelled() and f.exception() is None)]
+        unsent = [batch for f, batch in self._pending if not _succeeded(f)]
         for f, _ in self._pending:
             f.cancel()  # queued writes to a dead store would each spend their retries
         self._pending = []
@@ -274,7 +279,7 @@ class MlflowTracker(Tracker):
         params, tags, name = self._started or ({}, {}, None)
         self.start(params, tags, name)
         for batch in unsent:  # what the dead store never confirmed goes to the new run
-            self._pending.append((self._writer.submit(self.client.log_batch, self.run_id, metrics=batch), batch))
+            self._send(batch)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """A synchronous store call, redone on the local store if the policy moved the run there."""
@@ -292,13 +297,16 @@ class MlflowTracker(Tracker):
 
         if self._lost:
             return
-        failed = [f for f, _ in self._pending if f.done() and not f.cancelled() and f.exception() is not None]
+        failed = [f for f, _ in self._pending if f.done() and not f.cancelled() and not _succeeded(f)]
         if failed:
             self._store_lost(failed[0].exception())
         self._pending = [(f, b) for f, b in self._pending if not f.done()]
         now = get_current_time_millis()
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        # One sqlite write costs ~13 ms here: the writer thread keeps it off the training thread.
+        self._send(batch)
+
+    def _send(self, batch: list) -> None:
+        """Queue one metric batch for the writer thread (one sqlite write costs ~13 ms: off the training thread)."""
         self._pending.append((self._writer.submit(self.client.log_batch, self.run_id, metrics=batch), batch))
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
