@@ -18,7 +18,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -54,18 +53,13 @@ def bare(epochs: int) -> list[float]:
 
 def mprun_loop(epochs: int) -> list[float]:
     """mprun's own path: compose conf/, build with MLflow tracking on, run train_epoch."""
-    from hydra import compose, initialize_config_dir
+    from common import compose
 
     from mprun import build, config
-    from mprun.cli import CONFIG_DIR
     from mprun.loop import TrainState, train_epoch
     from mprun.progress import Progress
 
-    config.register()
-    tmp = tempfile.mkdtemp()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.root_dir={tmp}", f"paths.run_dir={tmp}/run", "trainer.progress=off",
-                                           f"trainer.max_epochs={epochs}"])
+    cfg = compose([f"trainer.max_epochs={epochs}"], tracking=True)
     checked = config.validate(cfg)
     tracker = build.tracker(cfg)  # imports mlflow, as a real run does
     parts = build.components(cfg, checked)

@@ -21,39 +21,29 @@ import argparse
 import json
 import platform
 import statistics
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, compose
 BATCH = {"resnet50": 256, "vit_b16": 128}
 CHANNELS_LAST = {"resnet50": True}
 
 
 def components(model: str, precision: str, compiled: bool, args: argparse.Namespace):
     """mprun's own build of one cell: config composed from conf/, objects from mprun.build."""
-    from hydra import compose, initialize_config_dir
-
     from mprun import build, config
-    from mprun.cli import CONFIG_DIR
 
-    config.register()
     batch = args.batch or BATCH.get(model, 64)
-    overrides = [
-        f"paths.root_dir={tempfile.mkdtemp()}", "paths.run_dir=${paths.root_dir}/run", "tracking=none",
+    cfg = compose([
         f"model={model}", f"precision={precision}", "optimizer=sgd", "optimizer.lr=0.01", "scheduler=none",
         "dataset=synthetic", "dataset.on_device=true", f"dataset.shape=[3,{args.image},{args.image}]",
         f"dataset.batch_size={batch}", f"dataset.num_samples={batch * args.steps}", f"dataset.val_samples={batch}",
         f"trainer.device={args.device}", f"trainer.compile={str(compiled).lower()}",
-        f"trainer.channels_last={str(CHANNELS_LAST.get(model, False)).lower()}", "trainer.progress=off",
-        f"trainer.log_every_steps={args.steps}",
-    ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+        f"trainer.channels_last={str(CHANNELS_LAST.get(model, False)).lower()}", f"trainer.log_every_steps={args.steps}",
+    ])
     checked = config.validate(cfg)
     return build.components(cfg, checked), checked["trainer"], batch
 

@@ -49,13 +49,18 @@ def tracker(cfg: DictConfig) -> Tracker:
     return instantiate(cfg.tracking, _convert_="all")(output_root=cfg.paths.output_root)
 
 
+def dataset(cfg: DictConfig, seed: int, device: torch.device) -> DataBundle:
+    """The configured dataset and its loaders."""
+    return instantiate(cfg.dataset, _convert_="all")(seed=seed, device=device)
+
+
 def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) -> Components:
     """Device, precision, data, model, optimizer and schedule, in the order each needs the last."""
     trainer: TrainerConfig = checked["trainer"]
     device = resolve_device(trainer.device, world.local_rank)
     precision = Precision(checked["precision"], device)
     seed_everything(trainer.seed)
-    data: DataBundle = instantiate(cfg.dataset, _convert_="all")(seed=trainer.seed, device=device)
+    data = dataset(cfg, trainer.seed, device)
     data.train.shard(world.rank, world.size)  # evaluation runs the whole validation set on every rank
     model_name = cfg.model.get("name") or _choice(cfg, "model")
     try:

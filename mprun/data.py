@@ -2,16 +2,19 @@
 
 In-memory datasets (digits, synthetic) are served by TensorLoader: whole-batch index_select
 on tensors that can live on the GPU, with no per-sample __getitem__ or collate. Datasets on
-disk use torch's DataLoader with pinned memory and persistent workers.
+disk use torch's DataLoader with pinned memory and persistent workers. TimedLoader measures how
+long the training loop waits for its next batch: the test of whether the input pipeline keeps up.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, List, Protocol
+from typing import Iterator, List, Optional, Protocol
 
 import numpy as np
 import torch
@@ -68,12 +71,13 @@ class VisionName(Enum):
 
 @dataclass
 class LoaderConfig(DatasetConfig):
-    num_workers: int = 2
-    prefetch_factor: int = 2
+    num_workers: Optional[int] = None  # null: auto_workers(); 0: load in the training process
+    prefetch_factor: int = 2  # batches each worker keeps ready
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.num_workers >= 0, f"num_workers={self.num_workers} must be >= 0")
+        require(self.num_workers is None or self.num_workers >= 0,
+                f"num_workers={self.num_workers} must be >= 0 (or null: one per core this rank can spare, at most 8)")
         require(self.prefetch_factor >= 1, f"prefetch_factor={self.prefetch_factor} must be >= 1")
 
 
@@ -106,6 +110,8 @@ class Loader(Protocol):
         """Order the next pass by (seed, epoch) and start it after skip_batches batches (a resumed epoch)."""
     def shard(self, rank: int, world: int) -> None:
         """Keep every world-th sample of each epoch's order, starting at rank (DistributedSampler's split)."""
+    def describe(self) -> str:
+        """What serves the batches, in words (for the summary and the input-bound warning)."""
 
 
 @dataclass
@@ -125,6 +131,11 @@ class DataBundle:
         return x[:2]
 
 
+def batch_count(samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches in one pass: a ragged last batch counts unless it is dropped."""
+    return samples // batch_size if drop_last else -(-samples // batch_size)
+
+
 class TensorLoader:
     """Batches from in-memory tensors: one index_select per batch, in a seeded per-epoch order."""
 
@@ -142,9 +153,12 @@ class TensorLoader:
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
 
+    def describe(self) -> str:
+        return f"in-memory tensors on {self.x.device}"
+
     def __len__(self) -> int:
-        n = len(self.x) // self.world  # every rank gets the same count: the tail that does not divide is dropped
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        # every rank gets the same count: the tail that does not divide is dropped
+        return batch_count(len(self.x) // self.world, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.x)
@@ -183,26 +197,41 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return iter(order[skip:].tolist())
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. what SLURM granted), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def auto_workers() -> int:
+    """Loader processes for one rank: the usable cores, shared among the ranks on the node, one left
+    for the training process itself; at least 1, at most 8 (beyond that, decoding rarely speeds up
+    and each worker holds its own copy of the dataset object)."""
+    per_rank = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_rank - 1))
+
+
 class EpochDataLoader:
     """torch DataLoader whose shuffle order depends only on (seed, epoch), so a run can be replayed."""
 
     def __init__(
-        self, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, prefetch_factor: int,
+        self, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: Optional[int], prefetch_factor: int,
         shuffle: bool, seed: int, device: torch.device,
     ):
         self.batch_size = batch_size
         self.sampler = EpochSampler(len(dataset), shuffle, seed)
         self.drop_last = shuffle and len(dataset) >= batch_size
-        workers = num_workers
+        self.workers = auto_workers() if num_workers is None else num_workers
+        self.setting = f"{self.workers} worker{'s' * (self.workers != 1)}" + (" (auto)" if num_workers is None else "")
+        self.prefetch = prefetch_factor if self.workers > 0 else 0
         self.loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=self.sampler,
             drop_last=self.drop_last,
-            num_workers=workers,
+            num_workers=self.workers,
             pin_memory=device.type == "cuda",  # pinned pages make the non_blocking H2D copy truly async
-            persistent_workers=workers > 0,
-            prefetch_factor=prefetch_factor if workers > 0 else None,
+            persistent_workers=self.workers > 0,  # no worker start-up (process spawn, dataset copy) per epoch
+            prefetch_factor=self.prefetch or None,
         )
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -211,12 +240,55 @@ class EpochDataLoader:
     def shard(self, rank: int, world: int) -> None:
         self.sampler.rank, self.sampler.world = rank, world
 
+    def describe(self) -> str:
+        where = "in the training process" if self.workers == 0 else f"{self.setting}, prefetch {self.prefetch} each"
+        return f"DataLoader, {where}{', pinned memory' if self.loader.pin_memory else ''}"
+
     def __len__(self) -> int:
-        n = self.sampler.per_rank()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batch_count(self.sampler.per_rank(), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self.loader)
+
+
+class TimedLoader:
+    """A loader that adds up the seconds the training loop spent waiting for its next batch. Where the
+    input pipeline keeps up, a batch is ready (prefetched by workers, or an index_select on the device)
+    and the wait is near zero; where it does not, the loop and the GPU idle here. Host clock only: on a
+    GPU the loop runs ahead of the device and blocks at its sync points, not here, so a GPU-bound run
+    shows no wait."""
+
+    def __init__(self, loader: Loader) -> None:
+        self.loader, self.waited = loader, 0.0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.loader.set_epoch(epoch, skip_batches)
+
+    def shard(self, rank: int, world: int) -> None:
+        self.loader.shard(rank, world)
+
+    def describe(self) -> str:
+        return self.loader.describe()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        it = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - start
+            yield batch
+
+    def take(self) -> float:
+        """Seconds waited since the last take()."""
+        waited, self.waited = self.waited, 0.0
+        return waited
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, split_seed: int) -> tuple[Batch, Batch]:

@@ -126,6 +126,8 @@ def summary_dict(result: FitResult, parts: Components, state: TrainState, tracke
         "val_loss": result.val_loss,
         "train_loss": result.train_loss,
         "samples_per_s": result.samples_per_s,
+        "data_wait_frac": result.data_wait_frac,
+        "input": parts.data.train.describe(),
         "peak_mem_mib": result.peak_mem_mib,
         "peak_mem_kind": "cuda_max_allocated" if parts.device.type == "cuda" else "process_peak_rss",
         "precision": parts.precision.name.value,
@@ -143,8 +145,8 @@ def summary_dict(result: FitResult, parts: Components, state: TrainState, tracke
 
 
 # Summary numbers also logged as metrics: the MLflow UI compares runs on them, the sweep report reads them.
-FINAL_METRICS = ("val_acc", "val_loss", "train_loss", "samples_per_s", "peak_mem_mib", "loss_scale", "skipped_steps",
-                 "train_time_s", "epoch_time_s")
+FINAL_METRICS = ("val_acc", "val_loss", "train_loss", "samples_per_s", "data_wait_frac", "peak_mem_mib", "loss_scale",
+                 "skipped_steps", "train_time_s", "epoch_time_s")
 
 
 def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None:
@@ -155,6 +157,7 @@ def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None
         "── mprun summary " + "─" * 44,
         f"val/acc     {s['val_acc']:.4f}   (val/loss {s['val_loss']:.4f})",
         f"throughput  {s['samples_per_s']:,.0f} samples/s  (median over epochs, first excluded)",
+        f"input       waited for data {s['data_wait_frac']:.0%} of training time  ({s['input']})",
         f"peak memory {s['peak_mem_mib']:,.0f} MiB  ({mem})",
         f"precision   {s['precision_detail']}",
         f"loss scale  {s['loss_scale']:g}   skipped steps {s['skipped_steps']}   growth/backoff events "

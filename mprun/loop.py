@@ -25,7 +25,7 @@ from torch import nn
 
 from mprun import numerics
 from mprun.checkpoint import unwrap
-from mprun.data import Batch, DataBundle, Loader
+from mprun.data import Batch, DataBundle, Loader, TimedLoader, usable_cores
 from mprun.distributed import SINGLE, Strategy, World
 from mprun.errors import require
 from mprun.interrupts import GracefulStop
@@ -118,9 +118,21 @@ class FitResult:
     train_loss: float = float("nan")
     samples_per_s: float = 0.0
     peak_mem_mib: float = 0.0
+    data_wait_frac: float = 0.0  # share of training time spent waiting for the next batch
     epoch_times: list[float] = field(default_factory=list)
     epoch_rates: list[float] = field(default_factory=list)
+    epoch_waits: list[float] = field(default_factory=list)  # data_wait_frac per epoch
     interrupted: Optional[int] = None  # the signal that stopped training early, if any
+
+
+# Waiting for data more than this share of an epoch means the input pipeline, not the model, sets the
+# pace: a pipeline that keeps up shows a few percent at most (the first batch of each epoch).
+INPUT_BOUND = 0.10
+
+
+def _steady(values: list[float]) -> list[float]:
+    """Per-epoch numbers without the first epoch (warm-up: compilation, worker start-up) when there are others."""
+    return values[1:] if len(values) > 1 else values
 
 
 def planned_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
@@ -282,6 +294,16 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: tor
     return (loss_sum / max(1, seen)).item(), (correct.double() / max(1, seen)).item()
 
 
+def _warn_input_bound(frac: float, loader: Loader, rate: float) -> None:
+    """Say that the input pipeline is the bottleneck, and what to change."""
+    log.warning(
+        "input-bound: the training loop waited for data %.0f%% of the epoch (%s; %.0f samples/s). Faster input: "
+        "raise dataset.num_workers (this process may use %d cores), store images near the training size so decoding "
+        "and resizing cost less, keep the data on local disk; `python bench/loader.py` measures loader vs step speed",
+        100 * frac, loader.describe(), rate, usable_cores(),
+    )
+
+
 def fit(
     model: nn.Module, data: DataBundle, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision, tracker: Tracker, cfg: TrainerConfig, device: torch.device, state: Optional[TrainState] = None,
@@ -293,11 +315,13 @@ def fit(
     state = state or TrainState()
     result = FitResult()
     progress = Progress.create(cfg.progress.value, cfg.max_epochs, len(data.train))
+    train = TimedLoader(data.train)
+    warned = False  # about an input-bound run: once
     reset_peak_memory(device)
     while state.epoch < cfg.max_epochs and not (cfg.max_steps > 0 and state.step >= cfg.max_steps):
         progress.start_epoch(state.epoch)
         start, samples_before = time.perf_counter(), state.samples
-        train_loss = train_epoch(model, data.train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
+        train_loss = train_epoch(model, train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
                                  stop, checkpoint, guard, world)
         if train_loss is None:
             result.interrupted = (stop.signum or signal.SIGTERM) if stop is not None else None  # agreed stop: some rank got it
@@ -307,14 +331,20 @@ def fit(
         seconds = time.perf_counter() - start
         result.epoch_times.append(seconds)
         result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
+        result.epoch_waits.append(train.take() / seconds)
         result.train_loss = train_loss
         state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
         metrics = {
             "perf/epoch_time_s": seconds,
             "perf/samples_per_s": result.epoch_rates[-1],
             "perf/peak_mem_mib": peak_memory_mib(device),
+            "perf/data_wait_frac": result.epoch_waits[-1],
         }
         finished = state.epoch >= cfg.max_epochs or (cfg.max_steps > 0 and state.step >= cfg.max_steps)
+        # Judged like the throughput: the first epoch (worker start-up) only when it is the only one.
+        if not warned and result.epoch_waits[-1] > INPUT_BOUND and (len(result.epoch_waits) > 1 or finished) and world.is_main:
+            _warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
+            warned = True
         if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or finished:
             result.val_loss, result.val_acc = evaluate(model, data.val, precision, device, cfg.channels_last)
             metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
@@ -327,8 +357,8 @@ def fit(
             result.interrupted = stop.signum or signal.SIGTERM
             break
     progress.close()
-    # Median over epochs, leaving out the first (warm-up, compilation) when there are others.
-    rates = result.epoch_rates[1:] if len(result.epoch_rates) > 1 else result.epoch_rates
-    result.samples_per_s = statistics.median(rates) if rates else 0.0
+    # Medians over epochs, leaving out the first (warm-up, compilation) when there are others.
+    result.samples_per_s = statistics.median(_steady(result.epoch_rates)) if result.epoch_rates else 0.0
+    result.data_wait_frac = statistics.median(_steady(result.epoch_waits)) if result.epoch_waits else 0.0
     result.peak_mem_mib = peak_memory_mib(device)
     return result

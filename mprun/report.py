@@ -114,7 +114,7 @@ def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:{spec}}{suffix}"
 
 
-COLUMNS = ["job", "run", "precision", "status", "val acc", "Δ acc vs fp32", "samples/s", "speedup",
+COLUMNS = ["job", "run", "precision", "status", "val acc", "Δ acc vs fp32", "samples/s", "speedup", "data wait",
            "peak MiB", "mem ratio", "skipped", "final scale", "fp16 grad underflow"]
 
 
@@ -129,6 +129,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
             _fmt(None if d is None else 100 * d, "+.2f", " pp"),
             _fmt(r.metric("final/samples_per_s"), ",.0f"),
             _fmt(r.ratio("final/samples_per_s"), ".2f", "×"),
+            _fmt(r.metric("final/data_wait_frac"), ".0%"),
             _fmt(r.metric("final/peak_mem_mib"), ",.0f"),
             _fmt(r.ratio("final/peak_mem_mib"), ".2f", "×"),
             _fmt(r.metric("final/skipped_steps"), ".0f"),
@@ -181,6 +182,13 @@ def notes_for(rows: list[Row]) -> list[str]:
     if any(r.mem_kind == "process_peak_rss" for r in rows):
         notes.append("CPU jobs: peak memory is the process's peak resident set during the job (libraries included), "
                      "not tensor memory; only GPU jobs measure tensor memory.")
+    from mprun.loop import INPUT_BOUND  # the threshold the runs warned at (imports torch: here, not at start-up)
+
+    starved = [r.name for r in rows if (r.metric("final/data_wait_frac") or 0) > INPUT_BOUND]
+    if starved:
+        notes.append(f"Input-bound (waited for data more than {INPUT_BOUND:.0%} of training): {', '.join(starved)}. "
+                     "Their samples/s measure the input pipeline, so their speedup understates what the precision "
+                     "does; see the run logs' input-bound warning for what to change.")
     bad = [r for r in rows if r.mark != "ok"]
     if bad:
         notes.append(f"{len(bad)} of {len(rows)} jobs did not finish cleanly (marked in the table).")

@@ -109,13 +109,18 @@ class Sweep:
              "mprun.preset": str(cfg.hydra.runtime.choices.get("experiment") or "none")},
             run_name=f"sweep {spec}"[:250],
         )
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        (self.sweep_dir / SWEEP_FILE).write_text(json.dumps({
-            "parent_run_id": self.tracker.run_id,
-            "uri": self.tracker.uri,
-            "experiment_id": self.tracker.experiment_id,
-            "varied": self.varied,
-        }, indent=2))
+        try:
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+            (self.sweep_dir / SWEEP_FILE).write_text(json.dumps({
+                "parent_run_id": self.tracker.run_id,
+                "uri": self.tracker.uri,
+                "experiment_id": self.tracker.experiment_id,
+                "varied": self.varied,
+            }, indent=2))
+        except BaseException as e:  # the jobs could not find the parent: close it rather than leave it RUNNING
+            self.tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
+            self.tracker.end("FAILED")
+            raise
         log.info("sweep %s: MLflow parent run %s", self.sweep_dir, self.tracker.run_id)
 
     def close(self, interrupted: bool) -> int:

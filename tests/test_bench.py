@@ -23,3 +23,28 @@ def test_gpu_step_harness_runs_on_cpu(tmp_path: Path) -> None:
     assert [(c["precision"], c["mode"]) for c in result["cells"]] == [("fp32", "eager"), ("fp16", "eager")]
     assert all(c["hand_img_s"] > 0 and c["mprun_img_s"] > 0 for c in result["cells"])
     assert "| simple_cnn | fp16 | eager |" in (tmp_path / "gpu_step.md").read_text()
+
+
+def test_loader_bench_runs_on_a_generated_imagefolder(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "loader.py"), "--make-imagefolder", str(tmp_path / "imgs"), "--images", "120",
+         "--classes", "3", "--size", "48x32", "--workers", "0,1", "--warmup", "1", "--steps", "4", "--out", str(tmp_path),
+         "dataset=imagefolder", f"dataset.root={tmp_path / 'imgs'}", "dataset.image_size=16", "dataset.batch_size=4",
+         "model=simple_cnn"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "imgs" / "val").rglob("*.jpg"))) == 12  # every 10th image of each class
+    result = json.loads((tmp_path / "loader.json").read_text())
+    assert [r["workers"] for r in result["loader"]] == [0, 1]
+    assert all(r["samples_per_s"] > 0 for r in result["loader"])
+    assert result["step"]["samples_per_s"] > 0 and 0 <= result["run"]["data_wait_frac"] <= 1
+    assert "(auto)" in result["run"]["input"]
+    md = (tmp_path / "loader.md").read_text()
+    assert "| step (synthetic, on the device) |" in md and ("keeps up" in md or "does not keep up" in md)
+
+
+def test_loader_bench_refuses_an_in_memory_dataset(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "loader.py"), "--out", str(tmp_path), "dataset=digits"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "measures datasets read from disk" in proc.stderr

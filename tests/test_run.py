@@ -146,7 +146,7 @@ def test_mlflow_run_records_params_tags_metrics_artifacts(make_cfg, tmp_path: Pa
         assert tag in r.data.tags, tag
     assert r.data.tags["precision"] == "fp16"
     expected = {"train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc", "perf/samples_per_s",
-                "perf/epoch_time_s", "perf/peak_mem_mib", "amp/loss_scale", "amp/skipped_steps", "amp/skip_rate",
+                "perf/epoch_time_s", "perf/peak_mem_mib", "perf/data_wait_frac", "amp/loss_scale", "amp/skipped_steps", "amp/skip_rate",
                 "amp/steps_since_overflow", "amp/growth_events", "amp/backoff_events"}
     assert expected <= set(r.data.metrics)
     assert len(client.get_metric_history(r.info.run_id, "val/acc")) == 2  # one per epoch

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from conftest import run_cli
+from conftest import run_cli, run_statuses
 from mprun import report
 from mprun.cli import CONFIG_DIR
 
@@ -83,10 +83,11 @@ def test_report_numbers_are_the_child_runs_metrics(precision_sweep: Path) -> Non
         assert cell[5] == f"{100 * (m['final/val_acc'] - base['final/val_acc']):+.2f} pp"
         assert cell[6] == f"{m['final/samples_per_s']:,.0f}"
         assert cell[7] == f"{m['final/samples_per_s'] / base['final/samples_per_s']:.2f}×"
-        assert cell[8] == f"{m['final/peak_mem_mib']:,.0f}"
-        assert cell[9] == f"{m['final/peak_mem_mib'] / base['final/peak_mem_mib']:.2f}×"
-        assert cell[10] == f"{m['final/skipped_steps']:.0f}"
-        assert cell[11] == (f"{m['final/loss_scale']:g}" if prec == "fp16" else "—")
+        assert cell[8] == f"{m['final/data_wait_frac']:.0%}"
+        assert cell[9] == f"{m['final/peak_mem_mib']:,.0f}"
+        assert cell[10] == f"{m['final/peak_mem_mib'] / base['final/peak_mem_mib']:.2f}×"
+        assert cell[11] == f"{m['final/skipped_steps']:.0f}"
+        assert cell[12] == (f"{m['final/loss_scale']:g}" if prec == "fp16" else "—")
     md = (rep.out_dir / "report.md").read_text()
     assert md.count("| ok |") == 6
     assert {"loss.png", "loss_scale.png", "perf.png"} <= {p.name for p in rep.out_dir.iterdir()}
@@ -121,7 +122,16 @@ def test_report_without_an_fp32_baseline_says_so_instead_of_dividing(tmp_path: P
     assert any("No finished fp32 job" in n for n in notes)
     cells = report.table_rows(rows)
     assert [c[5] for c in cells] == ["—", "—", "—"] and [c[7] for c in cells] == ["—", "—", "—"]
-    assert cells[0][11] == "512" and cells[2][3] == "**FAILED**"
+    assert cells[0][12] == "512" and cells[2][3] == "**FAILED**"
+
+
+def test_input_bound_jobs_are_named_in_the_notes() -> None:
+    rows = [_row(0, "fp32", val_acc=0.9, samples_per_s=100.0, peak_mem_mib=10.0, data_wait_frac=0.02),
+            _row(1, "bf16", val_acc=0.9, samples_per_s=105.0, peak_mem_mib=9.0, data_wait_frac=0.6)]
+    rows[1].baseline = rows[0]
+    assert [c[8] for c in report.table_rows(rows)] == ["2%", "60%"]
+    starved = [n for n in report.notes_for(rows) if n.startswith("Input-bound")]
+    assert len(starved) == 1 and "precision=bf16" in starved[0] and "precision=fp32" not in starved[0]
 
 
 def test_diverged_job_is_marked(tmp_path: Path) -> None:
@@ -130,6 +140,13 @@ def test_diverged_job_is_marked(tmp_path: Path) -> None:
     rows[1].baseline = rows[0]
     assert report.table_rows(rows)[1][3] == "**DIVERGED**"
     assert report.table_rows(rows)[1][7] == "2.00×"
+
+
+def test_an_unwritable_sweep_dir_leaves_no_parent_running(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("not a directory")
+    proc = run_cli("-m", "precision=fp32,bf16", f"hydra.sweep.dir={tmp_path}/a_file/sweep", *TINY, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["FAILED"]  # the parent, closed
 
 
 def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:

@@ -1,0 +1,30 @@
+"""What the benchmarks share: mprun's config composed as a run composes it, quiet, untracked, in a temp dir."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose(overrides: list[str], tracking: bool = False) -> DictConfig:
+    """conf/ with these overrides (later ones win), writing under a fresh temp dir, progress off."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from mprun import config
+    from mprun.cli import CONFIG_DIR
+
+    config.register()
+    base = [f"paths.root_dir={tempfile.mkdtemp()}", "paths.run_dir=${paths.root_dir}/run", "trainer.progress=off"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=base + ([] if tracking else ["tracking=none"]) + overrides)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the queued GPU work: host clocks read after this include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,89 @@
+"""The input pipeline: worker defaults, the data-wait clock, and the input-bound warning in a real run."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+from mprun import data
+from mprun.errors import ConfigError
+from mprun.experiment import run
+
+
+class Slow:
+    """Batches that each take `delay` seconds to arrive."""
+
+    def __init__(self, n: int, delay: float) -> None:
+        self.n, self.delay = n, delay
+
+    def __iter__(self):
+        for i in range(self.n):
+            time.sleep(self.delay)
+            yield torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_timed_loader_adds_up_the_wait_for_each_batch_and_nothing_else() -> None:
+    timed = data.TimedLoader(Slow(4, 0.05))
+    for _ in timed:
+        time.sleep(0.05)  # the consumer's own work is not waiting
+    waited = timed.take()
+    assert 0.19 <= waited < 0.35
+    assert timed.take() == 0.0  # take() starts a new count
+
+
+@pytest.mark.parametrize("cores,local_world,expected", [(2, 1, 1), (16, 1, 8), (16, 2, 7), (64, 8, 7), (4, 8, 1)])
+def test_auto_workers_share_the_usable_cores_among_local_ranks(monkeypatch, cores, local_world, expected) -> None:
+    monkeypatch.setattr(data, "usable_cores", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert data.auto_workers() == expected
+
+
+def test_auto_workers_is_the_default_and_says_so(make_cfg, tmp_path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / "imgs" / split / cls / f"{i}.png")
+    summary = run(make_cfg("dataset=imagefolder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=16",
+                           "dataset.batch_size=2", "trainer.max_epochs=1"))
+    workers = data.auto_workers()
+    assert f"DataLoader, {workers} worker{'s' * (workers != 1)} (auto), prefetch 2 each" in summary["input"]
+
+
+def test_negative_num_workers_is_rejected_naming_the_choices(make_cfg) -> None:
+    with pytest.raises(ConfigError, match=r"num_workers=-1 must be >= 0 \(or null"):
+        run(make_cfg("dataset=cifar10", "dataset.num_workers=-1"))
+
+
+def test_a_starved_run_logs_its_wait_and_warns_once(make_cfg, monkeypatch, caplog) -> None:
+    """digits with every training batch delayed 20 ms: the loop spends most of its time waiting."""
+    original = data.TensorLoader.__iter__
+
+    def slow(self):
+        for batch in original(self):
+            if self.shuffle:  # training batches only
+                time.sleep(0.02)
+            yield batch
+
+    monkeypatch.setattr(data.TensorLoader, "__iter__", slow)
+    with caplog.at_level(logging.WARNING, logger="mprun"):
+        summary = run(make_cfg("trainer.max_epochs=3", "model=simple_mlp"))
+    assert summary["data_wait_frac"] > 0.5
+    warnings = [r.getMessage() for r in caplog.records if "input-bound" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "in-memory tensors on cpu" in warnings[0] and "dataset.num_workers" in warnings[0]
+
+
+def test_a_fed_run_waits_little_and_does_not_warn(make_cfg, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="mprun"):
+        summary = run(make_cfg("trainer.max_epochs=2"))
+    assert 0 <= summary["data_wait_frac"] < 0.10
+    assert not [r for r in caplog.records if "input-bound" in r.getMessage()]
