@@ -218,7 +218,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loader.json").write_text(json.dumps(result, indent=2))
     md = (f"Input pipeline vs training step, {result['date']}, {name}, {usable_cores()} cores, torch {result['torch']}, "
-          f"batch {batch}, input {'x'.join(map(str, shape))}: `python bench/loader.py {' '.join(args.overrides)}`\n\n"
+          f"batch {batch}, input {'x'.join(map(str, shape))}: `python bench/loader.py --warmup {args.warmup} --steps {args.steps} "
+          f"--workers {args.workers} {' '.join(args.overrides)}`\n\n"
           + table(result) + "\n" + result["verdict"] + "\n")
     (args.out / "loader.md").write_text(md)
     print("\n" + md)
