@@ -79,7 +79,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     models.check_fits(module, data.example().to(device), data.num_classes, model_name, data.name)
     # DDP wraps the module; FSDP2 shards it in place (before the optimizer sees its parameters).
     wrapped = distributed.wrap(module, trainer.strategy, device, precision, fp32_modules)
-    optimizer = instantiate(cfg.optimizer, _convert_="all")(module.parameters(), **implementation(device))
+    optimizer = instantiate(cfg.optimizer, _convert_="all")(module.parameters(), **implementation())
     total = planned_steps(trainer, len(data.train))
     scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer=optimizer, total_steps=total)
     model = torch.compile(wrapped) if trainer.compile else wrapped

@@ -112,6 +112,8 @@ class Loader(Protocol):
         """Keep every world-th sample of each epoch's order, starting at rank (DistributedSampler's split)."""
     def describe(self) -> str:
         """What serves the batches, in words (for the summary and the input-bound warning)."""
+    def remedy(self) -> str:
+        """What would make this loader faster, for the input-bound warning."""
 
 
 @dataclass
@@ -155,6 +157,9 @@ class TensorLoader:
 
     def describe(self) -> str:
         return f"in-memory tensors on {self.x.device}"
+
+    def remedy(self) -> str:
+        return "keep the tensors on the training device (dataset=synthetic: dataset.on_device=true)"
 
     def __len__(self) -> int:
         # every rank gets the same count: the tail that does not divide is dropped
@@ -240,6 +245,11 @@ class EpochDataLoader:
     def shard(self, rank: int, world: int) -> None:
         self.sampler.rank, self.sampler.world = rank, world
 
+    def remedy(self) -> str:
+        return (f"raise dataset.num_workers (this process may use {usable_cores()} cores), store images near the "
+                "training size so decoding and resizing cost less, keep the data on local disk; "
+                "`python bench/loader.py` measures loader vs step speed")
+
     def describe(self) -> str:
         where = "in the training process" if self.workers == 0 else f"{self.setting}, prefetch {self.prefetch} each"
         return f"DataLoader, {where}{', pinned memory' if self.loader.pin_memory else ''}"
@@ -269,6 +279,9 @@ class TimedLoader:
 
     def describe(self) -> str:
         return self.loader.describe()
+
+    def remedy(self) -> str:
+        return self.loader.remedy()
 
     def __len__(self) -> int:
         return len(self.loader)

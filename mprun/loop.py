@@ -1,8 +1,9 @@
 """The training loop: fit -> train_epoch -> train_step, plus evaluate. Built objects in, results out.
 
 Host syncs are confined to log steps, evaluation and epoch ends. Between them the loss is
-accumulated on the device; the only per-step sync is the one GradScaler.step makes itself
-(fp16 with loss scaling) to decide whether the step is skipped.
+accumulated on the device, and whether the loss scaler skipped a step is counted on the device
+(fused optimizers skip it there), so no step waits for the host. The one exception is asked for:
+precision.on_nonfinite=skip without a loss scale reads every step's outcome to trace it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from mprun import numerics
 from mprun.checkpoint import unwrap
-from mprun.data import Batch, DataBundle, Loader, TimedLoader, usable_cores
+from mprun.data import Batch, DataBundle, Loader, TimedLoader
 from mprun.distributed import SINGLE, Strategy, World
 from mprun.errors import require
 from mprun.interrupts import GracefulStop
@@ -184,8 +185,8 @@ def _chunks(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
 def train_step(
     model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, precision: Precision, want_norm: bool,
     stats: Optional[dict] = None,
-) -> tuple[torch.Tensor, bool, Optional[torch.Tensor]]:
-    """Forward/backward over the micro-batches, then one optimizer step: (mean loss, stepped, grad norm).
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Forward/backward over the micro-batches, then one optimizer step: (mean loss, grad norm or None).
     With `stats` (a dict), also record activation maxima and fp16 gradient under/overflow into it."""
     total = torch.zeros((), device=micro_batches[0][0].device)
     plain = unwrap(model)  # hooks and statistics see the user's module names, not DDP's or compile's wrapper
@@ -203,9 +204,9 @@ def train_step(
     if stats is not None:  # the scale this step's gradients were computed at, applied to the true gradients
         scale = precision.scale_value()
         inspect = lambda: stats.update(grads=numerics.gradient_stats(plain, scale))  # noqa: E731
-    stepped, norm = precision.step(optimizer, model.parameters(), want_norm, inspect)
+    norm = precision.step(optimizer, model.parameters(), want_norm, inspect)
     optimizer.zero_grad(set_to_none=True)
-    return total / len(micro_batches), stepped, norm
+    return total / len(micro_batches), norm
 
 
 Checkpointer = Callable[[TrainState], None]
@@ -239,11 +240,12 @@ def train_epoch(
         micro = [_to_device(b, device, cfg.channels_last) for b in micro]
         at_log_step = (state.step + 1) % cfg.log_every_steps == 0
         stats = {} if guard is not None and guard.stats_due(state.step + 1) else None
-        loss, stepped, norm = train_step(model, micro, optimizer, precision, want_norm=at_log_step, stats=stats)
-        if stepped:  # a skipped fp16 step must not advance the LR schedule
-            scheduler.step()
-        elif guard is not None:
-            guard.on_skipped_step(unwrap(model), micro[0], state.step + 1)
+        loss, norm = train_step(model, micro, optimizer, precision, want_norm=at_log_step, stats=stats)
+        # Every attempted step advances the schedule, skipped or not, as in a torch.amp loop: holding it
+        # for skipped steps would mean reading each step's outcome on the host (a sync per step).
+        scheduler.step()
+        if guard is not None:
+            guard.after_step(unwrap(model), micro[0], state.step + 1)
         if stats:
             tracker.log_metrics(guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {})), state.step + 1)
         state.step += 1
@@ -296,12 +298,8 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: tor
 
 def _warn_input_bound(frac: float, loader: Loader, rate: float) -> None:
     """Say that the input pipeline is the bottleneck, and what to change."""
-    log.warning(
-        "input-bound: the training loop waited for data %.0f%% of the epoch (%s; %.0f samples/s). Faster input: "
-        "raise dataset.num_workers (this process may use %d cores), store images near the training size so decoding "
-        "and resizing cost less, keep the data on local disk; `python bench/loader.py` measures loader vs step speed",
-        100 * frac, loader.describe(), rate, usable_cores(),
-    )
+    log.warning("input-bound: the training loop waited for data %.0f%% of the epoch (%s; %.0f samples/s). Faster input: %s",
+                100 * frac, loader.describe(), rate, loader.remedy())
 
 
 def fit(

@@ -258,9 +258,9 @@ class Guard:
         log.warning("NaN tracer at step %d (%s): %s", step, why, report["summary"])
         return report
 
-    def on_skipped_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
+    def after_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
         """A step skipped without a real loss scale (on_nonfinite=skip) had non-finite gradients: trace it."""
-        if self.precision.skip_mode:
+        if self.precision.skip_mode and self.precision.last_step_skipped():  # the sync skip mode pays per step
             self._trace(model, batch, step, "non-finite gradients, step skipped")
 
     def check(self, metrics: dict[str, float], model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:

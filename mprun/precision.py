@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import platform
 from dataclasses import dataclass, field
 from enum import Enum
@@ -178,16 +179,19 @@ class Precision:
             growth_interval=cfg.growth_interval,
             enabled=self.loss_scale is not LossScale.none or self.skip_mode,
         )
-        # Telemetry, all host-side: each step's outcome is already known on the host (see step()),
-        # so these mirror GradScaler's own bookkeeping without reading the scale tensor.
+        # Telemetry. Whether the scaler skipped a step is known on the device (its found_inf); it is
+        # counted there and read at log steps, so no step waits for the host. Fused optimizers skip an
+        # overflowing step on the device too (GradScaler calls their step() either way).
         self.skipped_steps = 0
         self.steps_since_overflow = 0
         self.growth_events = 0
         self.backoff_events = 0
-        self._clean_run = 0  # consecutive clean steps: GradScaler's growth tracker
-        self._window = [0, 0]  # [skipped, steps] since the last telemetry() call
-        self._stepped = False
-        self._hooked: set[int] = set()
+        self._skips = torch.zeros((), dtype=torch.float64, device=device)  # device twins of the two above
+        self._clean = torch.zeros((), dtype=torch.float64, device=device)
+        self._last_found: Optional[torch.Tensor] = None  # 1.0 if the last step was skipped
+        self._scale_seen = self.scale_value()  # the scale at the last refresh: growth events follow from it
+        self._window = [0, 0]  # [skipped, attempted] steps of the current log window, as of the last refresh
+        self._window_steps = 0  # attempted steps since the last telemetry()
 
     @property
     def description(self) -> str:
@@ -209,17 +213,13 @@ class Precision:
     def step(
         self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], want_norm: bool,
         inspect: Optional[Callable[[], None]] = None,
-    ) -> tuple[bool, Optional[torch.Tensor]]:
-        """unscale -> clip -> step -> update. Returns (optimizer really stepped, grad norm or None).
+    ) -> Optional[torch.Tensor]:
+        """unscale -> clip -> step -> update. Returns the grad norm, or None when nobody asked for it.
 
-        The norm is computed only when asked (at log steps) or when clipping needs it, so most
-        steps pay nothing for it. No host sync is added: GradScaler.step already syncs to read
-        found_inf, and without a scaler every step is taken.
+        The norm is computed only when asked (at log steps) or when clipping needs it, so most steps pay
+        nothing for it. No host sync: with the fused optimizers mprun builds, GradScaler hands found_inf
+        to the kernel, which skips an overflowing update on the device; telemetry counts it there too.
         """
-        if id(optimizer) not in self._hooked:
-            # A post-step hook fires only if optimizer.step() really ran: GradScaler skips the call on inf/nan.
-            optimizer.register_step_post_hook(self._mark_stepped)
-            self._hooked.add(id(optimizer))
         self.scaler.unscale_(optimizer)  # grads are now true grads: clipping and norms see unscaled values
         if inspect is not None:
             inspect()  # numerics statistics read the true gradients here
@@ -232,30 +232,45 @@ class Precision:
             norm = total_norm([p.grad for p in params])
         if self.cfg.grad_clip_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.cfg.grad_clip_value, foreach=True)
-        self._stepped = False
         self.scaler.step(optimizer)
+        if self.scaler.is_enabled():
+            # GradScaler's record of this step's inf/NaN check, per device (1.0: found, step skipped).
+            found = sum(self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())
+            self._last_found = found
+            self._skips += found
+            self._clean.add_(1).mul_(1 - found)
+        else:
+            self.steps_since_overflow += 1  # nothing can overflow a step without a scaler
         # Static scaling (and skip mode's 1.0): GradScaler cannot have growth_factor=1, so pin the scale after every update.
         self.scaler.update(self._pinned)
-        self._record(self._stepped)
-        return self._stepped, norm
+        self._window_steps += 1
+        return norm
 
-    def _record(self, stepped: bool) -> None:
-        self._window[1] += 1
-        if not stepped:
-            self.skipped_steps += 1
-            self._window[0] += 1
-            self.steps_since_overflow = 0
-            self._clean_run = 0
-            self.backoff_events += self.loss_scale is LossScale.dynamic
-            return
-        self.steps_since_overflow += 1
-        self._clean_run += 1
-        if self.loss_scale is LossScale.dynamic and self._clean_run == self.cfg.growth_interval:
-            self.growth_events += 1  # GradScaler multiplied the scale by growth_factor on this update
-            self._clean_run = 0
+    def last_step_skipped(self) -> bool:
+        """Whether the scaler skipped the last step. A host sync: for on_nonfinite=skip, which pays one per step."""
+        return self._last_found is not None and bool(self._last_found.item())
+
+    def _refresh(self) -> None:
+        """Bring the host counters up to date from the device (one host sync: log steps, checkpoints, the end)."""
+        new = 0
+        if self.scaler.is_enabled():
+            skipped, self.steps_since_overflow = (int(v) for v in torch.stack([self._skips, self._clean]).tolist())
+            new, self.skipped_steps = skipped - self.skipped_steps, skipped
+        self._window = [self._window[0] + new, self._window[1] + self._window_steps]
+        self._window_steps = 0
+        if self.dynamic_scaling:
+            # Every skip halved the scale (backoff_factor); what else moved it were growths. GradScaler
+            # keeps no count of either, so they follow from the scale: exact for power-of-two factors.
+            scale, cfg = self.scale_value(), self.cfg
+            self.backoff_events += new
+            if scale > 0 and self._scale_seen > 0:
+                moved = math.log(scale / self._scale_seen) - new * math.log(cfg.backoff_factor)
+                self.growth_events += max(0, round(moved / math.log(cfg.growth_factor)))
+            self._scale_seen = scale
 
     def telemetry(self) -> dict[str, float]:
-        """amp/* metrics for the log window that ends now (one host sync, for the scale)."""
+        """amp/* metrics for the log window that ends now (one host sync)."""
+        self._refresh()
         skipped, steps = self._window
         self._window = [0, 0]
         return {
@@ -267,9 +282,6 @@ class Precision:
             "amp/backoff_events": self.backoff_events,
         }
 
-    def _mark_stepped(self, *_: object) -> None:
-        self._stepped = True
-
     def scale_value(self) -> float:
         """Current loss scale (1.0 without a scaler). A host sync: call at log intervals only."""
         return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
@@ -277,20 +289,24 @@ class Precision:
     COUNTERS = ("skipped_steps", "steps_since_overflow", "growth_events", "backoff_events")
 
     def counters(self) -> dict[str, int]:
-        """The cumulative telemetry counters, for summaries."""
+        """The cumulative telemetry counters, for summaries (one host sync)."""
+        self._refresh()
         return {k: getattr(self, k) for k in self.COUNTERS}
 
     def state_dict(self) -> dict:
         """Scaler state plus telemetry counters, for checkpoints."""
-        return {"name": self.name.value, "scaler": self.scaler.state_dict(), **self.counters(), "_clean_run": self._clean_run,
-                "_window": list(self._window)}
+        counters = self.counters()
+        return {"name": self.name.value, "scaler": self.scaler.state_dict(), **counters, "_window": list(self._window)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore scaler state and counters. Across precisions the counters carry over and the scaler
         state is dropped (fp16 -> other: no scaler) or started fresh (other -> fp16: init_scale), with a warning."""
-        for key in (*self.COUNTERS, "_clean_run"):
+        for key in self.COUNTERS:
             setattr(self, key, int(state.get(key, 0)))
         self._window = list(state.get("_window", [0, 0]))
+        self._window_steps = 0
+        self._skips.fill_(self.skipped_steps)
+        self._clean.fill_(self.steps_since_overflow)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         elif state.get("scaler"):
@@ -298,6 +314,7 @@ class Precision:
         elif self.scaler.is_enabled():
             log.warning("checkpoint was %s without a loss scaler; %s starts its scale fresh at %g",
                         state.get("name"), self.description, self.cfg.init_scale)
+        self._scale_seen = self.scale_value()
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:

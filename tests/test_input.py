@@ -64,22 +64,22 @@ def test_negative_num_workers_is_rejected_naming_the_choices(make_cfg) -> None:
 
 
 def test_a_starved_run_logs_its_wait_and_warns_once(make_cfg, monkeypatch, caplog) -> None:
-    """digits with every training batch delayed 20 ms: the loop spends most of its time waiting."""
+    """digits with every training batch delayed 50 ms: the loop spends most of its time waiting."""
     original = data.TensorLoader.__iter__
 
     def slow(self):
         for batch in original(self):
             if self.shuffle:  # training batches only
-                time.sleep(0.02)
+                time.sleep(0.05)
             yield batch
 
     monkeypatch.setattr(data.TensorLoader, "__iter__", slow)
     with caplog.at_level(logging.WARNING, logger="mprun"):
         summary = run(make_cfg("trainer.max_epochs=3", "model=simple_mlp"))
-    assert summary["data_wait_frac"] > 0.5
+    assert summary["data_wait_frac"] > 0.3  # ~0.9 on an idle machine; a loaded one trains slower
     warnings = [r.getMessage() for r in caplog.records if "input-bound" in r.getMessage()]
     assert len(warnings) == 1, warnings
-    assert "in-memory tensors on cpu" in warnings[0] and "dataset.num_workers" in warnings[0]
+    assert "in-memory tensors on cpu" in warnings[0] and "keep the tensors on the training device" in warnings[0]
 
 
 def test_a_fed_run_waits_little_and_does_not_warn(make_cfg, caplog) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from mprun.data import TensorLoader
 from mprun.loop import TrainerConfig, TrainState, train_epoch, train_step
-from mprun.optim import constant
+from mprun.optim import constant, implementation
 from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName, resolve
 from mprun.progress import Progress
 from mprun.tracking import Tracker
@@ -44,7 +44,7 @@ class InfOnSteps(nn.Module):
 def run_epoch(model: nn.Module, precision: Precision, steps: int, log_every: int = 1):
     torch.manual_seed(0)
     x, y = torch.randn(steps * 8, 4), torch.randint(0, 3, (steps * 8,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, **implementation())  # fused, as mprun builds it
     sched = constant(opt, total_steps=steps, warmup_steps=0)
     cfg = TrainerConfig(log_every_steps=log_every)
     state = TrainState()
@@ -55,12 +55,15 @@ def run_epoch(model: nn.Module, precision: Precision, steps: int, log_every: int
     return sched, state, caught
 
 
-def test_dynamic_scaling_skips_backs_off_and_holds_the_schedule() -> None:
+def test_dynamic_scaling_skips_the_update_and_backs_off() -> None:
+    model = InfOnSteps({0})
+    before = [p.detach().clone() for p in model.parameters()]
     precision = fp16(init_scale=1024.0, growth_interval=3)
-    sched, state, caught = run_epoch(InfOnSteps({0}), precision, steps=1)
-    assert precision.skipped_steps == 1
+    sched, state, caught = run_epoch(model, precision, steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the fused kernel skipped the update
+    assert precision.counters()["skipped_steps"] == 1
     assert precision.scale_value() == 512.0  # backoff_factor 0.5
-    assert sched.last_epoch == 0  # the skipped step did not advance the LR schedule
+    assert sched.last_epoch == 1  # attempted steps drive the schedule, as in a torch.amp loop
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
 
 
@@ -68,10 +71,10 @@ def test_dynamic_scale_grows_after_growth_interval_clean_steps() -> None:
     precision = fp16(init_scale=1024.0, growth_interval=3)
     sched, state, caught = run_epoch(InfOnSteps({0}), precision, steps=4)
     # step 0 overflowed (1024 -> 512), steps 1-3 are clean: after 3 clean steps the scale doubles.
-    assert precision.skipped_steps == 1
+    assert precision.counters()["skipped_steps"] == 1
     assert precision.scale_value() == 1024.0
-    assert sched.last_epoch == 3
-    # Host-side telemetry agrees with what the scaler did: one backoff, one growth.
+    assert sched.last_epoch == 4
+    # The telemetry agrees with what the scaler did: one backoff, one growth.
     assert (precision.backoff_events, precision.growth_events, precision.steps_since_overflow) == (1, 1, 3)
     assert state.step == 4
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
@@ -80,9 +83,10 @@ def test_dynamic_scale_grows_after_growth_interval_clean_steps() -> None:
 def test_static_scaling_skips_but_never_moves() -> None:
     precision = fp16(loss_scale=LossScale.static, init_scale=128.0, growth_interval=1)
     sched, _, _ = run_epoch(InfOnSteps({1}), precision, steps=4)
-    assert precision.skipped_steps == 1
+    assert precision.counters()["skipped_steps"] == 1
     assert precision.scale_value() == 128.0  # no backoff on overflow, no growth with growth_interval=1
-    assert sched.last_epoch == 3
+    assert precision.backoff_events == precision.growth_events == 0
+    assert sched.last_epoch == 4
 
 
 def test_fp16_without_loss_scaling_has_no_scaler() -> None:
@@ -95,7 +99,7 @@ def test_unscaled_fp16_step_with_inf_is_taken() -> None:
     # Without a scaler nothing checks for inf: the step happens (issue 4 adds a policy for this).
     precision = fp16(loss_scale=LossScale.none)
     _, state, _ = run_epoch(InfOnSteps({0}), precision, steps=1)
-    assert precision.skipped_steps == 0
+    assert precision.counters()["skipped_steps"] == 0
 
 
 def test_clipping_sees_unscaled_gradients() -> None:
@@ -114,8 +118,8 @@ def test_clipping_sees_unscaled_gradients() -> None:
 
     precision = fp16(init_scale=2.0**12, grad_clip_norm=max_norm)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    _, stepped, norm = train_step(model, [(x, y)], opt, precision, want_norm=True)
-    assert stepped
+    _, norm = train_step(model, [(x, y)], opt, precision, want_norm=True)
+    assert not precision.last_step_skipped()
     assert norm.item() == pytest.approx(ref_norm.item(), rel=2e-2)  # the unscaled norm, not 4096x it
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-3)
@@ -128,8 +132,8 @@ def test_clip_by_value_sees_unscaled_gradients() -> None:
     precision = fp16(init_scale=2.0**12, grad_clip_value=1e-3)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
-    _, stepped, _ = train_step(model, [(x, y)], opt, precision, want_norm=False)
-    assert stepped
+    _, _ = train_step(model, [(x, y)], opt, precision, want_norm=False)
+    assert not precision.last_step_skipped()
     # With lr=1 each weight moves by exactly its clipped gradient: at most 1e-3, and not 1e-3 / 4096.
     delta = (model.weight.detach() - before).abs()
     assert delta.max().item() == pytest.approx(1e-3, rel=1e-3)
@@ -143,8 +147,8 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
     fp32 = Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), CPU)
     opt_a = torch.optim.SGD(model.parameters(), lr=0.5)
     opt_b = torch.optim.SGD(big.parameters(), lr=0.5)
-    loss_a, _, _ = train_step(model, [(x[:8], y[:8]), (x[8:], y[8:])], opt_a, fp32, want_norm=False)
-    loss_b, _, _ = train_step(big, [(x, y)], opt_b, fp32, want_norm=False)
+    loss_a, _ = train_step(model, [(x[:8], y[:8]), (x[8:], y[8:])], opt_a, fp32, want_norm=False)
+    loss_b, _ = train_step(big, [(x, y)], opt_b, fp32, want_norm=False)
     torch.testing.assert_close(loss_a, loss_b)
     for p, q in zip(model.parameters(), big.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
@@ -212,4 +216,26 @@ def test_counters_round_trip_through_the_checkpoint_state() -> None:
     restored.load_state_dict(precision.state_dict())
     assert restored.counters() == precision.counters() == {
         "skipped_steps": 1, "steps_since_overflow": 3, "growth_events": 1, "backoff_events": 1}
-    assert restored.scale_value() == precision.scale_value() and restored._clean_run == precision._clean_run
+    assert restored.scale_value() == precision.scale_value()
+    # and the restored object goes on counting from there: one more skip, one more backoff
+    run_epoch(InfOnSteps({0}), restored, steps=1)
+    assert restored.counters() == {"skipped_steps": 2, "steps_since_overflow": 0, "growth_events": 1, "backoff_events": 2}
+
+
+def test_a_loss_scaled_step_reads_nothing_back_to_the_host(monkeypatch) -> None:
+    """fp16 with dynamic scaling and the fused optimizer: between log steps no tensor is read on the host
+    (each read is a GPU sync); the only read in this epoch is the epoch's mean loss at its end."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **kw):
+            reads.append(_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    precision = fp16(init_scale=1024.0, growth_interval=2)
+    run_epoch(InfOnSteps({2}), precision, steps=6, log_every=1000)
+    monkeypatch.undo()
+    assert reads == ["item"]
+    assert precision.counters()["skipped_steps"] == 1
