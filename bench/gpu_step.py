@@ -54,7 +54,7 @@ def hand_loop(parts, compiled: bool, channels_last: bool):
     dtype = parts.precision.autocast_dtype
     model = torch.compile(parts.module) if compiled else parts.module
     opt = torch.optim.SGD(parts.module.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,  # as conf/optimizer/sgd
-                          **({"fused": True} if device.type == "cuda" else {}))
+                          fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
     def epoch() -> None:

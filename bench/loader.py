@@ -97,6 +97,8 @@ def train_rate(overrides: list[str], warmup: int, steps: int) -> dict:
     window = Window(timed, warmup, warmup + steps, parts.device)
     train_epoch(parts.model, window, parts.optimizer, parts.scheduler, parts.precision, NullTracker(), trainer,
                 TrainState(), parts.device, Progress(1, 0, enabled=False))
+    if not window.seconds:
+        raise SystemExit(f"bench/loader.py: training stopped before batch {warmup + steps} (trainer.max_steps?)")
     return {"samples_per_s": steps * batch / window.seconds, "data_wait_frac": window.waited / window.seconds,
             "input": parts.data.train.describe()}
 

@@ -17,7 +17,7 @@ from mprun.distributed import SINGLE, Strategy, World
 from mprun.data import DataBundle
 from mprun.errors import ConfigError
 from mprun.loop import TrainerConfig, planned_steps, resolve_device
-from mprun.optim import implementation
+from mprun.optim import implementation, prepare
 from mprun.precision import Precision
 from mprun.tracking import Tracker
 
@@ -79,7 +79,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     models.check_fits(module, data.example().to(device), data.num_classes, model_name, data.name)
     # DDP wraps the module; FSDP2 shards it in place (before the optimizer sees its parameters).
     wrapped = distributed.wrap(module, trainer.strategy, device, precision, fp32_modules)
-    optimizer = instantiate(cfg.optimizer, _convert_="all")(module.parameters(), **implementation())
+    optimizer = prepare(instantiate(cfg.optimizer, _convert_="all")(module.parameters(), **implementation()))
     total = planned_steps(trainer, len(data.train))
     scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer=optimizer, total_steps=total)
     model = torch.compile(wrapped) if trainer.compile else wrapped

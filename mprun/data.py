@@ -287,7 +287,9 @@ class TimedLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        it = iter(self.loader)
+        start = time.perf_counter()
+        it = iter(self.loader)  # a DataLoader starts fetching here (and its workers, the first time)
+        self.waited += time.perf_counter() - start
         while True:
             start = time.perf_counter()
             try:

@@ -51,6 +51,14 @@ class World:
         dist.all_reduce(t)
         return t.item() / self.size
 
+    def max(self, value: float) -> float:
+        """The largest of a host number over ranks (a collective)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any (a collective)."""
         if self.size == 1:

@@ -329,7 +329,7 @@ def fit(
         seconds = time.perf_counter() - start
         result.epoch_times.append(seconds)
         result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
-        result.epoch_waits.append(train.take() / seconds)
+        result.epoch_waits.append(world.max(train.take()) / seconds)  # the hungriest rank holds the others up
         result.train_loss = train_loss
         state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
         metrics = {

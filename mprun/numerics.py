@@ -248,9 +248,12 @@ class Guard:
         """Whether step (1-based) collects underflow/overflow statistics."""
         return self.stats is not None and step % self.cfg.stats_every_steps == 0
 
-    def _trace(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int, why: str) -> Optional[dict]:
+    def _tracing(self) -> bool:
         mode = self.cfg.trace_nonfinite.value
-        if mode == "off" or (mode == "first" and self.traces):
+        return not (mode == "off" or (mode == "first" and self.traces))
+
+    def _trace(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int, why: str) -> Optional[dict]:
+        if not self._tracing():
             return None
         report = {"step": step, "why": why, **trace_nonfinite(model, batch, self.precision)}
         report["summary"] = describe_trace(report)
@@ -260,7 +263,8 @@ class Guard:
 
     def after_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
         """A step skipped without a real loss scale (on_nonfinite=skip) had non-finite gradients: trace it."""
-        if self.precision.skip_mode and self.precision.last_step_skipped():  # the sync skip mode pays per step
+        # The per-step sync skip mode pays, and only while there is still something to trace.
+        if self.precision.skip_mode and self._tracing() and self.precision.last_step_skipped():
             self._trace(model, batch, step, "non-finite gradients, step skipped")
 
     def check(self, metrics: dict[str, float], model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:

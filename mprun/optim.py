@@ -1,7 +1,7 @@
 """Optimizer and LR-scheduler config schemas, and the scheduler factories they point at.
 
-Schedulers count *optimizer steps that really happened*: the loop calls scheduler.step() only
-after a step that was not skipped by the loss scaler.
+Schedulers count attempted optimizer steps: the loop calls scheduler.step() after every step,
+including one the loss scaler skipped (as a torch.amp loop does; knowing would cost a host sync).
 """
 
 from __future__ import annotations
@@ -63,8 +63,23 @@ class AdamWConfig(AdamConfig):
 def implementation() -> dict:
     """One fused kernel per optimizer step, on CUDA and on the CPU. Fused optimizers also take
     GradScaler's found_inf and skip an overflowing step on the device: no host sync per step, and
-    the same code path on the CPU (where the tests run) as on a GPU."""
+    the same code path on the CPU (where the tests run) as on a GPU. Build them through prepare()."""
     return {"fused": True}
+
+
+def prepare(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Zeroed momentum buffers for fused SGD. On its first step fused SGD allocates the buffers with
+    empty_like and lets the kernel fill them; when the loss scaler skips that step (an overflow at the
+    initial scale is routine) the kernel writes nothing, and the next steps treat uninitialised memory
+    as momentum (parameters of ~1e28 measured on the CPU). Starting from zeros is exact: the first
+    real step then computes momentum * 0 + grad = grad, which is what SGD's first step stores
+    (mprun's SGD has no dampening)."""
+    if isinstance(optimizer, torch.optim.SGD):
+        for group in optimizer.param_groups:
+            if group.get("fused") and group["momentum"] and not group["dampening"]:
+                for p in group["params"]:
+                    optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+    return optimizer
 
 
 @dataclass

@@ -234,8 +234,7 @@ class Precision:
             torch.nn.utils.clip_grad_value_(params, self.cfg.grad_clip_value, foreach=True)
         self.scaler.step(optimizer)
         if self.scaler.is_enabled():
-            # GradScaler's record of this step's inf/NaN check, per device (1.0: found, step skipped).
-            found = sum(self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())
+            found = self._found_inf(optimizer)
             self._last_found = found
             self._skips += found
             self._clean.add_(1).mul_(1 - found)
@@ -245,6 +244,16 @@ class Precision:
         self.scaler.update(self._pinned)
         self._window_steps += 1
         return norm
+
+    def _found_inf(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """GradScaler's record of this step's inf/NaN check (1.0: found, the step skipped), between step()
+        and update(). torch has no public accessor; this state has kept its shape since torch 1.6."""
+        try:
+            per_device = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        except (AttributeError, KeyError) as e:
+            raise RuntimeError(f"torch {torch.__version__}: GradScaler no longer keeps found_inf_per_device where "
+                               "mprun reads it; skipped-step telemetry needs updating for this torch") from e
+        return sum(per_device.values())
 
     def last_step_skipped(self) -> bool:
         """Whether the scaler skipped the last step. A host sync: for on_nonfinite=skip, which pays one per step."""
@@ -258,15 +267,16 @@ class Precision:
             new, self.skipped_steps = skipped - self.skipped_steps, skipped
         self._window = [self._window[0] + new, self._window[1] + self._window_steps]
         self._window_steps = 0
+        scale = self.scale_value()
         if self.dynamic_scaling:
-            # Every skip halved the scale (backoff_factor); what else moved it were growths. GradScaler
-            # keeps no count of either, so they follow from the scale: exact for power-of-two factors.
-            scale, cfg = self.scale_value(), self.cfg
+            # Every skip multiplied the scale by the backoff factor; what else moved it were growths.
+            # GradScaler counts neither, so they follow from the scale (the scaler's own factors: a
+            # resumed checkpoint's win over the config).
             self.backoff_events += new
             if scale > 0 and self._scale_seen > 0:
-                moved = math.log(scale / self._scale_seen) - new * math.log(cfg.backoff_factor)
-                self.growth_events += max(0, round(moved / math.log(cfg.growth_factor)))
-            self._scale_seen = scale
+                moved = math.log(scale / self._scale_seen) - new * math.log(self.scaler.get_backoff_factor())
+                self.growth_events += max(0, round(moved / math.log(self.scaler.get_growth_factor())))
+        self._scale_seen = scale
 
     def telemetry(self) -> dict[str, float]:
         """amp/* metrics for the log window that ends now (one host sync)."""
@@ -274,7 +284,7 @@ class Precision:
         skipped, steps = self._window
         self._window = [0, 0]
         return {
-            "amp/loss_scale": self.scale_value(),
+            "amp/loss_scale": self._scale_seen,
             "amp/skipped_steps": self.skipped_steps,
             "amp/skip_rate": skipped / steps if steps else 0.0,
             "amp/steps_since_overflow": self.steps_since_overflow,

@@ -118,8 +118,11 @@ class Sweep:
                 "varied": self.varied,
             }, indent=2))
         except BaseException as e:  # the jobs could not find the parent: close it rather than leave it RUNNING
-            self.tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
-            self.tracker.end("FAILED")
+            try:
+                self.tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
+                self.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
+                log.exception("sweep: could not close the parent run")
             raise
         log.info("sweep %s: MLflow parent run %s", self.sweep_dir, self.tracker.run_id)
 

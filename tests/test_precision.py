@@ -11,7 +11,7 @@ from torch import nn
 
 from mprun.data import TensorLoader
 from mprun.loop import TrainerConfig, TrainState, train_epoch, train_step
-from mprun.optim import constant, implementation
+from mprun.optim import constant, implementation, prepare
 from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName, resolve
 from mprun.progress import Progress
 from mprun.tracking import Tracker
@@ -239,3 +239,34 @@ def test_a_loss_scaled_step_reads_nothing_back_to_the_host(monkeypatch) -> None:
     monkeypatch.undo()
     assert reads == ["item"]
     assert precision.counters()["skipped_steps"] == 1
+
+
+def test_fused_sgd_momentum_survives_a_skipped_first_step() -> None:
+    """Fused SGD allocates its momentum buffers uninitialised on the first step; a skipped first step
+    left them so (parameters of ~1e28 after two more steps). mprun's optimizers start from zeros."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    results = []
+    for build in (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),  # the unfused reference
+                  lambda ps: prepare(torch.optim.SGD(ps, lr=0.1, momentum=0.9, **implementation()))):
+        torch.manual_seed(1)
+        model = InfOnSteps({0})
+        opt, precision = build(list(model.parameters())), fp16(init_scale=1024.0)
+        for _ in range(3):
+            junk = torch.full((64,), 1e30)  # a dirty block for an uninitialised buffer to land in
+            del junk
+            train_step(model, [(x, y)], opt, precision, want_norm=False)
+        assert precision.counters()["skipped_steps"] == 1
+        results.append([p.detach().clone() for p in model.parameters()])
+    for fused, reference in zip(results[1], results[0]):
+        torch.testing.assert_close(fused, reference)
+
+
+def test_growth_events_follow_the_scalers_own_factor_after_a_resume() -> None:
+    precision = fp16(init_scale=1024.0, growth_interval=2)  # growth_factor 2
+    run_epoch(InfOnSteps(set()), precision, steps=1)
+    resumed = fp16(init_scale=1024.0, growth_interval=2, growth_factor=4.0)  # the config changed; the scaler's state wins
+    resumed.load_state_dict(precision.state_dict())
+    run_epoch(InfOnSteps(set()), resumed, steps=3, log_every=1000)
+    assert resumed.scale_value() == 1024.0 * 2 ** 2  # grew twice, by the checkpoint's factor 2
+    assert resumed.counters()["growth_events"] == 2
