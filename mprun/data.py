@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, List, Optional, Protocol
+from typing import Iterator, List, Protocol
 
 import numpy as np
 import torch
@@ -71,13 +71,13 @@ class VisionName(Enum):
 
 @dataclass
 class LoaderConfig(DatasetConfig):
-    num_workers: Optional[int] = None  # null: auto_workers(); 0: load in the training process
+    num_workers: str = "auto"  # auto: auto_workers(); a count; 0: load in the training process
     prefetch_factor: int = 2  # batches each worker keeps ready
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.num_workers is None or self.num_workers >= 0,
-                f"num_workers={self.num_workers} must be >= 0 (or null: one per core this rank can spare, at most 8)")
+        require(self.num_workers == "auto" or self.num_workers.isdigit(),
+                f"num_workers={self.num_workers} must be a count >= 0, or auto (one per core this rank can spare, at most 8)")
         require(self.prefetch_factor >= 1, f"prefetch_factor={self.prefetch_factor} must be >= 1")
 
 
@@ -219,14 +219,14 @@ class EpochDataLoader:
     """torch DataLoader whose shuffle order depends only on (seed, epoch), so a run can be replayed."""
 
     def __init__(
-        self, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: Optional[int], prefetch_factor: int,
+        self, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: str, prefetch_factor: int,
         shuffle: bool, seed: int, device: torch.device,
     ):
         self.batch_size = batch_size
         self.sampler = EpochSampler(len(dataset), shuffle, seed)
         self.drop_last = shuffle and len(dataset) >= batch_size
-        self.workers = auto_workers() if num_workers is None else num_workers
-        self.setting = f"{self.workers} worker{'s' * (self.workers != 1)}" + (" (auto)" if num_workers is None else "")
+        self.workers = auto_workers() if num_workers == "auto" else int(num_workers)
+        self.setting = f"{self.workers} worker{'s' * (self.workers != 1)}" + (" (auto)" if num_workers == "auto" else "")
         self.prefetch = prefetch_factor if self.workers > 0 else 0
         self.loader = torch.utils.data.DataLoader(
             dataset,

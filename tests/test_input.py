@@ -60,7 +60,7 @@ def test_auto_workers_is_the_default_and_says_so(make_cfg, tmp_path, monkeypatch
 
 
 def test_negative_num_workers_is_rejected_naming_the_choices(make_cfg) -> None:
-    with pytest.raises(ConfigError, match=r"num_workers=-1 must be >= 0 \(or null"):
+    with pytest.raises(ConfigError, match=r"num_workers=-1 must be a count >= 0, or auto"):
         run(make_cfg("dataset=cifar10", "dataset.num_workers=-1"))
 
 
