@@ -43,29 +43,25 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, value: float) -> float:
-        """The average of a host number over ranks (a collective: every rank must call it)."""
+    def _reduce(self, value: float, op: str) -> float:
+        """One host number reduced over ranks with ReduceOp.<op> (a collective: every rank must call it)."""
         if self.size == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.item() / self.size
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+        return t.item()
+
+    def mean(self, value: float) -> float:
+        """The average of a host number over ranks (a collective)."""
+        return self._reduce(value, "SUM") / self.size
 
     def max(self, value: float) -> float:
         """The largest of a host number over ranks (a collective)."""
-        if self.size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
+        return self._reduce(value, "MAX")
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any (a collective)."""
-        if self.size == 1:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return self._reduce(float(flag), "MAX") > 0
 
 
 SINGLE = World()
