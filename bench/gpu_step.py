@@ -158,7 +158,9 @@ def main() -> None:
     args = ap.parse_args()
     cells = [cell(m, p, mode == "compiled", args) for m in args.models.split(",") for mode in args.modes.split(",")
              for p in args.precisions.split(",")]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    from mprun.loop import device_name
+
+    device = device_name(torch.device(args.device))
     result = {"benchmark": "gpu_step", "date": str(date.today()), "device": device, "torch": torch.__version__,
               "python": platform.python_version(), "args": {k: str(v) for k, v in vars(args).items()}, "cells": cells}
     args.out.mkdir(parents=True, exist_ok=True)

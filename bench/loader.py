@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from datetime import date
 from pathlib import Path
@@ -31,7 +30,7 @@ from common import ROOT, compose, sync
 
 from mprun import build, config
 from mprun.data import TimedLoader, usable_cores
-from mprun.loop import INPUT_BOUND, TrainerConfig, TrainState, resolve_device, train_epoch
+from mprun.loop import INPUT_BOUND, TrainerConfig, TrainState, device_name, resolve_device, train_epoch
 from mprun.progress import Progress
 from mprun.tracking import NullTracker
 
@@ -212,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"waited for data {run['data_wait_frac']:.0%}", flush=True)
 
     device = resolve_device(trainer.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    name = device_name(device)
     result = {"benchmark": "loader", "date": str(date.today()), "device": name, "cores": usable_cores(),
               "torch": torch.__version__, "overrides": args.overrides, "shape": shape, "batch": batch,
               "warmup": args.warmup, "steps": args.steps, "loader": loader, "step": step, "run": run}

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import logging
-import platform
 import socket
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from mprun.build import Components
 from mprun.checkpoint import unwrap
 from mprun.errors import ConfigError
 from mprun.interrupts import GracefulStop
-from mprun.loop import FitResult, TrainState, fit
+from mprun.loop import FitResult, TrainState, device_name, fit
 from mprun.sweep import JobInfo
 from mprun.tracking import NullTracker, Tracker
 
@@ -61,7 +60,7 @@ def run_tags(parts: Components) -> dict[str, str]:
     return {
         "git_commit": _git_commit(),
         "host": socket.gethostname(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": device_name(device),
         "torch_version": torch.__version__,
         "cuda_version": str(torch.version.cuda),
         "precision": parts.precision.name.value,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 import resource
 import signal
 import statistics
@@ -93,6 +94,13 @@ def resolve_device(name: DeviceName, local_rank: int = 0) -> torch.device:
     if name is DeviceName.cpu or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware in words, for tags and benchmark tables: the GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
 
 
 @dataclass
