@@ -61,7 +61,8 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     precision = Precision(checked["precision"], device)
     seed_everything(trainer.seed)
     data = dataset(cfg, trainer.seed, device)
-    data.train.shard(world.rank, world.size)  # evaluation runs the whole validation set on every rank
+    data.train.shard(world.rank, world.size)
+    data.val.shard(world.rank, world.size)  # each rank evaluates its share; evaluate() sums over ranks
     model_name = cfg.model.get("name") or _choice(cfg, "model")
     try:
         module: nn.Module = instantiate(cfg.model, _convert_="all")(

@@ -109,7 +109,9 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Order the next pass by (seed, epoch) and start it after skip_batches batches (a resumed epoch)."""
     def shard(self, rank: int, world: int) -> None:
-        """Keep every world-th sample of each epoch's order, starting at rank (DistributedSampler's split)."""
+        """Keep every world-th sample of each epoch's order, starting at rank (DistributedSampler's split; see rank_positions)."""
+    def real_samples(self) -> int:
+        """This rank's samples in one pass, not counting the padding an evaluation shard ends with."""
     def describe(self) -> str:
         """What serves the batches, in words (for the summary and the input-bound warning)."""
     def remedy(self) -> str:
@@ -138,6 +140,25 @@ def batch_count(samples: int, batch_size: int, drop_last: bool) -> int:
     return samples // batch_size if drop_last else -(-samples // batch_size)
 
 
+def rank_positions(n: int, rank: int, world: int, pad: bool) -> torch.Tensor:
+    """The positions in one pass's order of n samples that this rank takes: every world-th, from rank.
+    Training (pad=False) drops the tail that does not divide, so every rank takes as many steps. Evaluation
+    (pad=True) keeps every sample: the shorter shares are padded up to the longest by wrapping around, as
+    DistributedSampler does, so every rank runs as many batches (FSDP's forward is a collective), and
+    evaluate() leaves the padding, which sits at the end of a share, out of its sums."""
+    return torch.arange(rank, rank + share_size(n, world, pad) * world, world) % max(1, n)
+
+
+def share_size(n: int, world: int, pad: bool) -> int:
+    """len(rank_positions(n, rank, world, pad)), the same on every rank."""
+    return -(-n // world) if pad else n // world
+
+
+def real_count(n: int, rank: int, world: int, pad: bool) -> int:
+    """How many of rank_positions(n, rank, world, pad) are samples rather than padding."""
+    return len(range(rank, n, world)) if pad else n // world
+
+
 class TensorLoader:
     """Batches from in-memory tensors: one index_select per batch, in a seeded per-epoch order."""
 
@@ -152,6 +173,9 @@ class TensorLoader:
         self.rank, self.world = rank, world
         self.drop_last = self.shuffle and len(self.x) // world >= self.batch_size
 
+    def real_samples(self) -> int:
+        return real_count(len(self.x), self.rank, self.world, pad=not self.shuffle)
+
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
 
@@ -162,8 +186,8 @@ class TensorLoader:
         return "keep the tensors on the training device (dataset=synthetic: dataset.on_device=true)"
 
     def __len__(self) -> int:
-        # every rank gets the same count: the tail that does not divide is dropped
-        return batch_count(len(self.x) // self.world, self.batch_size, self.drop_last)
+        # every rank gets the same count (rank_positions)
+        return batch_count(share_size(len(self.x), self.world, pad=not self.shuffle), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.x)
@@ -172,7 +196,7 @@ class TensorLoader:
             order = torch.randperm(n, generator=g).to(self.x.device)
         else:
             order = torch.arange(n, device=self.x.device)
-        order = order[self.rank : (n // self.world) * self.world : self.world]
+        order = order[rank_positions(n, self.rank, self.world, pad=not self.shuffle).to(self.x.device)]
         skip, self.skip = self.skip, 0  # a skip applies to one pass only
         for i in range(skip, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
@@ -189,7 +213,10 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.rank, self.world = 0, 1
 
     def per_rank(self) -> int:
-        return self.n // self.world
+        return share_size(self.n, self.world, pad=not self.shuffle)  # training shuffles; evaluation pads
+
+    def real_samples(self) -> int:
+        return real_count(self.n, self.rank, self.world, pad=not self.shuffle)
 
     def __len__(self) -> int:
         return self.per_rank() - self.skip
@@ -197,7 +224,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) if self.shuffle \
             else torch.arange(self.n)
-        order = order[self.rank : self.per_rank() * self.world : self.world]
+        order = order[rank_positions(self.n, self.rank, self.world, pad=not self.shuffle)]
         skip, self.skip = self.skip, 0
         return iter(order[skip:].tolist())
 
@@ -245,6 +272,9 @@ class EpochDataLoader:
     def shard(self, rank: int, world: int) -> None:
         self.sampler.rank, self.sampler.world = rank, world
 
+    def real_samples(self) -> int:
+        return self.sampler.real_samples()
+
     def remedy(self) -> str:
         return (f"raise dataset.num_workers (this process may use {usable_cores()} cores), store images near the "
                 "training size so decoding and resizing cost less, keep the data on local disk; "
@@ -276,6 +306,9 @@ class TimedLoader:
 
     def shard(self, rank: int, world: int) -> None:
         self.loader.shard(rank, world)
+
+    def real_samples(self) -> int:
+        return self.loader.real_samples()
 
     def describe(self) -> str:
         return self.loader.describe()

@@ -4,8 +4,8 @@
 
 Every rank builds the same model and data; the data is sharded by rank (the per-epoch order is the same
 on every rank, each takes every world-th sample, as DistributedSampler does). Only rank 0 tracks and
-writes checkpoints. Metrics are averaged over ranks at log steps, and a stop signal is agreed on at log
-steps, so every rank stops after the same step.
+writes checkpoints. Metrics are averaged over ranks at log steps, each rank evaluates its share of the
+validation set, and a stop signal is agreed on at log steps, so every rank stops after the same step.
 """
 
 from __future__ import annotations
@@ -43,25 +43,29 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _reduce(self, value: float, op: str) -> float:
-        """One host number reduced over ranks with ReduceOp.<op> (a collective: every rank must call it)."""
+    def _reduce(self, values: list[float], op: str) -> list[float]:
+        """Host numbers reduced elementwise over ranks with ReduceOp.<op>, in one collective (every rank must call it)."""
         if self.size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
-        return t.item()
+        return t.tolist()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Host numbers summed elementwise over ranks (a collective)."""
+        return self._reduce(values, "SUM")
 
     def mean(self, value: float) -> float:
         """The average of a host number over ranks (a collective)."""
-        return self._reduce(value, "SUM") / self.size
+        return self.sum([value])[0] / self.size
 
     def max(self, value: float) -> float:
         """The largest of a host number over ranks (a collective)."""
-        return self._reduce(value, "MAX")
+        return self._reduce([value], "MAX")[0]
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any (a collective)."""
-        return self._reduce(float(flag), "MAX") > 0
+        return self.max(float(flag)) > 0
 
 
 SINGLE = World()

@@ -286,22 +286,27 @@ def train_epoch(
     return mean
 
 
-def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: torch.device, channels_last: bool) -> tuple[float, float]:
-    """Validation (loss, accuracy) under the run's autocast; one host sync at the end."""
+def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: torch.device, channels_last: bool,
+             world: World = SINGLE) -> tuple[float, float]:
+    """Validation (loss, accuracy) under the run's autocast. Each rank evaluates its share of the set (the loader
+    is sharded); one host sync and one all-reduce at the end."""
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.float64)
+    left = loader.real_samples()  # past these, the share is padding (every rank runs as many batches)
     with torch.no_grad():
         for batch in loader:
             x, y = _to_device(batch, device, channels_last)
             with precision.autocast():
                 logits = model(x)
+            keep = min(len(y), left)  # the padding sits at the end of the last batch
+            logits, y, left = logits[:keep], y[:keep], left - keep
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(dim=1) == y).sum()
-            seen += len(y)
     model.train()
-    return (loss_sum / max(1, seen)).item(), (correct.double() / max(1, seen)).item()
+    loss, right = torch.stack([loss_sum, correct]).tolist()  # the sync
+    loss, right, seen = world.sum([loss, right, float(loader.real_samples())])
+    return loss / max(1.0, seen), right / max(1.0, seen)
 
 
 def _warn_input_bound(frac: float, loader: Loader, rate: float) -> None:
@@ -352,7 +357,7 @@ def fit(
             _warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
             warned = True
         if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or finished:
-            result.val_loss, result.val_acc = evaluate(model, data.val, precision, device, cfg.channels_last)
+            result.val_loss, result.val_acc = evaluate(model, data.val, precision, device, cfg.channels_last, world)
             metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
         tracker.log_metrics(metrics, state.step)
         progress.end_epoch(state.epoch, {"train_loss": result.train_loss, **metrics})

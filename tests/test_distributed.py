@@ -35,9 +35,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cwd
 
 
-def _history(client: MlflowClient, strategy: str) -> list[float]:
+def _history(client: MlflowClient, strategy: str, key: str = "train/loss") -> list[float]:
     (run,) = [r for r in client.search_runs(["1"]) if r.data.tags.get("strategy") == strategy]
-    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 
 def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(runs: Path) -> None:
@@ -47,6 +47,46 @@ def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(
     single, ddp = _history(client, "single x1"), _history(client, "ddp x2")
     assert len(single) == len(ddp) == 12
     assert max(abs(a - b) for a, b in zip(single, ddp)) < 1e-5
+    # Each rank evaluated its half of the 359 validation samples (one rank's share padded); the sums over
+    # ranks give the single process's figures.
+    assert _history(client, "ddp x2", "val/acc") == _history(client, "single x1", "val/acc")
+    assert _history(client, "ddp x2", "val/loss") == pytest.approx(_history(client, "single x1", "val/loss"), abs=1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 16])
+def test_evaluation_shards_cover_every_sample_once_in_as_many_batches_on_every_rank(world: int) -> None:
+    from mprun.data import EpochSampler, TensorLoader
+
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    real, lengths = [], set()
+    for rank in range(world):
+        loader = TensorLoader(x, y, batch_size=3, shuffle=False)
+        loader.shard(rank, world)
+        labels = torch.cat([b for _, b in loader]).tolist()
+        sampler = EpochSampler(10, shuffle=False, seed=0)
+        sampler.rank, sampler.world = rank, world
+        assert list(sampler) == labels  # the DataLoader path takes the same positions
+        lengths.add(len(loader))
+        real += labels[: loader.real_samples()]
+    assert sorted(real) == list(range(10)) and len(lengths) == 1  # FSDP needs the same batch count everywhere
+
+
+def test_evaluate_leaves_a_shards_padding_out() -> None:
+    from mprun.data import TensorLoader
+    from mprun.loop import evaluate
+    from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    loader = TensorLoader(x, y, batch_size=2, shuffle=False)
+    loader.shard(1, 3)  # samples 1, 4, 7, then sample 0 again as padding
+    loss, acc = evaluate(model, loader, Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu")), torch.device("cpu"), False)
+    mine = torch.tensor([1, 4, 7])
+    with torch.no_grad():
+        logits = model(x[mine])
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y[mine]).item(), rel=1e-6)
+    assert acc == pytest.approx((logits.argmax(1) == y[mine]).double().mean().item())
 
 
 def test_ddp_checkpoint_and_resume(runs: Path) -> None:
