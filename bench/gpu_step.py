@@ -7,12 +7,15 @@ in one process; CUDA events time each round after warm-up, the median round coun
       mprun.loop.train_epoch (its real hot path, log-step syncs included).
 
     python bench/gpu_step.py                                   # the full matrix (more than one 10-minute call)
-    python bench/gpu_step.py --models resnet50 --modes eager   # one slice
+    python bench/gpu_step.py --models resnet50 --modes eager   # one slice, merged into the results so far
+    python bench/gpu_step.py --budget-s 480 ...                # start no further cell after 8 minutes
     python bench/gpu_step.py --device cpu --models simple_cnn --image 32 --batch 8 --steps 2 --rounds 1  # harness check
 
 Matrix: resnet50 (batch 256, channels_last) and vit_b16 (batch 128) x fp32, tf32, fp16, bf16 x eager,
-compiled. Writes <out>/gpu_step.json and gpu_step.md. Targets (H100): mprun/hand >= 0.98 in every
-cell; resnet50 bf16 compiled >= 5,500 img/s; bf16 peak memory <= 0.55x fp32.
+compiled. Writes <out>/gpu_step.json and gpu_step.md after every cell, so a slice cut short keeps what
+it measured; cells measured earlier on the same device and torch version are kept (a slice replaces only
+its own cells), so slices run in separate calls add up to one table. Targets (H100): mprun/hand >= 0.98
+in every cell; resnet50 bf16 compiled >= 5,500 img/s; bf16 peak memory <= 0.55x fp32.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ def cell(model: str, precision: str, compiled: bool, args: argparse.Namespace) -
             times[name].append(seconds)
             mems[name].append(mib)
     images = batch * args.steps
-    out = {"model": model, "precision": precision, "mode": "compiled" if compiled else "eager", "batch": batch}
+    out = {"model": model, "precision": precision, "mode": "compiled" if compiled else "eager", "batch": batch,
+           "date": str(date.today())}
     for name in paths:
         out[f"{name}_img_s"] = images / statistics.median(times[name])
         out[f"{name}_peak_mib"] = max(mems[name])
@@ -143,6 +147,38 @@ def table(cells: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def key(c: dict) -> tuple[str, str, str]:
+    return c["model"], c["precision"], c["mode"]
+
+
+def earlier(path: Path, device: str) -> list[dict]:
+    """The cells of an earlier result file, if it was measured on this device with this torch."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    return old["cells"] if (old.get("device"), old.get("torch")) == (device, torch.__version__) else []
+
+
+def write(out: Path, cells: list[dict], device: str, args: argparse.Namespace) -> str:
+    """gpu_step.json and gpu_step.md for these cells, each file replaced whole (never half-written)."""
+    order = {(m, p, mode): i for i, (m, mode, p) in enumerate(
+        (m, mode, p) for m in BATCH for mode in ("eager", "compiled") for p in ("fp32", "tf32", "fp16", "bf16"))}
+    cells = sorted(cells, key=lambda c: order.get(key(c), len(order)))
+    dates = sorted({c["date"] for c in cells})
+    result = {"benchmark": "gpu_step", "device": device, "torch": torch.__version__, "python": platform.python_version(),
+              "args": {k: str(v) for k, v in vars(args).items() if k != "out"}, "cells": cells}
+    md = (f"mprun vs hand-written torch.amp loop, {', '.join(dates)}, {device}, torch {torch.__version__}, synthetic data on "
+          f"the device, SGD, {args.steps} steps a round, median of {args.rounds} alternating rounds after {args.warmup} "
+          f"warm-up: `python bench/gpu_step.py` (slices by --models/--precisions/--modes). Peak MiB: allocated above what "
+          f"was resident before the round (both paths' weights and optimizer state)\n\n" + table(cells))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("gpu_step.json", json.dumps(result, indent=2)), ("gpu_step.md", md)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet50,vit_b16")
@@ -154,22 +190,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps per timed round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds per path")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per path (alternating)")
+    ap.add_argument("--budget-s", type=float, default=0, help="start no cell after the first once this many seconds have passed (0: no limit)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
-    cells = [cell(m, p, mode == "compiled", args) for m in args.models.split(",") for mode in args.modes.split(",")
-             for p in args.precisions.split(",")]
     from mprun.loop import device_name
 
     device = device_name(torch.device(args.device))
-    result = {"benchmark": "gpu_step", "date": str(date.today()), "device": device, "torch": torch.__version__,
-              "python": platform.python_version(), "args": {k: str(v) for k, v in vars(args).items()}, "cells": cells}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_step.json").write_text(json.dumps(result, indent=2))
-    md = (f"mprun vs hand-written torch.amp loop, {result['date']}, {device}, torch {result['torch']}, synthetic data on the "
-          f"device, SGD: `python bench/gpu_step.py --models {args.models} --precisions {args.precisions} --modes {args.modes}`\n\n"
-          + table(cells))
-    (args.out / "gpu_step.md").write_text(md)
-    print(md)
+    todo = [(m, p, mode) for m in args.models.split(",") for mode in args.modes.split(",") for p in args.precisions.split(",")]
+    cells = {key(c): c for c in earlier(args.out / "gpu_step.json", device)}
+    start = time.perf_counter()
+    for i, (m, p, mode) in enumerate(todo):
+        if i and args.budget_s and time.perf_counter() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: not run: {', '.join(' '.join(t) for t in todo[i:])}", flush=True)
+            break
+        c = cell(m, p, mode == "compiled", args)
+        cells[key(c)] = c
+        md = write(args.out, list(cells.values()), device, args)
+    print(md)  # the loop always runs its first cell
 
 
 if __name__ == "__main__":

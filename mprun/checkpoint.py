@@ -17,8 +17,15 @@ from mprun.errors import ConfigError
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under torch.compile's wrapper, so state_dict keys carry no `_orig_mod.` prefix."""
+    """The module under torch.compile's wrapper (still DDP-wrapped under DDP), so state_dict keys carry no
+    `_orig_mod.` prefix and its forward runs eagerly."""
     return getattr(model, "_orig_mod", model)
+
+
+def user_module(model: nn.Module) -> nn.Module:
+    """The user's module under both torch.compile's and DDP's wrappers: its names are the model's own."""
+    inner = unwrap(model)
+    return inner.module if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else inner
 
 
 def rng_state() -> dict[str, Any]:

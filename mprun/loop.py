@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mprun import numerics
-from mprun.checkpoint import unwrap
+from mprun.checkpoint import unwrap, user_module
 from mprun.data import Batch, DataBundle, Loader, TimedLoader
 from mprun.distributed import SINGLE, Strategy, World
 from mprun.errors import require
@@ -197,7 +197,11 @@ def train_step(
     """Forward/backward over the micro-batches, then one optimizer step: (mean loss, grad norm or None).
     With `stats` (a dict), also record activation maxima and fp16 gradient under/overflow into it."""
     total = torch.zeros((), device=micro_batches[0][0].device)
-    plain = unwrap(model)  # hooks and statistics see the user's module names, not DDP's or compile's wrapper
+    plain = user_module(model)  # hooks and statistics see the user's module names, not DDP's or compile's wrapper
+    if stats is not None:
+        # Compiled code never calls forward hooks added after compilation (dynamo does not guard on them),
+        # so a statistics step runs the model eagerly; DDP's wrapper stays, gradients are still all-reduced.
+        model = unwrap(model)
     no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce gradients on the last micro-batch only
     for i, (x, y) in enumerate(micro_batches):
         accumulate = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else contextlib.nullcontext()

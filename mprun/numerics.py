@@ -208,13 +208,13 @@ class Stats:
 
     def metrics(self, grads: dict[str, dict[str, float]], acts: dict[str, float]) -> dict[str, float]:
         out = {}
+        for mod, a in acts.items():  # first: every top-level module, in the order the forward pass ran them
+            self.latest.setdefault(mod, {})["act_absmax"] = a
+            out[f"numerics/act_absmax/{mod}"] = a
         for mod, v in grads.items():
             self.latest.setdefault(mod, {}).update(v)
             out[f"numerics/underflow/{mod}"] = v["underflow"]
             out[f"numerics/overflow/{mod}"] = v["overflow"]
-        for mod, a in acts.items():
-            self.latest.setdefault(mod, {})["act_absmax"] = a
-            out[f"numerics/act_absmax/{mod}"] = a
         return out
 
     def table(self) -> str:
@@ -222,8 +222,8 @@ class Stats:
         rows = ["| module | grad underflow in fp16 | grad overflow in fp16 | max |activation| | vs 65504 |",
                 "|---|---|---|---|---|"]
         for mod, v in self.latest.items():
-            a = v.get("act_absmax")
-            rows.append(f"| {mod} | {100 * v.get('underflow', math.nan):.2f}% | {100 * v.get('overflow', math.nan):.4f}% | "
+            a, u, o = v.get("act_absmax"), v.get("underflow"), v.get("overflow")  # a module without parameters has no gradients
+            rows.append(f"| {mod} | {'—' if u is None else f'{100 * u:.2f}%'} | {'—' if o is None else f'{100 * o:.4f}%'} | "
                         f"{'—' if a is None else f'{a:.4g}'} | {'—' if a is None else f'{a / FP16_MAX:.1e}×'} |")
         return "\n".join(rows) + "\n"
 

@@ -11,18 +11,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_step_harness_runs_on_cpu(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_step.py"), "--device", "cpu", "--models", "simple_cnn",
-         "--precisions", "fp32,fp16", "--modes", "eager", "--image", "16", "--batch", "8", "--steps", "2",
-         "--warmup", "1", "--rounds", "2", "--out", str(tmp_path)],
+def gpu_step(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_step.py"), "--device", "cpu", "--models", "simple_cnn", "--modes", "eager",
+         "--image", "16", "--batch", "8", "--steps", "2", "--warmup", "1", "--rounds", "2", "--out", str(out), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
+
+
+def test_gpu_step_harness_runs_on_cpu_and_slices_add_up(tmp_path: Path) -> None:
+    proc = gpu_step(tmp_path, "--precisions", "fp32,fp16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_step.json").read_text())
     assert [(c["precision"], c["mode"]) for c in result["cells"]] == [("fp32", "eager"), ("fp16", "eager")]
     assert all(c["hand_img_s"] > 0 and c["mprun_img_s"] > 0 for c in result["cells"])
     assert "| simple_cnn | fp16 | eager |" in (tmp_path / "gpu_step.md").read_text()
+    # A second slice joins the first; a spent budget stops it after its first cell.
+    proc = gpu_step(tmp_path, "--precisions", "bf16,fp32", "--budget-s", "1e-9")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not run: simple_cnn fp32 eager" in proc.stdout
+    result = json.loads((tmp_path / "gpu_step.json").read_text())
+    assert [c["precision"] for c in result["cells"]] == ["fp32", "fp16", "bf16"]
+    assert "| simple_cnn | bf16 | eager |" in (tmp_path / "gpu_step.md").read_text()
 
 
 def test_loader_bench_runs_on_a_generated_imagefolder(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 from conftest import run_cli
 from mprun import checkpoint
 
-COMMON = ["model=simple_mlp", "scheduler=none", "trainer.max_epochs=1", "trainer.log_every_steps=1", "trainer.progress=off"]
+COMMON = ["model=simple_mlp", "scheduler=none", "trainer.max_epochs=1", "trainer.log_every_steps=1", "trainer.progress=off",
+          "precision.stats_every_steps=6"]
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -50,6 +51,8 @@ def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(
     # Each rank evaluated its half of the 359 validation samples (one rank's share padded); the sums over
     # ranks give the single process's figures.
     assert _history(client, "ddp x2", "val/acc") == _history(client, "single x1", "val/acc")
+    # fp16 statistics name the user's modules, not DDP's wrapper ("module")
+    assert len(_history(client, "ddp x2", "numerics/underflow/1")) == 2 and not _history(client, "ddp x2", "numerics/underflow/module")
     assert _history(client, "ddp x2", "val/loss") == pytest.approx(_history(client, "single x1", "val/loss"), abs=1e-5)
 
 

@@ -119,10 +119,17 @@ def test_channels_last_run(make_cfg) -> None:
     run(make_cfg("trainer.channels_last=true", *SHORT))
 
 
-def test_compiled_run_checkpoints_the_plain_module(make_cfg, tmp_path: Path) -> None:
-    run(make_cfg("model=simple_mlp", "trainer.compile=true", "trainer.max_steps=2", "trainer.max_epochs=1"))
+def test_compiled_run_checkpoints_the_plain_module_and_collects_statistics(make_cfg, tmp_path: Path) -> None:
+    run(make_cfg("model=simple_mlp", "trainer.compile=true", "precision.stats_every_steps=2", "trainer.max_steps=2",
+                 "trainer.max_epochs=1"))
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "final.pt")
     assert not any(k.startswith("_orig_mod.") for k in state["model"])
+    # Compiled code skips forward hooks added after compilation; the statistics step ran eagerly, so every
+    # top-level module has its activation maximum, and those with parameters their gradient figures.
+    table = (tmp_path / "run" / "numerics" / "stats.md").read_text().splitlines()
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.split("|")[1:-1]] for line in table if line.startswith("| ")) if r[0] != "module"}
+    assert list(rows) == ["0", "1", "2", "3", "4", "5"] and all(r[2] != "—" for r in rows.values())  # Flatten, 2x(Linear, ReLU), Linear
+    assert rows["1"][0].endswith("%") and rows["0"][0] == "—"  # the Flatten has no parameters, so no gradients
 
 
 def test_final_checkpoint_contents(make_cfg, tmp_path: Path) -> None:
