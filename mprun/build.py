@@ -59,6 +59,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     trainer: TrainerConfig = checked["trainer"]
     device = resolve_device(trainer.device, world.local_rank)
     precision = Precision(checked["precision"], device)
+    torch.backends.cudnn.benchmark = trainer.cudnn_benchmark  # process-global: set by every run, never inherited
     seed_everything(trainer.seed)
     data = dataset(cfg, trainer.seed, device)
     data.train.shard(world.rank, world.size)

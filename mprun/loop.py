@@ -62,6 +62,9 @@ class TrainerConfig:
     log_every_steps: int = 10
     channels_last: bool = False
     compile: bool = False
+    # cuDNN times its convolution algorithms for each new input shape and keeps the fastest (as timm's and
+    # torchvision's reference training scripts do); false: the same algorithms every run, for reproducibility.
+    cudnn_benchmark: bool = True
     progress: ProgressMode = ProgressMode.auto
     # Periodic checkpoints in <run dir>/checkpoints/ (0: off); final.pt / interrupted.pt are always written.
     checkpoint_every_steps: int = 0

@@ -115,8 +115,11 @@ def test_gradient_accumulation_run(make_cfg) -> None:
     assert summary["steps"] == 2
 
 
-def test_channels_last_run(make_cfg) -> None:
-    run(make_cfg("trainer.channels_last=true", *SHORT))
+@pytest.mark.parametrize("benchmark", [True, False])
+def test_channels_last_run_sets_cudnn_benchmark_every_time(make_cfg, benchmark: bool) -> None:
+    torch.backends.cudnn.benchmark = not benchmark  # an earlier job's setting (same process) must not leak in
+    run(make_cfg("trainer.channels_last=true", f"trainer.cudnn_benchmark={str(benchmark).lower()}", *SHORT))
+    assert torch.backends.cudnn.benchmark is benchmark
 
 
 def test_compiled_run_checkpoints_the_plain_module_and_collects_statistics(make_cfg, tmp_path: Path) -> None:
