@@ -78,7 +78,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     fp32_modules = numerics.keep_fp32(module, precision.cfg.fp32_modules, device.type) if precision.cfg.fp32_modules else []
     memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
     module = module.to(device, memory_format=memory_format)
-    models.check_fits(module, data.example().to(device), data.num_classes, model_name, data.name)
+    models.check_fits(module, data.example().to(device), cfg.dataset.batch_size, data.num_classes, model_name, data.name)
     # DDP wraps the module; FSDP2 shards it in place (before the optimizer sees its parameters).
     wrapped = distributed.wrap(module, trainer.strategy, device, precision, fp32_modules)
     optimizer = prepare(instantiate(cfg.optimizer, _convert_="all")(module.parameters(), **implementation()))

@@ -172,20 +172,35 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
     raise ConfigError(f"cannot adapt {type(model).__name__} to {in_chans} input channels: it has no Conv2d")
 
 
-def check_fits(model: nn.Module, example: torch.Tensor, num_classes: int, model_name: str, dataset_name: str) -> None:
-    """Run one tiny forward pass so a model/dataset mismatch fails now, with both names, not mid-epoch."""
+def check_fits(model: nn.Module, example: torch.Tensor, batch_size: int, num_classes: int, model_name: str,
+               dataset_name: str) -> None:
+    """Run one tiny forward pass in training mode, as the first step will, so that a model/dataset/batch
+    mismatch fails now, naming them, not mid-epoch. Buffers (BatchNorm's running statistics) are left as found."""
+    example = torch.cat([example, example])[: min(2, batch_size)]  # a batch of 1 only when the run uses batches of 1
+    buffers = [(b, b.clone()) for b in model.buffers()]
     was_training = model.training
-    model.eval()
+    model.train()
     try:
         with torch.no_grad():
             out = model(example)
     except (RuntimeError, ValueError, AssertionError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        batch = f" in batches of {len(example)} (dataset.batch_size)" if len(example) == 1 else ""
         raise ConfigError(
-            f"model={model_name} cannot take dataset={dataset_name} inputs of shape {tuple(example.shape[1:])}: {first_line}"
+            f"model={model_name} cannot train on dataset={dataset_name} inputs of shape {tuple(example.shape[1:])}{batch}: "
+            f"{first_line}"
         ) from e
     finally:
         model.train(was_training)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    require(
+        isinstance(out, torch.Tensor),
+        f"model={model_name} returns {type(out).__name__} in training, not a tensor of logits (auxiliary heads?); "
+        "mprun trains models that return logits: turn the extra outputs off through model.kwargs (torchvision googlenet "
+        "and inception_v3: +model.kwargs.aux_logits=false)",
+    )
     require(
         tuple(out.shape) == (example.shape[0], num_classes),
         f"model={model_name} outputs shape {tuple(out.shape[1:])}, dataset={dataset_name} has {num_classes} classes",

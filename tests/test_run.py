@@ -57,6 +57,28 @@ def test_model_dataset_mismatch_is_a_clear_error(make_cfg) -> None:
         run(make_cfg("model=vit_b16", *SHORT))
 
 
+def test_a_batch_of_one_under_batchnorm_is_a_clear_error(make_cfg) -> None:
+    # resnet18 shrinks 8x8 digits to 1x1 before its last BatchNorms: one value per channel in training.
+    with pytest.raises(ConfigError, match=r"resnet18 cannot train on dataset=digits .* in batches of 1 \(dataset.batch_size\)"):
+        run(make_cfg("model=resnet18", "dataset.batch_size=1", *SHORT))
+
+
+def test_a_model_with_auxiliary_outputs_is_a_clear_error_and_the_fix_works(make_cfg) -> None:
+    googlenet = ["model=torchvision", "model.name=googlenet", *TINY_IMAGES, "trainer.max_steps=1", "trainer.max_epochs=1"]
+    with pytest.raises(ConfigError, match=r"googlenet returns GoogLeNetOutputs in training.*\+model.kwargs.aux_logits=false"):
+        run(make_cfg(*googlenet))
+    assert run(make_cfg(*googlenet, "+model.kwargs.aux_logits=false"))["steps"] == 1
+
+
+def test_the_fit_check_leaves_batchnorm_statistics_as_found() -> None:
+    from mprun.models import SimpleCNN, check_fits
+
+    model = SimpleCNN(1, (8, 8), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_fits(model, torch.randn(2, 1, 8, 8) * 5 + 3, 64, 10, "simple_cnn", "digits")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("scheduler", ["none", "cosine", "step", "onecycle"])
 def test_optimizers_and_schedulers(make_cfg, optimizer: str, scheduler: str) -> None:
