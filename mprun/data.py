@@ -159,25 +159,63 @@ def real_count(n: int, rank: int, world: int, pad: bool) -> int:
     return len(range(rank, n, world)) if pad else n // world
 
 
+class EpochBatches(torch.utils.data.Sampler[list[int]]):
+    """This rank's batches of sample indices, pass by pass: the one place that decides them, for both
+    TensorLoader and the DataLoader (its batch_sampler). The order depends on (seed, epoch) alone, as
+    RandomSampler with a seeded generator draws it, so a run can be replayed; each rank takes its share
+    (rank_positions); a resumed pass starts after its first skip batches without loading them; training
+    drops a ragged last batch (a size-1 batch breaks BatchNorm) unless it is the only one."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.epoch, self.skip = 0, 0
+        self.rank, self.world = 0, 1
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def real_samples(self) -> int:
+        return real_count(self.n, self.rank, self.world, pad=not self.shuffle)  # training shuffles; evaluation pads
+
+    def __len__(self) -> int:
+        """Batches in a full pass, the same on every rank."""
+        per_rank = share_size(self.n, self.world, pad=not self.shuffle)
+        return batch_count(per_rank, self.batch_size, drop_last=self.shuffle and per_rank >= self.batch_size)
+
+    def order(self) -> torch.Tensor:
+        """This rank's samples in the current epoch's order (a CPU tensor)."""
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) if self.shuffle \
+            else torch.arange(self.n)
+        return order[rank_positions(self.n, self.rank, self.world, pad=not self.shuffle)]
+
+    def split(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
+        """`order` (on any device) cut into the next pass's batches; a skip applies to that pass only."""
+        skip, self.skip = self.skip, 0
+        for i in range(skip, len(self)):
+            yield order[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (idx.tolist() for idx in self.split(self.order()))
+
+
 class TensorLoader:
     """Batches from in-memory tensors: one index_select per batch, in a seeded per-epoch order."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
-        self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
-        # Training drops a ragged last batch (a size-1 batch breaks BatchNorm); evaluation keeps every sample.
-        self.drop_last = shuffle and len(x) >= batch_size
-        self.epoch, self.skip = 0, 0
-        self.rank, self.world = 0, 1
-
-    def shard(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
-        self.drop_last = self.shuffle and len(self.x) // world >= self.batch_size
-
-    def real_samples(self) -> int:
-        return real_count(len(self.x), self.rank, self.world, pad=not self.shuffle)
+        self.x, self.y = x, y
+        self.batches = EpochBatches(len(x), batch_size, shuffle, seed)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip_batches
+        self.batches.set_epoch(epoch, skip_batches)
+
+    def shard(self, rank: int, world: int) -> None:
+        self.batches.shard(rank, world)
+
+    def real_samples(self) -> int:
+        return self.batches.real_samples()
 
     def describe(self) -> str:
         return f"in-memory tensors on {self.x.device}"
@@ -186,47 +224,12 @@ class TensorLoader:
         return "keep the tensors on the training device (dataset=synthetic: dataset.on_device=true)"
 
     def __len__(self) -> int:
-        # every rank gets the same count (rank_positions)
-        return batch_count(share_size(len(self.x), self.world, pad=not self.shuffle), self.batch_size, self.drop_last)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[Batch]:
-        n = len(self.x)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=g).to(self.x.device)
-        else:
-            order = torch.arange(n, device=self.x.device)
-        order = order[rank_positions(n, self.rank, self.world, pad=not self.shuffle).to(self.x.device)]
-        skip, self.skip = self.skip, 0  # a skip applies to one pass only
-        for i in range(skip, len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+        # One copy of the order per pass: a copy from pageable host memory waits for the GPU's queued work.
+        for idx in self.batches.split(self.batches.order().to(self.x.device)):
             yield self.x.index_select(0, idx), self.y.index_select(0, idx)
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Sample order from (seed, epoch) alone, as RandomSampler with a seeded generator draws it, and able
-    to start mid-epoch without loading the skipped samples (what a resumed run needs)."""
-
-    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.epoch, self.skip = 0, 0
-        self.rank, self.world = 0, 1
-
-    def per_rank(self) -> int:
-        return share_size(self.n, self.world, pad=not self.shuffle)  # training shuffles; evaluation pads
-
-    def real_samples(self) -> int:
-        return real_count(self.n, self.rank, self.world, pad=not self.shuffle)
-
-    def __len__(self) -> int:
-        return self.per_rank() - self.skip
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) if self.shuffle \
-            else torch.arange(self.n)
-        order = order[rank_positions(self.n, self.rank, self.world, pad=not self.shuffle)]
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:].tolist())
 
 
 def usable_cores() -> int:
@@ -249,17 +252,13 @@ class EpochDataLoader:
         self, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: str, prefetch_factor: int,
         shuffle: bool, seed: int, device: torch.device,
     ):
-        self.batch_size = batch_size
-        self.sampler = EpochSampler(len(dataset), shuffle, seed)
-        self.drop_last = shuffle and len(dataset) >= batch_size
+        self.batches = EpochBatches(len(dataset), batch_size, shuffle, seed)
         self.workers = auto_workers() if num_workers == "auto" else int(num_workers)
         self.setting = f"{self.workers} worker{'s' * (self.workers != 1)}" + (" (auto)" if num_workers == "auto" else "")
         self.prefetch = prefetch_factor if self.workers > 0 else 0
         self.loader = torch.utils.data.DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            drop_last=self.drop_last,
+            batch_sampler=self.batches,  # drawn in this process at each iter(): order, shard, skip, ragged batch
             num_workers=self.workers,
             pin_memory=device.type == "cuda",  # pinned pages make the non_blocking H2D copy truly async
             persistent_workers=self.workers > 0,  # no worker start-up (process spawn, dataset copy) per epoch
@@ -267,13 +266,13 @@ class EpochDataLoader:
         )
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.sampler.epoch, self.sampler.skip = epoch, skip_batches * self.batch_size
+        self.batches.set_epoch(epoch, skip_batches)
 
     def shard(self, rank: int, world: int) -> None:
-        self.sampler.rank, self.sampler.world = rank, world
+        self.batches.shard(rank, world)
 
     def real_samples(self) -> int:
-        return self.sampler.real_samples()
+        return self.batches.real_samples()
 
     def remedy(self) -> str:
         return (f"raise dataset.num_workers (this process may use {usable_cores()} cores), store images near the "
@@ -285,7 +284,7 @@ class EpochDataLoader:
         return f"DataLoader, {where}{', pinned memory' if self.loader.pin_memory else ''}"
 
     def __len__(self) -> int:
-        return batch_count(self.sampler.per_rank(), self.batch_size, self.drop_last)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self.loader)

@@ -58,7 +58,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(
 
 @pytest.mark.parametrize("world", [2, 3, 4, 16])
 def test_evaluation_shards_cover_every_sample_once_in_as_many_batches_on_every_rank(world: int) -> None:
-    from mprun.data import EpochSampler, TensorLoader
+    from mprun.data import EpochDataLoader, TensorLoader
 
     x, y = torch.arange(10.0)[:, None], torch.arange(10)
     real, lengths = [], set()
@@ -66,12 +66,27 @@ def test_evaluation_shards_cover_every_sample_once_in_as_many_batches_on_every_r
         loader = TensorLoader(x, y, batch_size=3, shuffle=False)
         loader.shard(rank, world)
         labels = torch.cat([b for _, b in loader]).tolist()
-        sampler = EpochSampler(10, shuffle=False, seed=0)
-        sampler.rank, sampler.world = rank, world
-        assert list(sampler) == labels  # the DataLoader path takes the same positions
-        lengths.add(len(loader))
+        files = EpochDataLoader(torch.utils.data.TensorDataset(x, y), 3, "0", 2, shuffle=False, seed=0, device=torch.device("cpu"))
+        files.shard(rank, world)
+        assert torch.cat([b for _, b in files]).tolist() == labels  # the DataLoader path takes the same batches
+        lengths |= {len(loader), len(files)}
         real += labels[: loader.real_samples()]
     assert sorted(real) == list(range(10)) and len(lengths) == 1  # FSDP needs the same batch count everywhere
+
+
+def test_both_loaders_keep_a_ranks_only_batch_when_its_share_is_smaller_than_a_batch() -> None:
+    # 100 samples, batch 64, 2 ranks: 50 each. Dropping the ragged batch would train nothing (the DataLoader
+    # path did); both loaders keep it, and agree on the order.
+    from mprun.data import EpochDataLoader, TensorLoader
+
+    x, y = torch.arange(100.0)[:, None], torch.arange(100)
+    tensors = TensorLoader(x, y, 64, shuffle=True, seed=3)
+    files = EpochDataLoader(torch.utils.data.TensorDataset(x, y), 64, "0", 2, shuffle=True, seed=3, device=torch.device("cpu"))
+    for loader in (tensors, files):
+        loader.shard(1, 2)
+        loader.set_epoch(2)
+    batches = [[b.tolist() for _, b in loader] for loader in (tensors, files)]
+    assert len(tensors) == len(files) == 1 and batches[0] == batches[1] and len(batches[0][0]) == 50
 
 
 def test_evaluate_leaves_a_shards_padding_out() -> None:

@@ -70,7 +70,7 @@ def test_a_starved_run_logs_its_wait_and_warns_once(make_cfg, monkeypatch, caplo
 
     def slow(self):
         for batch in original(self):
-            if self.shuffle:  # training batches only
+            if self.batches.shuffle:  # training batches only
                 time.sleep(0.05)
             yield batch
 
