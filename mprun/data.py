@@ -201,12 +201,10 @@ class EpochBatches(torch.utils.data.Sampler[list[int]]):
         return (idx.tolist() for idx in self.split(self.order()))
 
 
-class TensorLoader:
-    """Batches from in-memory tensors: one index_select per batch, in a seeded per-epoch order."""
+class Batched:
+    """A loader whose batches an EpochBatches decides: the Loader calls about order and sharding go to it."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
-        self.x, self.y = x, y
-        self.batches = EpochBatches(len(x), batch_size, shuffle, seed)
+    batches: EpochBatches
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.batches.set_epoch(epoch, skip_batches)
@@ -217,14 +215,22 @@ class TensorLoader:
     def real_samples(self) -> int:
         return self.batches.real_samples()
 
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class TensorLoader(Batched):
+    """Batches from in-memory tensors: one index_select per batch, in a seeded per-epoch order."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+        self.x, self.y = x, y
+        self.batches = EpochBatches(len(x), batch_size, shuffle, seed)
+
     def describe(self) -> str:
         return f"in-memory tensors on {self.x.device}"
 
     def remedy(self) -> str:
         return "keep the tensors on the training device (dataset=synthetic: dataset.on_device=true)"
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
     def __iter__(self) -> Iterator[Batch]:
         # One copy of the order per pass: a copy from pageable host memory waits for the GPU's queued work.
@@ -245,7 +251,7 @@ def auto_workers() -> int:
     return max(1, min(8, per_rank - 1))
 
 
-class EpochDataLoader:
+class EpochDataLoader(Batched):
     """torch DataLoader whose shuffle order depends only on (seed, epoch), so a run can be replayed."""
 
     def __init__(
@@ -265,15 +271,6 @@ class EpochDataLoader:
             prefetch_factor=self.prefetch or None,
         )
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.batches.set_epoch(epoch, skip_batches)
-
-    def shard(self, rank: int, world: int) -> None:
-        self.batches.shard(rank, world)
-
-    def real_samples(self) -> int:
-        return self.batches.real_samples()
-
     def remedy(self) -> str:
         return (f"raise dataset.num_workers (this process may use {usable_cores()} cores), store images near the "
                 "training size so decoding and resizing cost less, keep the data on local disk; "
@@ -282,9 +279,6 @@ class EpochDataLoader:
     def describe(self) -> str:
         where = "in the training process" if self.workers == 0 else f"{self.setting}, prefetch {self.prefetch} each"
         return f"DataLoader, {where}{', pinned memory' if self.loader.pin_memory else ''}"
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self.loader)
