@@ -109,7 +109,7 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Order the next pass by (seed, epoch) and start it after skip_batches batches (a resumed epoch)."""
     def shard(self, rank: int, world: int) -> None:
-        """Keep every world-th sample of each epoch's order, starting at rank (DistributedSampler's split; see rank_positions)."""
+        """Keep every world-th sample of each epoch's order, starting at rank (DistributedSampler's split; see EpochBatches)."""
     def real_samples(self) -> int:
         """This rank's samples in one pass, not counting the padding an evaluation shard ends with."""
     def describe(self) -> str:
@@ -140,23 +140,16 @@ def batch_count(samples: int, batch_size: int, drop_last: bool) -> int:
     return samples // batch_size if drop_last else -(-samples // batch_size)
 
 
-def rank_positions(n: int, rank: int, world: int, pad: bool) -> torch.Tensor:
-    """The positions in one pass's order of n samples that this rank takes: every world-th, from rank.
-    Training (pad=False) drops the tail that does not divide, so every rank takes as many steps. Evaluation
-    (pad=True) keeps every sample: the shorter shares are padded up to the longest by wrapping around, as
-    DistributedSampler does, so every rank runs as many batches (FSDP's forward is a collective), and
-    evaluate() leaves the padding, which sits at the end of a share, out of its sums."""
-    return torch.arange(rank, rank + share_size(n, world, pad) * world, world) % max(1, n)
+def rank_positions(n: int, rank: int, world: int, size: int) -> torch.Tensor:
+    """The `size` positions in one pass's order of n samples that this rank takes: every world-th, from
+    rank. Past the end of the order they wrap around to its start, as DistributedSampler pads; that
+    padding sits at the end of a share, and evaluate() leaves it out of its sums."""
+    return torch.arange(rank, rank + size * world, world) % max(1, n)
 
 
-def share_size(n: int, world: int, pad: bool) -> int:
-    """len(rank_positions(n, rank, world, pad)), the same on every rank."""
-    return -(-n // world) if pad else n // world
-
-
-def real_count(n: int, rank: int, world: int, pad: bool) -> int:
-    """How many of rank_positions(n, rank, world, pad) are samples rather than padding."""
-    return len(range(rank, n, world)) if pad else n // world
+def real_count(n: int, rank: int, world: int, size: int) -> int:
+    """How many of rank_positions(n, rank, world, size) are samples rather than padding."""
+    return min(size, len(range(rank, n, world)))
 
 
 class EpochBatches(torch.utils.data.Sampler[list[int]]):
@@ -177,19 +170,28 @@ class EpochBatches(torch.utils.data.Sampler[list[int]]):
     def shard(self, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
 
+    def share(self) -> int:
+        """Positions per rank in one pass, the same on every rank. Training (it shuffles) drops the tail
+        that does not divide, so every rank takes as many steps. Evaluation keeps every sample and pads
+        each share up to whole batches: every rank runs as many batches (FSDP's forward is a collective),
+        all of one shape (a ragged last batch would cost a compiled model a dynamic-shape recompile)."""
+        if self.shuffle:
+            return self.n // self.world
+        return -(-self.n // (self.world * self.batch_size)) * self.batch_size
+
     def real_samples(self) -> int:
-        return real_count(self.n, self.rank, self.world, pad=not self.shuffle)  # training shuffles; evaluation pads
+        return real_count(self.n, self.rank, self.world, self.share())
 
     def __len__(self) -> int:
         """Batches in a full pass, the same on every rank."""
-        per_rank = share_size(self.n, self.world, pad=not self.shuffle)
-        return batch_count(per_rank, self.batch_size, drop_last=self.shuffle and per_rank >= self.batch_size)
+        share = self.share()
+        return batch_count(share, self.batch_size, drop_last=self.shuffle and share >= self.batch_size)
 
     def order(self) -> torch.Tensor:
         """This rank's samples in the current epoch's order (a CPU tensor)."""
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) if self.shuffle \
             else torch.arange(self.n)
-        return order[rank_positions(self.n, self.rank, self.world, pad=not self.shuffle)]
+        return order[rank_positions(self.n, self.rank, self.world, self.share())]
 
     def split(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
         """`order` (on any device) cut into the next pass's batches; a skip applies to that pass only."""

@@ -306,7 +306,7 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: tor
             x, y = _to_device(batch, device, channels_last)
             with precision.autocast():
                 logits = model(x)
-            keep = min(len(y), left)  # the padding sits at the end of the last batch
+            keep = min(len(y), left)  # the padding sits at the end of the share
             logits, y, left = logits[:keep], y[:keep], left - keep
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(dim=1) == y).sum()

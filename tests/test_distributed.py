@@ -57,7 +57,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 16])
-def test_evaluation_shards_cover_every_sample_once_in_as_many_batches_on_every_rank(world: int) -> None:
+def test_evaluation_shards_cover_every_sample_once_in_as_many_full_batches_on_every_rank(world: int) -> None:
     from mprun.data import EpochDataLoader, TensorLoader
 
     x, y = torch.arange(10.0)[:, None], torch.arange(10)
@@ -65,6 +65,7 @@ def test_evaluation_shards_cover_every_sample_once_in_as_many_batches_on_every_r
     for rank in range(world):
         loader = TensorLoader(x, y, batch_size=3, shuffle=False)
         loader.shard(rank, world)
+        assert {len(b) for _, b in loader} == {3}  # one shape: a compiled model compiles evaluation once
         labels = torch.cat([b for _, b in loader]).tolist()
         files = EpochDataLoader(torch.utils.data.TensorDataset(x, y), 3, "0", 2, shuffle=False, seed=0, device=torch.device("cpu"))
         files.shard(rank, world)
@@ -98,7 +99,7 @@ def test_evaluate_leaves_a_shards_padding_out() -> None:
     model = torch.nn.Linear(4, 3)
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
     loader = TensorLoader(x, y, batch_size=2, shuffle=False)
-    loader.shard(1, 3)  # samples 1, 4, 7, then sample 0 again as padding
+    loader.shard(1, 3)  # samples 1, 4, 7, then sample 0 again: padding up to whole batches of 2
     loss, acc = evaluate(model, loader, Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu")), torch.device("cpu"), False)
     mine = torch.tensor([1, 4, 7])
     with torch.no_grad():
