@@ -300,7 +300,7 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: tor
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)
-    left = loader.real_samples()  # past these, the share is padding (every rank runs as many batches)
+    real = left = loader.real_samples()  # past these, the share is padding (every rank runs as many batches)
     with torch.no_grad():
         for batch in loader:
             x, y = _to_device(batch, device, channels_last)
@@ -312,7 +312,7 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: tor
             correct += (logits.argmax(dim=1) == y).sum()
     model.train()
     loss, right = torch.stack([loss_sum, correct]).tolist()  # the sync
-    loss, right, seen = world.sum([loss, right, float(loader.real_samples())])
+    loss, right, seen = world.sum([loss, right, float(real)])
     return loss / max(1.0, seen), right / max(1.0, seen)
 
 
