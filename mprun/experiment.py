@@ -109,7 +109,11 @@ def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig
     if changed:
         log.warning("resuming with settings that differ from the checkpoint's (optimizer, schedule and scaler "
                     "state come from the checkpoint): %s", "; ".join(changed[:10]))
-    state = TrainState(**ckpt["progress"])
+    try:
+        state = TrainState(**ckpt["progress"])
+    except TypeError as e:  # a progress record of another mprun version
+        raise ConfigError(f"trainer.resume: {path} was written by an mprun (version {ckpt.get('mprun_version')}) whose "
+                          f"progress record this one cannot read ({e}); start a fresh run") from e
     saved_world = int(ckpt.get("world_size", 1))
     if state.batch_in_epoch and saved_world != parts.world.size:
         raise ConfigError(f"trainer.resume: {path} was written mid-epoch by {saved_world} rank(s); its data position "

@@ -117,10 +117,13 @@ class TrainState:
     step: int = 0
     samples: int = 0
     batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
-    epoch_loss_sum: float = 0.0  # sum of this epoch's step losses (the device accumulator, synced)
-    epoch_steps: int = 0
-    logged_loss_sum: float = 0.0  # epoch_loss_sum as of the last log step
-    window_steps: int = 0  # steps since the last log step
+    # This epoch's loss summed over the steps the optimizer applied, and their number (the device
+    # accumulator, synced). A step the loss scaler skipped adds neither: its loss is often inf or NaN,
+    # and one such step would otherwise turn every later train/loss of the epoch into NaN.
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: float = 0.0
+    logged_loss_sum: float = 0.0  # the two as of the last log step
+    logged_loss_steps: float = 0.0
 
 
 @dataclass
@@ -237,10 +240,11 @@ def train_epoch(
     or None if a stop signal ended it early (state then says exactly where, for the checkpoint)."""
     model.train()
     loader.set_epoch(state.epoch, state.batch_in_epoch)
-    epoch_loss = torch.tensor(state.epoch_loss_sum, device=device)  # stays on the device: no sync per step
+    # [loss sum, applied steps] stays on the device: no sync per step
+    epoch_loss = torch.tensor([state.epoch_loss_sum, state.epoch_loss_steps], device=device)
 
     def sync() -> None:  # the device accumulator into state (averaged over ranks): at log steps and stops
-        state.epoch_loss_sum = world.mean(epoch_loss.item())
+        state.epoch_loss_sum, state.epoch_loss_steps = (v / world.size for v in world.sum(epoch_loss.tolist()))
 
     for micro in _chunks(loader, cfg.grad_accum_steps):
         # Under torchrun the ranks agree on stopping at log boundaries, so all stop after the same step.
@@ -251,7 +255,7 @@ def train_epoch(
             # The run ends mid-epoch: the position stays in state, so raising max_steps and resuming
             # continues this epoch where it stopped.
             sync()
-            return state.epoch_loss_sum / max(1, state.epoch_steps)
+            return _mean(state.epoch_loss_sum, state.epoch_loss_steps)
         micro = [_to_device(b, device, cfg.channels_last) for b in micro]
         at_log_step = (state.step + 1) % cfg.log_every_steps == 0
         stats = {} if guard is not None and guard.stats_due(state.step + 1) else None
@@ -266,14 +270,13 @@ def train_epoch(
         state.step += 1
         state.batch_in_epoch += len(micro)
         state.samples += sum(len(y) for _, y in micro)
-        epoch_loss += loss
-        state.window_steps += 1
-        state.epoch_steps += 1
+        applied = precision.applied  # 0.0 when the scaler skipped the step: its loss stays out of the means
+        epoch_loss += torch.stack([torch.where(applied > 0, loss, 0.0), applied])
         progress.advance(len(micro))
         if at_log_step:
             sync()  # sync point, once per log interval
             metrics = {
-                "train/loss": (state.epoch_loss_sum - state.logged_loss_sum) / state.window_steps,
+                "train/loss": _mean(state.epoch_loss_sum - state.logged_loss_sum, state.epoch_loss_steps - state.logged_loss_steps),
                 "train/lr": scheduler.get_last_lr()[0],
                 **precision.telemetry(),
             }
@@ -281,16 +284,22 @@ def train_epoch(
                 metrics["train/grad_norm"] = norm.item()
             tracker.log_metrics(metrics, state.step)
             progress.show({"loss": metrics["train/loss"], "scale": metrics["amp/loss_scale"]})
-            state.logged_loss_sum, state.window_steps = state.epoch_loss_sum, 0
+            state.logged_loss_sum, state.logged_loss_steps = state.epoch_loss_sum, state.epoch_loss_steps
             if guard is not None:
                 guard.check(metrics, unwrap(model), micro[0], state.step)  # may stop the run with a diagnosis
         if checkpoint is not None and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
             sync()
             checkpoint(state)
-    mean = world.mean((epoch_loss / max(1, state.epoch_steps)).item())
-    state.batch_in_epoch = state.epoch_steps = state.window_steps = 0
-    state.epoch_loss_sum = state.logged_loss_sum = 0.0
+    sync()
+    mean = _mean(state.epoch_loss_sum, state.epoch_loss_steps)
+    state.batch_in_epoch = 0
+    state.epoch_loss_sum = state.epoch_loss_steps = state.logged_loss_sum = state.logged_loss_steps = 0.0
     return mean
+
+
+def _mean(loss_sum: float, steps: float) -> float:
+    """A mean loss over applied steps; NaN when the scaler skipped every one of them (there is no loss to show)."""
+    return loss_sum / steps if steps else float("nan")
 
 
 def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: torch.device, channels_last: bool,

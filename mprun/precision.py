@@ -188,7 +188,9 @@ class Precision:
         self.backoff_events = 0
         self._skips = torch.zeros((), dtype=torch.float64, device=device)  # device twins of the two above
         self._clean = torch.zeros((), dtype=torch.float64, device=device)
-        self._last_found: Optional[torch.Tensor] = None  # 1.0 if the last step was skipped
+        # 1.0 if the last step was applied, 0.0 if the scaler skipped it (always 1.0 without a scaler). A device
+        # tensor: the loop leaves a skipped step's loss (often inf) out of its means without reading it.
+        self.applied = torch.ones((), device=device)
         self._scale_seen = self.scale_value()  # the scale at the last refresh: growth events follow from it
         self._window = [0, 0]  # [skipped, attempted] steps of the current log window, as of the last refresh
         self._window_steps = 0  # attempted steps since the last telemetry()
@@ -235,9 +237,9 @@ class Precision:
         self.scaler.step(optimizer)
         if self.scaler.is_enabled():
             found = self._found_inf(optimizer)
-            self._last_found = found
+            self.applied = 1 - found
             self._skips += found
-            self._clean.add_(1).mul_(1 - found)
+            self._clean.add_(1).mul_(self.applied)
         else:
             self.steps_since_overflow += 1  # nothing can overflow a step without a scaler
         # Static scaling (and skip mode's 1.0): GradScaler cannot have growth_factor=1, so pin the scale after every update.
@@ -257,7 +259,7 @@ class Precision:
 
     def last_step_skipped(self) -> bool:
         """Whether the scaler skipped the last step. A host sync: for on_nonfinite=skip, which pays one per step."""
-        return self._last_found is not None and bool(self._last_found.item())
+        return not bool(self.applied.item())
 
     def _refresh(self) -> None:
         """Bring the host counters up to date from the device (one host sync: log steps, checkpoints, the end)."""

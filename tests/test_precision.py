@@ -62,6 +62,54 @@ def run_epoch(model: nn.Module, precision: Precision, steps: int, log_every: int
     return sched, state, caught
 
 
+class NanLogitsOnSteps(InfOnSteps):
+    """The same model, but its logits (so its loss) are NaN on chosen (0-based) forward calls; it keeps its logits."""
+
+    def _hook(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+    def forward(self, x):
+        bad = self.calls in self.bad
+        self.calls += 1
+        logits = self.fc(x) * float("nan") if bad else self.fc(x)
+        self.seen = [*getattr(self, "seen", []), logits.detach()]
+        return logits
+
+
+class Recorder(Tracker):
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def log_metrics(self, metrics, step: int) -> None:
+        self.logged.append(dict(metrics))
+
+
+def epoch_on(model: nn.Module, precision: Precision, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[float]]:
+    """One epoch of 6 steps of 8 samples in order, logging every 2: (the epoch's mean loss, the logged train/loss)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, **implementation())
+    tracker = Recorder()
+    mean = train_epoch(model, TensorLoader(x, y, 8, shuffle=False), opt, constant(opt, total_steps=6, warmup_steps=0),
+                       precision, tracker, TrainerConfig(log_every_steps=2), TrainState(), DEVICE, Progress(1, 6, enabled=False))
+    return mean, [m["train/loss"] for m in tracker.logged]
+
+
+def test_a_skipped_steps_nan_loss_stays_out_of_the_loss_means() -> None:
+    """The scaler skips a step whose loss is NaN; that loss must not turn the rest of the epoch's train/loss
+    (or its mean) into NaN. The means cover the applied steps; a NaN loss without a scaler still shows."""
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 4, device=DEVICE), torch.randint(0, 3, (48,), device=DEVICE)
+    model, precision = NanLogitsOnSteps({1}), fp16(init_scale=1024.0)
+    mean, logged = epoch_on(model, precision, x, y)
+    assert precision.counters()["skipped_steps"] == 1
+    loss = [torch.nn.functional.cross_entropy(logits.float(), y[8 * i:8 * i + 8]).item() for i, logits in enumerate(model.seen)]
+    assert logged == pytest.approx([loss[0], (loss[2] + loss[3]) / 2, (loss[4] + loss[5]) / 2], rel=1e-5)  # step 1 left out
+    assert mean == pytest.approx((loss[0] + sum(loss[2:])) / 5, rel=1e-5)
+    # Without a scaler nothing skips the step: its NaN loss stays visible (numerics.Guard stops the run on it).
+    model, precision = NanLogitsOnSteps({1}), Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), DEVICE)
+    mean, logged = epoch_on(model, precision, x, y)
+    assert torch.isnan(torch.tensor([mean, logged[0]])).all()
+
+
 def test_dynamic_scaling_skips_the_update_and_backs_off() -> None:
     model = InfOnSteps({0})
     before = [p.detach().clone() for p in model.parameters()]
@@ -230,7 +278,7 @@ def test_counters_round_trip_through_the_checkpoint_state() -> None:
 
 def test_a_loss_scaled_step_reads_nothing_back_to_the_host(monkeypatch) -> None:
     """fp16 with dynamic scaling and the fused optimizer: between log steps no tensor is read on the host
-    (each read is a GPU sync); the only read in this epoch is the epoch's mean loss at its end."""
+    (each read is a GPU sync); the only read in this epoch is its loss sum and applied-step count at its end."""
     reads = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -243,7 +291,7 @@ def test_a_loss_scaled_step_reads_nothing_back_to_the_host(monkeypatch) -> None:
     precision = fp16(init_scale=1024.0, growth_interval=2)
     run_epoch(InfOnSteps({2}), precision, steps=6, log_every=1000)
     monkeypatch.undo()
-    assert reads == ["item"]
+    assert reads == ["tolist"]  # the epoch-end [loss sum, applied steps]
     assert precision.counters()["skipped_steps"] == 1
 
 
