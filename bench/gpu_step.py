@@ -8,13 +8,14 @@ in one process; CUDA events time each round after warm-up, the median round coun
 
     python bench/gpu_step.py                                   # the full matrix (more than one 10-minute call)
     python bench/gpu_step.py --models resnet50 --modes eager   # one slice, merged into the results so far
-    python bench/gpu_step.py --budget-s 480 ...                # start no further cell after 8 minutes
+    python bench/gpu_step.py --budget-s 480 ...                # start no cell that would end after 8 minutes
     python bench/gpu_step.py --device cpu --models simple_cnn --image 32 --batch 8 --steps 2 --rounds 1  # harness check
 
 Matrix: resnet50 (batch 256, channels_last) and vit_b16 (batch 128) x fp32, tf32, fp16, bf16 x eager,
-compiled. Writes <out>/gpu_step.json and gpu_step.md after every cell, so a slice cut short keeps what
-it measured; cells measured earlier on the same device and torch version are kept (a slice replaces only
-its own cells), so slices run in separate calls add up to one table. Targets (H100): mprun/hand >= 0.98
+compiled, the cells the targets need first. Writes <out>/gpu_step.json and gpu_step.md after every cell, so
+a slice cut short keeps what it measured; cells measured earlier on the same device and torch version are
+kept and not measured again (--redo does), so the same command run again finishes a slice, and slices run
+in separate calls add up to one table. A path whose weights end non-finite is flagged. Targets (H100): mprun/hand >= 0.98
 in every cell; resnet50 bf16 compiled >= 5,500 img/s; bf16 peak memory <= 0.55x fp32.
 """
 
@@ -55,9 +56,13 @@ def hand_loop(parts, compiled: bool, channels_last: bool):
     """The reference: what a careful person writes by hand with torch.amp."""
     device = parts.device
     dtype = parts.precision.autocast_dtype
+    from mprun.optim import prepare
+
     model = torch.compile(parts.module) if compiled else parts.module
-    opt = torch.optim.SGD(parts.module.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,  # as conf/optimizer/sgd
-                          fused=True)
+    # As conf/optimizer/sgd. prepare() zeroes fused SGD's momentum buffers, as mprun does: torch allocates them
+    # uninitialised, and an fp16 first step that overflows would leave the reference training on garbage (and NaN
+    # steps, which the fused kernel skips, would make it look faster).
+    opt = prepare(torch.optim.SGD(parts.module.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
     def epoch() -> None:
@@ -123,12 +128,15 @@ def cell(model: str, precision: str, compiled: bool, args: argparse.Namespace) -
     images = batch * args.steps
     out = {"model": model, "precision": precision, "mode": "compiled" if compiled else "eager", "batch": batch,
            "date": str(date.today())}
-    for name in paths:
+    for name, parts in (("hand", theirs), ("mprun", mine)):
         out[f"{name}_img_s"] = images / statistics.median(times[name])
         out[f"{name}_peak_mib"] = max(mems[name])
+        # A path whose weights went non-finite timed skipped or NaN steps, not training: its number is flagged.
+        out[f"{name}_finite"] = all(bool(torch.isfinite(p).all()) for p in parts.module.parameters())
     out["ratio"] = out["mprun_img_s"] / out["hand_img_s"]
     print(f"{model:9s} {precision:5s} {out['mode']:8s} hand {out['hand_img_s']:9.1f} img/s  mprun {out['mprun_img_s']:9.1f} "
-          f"img/s  ratio {out['ratio']:.3f}  peak MiB hand {out['hand_peak_mib']:.0f} mprun {out['mprun_peak_mib']:.0f}", flush=True)
+          f"img/s  ratio {out['ratio']:.3f}  peak MiB hand {out['hand_peak_mib']:.0f} mprun {out['mprun_peak_mib']:.0f}"
+          f"{'' if out['hand_finite'] and out['mprun_finite'] else '  NON-FINITE WEIGHTS'}", flush=True)
     del mine, theirs, paths
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -142,13 +150,28 @@ def table(cells: list[dict]) -> str:
     for c in cells:
         base = fp32.get((c["model"], c["mode"]))
         rel = f"{c['mprun_peak_mib'] / base:.2f}×" if base else "—"
+        bad = [n for n in ("hand", "mprun") if not c.get(f"{n}_finite", True)]
+        flag = f" (non-finite weights: {', '.join(bad)})" if bad else ""
         lines.append(f"| {c['model']} | {c['precision']} | {c['mode']} | {c['hand_img_s']:,.0f} | {c['mprun_img_s']:,.0f} | "
-                     f"{c['ratio']:.3f} | {c['mprun_peak_mib']:,.0f} | {rel} |")
+                     f"{c['ratio']:.3f}{flag} | {c['mprun_peak_mib']:,.0f} | {rel} |")
     return "\n".join(lines) + "\n"
 
 
 def key(c: dict) -> tuple[str, str, str]:
     return c["model"], c["precision"], c["mode"]
+
+
+# Within a model, the cells the targets need most come first, so a slice cut short still has them: the fp32
+# baseline, bf16 (its memory ratio) and compiled bf16 (the throughput target), then the rest.
+PRIORITY = [("eager", "fp32"), ("eager", "bf16"), ("compiled", "bf16"), ("eager", "fp16"), ("eager", "tf32"),
+            ("compiled", "fp16"), ("compiled", "tf32"), ("compiled", "fp32")]
+
+
+def priority(t: tuple[str, str, str]) -> tuple[int, int]:
+    m, p, mode = t
+    models = list(BATCH)
+    return (models.index(m) if m in models else len(models),
+            PRIORITY.index((mode, p)) if (mode, p) in PRIORITY else len(PRIORITY))
 
 
 def earlier(path: Path, device: str) -> list[dict]:
@@ -161,9 +184,9 @@ def earlier(path: Path, device: str) -> list[dict]:
 
 def write(out: Path, cells: list[dict], device: str, args: argparse.Namespace) -> str:
     """gpu_step.json and gpu_step.md for these cells, each file replaced whole (never half-written)."""
-    order = {(m, p, mode): i for i, (m, mode, p) in enumerate(
-        (m, mode, p) for m in BATCH for mode in ("eager", "compiled") for p in ("fp32", "tf32", "fp16", "bf16"))}
-    cells = sorted(cells, key=lambda c: order.get(key(c), len(order)))
+    models, precisions = list(BATCH), ["fp32", "tf32", "fp16", "bf16"]
+    cells = sorted(cells, key=lambda c: (models.index(c["model"]) if c["model"] in models else len(models), c["model"],
+                                         c["mode"] != "eager", precisions.index(c["precision"])))
     dates = sorted({c["date"] for c in cells})
     result = {"benchmark": "gpu_step", "device": device, "torch": torch.__version__, "python": platform.python_version(),
               "args": {k: str(v) for k, v in vars(args).items() if k != "out"}, "cells": cells}
@@ -190,23 +213,36 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps per timed round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds per path")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per path (alternating)")
-    ap.add_argument("--budget-s", type=float, default=0, help="start no cell after the first once this many seconds have passed (0: no limit)")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="start no cell (after the first) that would end past this many seconds, judged by the longest "
+                         "cell so far (0: no limit)")
+    ap.add_argument("--redo", action="store_true", help="measure cells again that --out already holds for this GPU and torch")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     from mprun.loop import device_name
 
     device = device_name(torch.device(args.device))
-    todo = [(m, p, mode) for m in args.models.split(",") for mode in args.modes.split(",") for p in args.precisions.split(",")]
     cells = {key(c): c for c in earlier(args.out / "gpu_step.json", device)}
-    start = time.perf_counter()
+    asked = [(m, p, mode) for m in args.models.split(",") for mode in args.modes.split(",") for p in args.precisions.split(",")]
+    # Cells measured in an earlier slice are not measured again (unless --redo), so a slice that a budget or a
+    # time limit cut short is finished by running the same command again.
+    todo = sorted((t for t in asked if args.redo or t not in cells), key=priority)
+    if len(todo) < len(asked):
+        print(f"already measured on {device}, torch {torch.__version__} (--redo measures again): "
+              f"{', '.join(' '.join(t) for t in asked if t not in todo)}", flush=True)
+    start, longest = time.perf_counter(), 0.0
     for i, (m, p, mode) in enumerate(todo):
-        if i and args.budget_s and time.perf_counter() - start > args.budget_s:
-            print(f"budget of {args.budget_s:.0f} s spent: not run: {', '.join(' '.join(t) for t in todo[i:])}", flush=True)
+        # A cell is not started unless it would end within the budget, judged by the longest cell so far.
+        if i and args.budget_s and time.perf_counter() - start + longest > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s: not run: {', '.join(' '.join(t) for t in todo[i:])}", flush=True)
             break
+        began = time.perf_counter()
         c = cell(m, p, mode == "compiled", args)
+        c["seconds"] = time.perf_counter() - began
+        longest = max(longest, c["seconds"])
         cells[key(c)] = c
-        md = write(args.out, list(cells.values()), device, args)
-    print(md)  # the loop always runs its first cell
+        write(args.out, list(cells.values()), device, args)  # after every cell: a slice cut short keeps what it measured
+    print(write(args.out, list(cells.values()), device, args) if cells else "nothing measured")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,19 @@ def test_gpu_step_harness_runs_on_cpu_and_slices_add_up(tmp_path: Path) -> None:
     assert [(c["precision"], c["mode"]) for c in result["cells"]] == [("fp32", "eager"), ("fp16", "eager")]
     assert all(c["hand_img_s"] > 0 and c["mprun_img_s"] > 0 for c in result["cells"])
     assert "| simple_cnn | fp16 | eager |" in (tmp_path / "gpu_step.md").read_text()
-    # A second slice joins the first; a spent budget stops it after its first cell.
-    proc = gpu_step(tmp_path, "--precisions", "bf16,fp32", "--budget-s", "1e-9")
+    assert all(c["hand_finite"] and c["mprun_finite"] for c in result["cells"])
+    # A second slice joins the first, skipping what is measured; a spent budget stops it after its first cell.
+    proc = gpu_step(tmp_path, "--precisions", "fp32,tf32,bf16", "--budget-s", "1e-9")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "not run: simple_cnn fp32 eager" in proc.stdout
+    assert "already measured on cpu" in proc.stdout and "simple_cnn fp32 eager" in proc.stdout.splitlines()[0]
+    assert "not run: simple_cnn tf32 eager" in proc.stdout  # bf16 first: the targets need it more
     result = json.loads((tmp_path / "gpu_step.json").read_text())
     assert [c["precision"] for c in result["cells"]] == ["fp32", "fp16", "bf16"]
     assert "| simple_cnn | bf16 | eager |" in (tmp_path / "gpu_step.md").read_text()
+    # The same command again finishes the slice.
+    proc = gpu_step(tmp_path, "--precisions", "fp32,tf32,bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [c["precision"] for c in json.loads((tmp_path / "gpu_step.json").read_text())["cells"]] == ["fp32", "tf32", "fp16", "bf16"]
 
 
 def test_loader_bench_runs_on_a_generated_imagefolder(tmp_path: Path) -> None:
