@@ -12,7 +12,7 @@ from typing import Callable, List
 
 import torch
 from omegaconf import MISSING
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from mprun.errors import require
 
@@ -162,11 +162,24 @@ def step(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, 
 def onecycle(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, pct_start: float, div_factor: float, final_div_factor: float
 ) -> LRScheduler:
-    """torch's OneCycleLR peaking at the configured lr; warmup_steps, if set, fixes the rise length."""
+    """torch's OneCycleLR curve peaking at the configured lr (cosine rise from lr/div_factor, cosine fall to
+    lr/div_factor/final_div_factor, no momentum cycling); warmup_steps, if set, fixes the rise length.
+
+    Written as a LambdaLR, like the other schedules, so its state is the step count alone: a run resumed with a
+    longer max_steps follows the longer curve, where OneCycleLR's saved state keeps the old length and fails past it."""
     if warmup_steps:
         pct_start = min(0.99, warmup_steps / max(1, total_steps))
-    max_lr = [group["lr"] for group in optimizer.param_groups]
-    return OneCycleLR(
-        optimizer, max_lr=max_lr, total_steps=max(2, total_steps), pct_start=pct_start,
-        div_factor=div_factor, final_div_factor=final_div_factor, cycle_momentum=False,
-    )
+    total = max(2, total_steps)
+    peak = pct_start * total - 1  # the step at which the lr peaks (OneCycleLR's end of the first phase)
+    low, final = 1 / div_factor, 1 / (div_factor * final_div_factor)
+
+    def anneal(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+
+    def factor(step: int) -> float:
+        step = min(step, total)
+        if step <= peak:
+            return anneal(low, 1.0, step / peak if peak > 0 else 1.0)
+        return anneal(1.0, final, (step - peak) / (total - 1 - peak))
+
+    return LambdaLR(optimizer, factor)

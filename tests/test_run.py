@@ -101,6 +101,40 @@ def test_cosine_warmup_schedule(make_cfg) -> None:
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
 
 
+@pytest.mark.parametrize("total,warmup,pct_start", [(12, 0, 0.3), (40, 5, 0.3), (7, 0, 0.25), (2, 0, 0.3), (10, 1, 0.3)])
+def test_onecycle_follows_torchs_curve(total: int, warmup: int, pct_start: float) -> None:
+    from mprun.optim import onecycle
+
+    def lrs(sched) -> list[float]:
+        out = []
+        for _ in range(total):
+            out.append(sched.get_last_lr()[0])
+            sched.optimizer.step()
+            sched.step()
+        return out + sched.get_last_lr()  # after the last step too: what the last log step records
+
+    def sgd() -> torch.optim.SGD:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+
+    ours = lrs(onecycle(sgd(), total, warmup, pct_start, div_factor=25.0, final_div_factor=1e4))
+    pct = min(0.99, warmup / total) if warmup else pct_start
+    if pct * total == 1:  # torch divides 0 by 0 there (its rise ends at step 0); ours peaks at once
+        assert ours[0] == pytest.approx(0.5)
+        return
+    theirs = lrs(torch.optim.lr_scheduler.OneCycleLR(sgd(), max_lr=0.5, total_steps=total, pct_start=pct, div_factor=25.0,
+                                                     final_div_factor=1e4, cycle_momentum=False))
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
+
+
+def test_a_onecycle_run_resumes_with_a_longer_max_steps(make_cfg, tmp_path: Path) -> None:
+    """OneCycleLR's saved state fixed the old length ("Tried to step 11 times"); the schedule now rebuilds from the config."""
+    common = ["model=simple_mlp", "scheduler=onecycle", "trainer.max_epochs=1"]
+    run(make_cfg(*common, "trainer.max_steps=10", "paths.run_dir=" + str(tmp_path / "part")))
+    resumed = run(make_cfg(*common, "trainer.max_steps=20", f"trainer.resume={tmp_path / 'part'}",
+                           "paths.run_dir=" + str(tmp_path / "rest")))
+    assert resumed["steps"] == 20
+
+
 def test_synthetic_dataset(make_cfg) -> None:
     summary = run(make_cfg(*TINY_IMAGES, *SHORT))
     assert summary["steps"] == 2  # 8 samples / batch 4 = 2 steps in the one epoch
