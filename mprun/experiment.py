@@ -71,15 +71,17 @@ def run_tags(parts: Components) -> dict[str, str]:
     }
 
 
-def checkpoint_state(parts: Components, state: TrainState, cfg: DictConfig, tracker: Tracker) -> dict[str, Any]:
-    """Everything needed to continue: unwrapped model, optimizer, schedule, scaler, RNG, progress
-    (down to the batch), config, and the tracking run to continue."""
+def checkpoint_state(parts: Components, state: TrainState, cfg: DictConfig, tracker: Tracker,
+                     guard: numerics.Guard) -> dict[str, Any]:
+    """Everything needed to continue: unwrapped model, optimizer, schedule, scaler, numerics policy, RNG,
+    progress (down to the batch), config, and the tracking run to continue."""
     model_sd, optim_sd = distributed.state_dicts(unwrap(parts.module), parts.optimizer, parts.strategy)
     return {
         "model": model_sd,
         "optimizer": optim_sd,
         "scheduler": parts.scheduler.state_dict(),
         "precision": parts.precision.state_dict(),
+        "numerics": guard.state_dict(),
         "rng": checkpoint.rng_state(),
         "progress": dataclasses.asdict(state),
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
@@ -218,27 +220,28 @@ def _track_and_train(cfg: DictConfig, checked: dict[str, Any], parts: Components
              parts.precision.description, parts.precision.reason, parts.device, parts.total_steps)
     tags = {**run_tags(parts), **(job.tags() if job else {})}
     previous_run = resumed["tracking"]["run_id"] if resumed and "tracking" in resumed else ""
+    guard = numerics.Guard(parts.precision)
     if resumed:
+        guard.load_state_dict(resumed.get("numerics", {}))
         checkpoint.restore_rng(resumed["rng"])  # last: building the model and data drew random numbers
     # The handlers are installed before the run opens and stay until it is closed: a signal at any point
     # in between stops training gracefully instead of killing the process with the run RUNNING.
     with GracefulStop() as stop:
         if not (previous_run and tracker.resume(previous_run, state.step)):
             tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), tags, job.name if job else None)
-        return _train_and_close(cfg, checked, parts, tracker, run_dir, state, stop, started)
+        return _train_and_close(cfg, checked, parts, tracker, run_dir, state, guard, stop, started)
 
 
 def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components, tracker: Tracker, run_dir: Path,
-                     state: TrainState, stop: GracefulStop, started: float) -> dict[str, Any]:
+                     state: TrainState, guard: numerics.Guard, stop: GracefulStop, started: float) -> dict[str, Any]:
     """Fit, checkpoint and log artifacts; always close the tracking run with the right status."""
     status = "FAILED"
     trainer = checked["trainer"]
     ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", trainer.keep_last)
-    guard = numerics.Guard(parts.precision)
     main = parts.world.is_main
 
     def save(name: str, s: TrainState) -> Optional[Path]:
-        contents = checkpoint_state(parts, s, cfg, tracker)  # every rank: under FSDP this gathers the shards
+        contents = checkpoint_state(parts, s, cfg, tracker, guard)  # every rank: under FSDP this gathers the shards
         return ckpts.save(name, contents) if main else None  # only rank 0 writes
 
     try:

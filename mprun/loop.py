@@ -264,7 +264,7 @@ def train_epoch(
         # for skipped steps would mean reading each step's outcome on the host (a sync per step).
         scheduler.step()
         if guard is not None:
-            guard.after_step(unwrap(model), micro[0], state.step + 1)
+            guard.after_step(unwrap(model), micro, state.step + 1)
         if stats:
             tracker.log_metrics(guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {})), state.step + 1)
         state.step += 1
@@ -286,7 +286,7 @@ def train_epoch(
             progress.show({"loss": metrics["train/loss"], "scale": metrics["amp/loss_scale"]})
             state.logged_loss_sum, state.logged_loss_steps = state.epoch_loss_sum, state.epoch_loss_steps
             if guard is not None:
-                guard.check(metrics, unwrap(model), micro[0], state.step)  # may stop the run with a diagnosis
+                guard.check(metrics, unwrap(model), micro, state.step)  # may stop the run with a diagnosis
         if checkpoint is not None and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
             sync()
             checkpoint(state)

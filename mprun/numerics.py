@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from mprun.data import Batch
 from mprun.errors import ConfigError, NumericsError
 
 log = logging.getLogger(__name__)
 FP16_MAX = 65504.0
-FP16_TINY = 2.0**-24  # smallest float16 subnormal: anything smaller in magnitude becomes 0
 
 
 # ---------------------------------------------------------------- fp32 islands
@@ -89,7 +89,7 @@ def _nonfinite(value: Any) -> bool:
     return any(t.is_floating_point() and not torch.isfinite(t).all() for t in _tensors(value))
 
 
-def trace_nonfinite(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], precision: Any) -> dict[str, Any]:
+def trace_nonfinite(model: nn.Module, batch: Batch, precision: Any) -> dict[str, Any]:
     """Re-run one batch forward and backward with hooks on every module; report the first module whose
     output (forward) or input gradient (backward, in the order backward reaches them) is non-finite.
 
@@ -97,7 +97,6 @@ def trace_nonfinite(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], 
     x, y = batch
     saved_buffers = {k: v.clone() for k, v in model.named_buffers()}
     saved_grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
-    rng = torch.get_rng_state()
     names = {m: n or "<model>" for n, m in model.named_modules()}
     report: dict[str, Any] = {"forward": None, "backward": None,
                               "nonfinite_params": [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]}
@@ -118,27 +117,28 @@ def trace_nonfinite(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], 
     inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
     for m in inplace:
         m.inplace = False
-    handles = [m.register_forward_hook(on_forward) for m in model.modules()]
-    handles += [m.register_full_backward_hook(on_backward) for m in model.modules() if not list(m.children())]
-    try:
-        with precision.autocast():
-            loss = F.cross_entropy(model(x), y)
-        report["loss"] = loss.item()
-        model.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # "hook fires on outputs" for a first layer whose input needs no grad: expected
-            warnings.simplefilter("ignore", UserWarning)
-            (loss * precision.scale_value()).backward()
-    finally:
-        for h in handles:
-            h.remove()
-        for m in inplace:
-            m.inplace = True
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(saved_buffers[k])
-        for n, p in model.named_parameters():
-            p.grad = saved_grads[n]
-        torch.set_rng_state(rng)
+    # The re-run draws random numbers (dropout): the RNG of the CPU and of the batch's GPU are put back after it.
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        handles = [m.register_forward_hook(on_forward) for m in model.modules()]
+        handles += [m.register_full_backward_hook(on_backward) for m in model.modules() if not list(m.children())]
+        try:
+            with precision.autocast():
+                loss = F.cross_entropy(model(x), y)
+            report["loss"] = loss.item()
+            model.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # "hook fires on outputs" for a first layer whose input needs no grad: expected
+                warnings.simplefilter("ignore", UserWarning)
+                (loss * precision.scale_value()).backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for m in inplace:
+                m.inplace = True
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(saved_buffers[k])
+            for n, p in model.named_parameters():
+                p.grad = saved_grads[n]
     return report
 
 
@@ -184,20 +184,23 @@ def watch_activations(model: nn.Module, into: dict[str, float]) -> Iterator[None
 
 
 def gradient_stats(model: nn.Module, scale: float) -> dict[str, dict[str, float]]:
-    """Per top-level module: share of gradient elements that would be 0 (underflow) or inf (overflow)
-    in float16 once multiplied by the loss scale. Reads unscaled gradients; one sync per module."""
+    """Per top-level module: share of gradient elements that are 0 (underflow) or inf (overflow) once multiplied
+    by the loss scale and cast to float16, rounding as the cast rounds (2**-25 and below flush to 0, from 65520
+    up to inf). Exact zeros (dead ReLUs) count as underflow too. Reads unscaled gradients; one sync in all."""
     counts: dict[str, torch.Tensor] = {}  # per group: [underflow, overflow] on the device
     sizes: dict[str, int] = {}
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        g = p.grad.detach().float().abs() * scale
-        c = torch.stack([(g < FP16_TINY).sum(), (g > FP16_MAX).sum()])
+        h = (p.grad.detach().float() * scale).half()
+        c = torch.stack([(h == 0).sum(), torch.isinf(h).sum()])
         group = _group(name)
         counts[group] = counts[group] + c if group in counts else c
-        sizes[group] = sizes.get(group, 0) + g.numel()
-    return {k: {"underflow": u / sizes[k], "overflow": o / sizes[k]} for k, (u, o) in
-            ((k, c.tolist()) for k, c in counts.items())}
+        sizes[group] = sizes.get(group, 0) + h.numel()
+    if not counts:
+        return {}
+    totals = torch.stack(list(counts.values())).tolist()  # the sync
+    return {k: {"underflow": u / sizes[k], "overflow": o / sizes[k]} for k, (u, o) in zip(counts, totals)}
 
 
 @dataclass
@@ -244,6 +247,16 @@ class Guard:
         self.traces: list[dict[str, Any]] = []
         self.stats = Stats() if self.cfg.stats_every_steps else None
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the policy has seen so far, for checkpoints: a resumed run keeps counting toward collapse_patience,
+        warns no twice, and traces no more than trace_nonfinite allows."""
+        return {"high_skip_windows": self.high_skip_windows, "warned": sorted(self.warned), "traces": self.traces}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.high_skip_windows = int(state.get("high_skip_windows", 0))
+        self.warned = set(state.get("warned", []))
+        self.traces = list(state.get("traces", []))
+
     def stats_due(self, step: int) -> bool:
         """Whether step (1-based) collects underflow/overflow statistics."""
         return self.stats is not None and step % self.cfg.stats_every_steps == 0
@@ -252,22 +265,27 @@ class Guard:
         mode = self.cfg.trace_nonfinite.value
         return not (mode == "off" or (mode == "first" and self.traces))
 
-    def _trace(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int, why: str) -> Optional[dict]:
+    def _trace(self, model: nn.Module, batches: list[Batch], step: int, why: str) -> Optional[dict]:
+        """Trace the step's micro-batches (several under gradient accumulation) until one reproduces the problem."""
         if not self._tracing():
             return None
-        report = {"step": step, "why": why, **trace_nonfinite(model, batch, self.precision)}
+        for batch in batches:
+            found = trace_nonfinite(model, batch, self.precision)
+            if found["forward"] or found["backward"] or found["nonfinite_params"]:
+                break
+        report = {"step": step, "why": why, **found}
         report["summary"] = describe_trace(report)
         self.traces.append(report)
         log.warning("NaN tracer at step %d (%s): %s", step, why, report["summary"])
         return report
 
-    def after_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
+    def after_step(self, model: nn.Module, batches: list[Batch], step: int) -> None:
         """A step skipped without a real loss scale (on_nonfinite=skip) had non-finite gradients: trace it."""
         # The per-step sync skip mode pays, and only while there is still something to trace.
         if self.precision.skip_mode and self._tracing() and self.precision.last_step_skipped():
-            self._trace(model, batch, step, "non-finite gradients, step skipped")
+            self._trace(model, batches, step, "non-finite gradients, step skipped")
 
-    def check(self, metrics: dict[str, float], model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
+    def check(self, metrics: dict[str, float], model: nn.Module, batches: list[Batch], step: int) -> None:
         """Apply the policy to one log window's metrics."""
         p, cfg = self.precision, self.cfg
         problems = []
@@ -287,7 +305,7 @@ class Guard:
         for action, text in problems:
             if action == "stop":
                 report = {"step": step, "diagnosis": text, "metrics": metrics}
-                trace = self._trace(model, batch, step, text) or (self.traces[-1] if self.traces else None)
+                trace = self._trace(model, batches, step, text) or (self.traces[-1] if self.traces else None)
                 if trace:
                     report["trace"] = trace
                 hint = (" Try bf16 (fp32's exponent range, no scaler), a lower learning rate, gradient clipping, or "

@@ -308,23 +308,27 @@ class Precision:
     def state_dict(self) -> dict:
         """Scaler state plus telemetry counters, for checkpoints."""
         counters = self.counters()
-        return {"name": self.name.value, "scaler": self.scaler.state_dict(), **counters, "_window": list(self._window)}
+        return {"name": self.name.value, "loss_scale": self.loss_scale.value, "scaler": self.scaler.state_dict(), **counters,
+                "_window": list(self._window)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore scaler state and counters. Across precisions the counters carry over and the scaler
-        state is dropped (fp16 -> other: no scaler) or started fresh (other -> fp16: init_scale), with a warning."""
+        """Restore scaler state and counters. The scaler state carries a loss scale only from a loss-scaled run
+        to a loss-scaled run. Across that line the counters carry over and the scale is dropped (to no loss
+        scale) or started fresh at init_scale (from none), with a warning. A scaler that only detects
+        non-finite steps (on_nonfinite=skip, pinned at 1.0) holds no loss scale to hand on."""
         for key in self.COUNTERS:
             setattr(self, key, int(state.get(key, 0)))
         self._window = list(state.get("_window", [0, 0]))
         self._window_steps = 0
         self._skips.fill_(self.skipped_steps)
         self._clean.fill_(self.steps_since_overflow)
-        if state.get("scaler") and self.scaler.is_enabled():
+        saved = LossScale(state.get("loss_scale", LossScale.none.value))
+        if saved is not LossScale.none and self.loss_scale is not LossScale.none:
             self.scaler.load_state_dict(state["scaler"])
-        elif state.get("scaler"):
-            log.warning("checkpoint was %s with a loss scaler; %s has none, scaler state dropped", state.get("name"), self.name.value)
-        elif self.scaler.is_enabled():
-            log.warning("checkpoint was %s without a loss scaler; %s starts its scale fresh at %g",
+        elif saved is not LossScale.none:
+            log.warning("checkpoint was %s with a loss scale; %s has none, its scale dropped", state.get("name"), self.description)
+        elif self.loss_scale is not LossScale.none:
+            log.warning("checkpoint was %s without a loss scale; %s starts its scale fresh at %g",
                         state.get("name"), self.description, self.cfg.init_scale)
         self._scale_seen = self.scale_value()
 

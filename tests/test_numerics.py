@@ -16,7 +16,7 @@ from mprun import build
 from mprun.config import validate
 from mprun.errors import ConfigError, NumericsError
 from mprun.experiment import run
-from mprun.numerics import trace_nonfinite
+from mprun.numerics import Guard, gradient_stats, trace_nonfinite
 from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName
 
 UNDERFLOWS = ["model=simple_mlp", "model.grad_scale=1e-6"]  # logits' gradients x 1e-6: below fp16's 6e-8
@@ -63,6 +63,31 @@ def test_nan_tracer_names_the_injected_overflow_layer() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_tracer_finds_the_bad_micro_batch_under_accumulation() -> None:
+    """With grad_accum_steps > 1 the non-finite micro-batch may be any of the step's; tracing only the first
+    reported "did not reproduce". The RNG is left as found."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(encoder=nn.Linear(16, 32), blowup=Blowup(), act=nn.ReLU(), head=nn.Linear(32, 4)))
+    precision = Precision(PrecisionConfig(dtype=PrecisionName.fp16, loss_scale=LossScale.none), torch.device("cpu"))
+    y = torch.randint(0, 4, (8,))
+    clean, bad = (torch.randn(8, 16) * 1e-4, y), (torch.randn(8, 16) * 4, y)
+    rng = torch.get_rng_state()
+    with pytest.raises(NumericsError) as err:
+        Guard(precision).check({"train/loss": float("nan")}, model, [clean, bad], step=3)
+    assert err.value.report["trace"]["forward"]["module"] == "blowup"
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_fp16_statistics_round_as_the_cast_rounds() -> None:
+    """Underflow is what float16 flushes to 0 (2**-25 and below, exact zeros too), overflow what becomes inf (from
+    65520): a fixed threshold at the smallest subnormal and the largest finite value counted half of each wrongly."""
+    model = nn.Sequential(nn.Linear(8, 1, bias=False))
+    model[0].weight.grad = torch.tensor([[0.0, 2.0**-25, 3.1e-8, 2.0**-24, 1.0, 65519.0, 65520.0, 1e6]])
+    stats = gradient_stats(model, scale=1.0)
+    assert stats == {"0": {"underflow": 2 / 8, "overflow": 2 / 8}}
+    assert gradient_stats(model, scale=2.0) == {"0": {"underflow": 1 / 8, "overflow": 3 / 8}}  # 2**-24 is kept, 65519*2 is not
+
+
 def test_collapsing_scale_stops_the_run_failed_with_a_diagnosis(make_cfg, tmp_path: Path) -> None:
     # grad_scale=1e30 overflows float16 at any scale: the dynamic scale halves every step toward the floor.
     with pytest.raises(NumericsError, match="loss scale collapsed"):
@@ -75,6 +100,19 @@ def test_collapsing_scale_stops_the_run_failed_with_a_diagnosis(make_cfg, tmp_pa
     assert "diagnosis.json" in {a.path for a in client.list_artifacts(r.info.run_id)}
     report = json.loads((tmp_path / "run" / "diagnosis.json").read_text())
     assert report["metrics"]["amp/loss_scale"] <= 1.0 and report["trace"]["backward"]["module"] == "6"  # the GradScale layer
+
+
+def test_collapse_patience_counts_on_across_a_resume(make_cfg, tmp_path: Path) -> None:
+    """The windows already seen are in the checkpoint: a run resumed after 2 of 3 bad windows stops after the 3rd,
+    at the step an uninterrupted run stops (a requeued job no longer restarts the count)."""
+    collapsing = ["model=simple_mlp", "model.grad_scale=1e30", "precision=fp16", "trainer.log_every_steps=5",
+                  "trainer.max_epochs=3"]
+    with pytest.raises(NumericsError, match="each of the last 3 log windows") as whole:
+        run(make_cfg(*collapsing, "paths.run_dir=" + str(tmp_path / "whole")))
+    run(make_cfg(*collapsing, "trainer.max_steps=10", "paths.run_dir=" + str(tmp_path / "part")))
+    with pytest.raises(NumericsError, match="each of the last 3 log windows") as resumed:
+        run(make_cfg(*collapsing, f"trainer.resume={tmp_path / 'part'}", "paths.run_dir=" + str(tmp_path / "rest")))
+    assert resumed.value.report["step"] == whole.value.report["step"] == 15
 
 
 def test_collapse_policy_warn_trains_on(make_cfg, caplog) -> None:

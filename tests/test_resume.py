@@ -118,8 +118,20 @@ def test_fp16_checkpoint_resumed_in_bf16_drops_the_scaler_with_a_warning(make_cf
     with caplog.at_level(logging.WARNING):
         summary = run(make_cfg("precision=bf16", "model=simple_mlp", "trainer.max_steps=5", "trainer.max_epochs=2",
                                f"trainer.resume={tmp_path / 'run'}", "paths.run_dir=" + str(tmp_path / "b")))
-    assert "scaler state dropped" in caplog.text and "precision.dtype: 'fp16' -> 'bf16'" in caplog.text
+    assert "its scale dropped" in caplog.text and "precision.dtype: 'fp16' -> 'bf16'" in caplog.text
     assert summary["steps"] == 5 and summary["loss_scale"] == 1.0
+
+
+def test_a_skip_mode_checkpoint_resumed_in_fp16_starts_the_loss_scale_fresh(make_cfg, tmp_path: Path, caplog) -> None:
+    """on_nonfinite=skip keeps a GradScaler pinned at 1.0 to detect bad steps; that 1.0 is no loss scale. Loaded into
+    fp16 it made the resumed run's scale 1.0, which the collapse check stopped at once."""
+    run(make_cfg("precision=fp32", "precision.loss_scale=none", "precision.on_nonfinite=skip", "model=simple_mlp",
+                 "trainer.max_steps=3", "trainer.max_epochs=2"))
+    with caplog.at_level(logging.WARNING):
+        summary = run(make_cfg("precision=fp16", "model=simple_mlp", "trainer.max_steps=25", "trainer.max_epochs=2",
+                               f"trainer.resume={tmp_path / 'run'}", "paths.run_dir=" + str(tmp_path / "b")))
+    assert "starts its scale fresh at 65536" in caplog.text
+    assert summary["steps"] == 25 and summary["loss_scale"] >= 1024  # 65536, less a few backoffs
 
 
 def _write(path: Path, data: bytes) -> Path:
