@@ -128,17 +128,21 @@ def _unknown(kind: str, name: str, choices: list[str], hint: str) -> ConfigError
 def timm_model(
     in_chans: int, image_size: tuple[int, int], num_classes: int, name: str, pretrained: bool = False, kwargs: Dict[str, Any] | None = None
 ) -> nn.Module:
-    """Any timm model; ViT-style models get img_size so position embeddings match the data."""
+    """Any timm model, built for the data's image size where the model takes one (ViTs, Swin, LeViT, MaxViT,
+    CoaT, ...: position embeddings, windows and strides then fit the data). Convolutional nets take any size
+    and have no img_size argument: timm rejects it with a TypeError before building anything."""
     import timm
 
     if not timm.is_model(name):
         raise _unknown("timm", name, timm.list_models(), f"list them with: python -c \"import timm; print(timm.list_models('{name[:3]}*'))\"")
     common = dict(pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(kwargs or {}))
-    model = timm.create_model(name, **common)
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and tuple(getattr(patch_embed, "img_size", image_size)) != tuple(image_size):
-        model = timm.create_model(name, img_size=tuple(image_size), **common)
-    return model
+    if "img_size" not in common:  # +model.kwargs.img_size wins
+        try:
+            return timm.create_model(name, img_size=tuple(image_size), **common)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+    return timm.create_model(name, **common)
 
 
 def torchvision_model(
