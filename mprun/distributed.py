@@ -125,12 +125,24 @@ def wrap(module: nn.Module, strategy: Strategy, device: torch.device, precision:
 
         # bf16: compute (params) in bf16, reduce gradients in fp32; fp32/tf32: all fp32.
         policy = MixedPrecisionPolicy(param_dtype=precision.autocast_dtype, reduce_dtype=torch.float32)
-        for child in module.children():  # shard each top-level block, then the root
-            if any(p.requires_grad for p in child.parameters()):
-                fully_shard(child, mp_policy=policy)
+        for unit in fsdp_units(module):  # shard each block, then the root
+            fully_shard(unit, mp_policy=policy)
         fully_shard(module, mp_policy=policy)
         return module
     return module
+
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def fsdp_units(module: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP shards one by one (each gathered only while it runs): the top-level children, with a
+    container child (a ViT's `blocks`, a ResNet's `layer1`) taken block by block. Sharding the container
+    whole would gather all its blocks at once: nearly the whole model for a ViT, so no memory saved."""
+    units = []
+    for child in module.children():
+        units += list(child.children()) if isinstance(child, CONTAINERS) else [child]
+    return [u for u in units if any(p.requires_grad for p in u.parameters())]
 
 
 def state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy) -> tuple[dict, dict]:

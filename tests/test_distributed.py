@@ -137,6 +137,20 @@ def test_ddp_without_torchrun_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "needs torchrun" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_fsdp_shards_a_vit_block_by_block() -> None:
+    """A timm ViT keeps its 12 transformer blocks in one Sequential; sharded whole, it was one unit with 85.1M of the
+    model's 85.8M parameters, all gathered at once. Each block is a unit of its own now."""
+    import timm
+
+    from mprun.distributed import fsdp_units
+
+    vit = timm.create_model("vit_base_patch16_224", num_classes=10)
+    names = {id(m): n for n, m in vit.named_modules()}
+    units = [names[id(u)] for u in fsdp_units(vit)]
+    assert [u for u in units if u.startswith("blocks.")] == [f"blocks.{i}" for i in range(12)] and "blocks" not in units
+    assert max(sum(p.numel() for p in u.parameters()) for u in fsdp_units(vit)) < 8e6  # one block: 7.1M
+
+
 def test_fsdp_with_fp16_loss_scaling_is_a_clear_error(tmp_path: Path) -> None:
     proc = torchrun("trainer.strategy=fsdp", "precision=fp16", "trainer.max_steps=1", cwd=tmp_path)
     assert proc.returncode != 0
