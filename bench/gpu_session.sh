@@ -6,7 +6,8 @@
 #   checks    (~5 min) the CUDA paths the CPU tests cannot reach: tests/test_precision.py on the GPU
 #             (GradScaler's found_inf with fused optimizers, no host reads between log steps, fused SGD's
 #             momentum after a skipped first step, ...), short mprun runs (auto -> bf16, fp16 skip counting,
-#             compile + statistics, one-rank DDP), and bench/loader.py on a generated imagefolder
+#             compile + statistics, one-rank DDP), pinned host-side synthetic batches, and bench/loader.py on a
+#             generated imagefolder
 #   resnet50  bench/gpu_step.py --models resnet50 (eager, then compiled), at most 7 minutes of cells
 #   vit       bench/gpu_step.py --models vit_b16, likewise
 #
@@ -32,7 +33,8 @@ step() {  # one gpu_step.py slice, merged into the results so far
 case "$part" in
   checks)
     # Each check goes on after a failure of the one before; the logs say which failed.
-    MPRUN_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_precision.py 2>&1 | tee "$OUT/checks.log" | tail -15 || true
+    MPRUN_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_precision.py \
+      tests/test_input.py::test_host_side_synthetic_batches_are_pinned 2>&1 | tee "$OUT/checks.log" | tail -15 || true
     run=(python3 -m mprun dataset=synthetic dataset.shape=[3,64,64] dataset.num_samples=4096 model=resnet18
          trainer.max_epochs=2 trainer.log_every_steps=10 tracking=none trainer.progress=log)
     { set +e  # every run, whatever the one before did

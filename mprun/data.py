@@ -237,7 +237,16 @@ class TensorLoader(Batched):
     def __iter__(self) -> Iterator[Batch]:
         # One copy of the order per pass: a copy from pageable host memory waits for the GPU's queued work.
         for idx in self.batches.split(self.batches.order().to(self.x.device)):
-            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+            yield _gather(self.x, idx), _gather(self.y, idx)
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[idx] as a new tensor. Pinning belongs to an allocation, so rows taken from pinned host tensors are gathered
+    into pinned memory (torch's caching host allocator: no cudaHostAlloc per batch), or the non_blocking copy to the
+    GPU would come from pageable memory and not overlap."""
+    if not t.is_pinned():
+        return t.index_select(0, idx)
+    return torch.index_select(t, 0, idx, out=torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, pin_memory=True))
 
 
 def usable_cores() -> int:

@@ -88,3 +88,16 @@ def test_a_fed_run_waits_little_and_does_not_warn(make_cfg, caplog) -> None:
         summary = run(make_cfg("trainer.max_epochs=2"))
     assert 0 <= summary["data_wait_frac"] < 0.10
     assert not [r for r in caplog.records if "input-bound" in r.getMessage()]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a GPU (bench/gpu_session.sh checks runs this)")
+def test_host_side_synthetic_batches_are_pinned(make_cfg) -> None:
+    """dataset.on_device=false keeps synthetic data pinned on the host; each batch taken from it must be pinned too
+    (index_select alone allocates pageable memory), so the non_blocking copy to the GPU overlaps."""
+    from mprun import build
+
+    cfg = make_cfg("dataset=synthetic", "dataset.on_device=false", "dataset.shape=[3,8,8]", "dataset.num_samples=64")
+    data = build.dataset(cfg, 0, torch.device("cuda"))
+    for x, y in (*data.train, *data.val):
+        assert x.is_pinned() and y.is_pinned() and x.device.type == "cpu"
+
