@@ -26,7 +26,7 @@ from mprun.build import Components
 from mprun.checkpoint import unwrap
 from mprun.errors import ConfigError
 from mprun.interrupts import GracefulStop
-from mprun.loop import FitResult, TrainState, device_name, fit
+from mprun.loop import FitResult, TrainerConfig, TrainState, device_name, fit
 from mprun.sweep import JobInfo
 from mprun.tracking import NullTracker, Tracker
 
@@ -208,9 +208,28 @@ def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = 
         distributed.stop()
         raise
     try:
+        if resumed and _complete(state, trainer):
+            return _already_complete(resume_from, state)
         return _track_and_train(cfg, checked, parts, tracker, run_dir, state, resumed, job, started)
     finally:
         distributed.stop()  # every exit: success, error, signal
+
+
+def _complete(state: TrainState, trainer: TrainerConfig) -> bool:
+    """Whether training has reached max_epochs or max_steps."""
+    return state.epoch >= trainer.max_epochs or (trainer.max_steps > 0 and state.step >= trainer.max_steps)
+
+
+def _already_complete(path: Path, state: TrainState) -> dict[str, Any]:
+    """A resume with nothing left to train (a requeued job that had finished, `trainer.resume=auto`): nothing is
+    trained, logged or rewritten, so the run's results stand (re-logging them from zero steps would record NaN);
+    returns the run's summary.json."""
+    previous = path.parent.parent / "summary.json"  # <run dir>/checkpoints/<name>.pt
+    summary = json.loads(previous.read_text()) if previous.is_file() else {"val_acc": float("nan")}
+    print(f"mprun: nothing to train: {path} is at epoch {state.epoch}, step {state.step}, where this configuration "
+          "ends (raise trainer.max_epochs or trainer.max_steps to train on); its run and files are left as they are",
+          flush=True)
+    return {**summary, "interrupted": None}
 
 
 def _track_and_train(cfg: DictConfig, checked: dict[str, Any], parts: Components, tracker: Tracker, run_dir: Path,

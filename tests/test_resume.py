@@ -101,6 +101,23 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(make_cfg) -> None:
     assert summary["steps"] == 2
 
 
+def test_resuming_a_finished_run_changes_nothing(make_cfg, tmp_path: Path, capsys) -> None:
+    """A requeued job that had already finished (trainer.resume=auto finds final.pt) trains nothing; it used to
+    log final/val_acc=NaN and samples/s 0 over the real results, and rewrite summary.json so."""
+    args = ("model=simple_mlp", "trainer.max_epochs=1")
+    first = run(make_cfg(*args, tracking="mlflow"))
+    summary_file = tmp_path / "run" / "summary.json"
+    written = summary_file.read_text()
+    again = run(make_cfg(*args, "trainer.resume=auto", tracking="mlflow"))
+    assert "mprun: nothing to train" in capsys.readouterr().out
+    assert again["val_acc"] == first["val_acc"] and again["steps"] == first["steps"] and again["interrupted"] is None
+    assert summary_file.read_text() == written
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert r.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(r.info.run_id, "final/val_acc")] == [first["val_acc"]]
+
+
 @pytest.mark.parametrize("spec,needle", [("/nonexistent/x.pt", "no such file or directory"), ("{tmp}", "no checkpoint")])
 def test_resume_from_nothing_is_a_clear_error(make_cfg, tmp_path: Path, spec: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
