@@ -7,6 +7,7 @@ import time
 STARTED = time.perf_counter()  # wall time in the summary counts from here: imports included
 
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -55,13 +56,21 @@ def _main(cfg: DictConfig) -> float:
     return summary["val_acc"]
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console-script entry point."""
+    # SIGTERM (a scheduler's stop) unwinds like Ctrl-C where no training is under way to stop gracefully (set-up,
+    # between sweep jobs, the report): by default it ends the process at once, leaving a sweep's parent run
+    # RUNNING. While a job trains, interrupts.GracefulStop handles it (and puts this handler back after).
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         _main()
     except BaseException as e:
-        # Hydra ends a multirun early with an exception (a failed job re-raised after its batch) or an exit
-        # (Ctrl-C); on_multirun_end then never runs, so the sweep's parent run is closed here.
+        # Hydra ends a multirun early with an exception (a failed job re-raised after its batch, a bad sweep
+        # value) or an exit (Ctrl-C, SIGTERM); on_multirun_end then never runs, so the parent is closed here.
         code = e.code if isinstance(e, SystemExit) else None
-        sweep.close_active(interrupted=isinstance(e, KeyboardInterrupt) or code in (130, 143))
+        sweep.close_active(interrupted=isinstance(e, KeyboardInterrupt) or code in (130, 143), completed=False)
         raise

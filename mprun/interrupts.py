@@ -7,11 +7,12 @@ preempts with SIGTERM, which Python does not turn into an exception at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 from types import FrameType, TracebackType
-from typing import Optional
+from typing import Iterator, Optional
 
 log = logging.getLogger("mprun")
 
@@ -47,3 +48,22 @@ class GracefulStop:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT/SIGTERM wait until the block is done, then reach the handlers in force: for work that must not be
+    left half done. Python runs signal handlers in the main thread, whichever thread the signal reached."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in GracefulStop.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
+

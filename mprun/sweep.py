@@ -102,13 +102,17 @@ class Sweep:
         params = OmegaConf.to_container(params) if params is not None else {}
         spec = " ".join([*cfg.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())])
         launcher = cfg.hydra.launcher.get("_target_", "").rsplit(".", 1)[-1]
-        self.tracker.start(
-            {"sweep.overrides": spec, "sweep.params": json.dumps(params),
-             "sweep.launcher": launcher, "sweep.sweeper": cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1]},
-            {"mprun.role": "sweep", "mprun.sweep_dir": str(self.sweep_dir),
-             "mprun.preset": str(cfg.hydra.runtime.choices.get("experiment") or "none")},
-            run_name=f"sweep {spec}"[:250],
-        )
+        previous = self._previous(cfg)
+        if previous and self.tracker.resume(previous, 0):
+            log.info("sweep %s: resuming its jobs (trainer.resume) under its parent run %s", self.sweep_dir, previous)
+        else:
+            self.tracker.start(
+                {"sweep.overrides": spec, "sweep.params": json.dumps(params),
+                 "sweep.launcher": launcher, "sweep.sweeper": cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1]},
+                {"mprun.role": "sweep", "mprun.sweep_dir": str(self.sweep_dir),
+                 "mprun.preset": str(cfg.hydra.runtime.choices.get("experiment") or "none")},
+                run_name=f"sweep {spec}"[:250],
+            )
         try:
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
             (self.sweep_dir / SWEEP_FILE).write_text(json.dumps({
@@ -126,8 +130,18 @@ class Sweep:
             raise
         log.info("sweep %s: MLflow parent run %s", self.sweep_dir, self.tracker.run_id)
 
-    def close(self, interrupted: bool) -> int:
-        """Report, then close the parent: KILLED if interrupted, FAILED if any job failed, else FINISHED.
+    def _previous(self, cfg: DictConfig) -> Optional[str]:
+        """The parent run of this sweep directory's earlier launch in the same store, when this launch resumes its
+        jobs (trainer.resume: a requeued sweep); its jobs continue their own runs, which are that parent's children."""
+        file = self.sweep_dir / SWEEP_FILE
+        if not cfg.trainer.get("resume") or not file.is_file():
+            return None
+        previous = json.loads(file.read_text())
+        return previous.get("parent_run_id") if previous.get("uri") == self.tracker.uri else None
+
+    def close(self, interrupted: bool, completed: bool = True) -> int:
+        """Report, then close the parent: KILLED if interrupted, FAILED if any job failed or the multirun ended
+        before its jobs were done (`completed` false: e.g. a sweep value Hydra rejected), else FINISHED.
         Returns how many jobs did not finish."""
         from mprun import report
 
@@ -139,7 +153,9 @@ class Sweep:
             self.tracker.log_artifact(rep.out_dir, "report")
             print(rep.console(), flush=True)
             if not interrupted:
-                status = "FAILED" if unfinished else "FINISHED"
+                status = "FAILED" if unfinished or not completed else "FINISHED"
+            if not completed and not interrupted:
+                self.tracker.set_tags({"error": "the multirun ended before its jobs were done (its console output says why)"})
             self.tracker.set_tags({"mprun.jobs": str(len(rep.rows)), "mprun.jobs_unfinished": str(unfinished)})
         finally:
             self.tracker.end(status)
@@ -149,12 +165,12 @@ class Sweep:
 _ACTIVE: Optional[Sweep] = None  # the sweep this launching process opened and has not closed yet
 
 
-def close_active(interrupted: bool) -> None:
+def close_active(interrupted: bool, completed: bool = True) -> None:
     """Close the open sweep, if this process has one (idempotent)."""
     global _ACTIVE
     sweep, _ACTIVE = _ACTIVE, None
     if sweep is not None:
-        sweep.close(interrupted)
+        sweep.close(interrupted, completed)
 
 
 class SweepCallback(Callback):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -18,6 +19,7 @@ from typing import Any, Callable, ContextManager, Mapping, Optional
 from omegaconf import MISSING
 
 from mprun.errors import ConfigError
+from mprun.interrupts import deferred_signals
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +197,13 @@ class MlflowTracker(Tracker):
         self.uri = uri
         if uri.startswith(("http://", "https://")):
             probe_server(uri)
-        with store_lock(uri):
-            self.client = MlflowClient(tracking_uri=uri)
+        # A new sqlite store gets its tables now, in several migrations: a Ctrl-C in between left a store that
+        # every later run failed on ("duplicate column name"), so signals wait until the store is whole.
+        with store_lock(uri), deferred_signals():
+            try:
+                self.client = MlflowClient(tracking_uri=uri)
+            except Exception as e:  # noqa: BLE001 - a URI MLflow cannot parse or has no driver for
+                raise unusable(uri, str(e)) from e
             self.experiment_id = self._experiment(self.experiment)
 
     def _experiment(self, name: str) -> str:
@@ -227,7 +234,16 @@ class MlflowTracker(Tracker):
         if self.fallback_from:
             tags = {**tags, "mprun.intended_tracking_uri": self.fallback_from}
         self._started = (params, tags, run_name)
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name or run_name, tags=dict(tags))
+        # tracking.run_name names the study: a sweep's parent and jobs keep what tells them apart after it.
+        name = ": ".join(n for n in (self.run_name, run_name) if n) or None
+        # Unnamed, MLflow draws a name with Python's `random`, which the run has just seeded: every run with the
+        # same seed got the same name. The draw gets fresh entropy, and the experiment's random state is kept.
+        state = random.getstate()
+        random.seed()
+        try:
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
+        finally:
+            random.setstate(state)
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch

@@ -51,6 +51,8 @@ BAD_INPUTS = [
     (["model=timm", "model.name=resnet5O"], ["resnet5O", "resnet50"]),
     (["trainer.epochs=3"], ["epochs", "TrainerConfig"]),
     (["tracking.uri=http://127.0.0.1:9"], ["127.0.0.1:9", "tracking=none"]),
+    (["tracking.uri=localhost:5000"], ["cannot use MLflow tracking store localhost:5000", "tracking=none"]),  # was a traceback
+    (["tracking.uri=postgresql://u:p@127.0.0.1:9/db"], ["cannot use MLflow tracking store postgresql://", "tracking=none"]),
 ]
 
 
@@ -108,3 +110,40 @@ def test_second_signal_stops_at_once_and_still_marks_killed(tmp_path: Path) -> N
         proc.kill()
     assert proc.returncode != 0
     assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["KILLED"], out[-2000:]
+
+
+def test_signals_wait_for_the_store_to_be_whole() -> None:
+    """A new sqlite store gets its tables in several migrations; a signal in between left a store every later run
+    failed on. Inside deferred_signals a signal reaches its handler only once the block is done."""
+    import os
+
+    from mprun.interrupts import deferred_signals
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert seen == []
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_unnamed_runs_get_distinct_names_and_run_name_prefixes_a_sweeps(tmp_path: Path) -> None:
+    """MLflow names an unnamed run with Python's `random`, which the run had just seeded: every run with the
+    default seed was called the same. tracking.run_name named a sweep's parent and every job alike."""
+    for _ in range(2):
+        assert run_cli("model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1", cwd=tmp_path).returncode == 0
+    proc = run_cli("-m", "precision=fp32,bf16", "tracking.run_name=study", "model=simple_mlp", "trainer.max_steps=2",
+                   "trainer.max_epochs=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    names = sorted(r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    singles = [n for n in names if not n.startswith("study")]
+    assert len(singles) == 2 and singles[0] != singles[1], names
+    assert [n for n in names if n.startswith("study")] == [
+        "study: precision=bf16", "study: precision=fp32", "study: sweep precision=fp32,bf16 tracking.run_name=study "
+        "model=simple_mlp trainer.max_steps=2 trainer.max_epochs=1"]
+

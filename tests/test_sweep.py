@@ -164,19 +164,61 @@ def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:
     assert md.count("**FAILED**") == 2 and "## Failed jobs" in md
 
 
-def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "mprun", "-m", "precision=fp32,bf16", "model=simple_mlp",
-                             "trainer.max_epochs=100000", "trainer.progress=log"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_a_sweep_value_hydra_rejects_closes_the_parent_failed(tmp_path: Path) -> None:
+    """Hydra checks each job's overrides after the parent run is open; it used to be closed FINISHED with 0 jobs."""
+    proc = run_cli("-m", "precision=fp32,fp17", *TINY, cwd=tmp_path)
+    assert proc.returncode != 0 and "fp17" in proc.stderr
+    parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "FAILED" and "ended before its jobs were done" in parent.data.tags["error"]
+
+
+def test_a_requeued_sweep_continues_its_parent_and_leaves_finished_jobs_alone(tmp_path: Path) -> None:
+    """The same sweep launched again into its directory with trainer.resume=auto (a requeue): one parent run, the
+    finished jobs untouched (no second set of children, no NaN results), the report still lists every job."""
+    args = ["-m", "precision=fp32,bf16", "hydra.sweep.dir=outputs/sw", "trainer.resume=auto", *TINY]
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    first_parent, first_children = sweep_runs(tmp_path)
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("mprun: nothing to train") == 2
+    parent, children = sweep_runs(tmp_path)  # asserts a single parent
+    assert parent.info.run_id == first_parent.info.run_id and parent.info.status == "FINISHED"
+    assert [c.info.run_id for c in children] == [c.info.run_id for c in first_children]
+    assert [c.data.metrics["final/val_acc"] for c in children] == [c.data.metrics["final/val_acc"] for c in first_children]
+    assert (tmp_path / "outputs" / "sw" / "report" / "report.md").read_text().count("| ok |") == 2
+
+
+def signal_sweep(cwd: Path, args: list[str], when: str, sig: int) -> tuple[int, str]:
+    """Start `python -m mprun -m ARGS`, send `sig` once a line containing `when` appears: (exit code, output)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mprun", "-m", *args, "trainer.progress=log"],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:
-            if "epoch 1/" in line:
+            if when in line:
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, out[-2000:]
+    return proc.returncode, out
+
+
+def test_sigterm_between_jobs_closes_the_parent_killed(tmp_path: Path) -> None:
+    """SIGTERM outside a job's training (here while the second job is being set up: Hydra announces it, then mprun
+    imports timm, ~5 s, and builds) used to end the process at once with the parent RUNNING; now it unwinds as Ctrl-C."""
+    code, out = signal_sweep(tmp_path, ["precision=fp32,bf16", *TINY, "model=timm", "model.name=resnet18",
+                                        "dataset=synthetic", "dataset.shape=[3,16,16]", "dataset.num_samples=16"],
+                             "#1 : precision=bf16", signal.SIGTERM)
+    assert code == 143, out[-2000:]
+    parent, children = sweep_runs(tmp_path)
+    assert parent.info.status == "KILLED"
+    assert "RUNNING" not in run_statuses(tmp_path / "outputs" / "mlflow.db")
+
+
+def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> None:
+    code, out = signal_sweep(tmp_path, ["precision=fp32,bf16", "model=simple_mlp", "trainer.max_epochs=100000"],
+                             "epoch 1/", signal.SIGINT)
+    assert code == 130, out[-2000:]
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "KILLED"
     assert [c.info.status for c in children] == ["KILLED"]  # the second job never started
