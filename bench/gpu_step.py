@@ -174,12 +174,19 @@ def priority(t: tuple[str, str, str]) -> tuple[int, int]:
             PRIORITY.index((mode, p)) if (mode, p) in PRIORITY else len(PRIORITY))
 
 
-def earlier(path: Path, device: str) -> list[dict]:
-    """The cells of an earlier result file, if it was measured on this device with this torch."""
+SETTINGS = ("batch", "image", "steps", "warmup", "rounds")  # what makes two slices' cells comparable, besides GPU and torch
+
+
+def earlier(path: Path, device: str, args: argparse.Namespace) -> list[dict]:
+    """The cells of an earlier result file, if it was measured on this device, with this torch and these settings."""
     if not path.exists():
         return []
     old = json.loads(path.read_text())
-    return old["cells"] if (old.get("device"), old.get("torch")) == (device, torch.__version__) else []
+    same = (old.get("device"), old.get("torch")) == (device, torch.__version__) and all(
+        old.get("args", {}).get(k) == str(getattr(args, k)) for k in SETTINGS)
+    if not same:
+        print(f"{path}: measured on another GPU, torch or settings: not merged (its cells are replaced)", flush=True)
+    return old["cells"] if same else []
 
 
 def write(out: Path, cells: list[dict], device: str, args: argparse.Namespace) -> str:
@@ -222,7 +229,7 @@ def main() -> None:
     from mprun.loop import device_name
 
     device = device_name(torch.device(args.device))
-    cells = {key(c): c for c in earlier(args.out / "gpu_step.json", device)}
+    cells = {key(c): c for c in earlier(args.out / "gpu_step.json", device, args)}
     asked = [(m, p, mode) for m in args.models.split(",") for mode in args.modes.split(",") for p in args.precisions.split(",")]
     # Cells measured in an earlier slice are not measured again (unless --redo), so a slice that a budget or a
     # time limit cut short is finished by running the same command again.

@@ -132,17 +132,25 @@ def wrap(module: nn.Module, strategy: Strategy, device: torch.device, precision:
     return module
 
 
-CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+def fsdp_units(module: nn.Module, largest: float = 0.1) -> list[nn.Module]:
+    """The blocks FSDP shards one by one (each gathered only while it runs): the top-level children, except that a
+    child holding more than `largest` of the model's parameters is split into its own children, recursively. A
+    ViT's `blocks`, a ConvNeXt or Swin stage, torchvision's ViT encoder each held 65-98% of the model: sharded
+    whole, nearly all of it was gathered at once, and FSDP saved no memory. Leftover parameters stay with the root."""
+    def size(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
+    limit, units = largest * size(module), []
 
-def fsdp_units(module: nn.Module) -> list[nn.Module]:
-    """The blocks FSDP shards one by one (each gathered only while it runs): the top-level children, with a
-    container child (a ViT's `blocks`, a ResNet's `layer1`) taken block by block. Sharding the container
-    whole would gather all its blocks at once: nearly the whole model for a ViT, so no memory saved."""
-    units = []
-    for child in module.children():
-        units += list(child.children()) if isinstance(child, CONTAINERS) else [child]
-    return [u for u in units if any(p.requires_grad for p in u.parameters())]
+    def split(parent: nn.Module) -> None:
+        for child in parent.children():
+            if size(child) > limit and any(True for _ in child.children()):
+                split(child)
+            elif size(child):
+                units.append(child)
+
+    split(module)
+    return units
 
 
 def state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy) -> tuple[dict, dict]:

@@ -26,7 +26,7 @@ from mprun.build import Components
 from mprun.checkpoint import unwrap
 from mprun.errors import ConfigError
 from mprun.interrupts import GracefulStop
-from mprun.loop import FitResult, TrainerConfig, TrainState, device_name, fit
+from mprun.loop import FitResult, TrainState, device_name, finished, fit
 from mprun.sweep import JobInfo
 from mprun.tracking import NullTracker, Tracker
 
@@ -112,7 +112,7 @@ def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig
         log.warning("resuming with settings that differ from the checkpoint's (optimizer, schedule and scaler "
                     "state come from the checkpoint): %s", "; ".join(changed[:10]))
     try:
-        state = TrainState(**ckpt["progress"])
+        state = TrainState.from_dict(ckpt["progress"])
     except TypeError as e:  # a progress record of another mprun version
         raise ConfigError(f"trainer.resume: {path} was written by an mprun (version {ckpt.get('mprun_version')}) whose "
                           f"progress record this one cannot read ({e}); start a fresh run") from e
@@ -208,16 +208,11 @@ def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = 
         distributed.stop()
         raise
     try:
-        if resumed and _complete(state, trainer):
+        if resumed and finished(state, trainer):
             return _already_complete(resume_from, state)
         return _track_and_train(cfg, checked, parts, tracker, run_dir, state, resumed, job, started)
     finally:
         distributed.stop()  # every exit: success, error, signal
-
-
-def _complete(state: TrainState, trainer: TrainerConfig) -> bool:
-    """Whether training has reached max_epochs or max_steps."""
-    return state.epoch >= trainer.max_epochs or (trainer.max_steps > 0 and state.step >= trainer.max_steps)
 
 
 def _already_complete(path: Path, state: TrainState) -> dict[str, Any]:

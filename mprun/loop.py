@@ -117,13 +117,24 @@ class TrainState:
     step: int = 0
     samples: int = 0
     batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
-    # This epoch's loss summed over the steps the optimizer applied, and their number (the device
-    # accumulator, synced). A step the loss scaler skipped adds neither: its loss is often inf or NaN,
-    # and one such step would otherwise turn every later train/loss of the epoch into NaN.
+    # This epoch's loss summed over its steps, and their number (the device accumulator, synced). A step the
+    # loss scaler skipped because its loss was inf or NaN adds neither: one such step would otherwise turn
+    # every later train/loss of the epoch into NaN.
     epoch_loss_sum: float = 0.0
     epoch_loss_steps: float = 0.0
     logged_loss_sum: float = 0.0  # the two as of the last log step
     logged_loss_steps: float = 0.0
+
+    @classmethod
+    def from_dict(cls, progress: dict) -> "TrainState":
+        """A checkpoint's progress record; one written before the loss-step counts (epoch_steps, window_steps:
+        every step counted) is read into them."""
+        progress = dict(progress)
+        if "epoch_steps" in progress:
+            steps, window = progress.pop("epoch_steps"), progress.pop("window_steps", 0)
+            progress.setdefault("epoch_loss_steps", float(steps))
+            progress.setdefault("logged_loss_steps", float(steps - window))
+        return cls(**progress)
 
 
 @dataclass
@@ -148,6 +159,11 @@ INPUT_BOUND = 0.10
 def _steady(values: list[float]) -> list[float]:
     """Per-epoch numbers without the first epoch (warm-up: compilation, worker start-up) when there are others."""
     return values[1:] if len(values) > 1 else values
+
+
+def finished(state: TrainState, cfg: TrainerConfig) -> bool:
+    """Whether training has reached max_epochs or max_steps."""
+    return state.epoch >= cfg.max_epochs or (cfg.max_steps > 0 and state.step >= cfg.max_steps)
 
 
 def planned_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
@@ -270,8 +286,10 @@ def train_epoch(
         state.step += 1
         state.batch_in_epoch += len(micro)
         state.samples += sum(len(y) for _, y in micro)
-        applied = precision.applied  # 0.0 when the scaler skipped the step: its loss stays out of the means
-        epoch_loss += torch.stack([torch.where(applied > 0, loss, 0.0), applied])
+        # A step the scaler skipped with a non-finite loss stays out of the means (a gradient overflow with a
+        # finite loss counts as usual); without a scaler every step is applied, so a NaN loss still shows.
+        kept = ((precision.applied > 0) | torch.isfinite(loss)).to(loss.dtype)
+        epoch_loss += torch.stack([torch.where(kept > 0, loss, 0.0), kept])
         progress.advance(len(micro))
         if at_log_step:
             sync()  # sync point, once per log interval
@@ -298,7 +316,7 @@ def train_epoch(
 
 
 def _mean(loss_sum: float, steps: float) -> float:
-    """A mean loss over applied steps; NaN when the scaler skipped every one of them (there is no loss to show)."""
+    """A mean loss over the counted steps; NaN when there are none (every step skipped with a non-finite loss)."""
     return loss_sum / steps if steps else float("nan")
 
 
@@ -345,7 +363,7 @@ def fit(
     train = TimedLoader(data.train)
     warned = False  # about an input-bound run: once
     reset_peak_memory(device)
-    while state.epoch < cfg.max_epochs and not (cfg.max_steps > 0 and state.step >= cfg.max_steps):
+    while not finished(state, cfg):
         progress.start_epoch(state.epoch)
         start, samples_before = time.perf_counter(), state.samples
         train_loss = train_epoch(model, train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
@@ -367,18 +385,18 @@ def fit(
             "perf/peak_mem_mib": peak_memory_mib(device),
             "perf/data_wait_frac": result.epoch_waits[-1],
         }
-        finished = state.epoch >= cfg.max_epochs or (cfg.max_steps > 0 and state.step >= cfg.max_steps)
+        done = finished(state, cfg)
         # Judged like the throughput: the first epoch (worker start-up) only when it is the only one.
-        if not warned and result.epoch_waits[-1] > INPUT_BOUND and (len(result.epoch_waits) > 1 or finished) and world.is_main:
+        if not warned and result.epoch_waits[-1] > INPUT_BOUND and (len(result.epoch_waits) > 1 or done) and world.is_main:
             _warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
             warned = True
-        if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or finished:
+        if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or done:
             result.val_loss, result.val_acc = evaluate(model, data.val, precision, device, cfg.channels_last, world)
             metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
         tracker.log_metrics(metrics, state.step)
         progress.end_epoch(state.epoch, {"train_loss": result.train_loss, **metrics})
         if checkpoint is not None and cfg.checkpoint_every_epochs and state.epoch % cfg.checkpoint_every_epochs == 0 \
-                and not finished:  # the final checkpoint follows anyway
+                and not done:  # the final checkpoint follows anyway
             checkpoint(state)
         if stop is not None and world.any(stop.requested):  # arrived during the epoch's last step or evaluation
             result.interrupted = stop.signum or signal.SIGTERM

@@ -154,8 +154,8 @@ class Sweep:
             print(rep.console(), flush=True)
             if not interrupted:
                 status = "FAILED" if unfinished or not completed else "FINISHED"
-            if not completed and not interrupted:
-                self.tracker.set_tags({"error": "the multirun ended before its jobs were done (its console output says why)"})
+            if not completed and not interrupted and not unfinished:  # no failed job to explain the FAILED
+                self.tracker.set_tags({"error": "the multirun ended before its jobs ran (its console output says why)"})
             self.tracker.set_tags({"mprun.jobs": str(len(rep.rows)), "mprun.jobs_unfinished": str(unfinished)})
         finally:
             self.tracker.end(status)

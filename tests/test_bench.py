@@ -39,6 +39,10 @@ def test_gpu_step_harness_runs_on_cpu_and_slices_add_up(tmp_path: Path) -> None:
     proc = gpu_step(tmp_path, "--precisions", "fp32,tf32,bf16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [c["precision"] for c in json.loads((tmp_path / "gpu_step.json").read_text())["cells"]] == ["fp32", "tf32", "fp16", "bf16"]
+    # Other settings measure other things: the earlier cells are not merged with them.
+    proc = gpu_step(tmp_path, "--precisions", "fp32", "--steps", "3")
+    assert proc.returncode == 0 and "not merged" in proc.stdout, proc.stderr[-3000:]
+    assert [c["precision"] for c in json.loads((tmp_path / "gpu_step.json").read_text())["cells"]] == ["fp32"]
 
 
 def test_loader_bench_runs_on_a_generated_imagefolder(tmp_path: Path) -> None:

@@ -65,9 +65,10 @@ def test_nan_tracer_names_the_injected_overflow_layer() -> None:
 
 def test_the_tracer_finds_the_bad_micro_batch_under_accumulation() -> None:
     """With grad_accum_steps > 1 the non-finite micro-batch may be any of the step's; tracing only the first
-    reported "did not reproduce". The RNG is left as found."""
+    reported "did not reproduce". The RNG the re-runs' dropout draws from is left as found."""
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(encoder=nn.Linear(16, 32), blowup=Blowup(), act=nn.ReLU(), head=nn.Linear(32, 4)))
+    model = nn.Sequential(OrderedDict(encoder=nn.Linear(16, 32), drop=nn.Dropout(0.1), blowup=Blowup(), act=nn.ReLU(),
+                                      head=nn.Linear(32, 4)))
     precision = Precision(PrecisionConfig(dtype=PrecisionName.fp16, loss_scale=LossScale.none), torch.device("cpu"))
     y = torch.randint(0, 4, (8,))
     clean, bad = (torch.randn(8, 16) * 1e-4, y), (torch.randn(8, 16) * 4, y)

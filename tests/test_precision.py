@@ -63,16 +63,15 @@ def run_epoch(model: nn.Module, precision: Precision, steps: int, log_every: int
 
 
 class NanLogitsOnSteps(InfOnSteps):
-    """The same model, but its logits (so its loss) are NaN on chosen (0-based) forward calls; it keeps its logits."""
+    """Its logits (so its loss) are NaN on chosen (0-based) steps, its weight gradient inf on others; keeps its logits."""
 
-    def _hook(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    def __init__(self, nan_steps: set[int], inf_grad_steps: set[int] = frozenset()):
+        super().__init__(set(inf_grad_steps))
+        self.nan_steps, self.seen = nan_steps, []
 
     def forward(self, x):
-        bad = self.calls in self.bad
-        self.calls += 1
-        logits = self.fc(x) * float("nan") if bad else self.fc(x)
-        self.seen = [*getattr(self, "seen", []), logits.detach()]
+        logits = self.fc(x) * float("nan") if len(self.seen) in self.nan_steps else self.fc(x)
+        self.seen.append(logits.detach())
         return logits
 
 
@@ -95,7 +94,7 @@ def epoch_on(model: nn.Module, precision: Precision, x: torch.Tensor, y: torch.T
 
 def test_a_skipped_steps_nan_loss_stays_out_of_the_loss_means() -> None:
     """The scaler skips a step whose loss is NaN; that loss must not turn the rest of the epoch's train/loss
-    (or its mean) into NaN. The means cover the applied steps; a NaN loss without a scaler still shows."""
+    (or its mean) into NaN. A skipped step with a finite loss counts; a NaN loss without a scaler still shows."""
     torch.manual_seed(0)
     x, y = torch.randn(48, 4, device=DEVICE), torch.randint(0, 3, (48,), device=DEVICE)
     model, precision = NanLogitsOnSteps({1}), fp16(init_scale=1024.0)
@@ -104,6 +103,12 @@ def test_a_skipped_steps_nan_loss_stays_out_of_the_loss_means() -> None:
     loss = [torch.nn.functional.cross_entropy(logits.float(), y[8 * i:8 * i + 8]).item() for i, logits in enumerate(model.seen)]
     assert logged == pytest.approx([loss[0], (loss[2] + loss[3]) / 2, (loss[4] + loss[5]) / 2], rel=1e-5)  # step 1 left out
     assert mean == pytest.approx((loss[0] + sum(loss[2:])) / 5, rel=1e-5)
+    # A step skipped for a gradient overflow has a finite loss: it counts as usual.
+    model, precision = NanLogitsOnSteps(set(), inf_grad_steps={1}), fp16(init_scale=1024.0)
+    mean, logged = epoch_on(model, precision, x, y)
+    assert precision.counters()["skipped_steps"] == 1
+    loss = [torch.nn.functional.cross_entropy(logits.float(), y[8 * i:8 * i + 8]).item() for i, logits in enumerate(model.seen)]
+    assert logged == pytest.approx([sum(loss[i:i + 2]) / 2 for i in (0, 2, 4)], rel=1e-5) and mean == pytest.approx(sum(loss) / 6, rel=1e-5)
     # Without a scaler nothing skips the step: its NaN loss stays visible (numerics.Guard stops the run on it).
     model, precision = NanLogitsOnSteps({1}), Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), DEVICE)
     mean, logged = epoch_on(model, precision, x, y)
