@@ -256,7 +256,7 @@ def train_epoch(
     or None if a stop signal ended it early (state then says exactly where, for the checkpoint)."""
     model.train()
     loader.set_epoch(state.epoch, state.batch_in_epoch)
-    # [loss sum, applied steps] stays on the device: no sync per step
+    # [loss sum, steps counted] stays on the device: no sync per step
     epoch_loss = torch.tensor([state.epoch_loss_sum, state.epoch_loss_steps], device=device)
 
     def sync() -> None:  # the device accumulator into state (averaged over ranks): at log steps and stops
@@ -288,8 +288,8 @@ def train_epoch(
         state.samples += sum(len(y) for _, y in micro)
         # A step the scaler skipped with a non-finite loss stays out of the means (a gradient overflow with a
         # finite loss counts as usual); without a scaler every step is applied, so a NaN loss still shows.
-        kept = ((precision.applied > 0) | torch.isfinite(loss)).to(loss.dtype)
-        epoch_loss += torch.stack([torch.where(kept > 0, loss, 0.0), kept])
+        kept = (precision.applied > 0) | torch.isfinite(loss)
+        epoch_loss += torch.stack([torch.where(kept, loss, 0.0), kept.to(loss.dtype)])
         progress.advance(len(micro))
         if at_log_step:
             sync()  # sync point, once per log interval

@@ -189,7 +189,7 @@ class Precision:
         self._skips = torch.zeros((), dtype=torch.float64, device=device)  # device twins of the two above
         self._clean = torch.zeros((), dtype=torch.float64, device=device)
         # 1.0 if the last step was applied, 0.0 if the scaler skipped it (always 1.0 without a scaler). A device
-        # tensor: the loop leaves a skipped step's loss (often inf) out of its means without reading it.
+        # tensor: the loop leaves a skipped step's non-finite loss out of its means without reading it.
         self.applied = torch.ones((), device=device)
         self._scale_seen = self.scale_value()  # the scale at the last refresh: growth events follow from it
         self._window = [0, 0]  # [skipped, attempted] steps of the current log window, as of the last refresh
