@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from conftest import run_cli
 
-MLFLOW = Path(sys.executable).with_name("mlflow")
+MLFLOW = [sys.executable, "-m", "mlflow"]  # not bin/mlflow: a --target install (the GPU machine's) has no scripts
 # Two trainings share the CI machine's 2 cores in one test: one thread each, or they slow each other ~25x.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -33,7 +33,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
     root = tmp_path_factory.mktemp("server")
     port = free_port()
     proc = subprocess.Popen(
-        [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        [*MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")],
         cwd=root, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
