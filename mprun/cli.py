@@ -51,8 +51,11 @@ def _main(cfg: DictConfig) -> float:
             raise
         print(f"mprun: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    if summary["interrupted"]:
-        sys.exit(128 + summary["interrupted"])  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+    if summary["stop_signal"]:
+        if not summary["interrupted"]:
+            print(f"mprun: {signal.Signals(summary['stop_signal']).name} arrived after training was complete: "
+                  "the run finished and is recorded; stopping", file=sys.stderr, flush=True)
+        sys.exit(128 + summary["stop_signal"])  # the shell convention: 130 for SIGINT, 143 for SIGTERM
     return summary["val_acc"]
 
 

@@ -224,7 +224,7 @@ def _already_complete(path: Path, state: TrainState) -> dict[str, Any]:
     print(f"mprun: nothing to train: {path} is at epoch {state.epoch}, step {state.step}, where this configuration "
           "ends (raise trainer.max_epochs or trainer.max_steps to train on); its run and files are left as they are",
           flush=True)
-    return {**summary, "interrupted": None}
+    return {**summary, "interrupted": None, "stop_signal": None}
 
 
 def _track_and_train(cfg: DictConfig, checked: dict[str, Any], parts: Components, tracker: Tracker, run_dir: Path,
@@ -266,7 +266,7 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
         summary["interrupted"] = result.interrupted
         if not main:  # the other ranks trained; rank 0 records
             status = "KILLED" if result.interrupted else "FINISHED"
-            return summary
+            return {**summary, "stop_signal": result.interrupted or stop.signum}
         _log_numerics(guard, run_dir, tracker)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -300,4 +300,6 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
         tracker.end(status)
     if main:
         print_summary(summary, run_dir, tracker)
-    return summary
+    # A signal that came once training was complete (during its last step, its evaluation or the recording) left
+    # the run finished, but the process still stops with it: a sweep starts no further job.
+    return {**summary, "stop_signal": result.interrupted or stop.signum}

@@ -148,7 +148,7 @@ class FitResult:
     epoch_times: list[float] = field(default_factory=list)
     epoch_rates: list[float] = field(default_factory=list)
     epoch_waits: list[float] = field(default_factory=list)  # data_wait_frac per epoch
-    interrupted: Optional[int] = None  # the signal that stopped training early, if any
+    interrupted: Optional[int] = None  # the signal that stopped training before it was done, if any
 
 
 # Waiting for data more than this share of an epoch means the input pipeline, not the model, sets the
@@ -263,15 +263,16 @@ def train_epoch(
         state.epoch_loss_sum, state.epoch_loss_steps = (v / world.size for v in world.sum(epoch_loss.tolist()))
 
     for micro in _chunks(loader, cfg.grad_accum_steps):
+        # First the end of the run (a stop signal that arrived during the last step does not make a finished run
+        # an interrupted one). It ends mid-epoch: the position stays in state, so raising max_steps and resuming
+        # continues this epoch where it stopped.
+        if cfg.max_steps > 0 and state.step >= cfg.max_steps:
+            sync()
+            return _mean(state.epoch_loss_sum, state.epoch_loss_steps)
         # Under torchrun the ranks agree on stopping at log boundaries, so all stop after the same step.
         if stop is not None and (world.size == 1 or state.step % cfg.log_every_steps == 0) and world.any(stop.requested):
             sync()
             return None
-        if cfg.max_steps > 0 and state.step >= cfg.max_steps:
-            # The run ends mid-epoch: the position stays in state, so raising max_steps and resuming
-            # continues this epoch where it stopped.
-            sync()
-            return _mean(state.epoch_loss_sum, state.epoch_loss_steps)
         micro = [_to_device(b, device, cfg.channels_last) for b in micro]
         at_log_step = (state.step + 1) % cfg.log_every_steps == 0
         stats = {} if guard is not None and guard.stats_due(state.step + 1) else None
@@ -399,7 +400,9 @@ def fit(
                 and not done:  # the final checkpoint follows anyway
             checkpoint(state)
         if stop is not None and world.any(stop.requested):  # arrived during the epoch's last step or evaluation
-            result.interrupted = stop.signum or signal.SIGTERM
+            # After the last epoch's evaluation training is complete: the run finishes as such (the caller still
+            # stops when it is recorded); otherwise it is interrupted, to be resumed.
+            result.interrupted = None if done else stop.signum or signal.SIGTERM
             break
     progress.close()
     # Medians over epochs, leaving out the first (warm-up, compilation) when there are others.

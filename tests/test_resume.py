@@ -127,6 +127,31 @@ def test_resuming_a_finished_run_changes_nothing(make_cfg, tmp_path: Path, capsy
     assert [m.value for m in client.get_metric_history(r.info.run_id, "final/val_acc")] == [first["val_acc"]]
 
 
+@pytest.mark.parametrize("during", ["last step", "final evaluation"])
+def test_a_signal_once_training_is_done_finishes_the_run(make_cfg, tmp_path: Path, monkeypatch, during: str) -> None:
+    """Ctrl-C during the last step (max_steps ending mid-epoch) or the final evaluation: the work is done, so the
+    run is recorded FINISHED with final.pt and final/* metrics (it used to be KILLED with interrupted.pt, and
+    resuming it then said "nothing to train", leaving it without results), and the signal is still returned."""
+    from mprun import loop
+
+    target = "train_step" if during == "last step" else "evaluate"
+    real, calls = getattr(loop, target), []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if target == "evaluate" or len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)  # reaches GracefulStop's handler, as a real Ctrl-C does
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, target, signalled)
+    summary = run(make_cfg("model=simple_mlp", "trainer.max_epochs=1", "trainer.max_steps=5", tracking="mlflow"))
+    assert summary["stop_signal"] == signal.SIGINT and summary["interrupted"] is None and summary["steps"] == 5
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["final.pt"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert r.info.status == "FINISHED" and r.data.metrics["final/val_acc"] == summary["val_acc"]
+
+
 @pytest.mark.parametrize("spec,needle", [("/nonexistent/x.pt", "no such file or directory"), ("{tmp}", "no checkpoint")])
 def test_resume_from_nothing_is_a_clear_error(make_cfg, tmp_path: Path, spec: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
