@@ -233,6 +233,11 @@ class Stats:
 
 # ---------------------------------------------------------------- policy
 
+# Why a scale that never backs off keeps skipping, by precision.loss_scale (dynamic explains itself).
+_FIXED_SCALE = {"static": " (fixed by precision.loss_scale=static: lower precision.init_scale, or use dynamic)",
+                "none": " (pinned by precision.on_nonfinite=skip: these steps had inf/NaN gradients)"}
+
+
 class Guard:
     """Watches each log window's numbers and applies the precision config's policy.
 
@@ -290,19 +295,21 @@ class Guard:
         p, cfg = self.precision, self.cfg
         problems = []
         if not p.scaler.is_enabled() and not math.isfinite(metrics["train/loss"]):
-            problems.append(("stop", f"non-finite training loss ({metrics['train/loss']}) in {p.description}, "
-                                     "which has no loss scaler to skip such steps"))
-        if p.dynamic_scaling:
+            problems.append(("nonfinite_loss", "stop", f"non-finite training loss ({metrics['train/loss']}) in "
+                                                       f"{p.description}, which has no loss scaler to skip such steps"))
+        if p.scaler.is_enabled():  # dynamic, static, or skip mode's scale pinned at 1.0: steps can be skipped
             scale, rate = metrics["amp/loss_scale"], metrics["amp/skip_rate"]
             self.high_skip_windows = self.high_skip_windows + 1 if rate > cfg.max_skip_rate else 0
-            if scale <= cfg.min_loss_scale:
-                problems.append((cfg.on_collapse.value, f"loss scale collapsed to {scale:g} (floor precision.min_loss_scale="
-                                                        f"{cfg.min_loss_scale:g}) after {metrics['amp/skipped_steps']:.0f} skipped steps"))
+            if p.dynamic_scaling and scale <= cfg.min_loss_scale:
+                problems.append(("scale_floor", cfg.on_collapse.value,
+                                 f"loss scale collapsed to {scale:g} (floor precision.min_loss_scale={cfg.min_loss_scale:g}) "
+                                 f"after {metrics['amp/skipped_steps']:.0f} skipped steps"))
             elif self.high_skip_windows >= cfg.collapse_patience:
-                problems.append((cfg.on_collapse.value, f"{rate:.0%} of steps skipped in each of the last "
-                                                        f"{self.high_skip_windows} log windows (precision.max_skip_rate="
-                                                        f"{cfg.max_skip_rate:g}); loss scale {scale:g}"))
-        for action, text in problems:
+                problems.append(("skip_rate", cfg.on_collapse.value,
+                                 f"over {cfg.max_skip_rate:.0%} of steps skipped in each of the last {self.high_skip_windows} "
+                                 f"log windows ({rate:.0%} in the latest; precision.max_skip_rate={cfg.max_skip_rate:g}); "
+                                 f"loss scale {scale:g}{_FIXED_SCALE.get(p.loss_scale.value, '')}"))
+        for kind, action, text in problems:
             if action == "stop":
                 report = {"step": step, "diagnosis": text, "metrics": metrics}
                 trace = self._trace(model, batches, step, text) or (self.traces[-1] if self.traces else None)
@@ -311,6 +318,6 @@ class Guard:
                 hint = (" Try bf16 (fp32's exponent range, no scaler), a lower learning rate, gradient clipping, or "
                         "precision.fp32_modules for the module the tracer names.")
                 raise NumericsError(f"step {step}: {text}." + (f" NaN tracer: {trace['summary']}." if trace else "") + hint, report)
-            if text.split(" ")[0] not in self.warned:
-                self.warned.add(text.split(" ")[0])
+            if kind not in self.warned:  # once per kind
+                self.warned.add(kind)
                 log.warning("step %d: %s (precision.on_collapse=warn: training goes on)", step, text)

@@ -67,8 +67,8 @@ class PrecisionConfig:
     fp32_modules: List[str] = field(default_factory=list)
     # A non-finite loss with no scaler to skip the step (fp32, tf32, bf16, fp16 unscaled): stop or skip.
     on_nonfinite: NonFinite = NonFinite.stop
-    # Loss-scale collapse (dynamic fp16): the scale at or below the floor, or more than max_skip_rate of
-    # the steps skipped in collapse_patience consecutive log windows.
+    # Collapse: the dynamic scale at or below the floor, or (any scaler: dynamic, static, on_nonfinite=skip)
+    # more than max_skip_rate of the steps skipped in collapse_patience consecutive log windows.
     min_loss_scale: float = 1.0
     max_skip_rate: float = 0.5
     collapse_patience: int = 3

@@ -120,7 +120,26 @@ def test_collapse_policy_warn_trains_on(make_cfg, caplog) -> None:
     summary = run(make_cfg("model=simple_mlp", "model.grad_scale=1e30", "precision=fp16", "precision.on_collapse=warn",
                            "trainer.log_every_steps=5", "trainer.max_steps=30", "trainer.max_epochs=3"))
     assert summary["skipped_steps"] == 30
-    assert "100% of steps skipped in each of the last 3 log windows" in caplog.text and "loss scale collapsed" in caplog.text
+    assert "over 50% of steps skipped in each of the last 3 log windows (100% in the latest" in caplog.text
+    assert "loss scale collapsed" in caplog.text
+
+
+def test_collapse_warnings_come_once_per_kind(caplog) -> None:
+    """Skip rates that differ from window to window still warn once (the key used to be the rate's text)."""
+    from mprun.precision import Action
+
+    guard = Guard(Precision(PrecisionConfig(dtype=PrecisionName.fp16, on_collapse=Action.warn), torch.device("cpu")))
+    for step, rate in enumerate([0.6, 0.7, 0.8, 0.9, 0.8], start=1):
+        guard.check({"train/loss": 1.0, "amp/loss_scale": 1024.0, "amp/skip_rate": rate, "amp/skipped_steps": step},
+                    nn.Identity(), [], step)
+    assert caplog.text.count("log windows") == 1 and "(80% in the latest" in caplog.text
+
+
+def test_a_static_scale_that_skips_every_step_stops(make_cfg) -> None:
+    """A fixed scale that overflows every step trains nothing; it used to finish 'ok' (the check was dynamic-only)."""
+    with pytest.raises(NumericsError, match=r"over 50% of steps .* loss scale 1e\+30 \(fixed by precision.loss_scale=static"):
+        run(make_cfg("model=simple_mlp", "precision=fp16_static", "precision.init_scale=1e30", "trainer.log_every_steps=5",
+                     "trainer.max_epochs=1"))
 
 
 def test_nonfinite_loss_without_a_scaler_stops_with_a_trace(make_cfg, tmp_path: Path) -> None:
