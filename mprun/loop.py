@@ -277,6 +277,7 @@ def train_epoch(
         at_log_step = (state.step + 1) % cfg.log_every_steps == 0
         stats = {} if guard is not None and guard.stats_due(state.step + 1) else None
         loss, norm = train_step(model, micro, optimizer, precision, want_norm=at_log_step, stats=stats)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used (a host float): logged, not the next step's
         # Every attempted step advances the schedule, skipped or not, as in a torch.amp loop: holding it
         # for skipped steps would mean reading each step's outcome on the host (a sync per step).
         scheduler.step()
@@ -296,7 +297,7 @@ def train_epoch(
             sync()  # sync point, once per log interval
             metrics = {
                 "train/loss": _mean(state.epoch_loss_sum - state.logged_loss_sum, state.epoch_loss_steps - state.logged_loss_steps),
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": lr,
                 **precision.telemetry(),
             }
             if norm is not None:

@@ -88,6 +88,25 @@ def test_optimizers_and_schedulers(make_cfg, optimizer: str, scheduler: str) -> 
     assert summary["steps"] == 3
 
 
+def test_train_lr_is_the_rate_each_step_used(make_cfg, tmp_path: Path) -> None:
+    """train/lr at step s is the rate step s trained with (it used to be the next step's: step 1 of a 2-step warmup
+    showed the full rate)."""
+    from mprun.optim import cosine
+
+    summary = run(make_cfg("model=simple_mlp", "optimizer=sgd", "optimizer.lr=0.1", "scheduler=cosine",
+                           "scheduler.warmup_steps=2", "trainer.max_steps=6", "trainer.max_epochs=1",
+                           "trainer.log_every_steps=1", tracking="mlflow"))
+    history = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_metric_history(summary["mlflow_run_id"], "train/lr")
+    sched = cosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), 6, 2, 0.0)
+    used = []
+    for _ in range(6):
+        used.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in history] == pytest.approx(used) and used[0] == pytest.approx(0.05)
+
+
 def test_cosine_warmup_schedule(make_cfg) -> None:
     from mprun.optim import cosine
 
@@ -113,7 +132,7 @@ def test_onecycle_follows_torchs_curve(total: int, warmup: int, pct_start: float
             out.append(sched.get_last_lr()[0])
             sched.optimizer.step()
             sched.step()
-        return out + sched.get_last_lr()  # after the last step too: what the last log step records
+        return out + sched.get_last_lr()  # after the last step too (torch's curve rises again there)
 
     def sgd() -> torch.optim.SGD:
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
