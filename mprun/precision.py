@@ -101,6 +101,12 @@ class PrecisionConfig:
         )
 
 
+# The settings that change nothing in an fp32 run: the cast and the loss scaler (the skip-rate policy judges skipped
+# steps, which an fp32 baseline has none of). The sweep report compares a job with the fp32 job that differs from
+# it only in these and the precision option; the others (clipping, on_nonfinite, statistics) apply to fp32 too.
+HALF_ONLY = frozenset({"dtype", "loss_scale", "init_scale", "growth_factor", "backoff_factor", "growth_interval",
+                       "min_loss_scale", "max_skip_rate", "collapse_patience", "on_collapse", "fp32_modules"})
+
 _AUTOCAST_DTYPE = {PrecisionName.fp16: torch.float16, PrecisionName.bf16: torch.bfloat16}
 
 

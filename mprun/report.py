@@ -5,8 +5,9 @@ artifacts), or on demand:
 
     python -m mprun.report <parent run id | experiment name> [--uri URI] [--out DIR]
 
-A job's baseline is the FINISHED fp32 job with the same other overrides (everything not under
-`precision`). Rows are read back from MLflow, so the report shows what was recorded, nothing else.
+A job's baseline is the FINISHED fp32 job with the same other overrides: all but the precision option and
+the settings that change nothing in fp32 (the loss scaler's, fp32_modules; precision.HALF_ONLY). Rows are read
+back from MLflow, so the report shows what was recorded, nothing else.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Row:
     run_id: str
     status: str  # MLflow status: FINISHED, FAILED, KILLED (RUNNING only while a sweep is live)
     precision: str  # the resolved precision, e.g. fp32 for precision=auto on a CPU
+    requested: str  # the precision option its overrides asked for ("" if none: the default)
     detail: str
     others: tuple[str, ...]  # the job's overrides outside precision: what must match for a baseline
     metrics: dict[str, float]
@@ -76,13 +78,21 @@ class Row:
 
 
 def _others(overrides: str) -> tuple[str, ...]:
-    return tuple(sorted(o for o in overrides.split() if not o.lstrip("+~").startswith("precision")))
+    """What an fp32 baseline must share with the job: its overrides but the precision option and the settings that
+    change nothing in fp32 (a clipping or on_nonfinite override stays: it changes fp32 runs too)."""
+    from mprun.precision import HALF_ONLY  # imports torch: here, not at start-up
+
+    def compared(o: str) -> bool:
+        group, _, key = o.split("=", 1)[0].lstrip("+~").partition(".")
+        return group != "precision" or bool(key) and key not in HALF_ONLY
+
+    return tuple(sorted(o for o in overrides.split() if compared(o)))
 
 
-def _requested(overrides: str) -> str:
-    """The precision a job asked for, for a job that failed before resolving it."""
+def _option(overrides: str) -> Optional[str]:
+    """The precision option a job asked for (precision=...), if its overrides name one."""
     picked = [o.split("=", 1)[1] for o in overrides.split() if o.lstrip("+~").startswith("precision=")]
-    return f"{picked[0]}?" if picked else "?"
+    return picked[0] if picked else None
 
 
 def collect(client: Any, parent_id: str, curves: bool = True) -> list[Row]:
@@ -94,7 +104,8 @@ def collect(client: Any, parent_id: str, curves: bool = True) -> list[Row]:
         tags = run.data.tags
         row = Row(
             num=int(tags.get("mprun.sweep_job", -1)), name=run.info.run_name or run.info.run_id, run_id=run.info.run_id,
-            status=run.info.status, precision=tags.get("precision") or _requested(tags.get("mprun.overrides", "")), detail=tags.get("precision_detail", ""),
+            status=run.info.status, precision=tags.get("precision") or f"{_option(tags.get('mprun.overrides', '')) or ''}?",
+            requested=_option(tags.get("mprun.overrides", "")) or "", detail=tags.get("precision_detail", ""),
             others=_others(tags.get("mprun.overrides", "")), metrics=dict(run.data.metrics), error=tags.get("error", ""),
             mem_kind=tags.get("peak_mem_kind", ""),
         )
@@ -104,7 +115,12 @@ def collect(client: Any, parent_id: str, curves: bool = True) -> list[Row]:
                 row.scale_curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "amp/loss_scale")]
         rows.append(row)
     rows.sort(key=lambda r: r.num)
-    baselines = {r.others: r for r in rows if r.precision == "fp32" and r.status == "FINISHED" and not r.diverged}
+    baselines: dict[tuple[str, ...], Row] = {}
+    for r in rows:  # of several candidates, the first that asked for fp32 (not auto resolved to it), else the first
+        if r.precision == "fp32" and r.status == "FINISHED" and not r.diverged:
+            held = baselines.get(r.others)
+            if held is None or (held.requested != "fp32" and r.requested == "fp32"):
+                baselines[r.others] = r
     for r in rows:
         r.baseline = baselines.get(r.others)
     return rows
@@ -177,7 +193,8 @@ def notes_for(rows: list[Row]) -> list[str]:
         notes.append("No finished fp32 job to compare with: Δ acc, speedup and memory ratio are not computed. "
                      "Add precision=fp32 to the sweep for a baseline.")
     else:
-        notes.append("Baseline: the finished fp32 job with the same other overrides. Speedup = samples/s ÷ baseline's; "
+        notes.append("Baseline: the finished fp32 job with the same other overrides (loss-scaler settings aside; one that "
+                     "asked for precision=fp32 before one that auto resolved to it). Speedup = samples/s ÷ baseline's; "
                      "mem ratio = peak memory ÷ baseline's.")
     if any(r.mem_kind == "process_peak_rss" for r in rows):
         notes.append("CPU jobs: peak memory is the process's peak resident set during the job (libraries included), "

@@ -110,8 +110,30 @@ def test_report_on_demand_by_experiment_name_or_parent_id(precision_sweep: Path)
 
 
 def _row(num: int, precision: str, status: str = "FINISHED", **metrics: float) -> report.Row:
-    return report.Row(num, f"precision={precision}", f"r{num}", status, precision, "", ("optimizer.lr=0.1",),
+    return report.Row(num, f"precision={precision}", f"r{num}", status, precision, precision, "", ("optimizer.lr=0.1",),
                       {f"final/{k}": v for k, v in metrics.items()})
+
+
+def test_the_baseline_shares_clipping_and_prefers_an_explicit_fp32() -> None:
+    """A precision.* override that changes fp32 runs too (clipping) picks the fp32 job with the same value; the
+    scaler's settings do not matter; of two fp32 jobs, the one that asked for fp32 beats auto resolved to fp32.
+    Before, every precision.* override was ignored and the last fp32 job won: fp16 at clip 0.1 was compared
+    with fp32 at clip 10."""
+    from types import SimpleNamespace as NS
+
+    def child(num: int, overrides: str, resolved: str) -> NS:
+        tags = {"mprun.sweep_job": str(num), "mprun.overrides": overrides, "precision": resolved}
+        return NS(info=NS(run_id=f"r{num}", run_name=overrides, status="FINISHED"),
+                  data=NS(tags=tags, metrics={"final/val_acc": 0.5, "final/train_loss": 0.1}))
+
+    runs = [child(0, "precision=auto precision.grad_clip_norm=0.1", "fp32"),
+            child(1, "precision=fp32 precision.grad_clip_norm=0.1", "fp32"),
+            child(2, "precision=fp16 precision.grad_clip_norm=0.1 precision.init_scale=128", "fp16"),
+            child(3, "precision=fp32 precision.grad_clip_norm=10", "fp32"),
+            child(4, "precision=fp16 precision.grad_clip_norm=10", "fp16")]
+    client = NS(get_run=lambda _: NS(info=NS(experiment_id="0")), search_runs=lambda *a, **k: runs)
+    rows = report.collect(client, "parent", curves=False)
+    assert [r.baseline.num for r in rows] == [1, 1, 1, 3, 3]
 
 
 def test_report_without_an_fp32_baseline_says_so_instead_of_dividing(tmp_path: Path) -> None:
