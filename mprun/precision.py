@@ -145,6 +145,8 @@ def resolve(requested: PrecisionName, device: torch.device) -> tuple[PrecisionNa
         if cpu_has_fast_bf16():
             return PrecisionName.bf16, "CPU has AMX-BF16"
         return PrecisionName.fp32, "CPU without fast bf16 (autocast would be emulated and slower)"
+    if requested is PrecisionName.tf32:  # TF32 is a GPU tensor-core format: a CPU computes in full fp32
+        return requested, "requested; on a CPU tf32 runs as plain fp32"
     if requested in _AUTOCAST_DTYPE and not cpu_has_fast_bf16():
         log.warning(
             "precision=%s on a CPU without AMX runs in emulation: correct, but slower than fp32 "
@@ -176,7 +178,7 @@ class Precision:
         # on_nonfinite=skip without a loss scale: a GradScaler pinned at 1.0 finds and skips non-finite steps.
         self.skip_mode = self.loss_scale is LossScale.none and cfg.on_nonfinite is NonFinite.skip
         self.dynamic_scaling = self.loss_scale is LossScale.dynamic
-        self._pinned = cfg.init_scale if self.loss_scale is LossScale.static else (1.0 if self.skip_mode else None)
+        self._pinned = float(cfg.init_scale) if self.loss_scale is LossScale.static else (1.0 if self.skip_mode else None)
         self.scaler = torch.amp.GradScaler(
             device.type,
             init_scale=1.0 if self.skip_mode else cfg.init_scale,
@@ -205,7 +207,7 @@ class Precision:
     def description(self) -> str:
         """Human-readable resolved precision, e.g. 'fp16 (dynamic loss scale)'."""
         if self.name is PrecisionName.fp16:
-            return f"fp16 ({self.loss_scale.value} loss scale)"
+            return "fp16 (no loss scale)" if self.loss_scale is LossScale.none else f"fp16 ({self.loss_scale.value} loss scale)"
         return self.name.value
 
     def autocast(self) -> ContextManager:

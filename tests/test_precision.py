@@ -329,3 +329,17 @@ def test_growth_events_follow_the_scalers_own_factor_after_a_resume() -> None:
     run_epoch(InfOnSteps(set()), resumed, steps=3, log_every=1000)
     assert resumed.scale_value() == 1024.0 * 2 ** 2  # grew twice, by the checkpoint's factor 2
     assert resumed.counters()["growth_events"] == 2
+
+
+def test_cpu_descriptions_say_what_runs() -> None:
+    """Unscaled fp16 reads 'no loss scale' (it read 'none loss scale'); tf32 on a CPU says it is plain fp32; an int
+    init_scale from the Python API pins a static scale (update() needs a float)."""
+    cpu = torch.device("cpu")
+    assert Precision(PrecisionConfig(dtype=PrecisionName.fp16, loss_scale=LossScale.none), cpu).description == "fp16 (no loss scale)"
+    assert "plain fp32" in Precision(PrecisionConfig(dtype=PrecisionName.tf32, loss_scale=LossScale.none), cpu).reason
+    p = Precision(PrecisionConfig(dtype=PrecisionName.fp16, loss_scale=LossScale.static, init_scale=128), cpu)
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    p.backward(w.sum())
+    p.step(opt, [w], want_norm=False)
+    assert p.scale_value() == 128.0
