@@ -142,9 +142,9 @@ class FitResult:
     val_loss: float = float("nan")
     val_acc: float = float("nan")
     train_loss: float = float("nan")
-    samples_per_s: float = 0.0
+    samples_per_s: float = float("nan")
     peak_mem_mib: float = 0.0
-    data_wait_frac: float = 0.0  # share of training time spent waiting for the next batch
+    data_wait_frac: float = float("nan")  # share of training time spent waiting for the next batch
     epoch_times: list[float] = field(default_factory=list)
     epoch_rates: list[float] = field(default_factory=list)
     epoch_waits: list[float] = field(default_factory=list)  # data_wait_frac per epoch
@@ -376,20 +376,22 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # epoch time must include the queued GPU work
         seconds = time.perf_counter() - start
-        result.epoch_times.append(seconds)
-        result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
-        result.epoch_waits.append(world.max(train.take()) / seconds)  # the hungriest rank holds the others up
+        waited = world.max(train.take())  # the hungriest rank holds the others up
+        # An epoch resumed from a checkpoint taken at its last batch has nothing left to train: no timing of it.
+        trained = state.samples > samples_before
+        metrics = {"perf/peak_mem_mib": peak_memory_mib(device)}
+        if trained:
+            result.epoch_times.append(seconds)
+            result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
+            result.epoch_waits.append(waited / seconds)
+            metrics.update({"perf/epoch_time_s": seconds, "perf/samples_per_s": result.epoch_rates[-1],
+                            "perf/data_wait_frac": result.epoch_waits[-1]})
         result.train_loss = train_loss
         state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
-        metrics = {
-            "perf/epoch_time_s": seconds,
-            "perf/samples_per_s": result.epoch_rates[-1],
-            "perf/peak_mem_mib": peak_memory_mib(device),
-            "perf/data_wait_frac": result.epoch_waits[-1],
-        }
         done = finished(state, cfg)
         # Judged like the throughput: the first epoch (worker start-up) only when it is the only one.
-        if not warned and result.epoch_waits[-1] > INPUT_BOUND and (len(result.epoch_waits) > 1 or done) and world.is_main:
+        if not warned and trained and result.epoch_waits[-1] > INPUT_BOUND and (len(result.epoch_waits) > 1 or done) \
+                and world.is_main:
             _warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
             warned = True
         if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or done:
@@ -407,7 +409,8 @@ def fit(
             break
     progress.close()
     # Medians over epochs, leaving out the first (warm-up, compilation) when there are others.
-    result.samples_per_s = statistics.median(_steady(result.epoch_rates)) if result.epoch_rates else 0.0
-    result.data_wait_frac = statistics.median(_steady(result.epoch_waits)) if result.epoch_waits else 0.0
+    # No epoch timed in this process (stopped in its first, or resumed with nothing left to train): not measured.
+    result.samples_per_s = statistics.median(_steady(result.epoch_rates)) if result.epoch_rates else float("nan")
+    result.data_wait_frac = statistics.median(_steady(result.epoch_waits)) if result.epoch_waits else float("nan")
     result.peak_mem_mib = peak_memory_mib(device)
     return result

@@ -99,8 +99,12 @@ def collect(client: Any, parent_id: str, curves: bool = True) -> list[Row]:
     """The parent's child runs as rows, in job order, each linked to its fp32 baseline if there is one."""
     parent = client.get_run(parent_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)
+    # A requeued sweep job without a checkpoint to resume ran anew: its newest run is the job's row.
+    newest: dict[str, Any] = {}
+    for run in sorted(runs, key=lambda r: getattr(r.info, "start_time", 0) or 0):
+        newest[run.data.tags.get("mprun.sweep_job") or run.info.run_id] = run
     rows = []
-    for run in runs:
+    for run in newest.values():
         tags = run.data.tags
         row = Row(
             num=int(tags.get("mprun.sweep_job", -1)), name=run.info.run_name or run.info.run_id, run_id=run.info.run_id,

@@ -105,6 +105,7 @@ class Sweep:
         previous = self._previous(cfg)
         if previous and self.tracker.resume(previous, 0):
             log.info("sweep %s: resuming its jobs (trainer.resume) under its parent run %s", self.sweep_dir, previous)
+            self._close_stale_children(previous)
         else:
             self.tracker.start(
                 {"sweep.overrides": spec, "sweep.params": json.dumps(params),
@@ -130,6 +131,16 @@ class Sweep:
             raise
         log.info("sweep %s: MLflow parent run %s", self.sweep_dir, self.tracker.run_id)
 
+    def _close_stale_children(self, parent_id: str) -> None:
+        """Jobs of the earlier launch still RUNNING were killed with it (kill -9, a lost node) before they could close
+        their runs: KILLED now. A job that resumes from a checkpoint reopens its own run; one without starts anew."""
+        client = self.tracker.client
+        stale = client.search_runs([self.tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                   "attributes.status = 'RUNNING'", max_results=10000)
+        for run in stale:
+            client.set_tag(run.info.run_id, "mprun.closed_by", "the requeued sweep: its process had ended without closing it")
+            client.set_terminated(run.info.run_id, "KILLED")
+
     def _previous(self, cfg: DictConfig) -> Optional[str]:
         """The parent run of this sweep directory's earlier launch in the same store, when this launch resumes its
         jobs (trainer.resume: a requeued sweep); its jobs continue their own runs, which are that parent's children."""
@@ -145,7 +156,7 @@ class Sweep:
         Returns how many jobs did not finish."""
         from mprun import report
 
-        status, unfinished = "KILLED", 0
+        status, unfinished = ("KILLED" if interrupted else "FAILED"), 0  # until the report says otherwise
         try:
             rep = report.build(self.tracker.client, self.tracker.run_id, self.sweep_dir / "report",
                                stop_running=interrupted)

@@ -174,6 +174,7 @@ class MlflowTracker(Tracker):
         self._started: Optional[tuple] = None  # (params, tags, name): to reopen the run locally
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="mprun-mlflow")
         self._pending: list = []  # (future, metric batch) writes not yet confirmed
+        self._dropped: list[str] = []  # metric batches a store that still answered failed to write
         self._lost = False  # the store went away and the policy is fail: nothing more is sent
         uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(output_root)
         if uri.startswith(("http://", "https://")):
@@ -245,9 +246,25 @@ class MlflowTracker(Tracker):
         finally:
             random.setstate(state)
         self.run_id = run.info.run_id
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        with self._closed_on_error():
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    @contextlib.contextmanager
+    def _closed_on_error(self) -> Any:
+        """Around the rest of opening a run: the run exists now, so an error or a second Ctrl-C here closes it
+        (FAILED / KILLED) instead of leaving it RUNNING; the caller, which never got a run to close, sees the error."""
+        try:
+            yield
+        except BaseException as e:
+            try:
+                self.client.set_tag(self.run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+                self.client.set_terminated(self.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
+                log.exception("could not close MLflow run %s after a failed start", self.run_id)
+            self.run_id = None
+            raise
 
     def resume(self, run_id: str, step: int) -> bool:
         from mlflow.exceptions import MlflowException
@@ -257,10 +274,14 @@ class MlflowTracker(Tracker):
         except MlflowException:
             log.warning("the checkpoint's MLflow run %s is not in %s: starting a new run", run_id, self.uri)
             return False
+        if run.info.lifecycle_stage == "deleted":  # MLflow refuses to reopen it
+            log.warning("the checkpoint's MLflow run %s was deleted in %s: starting a new run", run_id, self.uri)
+            return False
         self.run_id = run_id
         self.client.update_run(run_id, status="RUNNING")
-        resumes = int(run.data.tags.get("mprun.resumes", "0")) + 1
-        self.set_tags({"mprun.resumes": str(resumes), f"mprun.resume_{resumes}_step": str(step)})
+        with self._closed_on_error():
+            resumes = int(run.data.tags.get("mprun.resumes", "0")) + 1
+            self.set_tags({"mprun.resumes": str(resumes), f"mprun.resume_{resumes}_step": str(step)})
         log.info("continuing MLflow run %s from step %d", run_id, step)
         return True
 
@@ -275,10 +296,8 @@ class MlflowTracker(Tracker):
             return False
 
     def _store_lost(self, error: BaseException) -> None:
-        """The store failed a call: if it still answers, that is the call's own error (raised); if it does
-        not, raise TrackingLost (fail) or move this run to the local store (local)."""
-        if self._reachable():
-            raise error
+        """The store failed a call and no longer answers: raise TrackingLost (fail) or move this run to the local
+        store (local)."""
         unsent = [batch for f, batch in self._pending if not _succeeded(f)]
         for f, _ in self._pending:
             f.cancel()  # queued writes to a dead store would each spend their retries
@@ -304,8 +323,29 @@ class MlflowTracker(Tracker):
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - any failure of the store; the policy decides
+            if self._reachable():
+                raise  # the store answers: the call's own error
             self._store_lost(e)
             return fn()  # fn reads self.client / self.run_id, which now point at the local store
+
+    def _settle(self, wait: bool) -> None:
+        """Check the background metric writes (all of them, waiting, with `wait`). A write that failed while the store
+        still answers (a locked sqlite store, a server error) loses its batch, said in the log and tagged on the run
+        at its end: one failed write must not end a training, nor keep its run from being closed. A store that no
+        longer answers gets the on_unreachable policy."""
+        if wait:
+            from concurrent.futures import wait as wait_all
+
+            wait_all([f for f, _ in self._pending])
+        for f, batch in self._pending:
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                if not self._reachable():
+                    self._store_lost(f.exception())  # raises, or moves the unsent batches to the local store
+                    return
+                self._dropped.append(f"step {batch[0].step if batch else '?'}: {type(f.exception()).__name__}: "
+                                     f"{str(f.exception())[:200]}")
+                log.warning("MLflow: metrics of %s were not recorded", self._dropped[-1])
+        self._pending = [(f, b) for f, b in self._pending if not f.done()]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -313,10 +353,7 @@ class MlflowTracker(Tracker):
 
         if self._lost:
             return
-        failed = [f for f, _ in self._pending if f.done() and not f.cancelled() and not _succeeded(f)]
-        if failed:
-            self._store_lost(failed[0].exception())
-        self._pending = [(f, b) for f, b in self._pending if not f.done()]
+        self._settle(wait=False)
         now = get_current_time_millis()
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._send(batch)
@@ -340,15 +377,15 @@ class MlflowTracker(Tracker):
         if self.run_id is None:
             return
         try:
-            for _ in range(2):  # a second pass for what a move to the local store re-sent
-                try:
-                    for f, _batch in list(self._pending):
-                        f.result()
-                    break
-                except Exception as e:  # noqa: BLE001 - the policy decides
-                    self._store_lost(e)  # local: the unsent batches and the run's end go to the local store
-            self._pending.clear()
-            self._call(lambda: self.client.set_terminated(self.run_id, status))
+            try:
+                for _ in range(2):  # a second pass for what a move to the local store re-sent
+                    if self._lost:
+                        break
+                    self._settle(wait=True)
+                if self._dropped:
+                    self.set_tags({"mprun.metrics_not_recorded": f"{len(self._dropped)} batch(es), first {self._dropped[0]}"})
+            finally:  # whatever failed above, the run is closed if the store takes it
+                self._call(lambda: self.client.set_terminated(self.run_id, status))
         finally:
             self._writer.shutdown(wait=False, cancel_futures=True)
             if self._lost:

@@ -127,6 +127,31 @@ def test_resuming_a_finished_run_changes_nothing(make_cfg, tmp_path: Path, capsy
     assert [m.value for m in client.get_metric_history(r.info.run_id, "final/val_acc")] == [first["val_acc"]]
 
 
+def test_resuming_from_an_epochs_last_batch_times_no_empty_epoch(make_cfg, tmp_path: Path, caplog) -> None:
+    """A step checkpoint at the epoch's last batch leaves nothing of that epoch to train; the resumed run used to
+    time it anyway: perf/samples_per_s 0, half the time 'waiting for data' and an input-bound warning."""
+    common = ["model=simple_mlp", "trainer.max_epochs=2", "trainer.checkpoint_every_steps=22",  # 22 batches an epoch
+              "trainer.checkpoint_every_epochs=0"]
+    run(make_cfg(*common, "trainer.max_steps=30", "paths.run_dir=" + str(tmp_path / "part")))
+    at_end = tmp_path / "part" / "checkpoints" / "step-000000022.pt"
+    assert checkpoint.load(at_end)["progress"]["batch_in_epoch"] == 22
+    summary = run(make_cfg(*common, f"trainer.resume={at_end}", "paths.run_dir=" + str(tmp_path / "rest"), tracking="mlflow"))
+    rates = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_metric_history(summary["mlflow_run_id"],
+                                                                                          "perf/samples_per_s")
+    assert [m.step for m in rates] == [44] and rates[0].value > 0 and summary["samples_per_s"] == rates[0].value
+    assert "input-bound" not in caplog.text
+
+
+def test_resuming_a_run_deleted_in_mlflow_starts_a_new_one(make_cfg, tmp_path: Path) -> None:
+    """MLflow refuses to reopen a deleted run; the resume used to end in its traceback."""
+    first = run(make_cfg("model=simple_mlp", "trainer.max_epochs=1", tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client.delete_run(first["mlflow_run_id"])
+    again = run(make_cfg("model=simple_mlp", "trainer.max_epochs=2", "trainer.resume=auto", tracking="mlflow"))
+    assert again["mlflow_run_id"] != first["mlflow_run_id"] and again["epochs"] == 2
+    assert client.get_run(again["mlflow_run_id"]).info.status == "FINISHED"
+
+
 @pytest.mark.parametrize("during", ["last step", "final evaluation"])
 def test_a_signal_once_training_is_done_finishes_the_run(make_cfg, tmp_path: Path, monkeypatch, during: str) -> None:
     """Ctrl-C during the last step (max_steps ending mid-epoch) or the final evaluation: the work is done, so the

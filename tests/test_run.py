@@ -88,6 +88,48 @@ def test_optimizers_and_schedulers(make_cfg, optimizer: str, scheduler: str) -> 
     assert summary["steps"] == 3
 
 
+def test_a_failed_metric_write_loses_that_batch_not_the_run(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """One background write that the store refuses while it still answers ('database is locked' with parallel
+    jobs on one sqlite file) used to re-raise at every later call: the training crashed and its run stayed RUNNING.
+    Now the batch is reported lost (log, tag) and the run finishes and is closed."""
+    from mlflow import MlflowClient as Client
+    from mlflow.exceptions import MlflowException
+
+    real = Client.log_batch
+
+    def flaky(self, run_id, metrics=(), *args, **kwargs):
+        if any(m.step == 5 for m in metrics):
+            raise MlflowException("database is locked")
+        return real(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "log_batch", flaky)
+    summary = run(make_cfg("model=simple_mlp", "trainer.max_steps=10", "trainer.max_epochs=1", "trainer.log_every_steps=5",
+                           tracking="mlflow"))
+    r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
+    assert r.info.status == "FINISHED" and r.data.metrics["final/val_acc"] == summary["val_acc"]
+    assert "step 5: MlflowException" in r.data.tags["mprun.metrics_not_recorded"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "second Ctrl-C"])
+def test_a_run_that_fails_while_opening_is_closed(make_cfg, tmp_path: Path, monkeypatch, error: BaseException) -> None:
+    """The run exists once created: a failure while its params are recorded closes it (it used to stay RUNNING)."""
+    from mlflow import MlflowClient as Client
+
+    real = Client.log_batch
+
+    def failing(self, run_id, metrics=(), params=(), *args, **kwargs):
+        if params:
+            raise error
+        return real(self, run_id, metrics, params, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "log_batch", failing)
+    with pytest.raises(type(error)):
+        run(make_cfg("model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1", tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert r.info.status == ("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED") and "error" in r.data.tags
+
+
 def test_train_lr_is_the_rate_each_step_used(make_cfg, tmp_path: Path) -> None:
     """train/lr at step s is the rate step s trained with (it used to be the next step's: step 1 of a 2-step warmup
     showed the full rate)."""

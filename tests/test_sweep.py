@@ -210,6 +210,26 @@ def test_a_requeued_sweep_continues_its_parent_and_leaves_finished_jobs_alone(tm
     assert (tmp_path / "outputs" / "sw" / "report" / "report.md").read_text().count("| ok |") == 2
 
 
+def test_a_requeued_sweep_closes_the_runs_its_killed_launch_left_running(tmp_path: Path) -> None:
+    """A job killed with kill -9 before its first checkpoint leaves its run RUNNING; the requeue runs the job anew.
+    The stale run used to stay RUNNING for good, and the report listed the job twice and closed the parent FAILED."""
+    import shutil
+
+    args = ["-m", "precision=fp32,bf16", "hydra.sweep.dir=outputs/sw", "trainer.resume=auto", *TINY]
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    _, (killed, _) = sweep_runs(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client.update_run(killed.info.run_id, status="RUNNING")  # as kill -9 leaves it...
+    shutil.rmtree(tmp_path / "outputs" / "sw" / "0" / "checkpoints")  # ...before any checkpoint
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    parent, children = sweep_runs(tmp_path)
+    stale = client.get_run(killed.info.run_id)
+    assert stale.info.status == "KILLED" and "requeued sweep" in stale.data.tags["mprun.closed_by"]
+    assert parent.info.status == "FINISHED" and "RUNNING" not in run_statuses(tmp_path / "outputs" / "mlflow.db")
+    assert (tmp_path / "outputs" / "sw" / "report" / "report.md").read_text().count("| ok |") == 2  # one row a job
+
+
 def signal_sweep(cwd: Path, args: list[str], when: str, sig: int) -> tuple[int, str]:
     """Start `python -m mprun -m ARGS`, send `sig` once a line containing `when` appears: (exit code, output)."""
     proc = subprocess.Popen([sys.executable, "-m", "mprun", "-m", *args, "trainer.progress=log"],
