@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
+from typing import Callable, TYPE_CHECKING
 
-import torch
-from omegaconf import DictConfig
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,4 +30,20 @@ def compose(overrides: list[str], tracking: bool = False) -> DictConfig:
 def sync(device: torch.device) -> None:
     """Wait for the queued GPU work: host clocks read after this include it."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= low, else a short usage error (not a traceback from an empty median later)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {low}")
+        return value
+
+    return parse

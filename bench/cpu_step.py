@@ -22,6 +22,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from common import at_least
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -86,8 +88,8 @@ def child(kind: str, epochs: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--rounds", type=at_least(1), default=6)
+    ap.add_argument("--epochs", type=at_least(2), default=6, help="per child; the first is warm-up")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     rows = {"bare": [], "mprun": []}

@@ -15,6 +15,7 @@
 # files into bench/results/ before the next part). Each part prints its table last.
 set -euo pipefail
 part=${1:?usage: bash bench/gpu_session.sh checks|resnet50|vit}
+case "$part" in checks|resnet50|vit) ;; *) echo "usage: bash bench/gpu_session.sh checks|resnet50|vit" >&2; exit 2;; esac
 OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then

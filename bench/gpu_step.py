@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, compose
+from common import ROOT, at_least, compose
 BATCH = {"resnet50": 256, "vit_b16": 128}
 CHANNELS_LAST = {"resnet50": True}
 
@@ -215,11 +215,11 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,tf32,fp16,bf16")
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batch", type=int, default=0, help="0: 256 for resnet50, 128 for vit_b16")
-    ap.add_argument("--image", type=int, default=224)
-    ap.add_argument("--steps", type=int, default=20, help="steps per timed round")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds per path")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per path (alternating)")
+    ap.add_argument("--batch", type=at_least(0), default=0, help="0: 256 for resnet50, 128 for vit_b16")
+    ap.add_argument("--image", type=at_least(1), default=224)
+    ap.add_argument("--steps", type=at_least(1), default=20, help="steps per timed round")
+    ap.add_argument("--warmup", type=at_least(0), default=2, help="untimed rounds per path")
+    ap.add_argument("--rounds", type=at_least(1), default=5, help="timed rounds per path (alternating)")
     ap.add_argument("--budget-s", type=float, default=0,
                     help="start no cell (after the first) that would end past this many seconds, judged by the longest "
                          "cell so far (0: no limit)")

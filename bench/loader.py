@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from common import ROOT, compose, sync
+from common import ROOT, at_least, compose, sync
 
 from mprun import build, config
 from mprun.data import TimedLoader, usable_cores
@@ -177,11 +177,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="mprun overrides: dataset=..., model=..., precision=..., trainer.*")
     ap.add_argument("--workers", default=default_workers(), help="num_workers values for the loader-only path")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed batches/steps first")
-    ap.add_argument("--steps", type=int, default=30, help="timed batches/steps")
+    ap.add_argument("--warmup", type=at_least(0), default=5, help="untimed batches/steps first")
+    ap.add_argument("--steps", type=at_least(1), default=30, help="timed batches/steps")
     ap.add_argument("--make-imagefolder", type=Path, help="first write a generated imagefolder here (if it is not there)")
-    ap.add_argument("--images", type=int, default=2000, help="with --make-imagefolder: how many images")
-    ap.add_argument("--classes", type=int, default=10, help="with --make-imagefolder")
+    ap.add_argument("--images", type=at_least(1), default=2000, help="with --make-imagefolder: how many images")
+    ap.add_argument("--classes", type=at_least(1), default=10, help="with --make-imagefolder")
     ap.add_argument("--size", default="500x375", help="with --make-imagefolder: WxH (ImageNet's typical photo size)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)

@@ -17,6 +17,15 @@ from omegaconf.errors import OmegaConfBaseException
 from mprun import data, loop, models, optim, precision, tracking
 from mprun.errors import ConfigError
 
+# Settings that change where and how a run is recorded or continued, not what it computes: a resume may change them
+# without a warning, and the sweep report pairs a job with its fp32 baseline whatever they are.
+OUTCOME_NEUTRAL = ("paths", "trainer.resume", "trainer.progress", "tracking", "hydra")
+
+
+def outcome_neutral(key: str) -> bool:
+    """Whether a config key (or override key) is one of OUTCOME_NEUTRAL or under one."""
+    return any(key == k or key.startswith(k + ".") for k in OUTCOME_NEUTRAL)
+
 
 @dataclass
 class PathsConfig:

@@ -90,10 +90,6 @@ def checkpoint_state(parts: Components, state: TrainState, cfg: DictConfig, trac
     }
 
 
-# Keys whose change on resume is expected: where things are written, and the resume switch itself.
-_RESUME_IGNORED = ("paths.", "trainer.resume", "trainer.progress", "tracking.")
-
-
 def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig) -> TrainState:
     """Load a checkpoint into freshly built components; returns where training stands."""
     try:
@@ -107,7 +103,7 @@ def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig
     before = flatten(ckpt.get("config", {}))
     now = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k) and not k.startswith(_RESUME_IGNORED)]
+               if before.get(k) != now.get(k) and not config.outcome_neutral(k)]
     if changed:
         log.warning("resuming with settings that differ from the checkpoint's (optimizer, schedule and scaler "
                     "state come from the checkpoint): %s", "; ".join(changed[:10]))

@@ -80,11 +80,13 @@ class Row:
 def _others(overrides: str) -> tuple[str, ...]:
     """What an fp32 baseline must share with the job: its overrides but the precision option and the settings that
     change nothing in fp32 (a clipping or on_nonfinite override stays: it changes fp32 runs too)."""
-    from mprun.precision import HALF_ONLY  # imports torch: here, not at start-up
+    from mprun.config import outcome_neutral  # imports torch: here, not at start-up
+    from mprun.precision import HALF_ONLY
 
-    def compared(o: str) -> bool:
-        group, _, key = o.split("=", 1)[0].lstrip("+~").partition(".")
-        return group != "precision" or bool(key) and key not in HALF_ONLY
+    def compared(o: str) -> bool:  # also not trainer.resume and the like: a requeued job's overrides add it
+        name = o.split("=", 1)[0].lstrip("+~")
+        group, _, key = name.partition(".")
+        return not outcome_neutral(name) and (group != "precision" or bool(key) and key not in HALF_ONLY)
 
     return tuple(sorted(o for o in overrides.split() if compared(o)))
 

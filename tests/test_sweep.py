@@ -130,7 +130,7 @@ def test_the_baseline_shares_clipping_and_prefers_an_explicit_fp32() -> None:
             child(1, "precision=fp32 precision.grad_clip_norm=0.1", "fp32"),
             child(2, "precision=fp16 precision.grad_clip_norm=0.1 precision.init_scale=128", "fp16"),
             child(3, "precision=fp32 precision.grad_clip_norm=10", "fp32"),
-            child(4, "precision=fp16 precision.grad_clip_norm=10", "fp16")]
+            child(4, "precision=fp16 precision.grad_clip_norm=10 trainer.resume=auto", "fp16")]  # a requeued job
     client = NS(get_run=lambda _: NS(info=NS(experiment_id="0")), search_runs=lambda *a, **k: runs)
     rows = report.collect(client, "parent", curves=False)
     assert [r.baseline.num for r in rows] == [1, 1, 1, 3, 3]
