@@ -103,17 +103,18 @@ def collect(client: Any, parent_id: str, curves: bool = True) -> list[Row]:
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)
     # A requeued sweep job without a checkpoint to resume ran anew: its newest run is the job's row.
     newest: dict[str, Any] = {}
-    for run in sorted(runs, key=lambda r: getattr(r.info, "start_time", 0) or 0):
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
         newest[run.data.tags.get("mprun.sweep_job") or run.info.run_id] = run
     rows = []
     for run in newest.values():
         tags = run.data.tags
+        overrides = tags.get("mprun.overrides", "")
+        asked = _option(overrides) or ""
         row = Row(
             num=int(tags.get("mprun.sweep_job", -1)), name=run.info.run_name or run.info.run_id, run_id=run.info.run_id,
-            status=run.info.status, precision=tags.get("precision") or f"{_option(tags.get('mprun.overrides', '')) or ''}?",
-            requested=_option(tags.get("mprun.overrides", "")) or "", detail=tags.get("precision_detail", ""),
-            others=_others(tags.get("mprun.overrides", "")), metrics=dict(run.data.metrics), error=tags.get("error", ""),
-            mem_kind=tags.get("peak_mem_kind", ""),
+            status=run.info.status, precision=tags.get("precision") or f"{asked}?",  # a job that failed before resolving it
+            requested=asked, detail=tags.get("precision_detail", ""), others=_others(overrides), metrics=dict(run.data.metrics),
+            error=tags.get("error", ""), mem_kind=tags.get("peak_mem_kind", ""),
         )
         if curves and run.info.status != "FAILED":
             row.loss_curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]

@@ -123,7 +123,7 @@ def test_the_baseline_shares_clipping_and_prefers_an_explicit_fp32() -> None:
 
     def child(num: int, overrides: str, resolved: str) -> NS:
         tags = {"mprun.sweep_job": str(num), "mprun.overrides": overrides, "precision": resolved}
-        return NS(info=NS(run_id=f"r{num}", run_name=overrides, status="FINISHED"),
+        return NS(info=NS(run_id=f"r{num}", run_name=overrides, status="FINISHED", start_time=num),
                   data=NS(tags=tags, metrics={"final/val_acc": 0.5, "final/train_loss": 0.1}))
 
     runs = [child(0, "precision=auto precision.grad_clip_norm=0.1", "fp32"),
