@@ -338,12 +338,12 @@ class MlflowTracker(Tracker):
 
             wait_all([f for f, _ in self._pending])
         for f, batch in self._pending:
-            if f.done() and not f.cancelled() and f.exception() is not None:
+            error = f.exception() if f.done() and not f.cancelled() else None
+            if error is not None:
                 if not self._reachable():
-                    self._store_lost(f.exception())  # raises, or moves the unsent batches to the local store
+                    self._store_lost(error)  # raises, or moves the unsent batches to the local store
                     return
-                self._dropped.append(f"step {batch[0].step if batch else '?'}: {type(f.exception()).__name__}: "
-                                     f"{str(f.exception())[:200]}")
+                self._dropped.append(f"step {batch[0].step if batch else '?'}: {type(error).__name__}: {str(error)[:200]}")
                 log.warning("MLflow: metrics of %s were not recorded", self._dropped[-1])
         self._pending = [(f, b) for f, b in self._pending if not f.done()]
 
