@@ -76,7 +76,8 @@ def main() -> None:
         # value) or an exit (Ctrl-C, SIGTERM); on_multirun_end then never runs, so the parent is closed here.
         code = e.code if isinstance(e, SystemExit) else None
         sweep.close_active(interrupted=isinstance(e, KeyboardInterrupt) or code in (130, 143), completed=False)
-        if isinstance(e, KeyboardInterrupt):  # Ctrl-C outside training, or a second one: no traceback
-            print("mprun: interrupted", file=sys.stderr, flush=True)
-            sys.exit(130)
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C outside training, or a second signal: no traceback
+            signum = getattr(e, "signum", signal.SIGINT)  # interrupts.StopNow says which signal it was
+            print(f"mprun: interrupted ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+            sys.exit(128 + signum)
         raise

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import logging
+import math
+import os
 import socket
 import statistics
 import subprocess
@@ -28,7 +29,7 @@ from mprun.errors import ConfigError
 from mprun.interrupts import GracefulStop
 from mprun.loop import FitResult, TrainState, device_name, finished, fit
 from mprun.sweep import JobInfo
-from mprun.tracking import NullTracker, Tracker
+from mprun.tracking import CHECKPOINT_STEP_TAG, NullTracker, Tracker
 
 log = logging.getLogger("mprun")
 
@@ -150,6 +151,21 @@ FINAL_METRICS = ("val_acc", "val_loss", "train_loss", "samples_per_s", "data_wai
                  "skipped_steps", "train_time_s", "epoch_time_s")
 
 
+def json_text(obj: Any) -> str:
+    """Strict JSON for the files mprun writes (summary.json, diagnosis.json, nan_traces.json): a number that is NaN
+    or infinite (not measured, or what went wrong) becomes null, since bare NaN breaks most JSON readers."""
+    def strict(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, Mapping):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    return json.dumps(strict(obj), indent=2, default=str, allow_nan=False)
+
+
 def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None:
     """Human-readable closing block on stdout."""
     mem = "GPU tensors, peak allocated" if s["peak_mem_kind"] == "cuda_max_allocated" else "process peak RSS"
@@ -175,7 +191,7 @@ def _log_numerics(guard: numerics.Guard, run_dir: Path, tracker: Tracker) -> Non
     out = run_dir / "numerics"
     if guard.traces:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "nan_traces.json").write_text(json.dumps(guard.traces, indent=2, default=str))
+        (out / "nan_traces.json").write_text(json_text(guard.traces))
     if guard.stats is not None and guard.stats.latest:
         out.mkdir(parents=True, exist_ok=True)
         (out / "stats.md").write_text("# fp16 numerics, last measurement per module\n\n" + guard.stats.table())
@@ -216,7 +232,8 @@ def _already_complete(path: Path, state: TrainState) -> dict[str, Any]:
     trained, logged or rewritten, so the run's results stand (re-logging them from zero steps would record NaN);
     returns the run's summary.json."""
     previous = path.parent.parent / "summary.json"  # <run dir>/checkpoints/<name>.pt
-    summary = json.loads(previous.read_text()) if previous.is_file() else {"val_acc": float("nan")}
+    summary = json.loads(previous.read_text()) if previous.is_file() else {}
+    summary.update({k: float("nan") for k in FINAL_METRICS if summary.get(k) is None})  # null: not measured
     print(f"mprun: nothing to train: {path} is at epoch {state.epoch}, step {state.step}, where this configuration "
           "ends (raise trainer.max_epochs or trainer.max_steps to train on); its run and files are left as they are",
           flush=True)
@@ -230,6 +247,8 @@ def _track_and_train(cfg: DictConfig, checked: dict[str, Any], parts: Components
              parts.precision.description, parts.precision.reason, parts.device, parts.total_steps)
     tags = {**run_tags(parts), **(job.tags() if job else {})}
     previous_run = resumed["tracking"]["run_id"] if resumed and "tracking" in resumed else ""
+    if previous_run:  # kept by a new run too, when the old one cannot be continued
+        tags.update({"mprun.resumed_from_run": previous_run, "mprun.resumed_from_step": str(state.step)})
     guard = numerics.Guard(parts.precision)
     if resumed:
         guard.load_state_dict(resumed.get("numerics", {}))
@@ -252,7 +271,11 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
 
     def save(name: str, s: TrainState) -> Optional[Path]:
         contents = checkpoint_state(parts, s, cfg, tracker, guard)  # every rank: under FSDP this gathers the shards
-        return ckpts.save(name, contents) if main else None  # only rank 0 writes
+        if not main:
+            return None  # only rank 0 writes
+        path = ckpts.save(name, contents)
+        tracker.set_tags({CHECKPOINT_STEP_TAG: str(s.step)})  # a later resume from an older checkpoint branches
+        return path
 
     try:
         result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
@@ -266,7 +289,7 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
         _log_numerics(guard, run_dir, tracker)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(json_text(summary))
         if not result.interrupted:  # an interrupted run's numbers are not final: its resumption logs them
             tracker.log_metrics({f"final/{k}": float(summary[k]) for k in FINAL_METRICS}, state.step)
         tracker.set_tags({"peak_mem_kind": summary["peak_mem_kind"]})
@@ -286,7 +309,7 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
             if isinstance(e, numerics.NumericsError) and main:
                 tracker.set_tags({"diagnosis": e.diagnosis})
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "diagnosis.json").write_text(json.dumps(e.report, indent=2, default=str))
+                (run_dir / "diagnosis.json").write_text(json_text(e.report))
                 tracker.log_artifact(run_dir / "diagnosis.json")
                 _log_numerics(guard, run_dir, tracker)
         except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more

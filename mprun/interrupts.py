@@ -17,6 +17,15 @@ from typing import Iterator, Optional
 log = logging.getLogger("mprun")
 
 
+class StopNow(KeyboardInterrupt):
+    """A second stop signal: unwind at once (still closing the run KILLED). It carries the signal, so the process
+    exits 128+signal whichever it was (143 for SIGTERM, not Ctrl-C's 130)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class GracefulStop:
     """Context manager: the first signal sets `signum` for the loop to see; a second one stops at once."""
 
@@ -33,7 +42,7 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt  # second signal: unwind now; the run is still closed as KILLED
+            raise StopNow(signum)  # second signal: unwind now; the run is still closed as KILLED
         self.signum = signum
         log.warning("%s received: finishing the current step, then checkpointing. Send it again to stop at once.",
                     signal.Signals(signum).name)

@@ -262,6 +262,7 @@ def train_epoch(
     def sync() -> None:  # the device accumulator into state (averaged over ranks): at log steps and stops
         state.epoch_loss_sum, state.epoch_loss_steps = (v / world.size for v in world.sum(epoch_loss.tolist()))
 
+    last_step = planned_steps(cfg, len(loader))  # its window is logged however short: a run shorter than one has one
     for micro in _chunks(loader, cfg.grad_accum_steps):
         # First the end of the run (a stop signal that arrived during the last step does not make a finished run
         # an interrupted one). It ends mid-epoch: the position stays in state, so raising max_steps and resuming
@@ -274,7 +275,7 @@ def train_epoch(
             sync()
             return None
         micro = [_to_device(b, device, cfg.channels_last) for b in micro]
-        at_log_step = (state.step + 1) % cfg.log_every_steps == 0
+        at_log_step = (state.step + 1) % cfg.log_every_steps == 0 or state.step + 1 == last_step
         stats = {} if guard is not None and guard.stats_due(state.step + 1) else None
         loss, norm = train_step(model, micro, optimizer, precision, want_norm=at_log_step, stats=stats)
         lr = scheduler.get_last_lr()[0]  # the rate this step used (a host float): logged, not the next step's

@@ -162,6 +162,11 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
     return out
 
 
+def _first_line(text: str, width: int) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
 @dataclass
 class Report:
     parent_id: str
@@ -187,7 +192,9 @@ class Report:
         widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
         text = ["", "── mprun sweep report " + "─" * 40]
         text += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-        text += self.notes + [f"report      {self.out_dir / 'report.md'}"]
+        text += self.notes
+        text += [f"failed      job {r.num} {r.name}: {_first_line(r.error, 160)}" for r in self.rows if r.error]
+        text += [f"report      {self.out_dir / 'report.md'}"]
         return "\n".join(text)
 
 

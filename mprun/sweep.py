@@ -114,7 +114,7 @@ class Sweep:
                  "mprun.preset": str(cfg.hydra.runtime.choices.get("experiment") or "none")},
                 run_name=f"sweep {spec}"[:250],
             )
-        try:
+        with self.tracker.closed_on_error():  # the jobs could not find the parent: close it rather than leave it RUNNING
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
             (self.sweep_dir / SWEEP_FILE).write_text(json.dumps({
                 "parent_run_id": self.tracker.run_id,
@@ -122,13 +122,6 @@ class Sweep:
                 "experiment_id": self.tracker.experiment_id,
                 "varied": self.varied,
             }, indent=2))
-        except BaseException as e:  # the jobs could not find the parent: close it rather than leave it RUNNING
-            try:
-                self.tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
-                self.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
-                log.exception("sweep: could not close the parent run")
-            raise
         log.info("sweep %s: MLflow parent run %s", self.sweep_dir, self.tracker.run_id)
 
     def _close_stale_children(self, parent_id: str) -> None:

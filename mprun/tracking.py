@@ -24,6 +24,11 @@ from mprun.interrupts import deferred_signals
 log = logging.getLogger(__name__)
 
 
+# The step of the newest checkpoint a run has written. A resume from an older one (the run was resumed before, or
+# a branch from an earlier step) starts a new run instead of logging the steps from there a second time.
+CHECKPOINT_STEP_TAG = "mprun.checkpoint_step"
+
+
 class Unreachable(Enum):
     fail = "fail"  # stop with a clear error (before training; or mid-run, when the server goes away)
     local = "local"  # keep training and log to the local sqlite store instead
@@ -246,15 +251,16 @@ class MlflowTracker(Tracker):
         finally:
             random.setstate(state)
         self.run_id = run.info.run_id
-        with self._closed_on_error():
+        with self.closed_on_error():
             items = [Param(k, str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     @contextlib.contextmanager
-    def _closed_on_error(self) -> Any:
-        """Around the rest of opening a run: the run exists now, so an error or a second Ctrl-C here closes it
-        (FAILED / KILLED) instead of leaving it RUNNING; the caller, which never got a run to close, sees the error."""
+    def closed_on_error(self) -> Any:
+        """Around the rest of opening a run (params, tags, files its users need): the run exists now, so an error or a
+        second Ctrl-C here closes it (FAILED / KILLED) instead of leaving it RUNNING; the caller, which never got a
+        run to close, sees the error."""
         try:
             yield
         except BaseException as e:
@@ -277,9 +283,14 @@ class MlflowTracker(Tracker):
         if run.info.lifecycle_stage == "deleted":  # MLflow refuses to reopen it
             log.warning("the checkpoint's MLflow run %s was deleted in %s: starting a new run", run_id, self.uri)
             return False
+        later = int(run.data.tags.get(CHECKPOINT_STEP_TAG, -1))
+        if later > step:  # continuing would log a second history over the steps the run has already recorded
+            log.warning("MLflow run %s has gone on past this checkpoint (step %d) to one at step %d, so the resume "
+                        "branches from it into a new run (tagged mprun.resumed_from_run)", run_id, step, later)
+            return False
         self.run_id = run_id
         self.client.update_run(run_id, status="RUNNING")
-        with self._closed_on_error():
+        with self.closed_on_error():
             resumes = int(run.data.tags.get("mprun.resumes", "0")) + 1
             self.set_tags({"mprun.resumes": str(resumes), f"mprun.resume_{resumes}_step": str(step)})
         log.info("continuing MLflow run %s from step %d", run_id, step)

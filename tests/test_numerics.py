@@ -147,7 +147,11 @@ def test_nonfinite_loss_without_a_scaler_stops_with_a_trace(make_cfg, tmp_path: 
         run(make_cfg("model=simple_mlp", "precision=fp32", "optimizer=sgd", "optimizer.lr=1e12", "scheduler=none",
                      "trainer.log_every_steps=5", "trainer.max_epochs=2"))
     assert err.value.report["trace"]["summary"] in str(err.value)
-    assert (tmp_path / "run" / "numerics" / "nan_traces.json").is_file()
+    # Strict JSON: the NaN loss is null (json.dumps wrote a bare NaN, which most JSON readers reject).
+    for name in ("numerics/nan_traces.json", "diagnosis.json"):
+        text = (tmp_path / "run" / name).read_text()
+        json.loads(text, parse_constant=lambda c: pytest.fail(f"{name} holds a bare {c}"))
+    assert json.loads(text)["trace"]["loss"] is None
 
 
 def test_nonfinite_skip_policy_skips_the_bad_steps_and_finishes(make_cfg, tmp_path: Path) -> None:

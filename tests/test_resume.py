@@ -152,6 +152,29 @@ def test_resuming_a_run_deleted_in_mlflow_starts_a_new_one(make_cfg, tmp_path: P
     assert client.get_run(again["mlflow_run_id"]).info.status == "FINISHED"
 
 
+def test_resuming_an_old_checkpoint_again_branches_into_a_new_run(make_cfg, tmp_path: Path) -> None:
+    """The same `trainer.resume=<dir>` run twice: the second resume used to reopen the run the first one had
+    finished and log steps 31..44 into it a second time. It branches into a new run now; the first is untouched."""
+    common = ["model=simple_mlp", "scheduler=none", "trainer.max_epochs=2", "trainer.log_every_steps=5"]
+    run(make_cfg(*common, "trainer.max_steps=30", "paths.run_dir=" + str(tmp_path / "part"), tracking="mlflow"))
+    resume = f"trainer.resume={tmp_path / 'part'}"
+    first = run(make_cfg(*common, resume, "paths.run_dir=" + str(tmp_path / "rest"), tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    history = [(m.step, m.value) for m in client.get_metric_history(first["mlflow_run_id"], "train/loss")]
+    assert [s for s, _ in history] == [5, 10, 15, 20, 25, 30, 35, 40, 44]
+    assert client.get_run(first["mlflow_run_id"]).data.tags["mprun.checkpoint_step"] == "44"
+
+    again = run(make_cfg(*common, resume, "paths.run_dir=" + str(tmp_path / "again"), tracking="mlflow"))
+    assert again["mlflow_run_id"] != first["mlflow_run_id"] and again["steps"] == 44
+    assert [(m.step, m.value) for m in client.get_metric_history(first["mlflow_run_id"], "train/loss")] == history
+    branch = client.get_run(again["mlflow_run_id"])
+    assert branch.info.status == "FINISHED"
+    assert branch.data.tags["mprun.resumed_from_run"] == first["mlflow_run_id"]
+    assert branch.data.tags["mprun.resumed_from_step"] == "30"
+    assert [m.step for m in client.get_metric_history(again["mlflow_run_id"], "train/loss")] == [35, 40, 44]
+    assert again["val_acc"] == first["val_acc"]  # the same continuation, bit for bit on the CPU
+
+
 @pytest.mark.parametrize("during", ["last step", "final evaluation"])
 def test_a_signal_once_training_is_done_finishes_the_run(make_cfg, tmp_path: Path, monkeypatch, during: str) -> None:
     """Ctrl-C during the last step (max_steps ending mid-epoch) or the final evaluation: the work is done, so the

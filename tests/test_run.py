@@ -321,13 +321,23 @@ def test_tracking_env_var_wins_over_default(make_cfg, tmp_path: Path, monkeypatc
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
+def test_a_run_shorter_than_one_log_window_logs_its_training_metrics(make_cfg, tmp_path: Path) -> None:
+    """3 steps with log_every_steps=10: train/* and amp/* used to be missing from MLflow altogether."""
+    summary = run(make_cfg("model=simple_mlp", "trainer.max_steps=3", "trainer.max_epochs=1", tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    for key in ("train/loss", "train/lr", "train/grad_norm", "amp/loss_scale"):
+        assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], key)] == [3], key
+    (loss,) = client.get_metric_history(summary["mlflow_run_id"], "train/loss")
+    assert loss.value == pytest.approx(summary["train_loss"])  # the window is the whole (partial) epoch
+
+
 def test_logged_train_loss_is_the_mean_over_each_log_window(make_cfg, tmp_path: Path) -> None:
-    # 22 steps in one epoch, logged every 5 steps. Each logged value is the mean over its own window:
-    # values fall as the model learns (cumulative sums would grow), and the epoch mean lies among them.
+    # 22 steps in one epoch, logged every 5 steps and at the last (steps 21-22). Each logged value is the mean over
+    # its own window: values fall as the model learns (cumulative sums would grow), and the epoch mean lies among them.
     summary = run(make_cfg("trainer.max_epochs=1", "trainer.log_every_steps=5", "scheduler=none", tracking="mlflow"))
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     history = sorted(client.get_metric_history(summary["mlflow_run_id"], "train/loss"), key=lambda m: m.step)
-    assert [m.step for m in history] == [5, 10, 15, 20]
+    assert [m.step for m in history] == [5, 10, 15, 20, 22]
     windows = [m.value for m in history]
     assert windows[0] > windows[-1] > 0
     assert min(windows) < summary["train_loss"] < max(windows)

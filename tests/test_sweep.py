@@ -184,6 +184,8 @@ def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:
     assert parent.info.status == "FAILED" and "error" not in parent.data.tags  # the failed jobs say why
     md = (Path(parent.data.tags["mprun.sweep_dir"]) / "report" / "report.md").read_text()
     assert md.count("**FAILED**") == 2 and "## Failed jobs" in md
+    failed_lines = [line for line in proc.stdout.splitlines() if line.startswith("failed      job ")]
+    assert len(failed_lines) == 2 and all("optimizer.lr=-1.0 must be > 0" in line for line in failed_lines)
 
 
 def test_a_sweep_value_hydra_rejects_closes_the_parent_failed(tmp_path: Path) -> None:
