@@ -380,7 +380,7 @@ def fit(
         waited = world.max(train.take())  # the hungriest rank holds the others up
         # An epoch resumed from a checkpoint taken at its last batch has nothing left to train: no timing of it.
         trained = state.samples > samples_before
-        metrics = {"perf/peak_mem_mib": peak_memory_mib(device)}
+        metrics = {"perf/peak_mem_mib": world.max(peak_memory_mib(device))}  # the fullest rank's
         if trained:
             result.epoch_times.append(seconds)
             result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
@@ -413,5 +413,5 @@ def fit(
     # No epoch timed in this process (stopped in its first, or resumed with nothing left to train): not measured.
     result.samples_per_s = statistics.median(_steady(result.epoch_rates)) if result.epoch_rates else float("nan")
     result.data_wait_frac = statistics.median(_steady(result.epoch_waits)) if result.epoch_waits else float("nan")
-    result.peak_mem_mib = peak_memory_mib(device)
+    result.peak_mem_mib = world.max(peak_memory_mib(device))
     return result

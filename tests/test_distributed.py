@@ -189,3 +189,29 @@ def test_slurm_multigpu_preset_composes(tmp_path: Path) -> None:
         cfg = compose("config", overrides=["hydra/launcher=slurm_multigpu", "trainer.strategy=ddp"], return_hydra_config=True)
     assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.trainer.strategy.value == "ddp"
+
+
+def test_peak_memory_is_the_fullest_ranks() -> None:
+    """Every rank measures its own peak; the run records the largest (it recorded rank 0's, which under FSDP or an
+    uneven model split is not the one that runs out of memory first)."""
+    from torch import nn
+
+    from mprun.data import DataBundle, TensorLoader
+    from mprun.distributed import World
+    from mprun.loop import ProgressMode, TrainerConfig, fit
+    from mprun.optim import constant
+    from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName
+    from mprun.tracking import Tracker
+
+    class AnotherRankIsFuller(World):  # one process: every collective but max is the identity
+        def max(self, value: float) -> float:
+            return max(value, 1e7)
+
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    data = DataBundle("t", TensorLoader(x, y, 8, shuffle=True), TensorLoader(x, y, 8, shuffle=False), 1, (4,), 3)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = fit(model, data, opt, constant(opt, total_steps=2, warmup_steps=0),
+                 Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu")), Tracker(),
+                 TrainerConfig(max_epochs=1, progress=ProgressMode.off), torch.device("cpu"), world=AnotherRankIsFuller())
+    assert result.peak_mem_mib == 1e7
