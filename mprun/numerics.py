@@ -238,6 +238,18 @@ _FIXED_SCALE = {"static": " (fixed by precision.loss_scale=static: lower precisi
                 "none": " (pinned by precision.on_nonfinite=skip: these steps had inf/NaN gradients)"}
 
 
+# What to try after a stop, by the precision the run used: half precision has its own remedies; fp32 and tf32
+# (fp32's range) overflow only when the training itself diverges.
+_STOP_HINT = {
+    "fp16": " Try bf16 (fp32's exponent range, no scaler), a lower learning rate, gradient clipping, or "
+            "precision.fp32_modules for the module the tracer names.",
+    "bf16": " bf16 has fp32's exponent range, so this is rarely a range problem: try a lower learning rate, gradient "
+            "clipping, or precision.fp32_modules for the module the tracer names, and precision=fp32 to compare.",
+    "fp32": " fp32 overflows only when training diverges: try a lower learning rate or gradient clipping "
+            "(precision.grad_clip_norm).",
+}
+
+
 class Guard:
     """Watches each log window's numbers and applies the precision config's policy.
 
@@ -315,8 +327,7 @@ class Guard:
                 trace = self._trace(model, batches, step, text) or (self.traces[-1] if self.traces else None)
                 if trace:
                     report["trace"] = trace
-                hint = (" Try bf16 (fp32's exponent range, no scaler), a lower learning rate, gradient clipping, or "
-                        "precision.fp32_modules for the module the tracer names.")
+                hint = _STOP_HINT.get(p.name.value, _STOP_HINT["fp32"])
                 raise NumericsError(f"step {step}: {text}." + (f" NaN tracer: {trace['summary']}." if trace else "") + hint, report)
             if kind not in self.warned:  # once per kind
                 self.warned.add(kind)
