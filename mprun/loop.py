@@ -366,17 +366,26 @@ def fit(
     train = TimedLoader(data.train)
     warned = False  # about an input-bound run: once
     reset_peak_memory(device)
+    saving = [0.0]  # seconds spent writing step checkpoints this epoch: not training, so not timed
+
+    def timed_checkpoint(s: TrainState) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the queued steps are training time; the copy to the host would wait for them
+        began = time.perf_counter()
+        checkpoint(s)
+        saving[0] += time.perf_counter() - began
+
     while not finished(state, cfg):
         progress.start_epoch(state.epoch)
-        start, samples_before = time.perf_counter(), state.samples
+        start, samples_before, saving[0] = time.perf_counter(), state.samples, 0.0
         train_loss = train_epoch(model, train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
-                                 stop, checkpoint, guard, world)
+                                 stop, timed_checkpoint if checkpoint is not None else None, guard, world)
         if train_loss is None:
             result.interrupted = (stop.signum or signal.SIGTERM) if stop is not None else None  # agreed stop: some rank got it
             break
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # epoch time must include the queued GPU work
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - saving[0]
         waited = world.max(train.take())  # the hungriest rank holds the others up
         # An epoch resumed from a checkpoint taken at its last batch has nothing left to train: no timing of it.
         trained = state.samples > samples_before

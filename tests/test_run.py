@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -329,6 +330,21 @@ def test_a_run_shorter_than_one_log_window_logs_its_training_metrics(make_cfg, t
         assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], key)] == [3], key
     (loss,) = client.get_metric_history(summary["mlflow_run_id"], "train/loss")
     assert loss.value == pytest.approx(summary["train_loss"])  # the window is the whole (partial) epoch
+
+
+def test_step_checkpoint_writes_are_not_timed_as_training(make_cfg, monkeypatch) -> None:
+    """Writing a checkpoint is not training: 2 writes of 1 s within the epoch used to cut its samples/s."""
+    real = checkpoint.Checkpoints.save
+
+    def slow(self, name, state):
+        time.sleep(1.0 if name.startswith("step-") else 0.0)
+        return real(self, name, state)
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", slow)
+    summary = run(make_cfg("model=simple_mlp", "trainer.max_steps=10", "trainer.max_epochs=1",
+                           "trainer.checkpoint_every_steps=4"))
+    assert summary["train_time_s"] < 1.0  # 10 steps of a small MLP take milliseconds; it was over 2 s
+    assert summary["wall_time_s"] > 2.0  # the writes did happen
 
 
 def test_logged_train_loss_is_the_mean_over_each_log_window(make_cfg, tmp_path: Path) -> None:
