@@ -138,7 +138,7 @@ def summary_dict(result: FitResult, parts: Components, state: TrainState, tracke
         **parts.precision.counters(),
         "epochs": state.epoch,
         "steps": state.step,
-        "train_time_s": sum(result.epoch_times),
+        "train_time_s": state.train_time_s,  # every segment of a resumed run
         "epoch_time_s": statistics.median(result.epoch_times) if result.epoch_times else float("nan"),
         "wall_time_s": wall_s,
         "device": str(parts.device),

@@ -124,6 +124,7 @@ class TrainState:
     epoch_loss_steps: float = 0.0
     logged_loss_sum: float = 0.0  # the two as of the last log step
     logged_loss_steps: float = 0.0
+    train_time_s: float = 0.0  # seconds spent training so far, over every segment of a resumed run
 
     @classmethod
     def from_dict(cls, progress: dict) -> "TrainState":
@@ -366,26 +367,32 @@ def fit(
     train = TimedLoader(data.train)
     warned = False  # about an input-bound run: once
     reset_peak_memory(device)
-    saving = [0.0]  # seconds spent writing step checkpoints this epoch: not training, so not timed
+    clock = [0.0]  # when training time was last added to state.train_time_s
+
+    def clock_in() -> None:  # training time runs from here
+        clock[0] = time.perf_counter()
+
+    def clock_out() -> None:  # ... to here (evaluation and checkpoint writes are not training)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the queued GPU work is training time
+        state.train_time_s += time.perf_counter() - clock[0]
 
     def timed_checkpoint(s: TrainState) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the queued steps are training time; the copy to the host would wait for them
-        began = time.perf_counter()
+        clock_out()  # the checkpoint records the time so far
         checkpoint(s)
-        saving[0] += time.perf_counter() - began
+        clock_in()
 
     while not finished(state, cfg):
         progress.start_epoch(state.epoch)
-        start, samples_before, saving[0] = time.perf_counter(), state.samples, 0.0
+        before, samples_before = state.train_time_s, state.samples
+        clock_in()
         train_loss = train_epoch(model, train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
                                  stop, timed_checkpoint if checkpoint is not None else None, guard, world)
+        clock_out()
         if train_loss is None:
             result.interrupted = (stop.signum or signal.SIGTERM) if stop is not None else None  # agreed stop: some rank got it
             break
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # epoch time must include the queued GPU work
-        seconds = time.perf_counter() - start - saving[0]
+        seconds = state.train_time_s - before
         waited = world.max(train.take())  # the hungriest rank holds the others up
         # An epoch resumed from a checkpoint taken at its last batch has nothing left to train: no timing of it.
         trained = state.samples > samples_before

@@ -119,6 +119,20 @@ def test_an_augmented_imagefolder_run_resumes_exactly_with_any_number_of_workers
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resumed_runs_training_time_counts_every_segment(make_cfg, tmp_path: Path) -> None:
+    """train_time_s was the last segment's alone. The checkpoint carries the time so far (1000 s here, written in)."""
+    common = ["model=simple_mlp", "trainer.max_epochs=1"]
+    part = run(make_cfg(*common, "trainer.max_steps=10", "paths.run_dir=" + str(tmp_path / "part")))
+    ckpt = tmp_path / "part" / "checkpoints" / "final.pt"
+    state = checkpoint.load(ckpt)
+    assert state["progress"]["train_time_s"] == part["train_time_s"] > 0
+    state["progress"]["train_time_s"] = 1000.0
+    checkpoint.save(ckpt, state)
+    rest = run(make_cfg(*common, f"trainer.resume={ckpt}", "paths.run_dir=" + str(tmp_path / "rest")))
+    assert 1000.0 < rest["train_time_s"] < 1000.0 + rest["wall_time_s"]
+    assert rest["epoch_time_s"] < rest["wall_time_s"]  # the epoch's own time: the resumed segment
+
+
 def test_resume_auto_without_a_checkpoint_starts_fresh(make_cfg) -> None:
     summary = run(make_cfg("trainer.resume=auto", "trainer.max_steps=2", "trainer.max_epochs=1"))
     assert summary["steps"] == 2
