@@ -78,10 +78,11 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     fp32_modules = numerics.keep_fp32(module, precision.cfg.fp32_modules, device.type) if precision.cfg.fp32_modules else []
     memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
     module = module.to(device, memory_format=memory_format)
-    models.check_fits(module, data.example().to(device), cfg.dataset.batch_size, data.num_classes, model_name, data.name)
+    models.check_fits(module, data.example().to(device), data.train.smallest_batch(), data.num_classes, model_name, data.name)
     # DDP wraps the module; FSDP2 shards it in place (before the optimizer sees its parameters).
     wrapped = distributed.wrap(module, trainer.strategy, device, precision, fp32_modules)
-    optimizer = prepare(instantiate(cfg.optimizer, _convert_="all")(module.parameters(), **implementation()))
+    kernels = implementation(cfg.optimizer._target_, trainer.strategy is Strategy.fsdp)
+    optimizer = prepare(instantiate(cfg.optimizer, _convert_="all")(module.parameters(), **kernels))
     total = planned_steps(trainer, len(data.train))
     scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer=optimizer, total_steps=total)
     model = torch.compile(wrapped) if trainer.compile else wrapped

@@ -116,6 +116,8 @@ class Loader(Protocol):
         """What serves the batches, in words (for the summary and the input-bound warning)."""
     def remedy(self) -> str:
         """What would make this loader faster, for the input-bound warning."""
+    def smallest_batch(self) -> int:
+        """The fewest samples a batch of this rank's pass holds (a kept ragged tail, a share smaller than a batch)."""
 
 
 @dataclass
@@ -187,6 +189,10 @@ class EpochBatches(torch.utils.data.Sampler[list[int]]):
         share = self.share()
         return batch_count(share, self.batch_size, drop_last=self.shuffle and share >= self.batch_size)
 
+    def smallest(self) -> int:
+        """The fewest samples one of the pass's batches holds: its last (the whole share when it is one batch)."""
+        return min(self.batch_size, self.share() - (len(self) - 1) * self.batch_size)
+
     def order(self) -> torch.Tensor:
         """This rank's samples in the current epoch's order (a CPU tensor)."""
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) if self.shuffle \
@@ -216,6 +222,9 @@ class Batched:
 
     def real_samples(self) -> int:
         return self.batches.real_samples()
+
+    def smallest_batch(self) -> int:
+        return self.batches.smallest()
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -359,6 +368,9 @@ class TimedLoader:
 
     def real_samples(self) -> int:
         return self.loader.real_samples()
+
+    def smallest_batch(self) -> int:
+        return self.loader.smallest_batch()
 
     def describe(self) -> str:
         return self.loader.describe()

@@ -125,6 +125,19 @@ def _unknown(kind: str, name: str, choices: list[str], hint: str) -> ConfigError
     return ConfigError(f"unknown {kind} model '{name}'{suggestion} ({hint})")
 
 
+# Arguments mprun passes to a model's constructor itself, and where each comes from.
+_SET_BY_MPRUN = {"num_classes": "the dataset's class count", "in_chans": "the dataset's channels",
+                 "pretrained": "model.pretrained", "weights": "none: mprun builds torchvision models untrained"}
+
+
+def _extra(kwargs: Dict[str, Any] | None, reserved: tuple[str, ...]) -> dict[str, Any]:
+    """model.kwargs, without the arguments mprun sets (they used to end in "got multiple values for keyword argument")."""
+    extra = dict(kwargs or {})
+    for key in reserved:
+        require(key not in extra, f"model.kwargs.{key} is set by mprun ({_SET_BY_MPRUN[key]}): remove it from model.kwargs")
+    return extra
+
+
 def timm_model(
     in_chans: int, image_size: tuple[int, int], num_classes: int, name: str, pretrained: bool = False, kwargs: Dict[str, Any] | None = None
 ) -> nn.Module:
@@ -135,7 +148,8 @@ def timm_model(
 
     if not timm.is_model(name):
         raise _unknown("timm", name, timm.list_models(), f"list them with: python -c \"import timm; print(timm.list_models('{name[:3]}*'))\"")
-    common = dict(pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(kwargs or {}))
+    common = dict(pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                  **_extra(kwargs, ("num_classes", "in_chans", "pretrained")))
     if "img_size" not in common:  # +model.kwargs.img_size wins
         try:
             return timm.create_model(name, img_size=tuple(image_size), **common)
@@ -154,7 +168,7 @@ def torchvision_model(
     choices = torchvision.models.list_models(module=torchvision.models)
     if name not in choices:
         raise _unknown("torchvision", name, choices, "see torchvision.models.list_models()")
-    extra = dict(kwargs or {})
+    extra = _extra(kwargs, ("num_classes", "weights"))
     if name.startswith("vit_"):
         require(image_size[0] == image_size[1], f"torchvision {name} needs square images, dataset gives {image_size}")
         extra.setdefault("image_size", image_size[0])
@@ -176,11 +190,12 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
     raise ConfigError(f"cannot adapt {type(model).__name__} to {in_chans} input channels: it has no Conv2d")
 
 
-def check_fits(model: nn.Module, example: torch.Tensor, batch_size: int, num_classes: int, model_name: str,
+def check_fits(model: nn.Module, example: torch.Tensor, smallest_batch: int, num_classes: int, model_name: str,
                dataset_name: str) -> None:
     """Run one tiny forward pass in training mode, as the first step will, so that a model/dataset/batch
-    mismatch fails now, naming them, not mid-epoch. Buffers (BatchNorm's running statistics) are left as found."""
-    example = torch.cat([example, example])[: min(2, batch_size)]  # a batch of 1 only when the run uses batches of 1
+    mismatch fails now, naming them, not mid-epoch. Buffers (BatchNorm's running statistics) are left as found.
+    smallest_batch: the fewest samples a training batch holds (1 makes BatchNorm fail where 2 work)."""
+    example = torch.cat([example, example])[: min(2, smallest_batch)]  # a batch of 1 only when training has one
     buffers = [(b, b.clone()) for b in model.buffers()]
     was_training = model.training
     model.train()
@@ -189,7 +204,8 @@ def check_fits(model: nn.Module, example: torch.Tensor, batch_size: int, num_cla
             out = model(example)
     except (RuntimeError, ValueError, AssertionError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        batch = f" in batches of {len(example)} (dataset.batch_size)" if len(example) == 1 else ""
+        batch = " in batches of 1 (dataset.batch_size, or a training set, or a rank's share of it, that leaves one " \
+            "sample for a batch)" if len(example) == 1 else ""
         raise ConfigError(
             f"model={model_name} cannot train on dataset={dataset_name} inputs of shape {tuple(example.shape[1:])}{batch}: "
             f"{first_line}"

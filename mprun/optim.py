@@ -60,11 +60,18 @@ class AdamWConfig(AdamConfig):
     weight_decay: float = 0.01
 
 
-def implementation() -> dict:
+# The fused kernels DTensor has a sharding rule for (FSDP2's parameters are DTensors); it has none for fused SGD,
+# whose first step failed under FSDP ("aten._fused_sgd_.default does not have a sharding strategy registered").
+FUSED_ON_DTENSOR = ("torch.optim.Adam", "torch.optim.AdamW")
+
+
+def implementation(target: str = "", sharded: bool = False) -> dict:
     """One fused kernel per optimizer step, on CUDA and on the CPU. Fused optimizers also take
     GradScaler's found_inf and skip an overflowing step on the device: no host sync per step, and
-    the same code path on the CPU (where the tests run) as on a GPU. Build them through prepare()."""
-    return {"fused": True}
+    the same code path on the CPU (where the tests run) as on a GPU. Build them through prepare().
+    `target`: the optimizer's class path; `sharded`: its parameters are FSDP2's DTensors, where an optimizer
+    without a fused DTensor kernel uses foreach (multi-tensor) kernels instead."""
+    return {"foreach": True} if sharded and target not in FUSED_ON_DTENSOR else {"fused": True}
 
 
 def prepare(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -129,6 +136,9 @@ class OneCycleConfig(SchedulerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(0 < self.pct_start < 1, f"pct_start={self.pct_start} must be in (0, 1)")
+        require(self.div_factor > 0, f"div_factor={self.div_factor} must be > 0 (the rate starts at lr / div_factor)")
+        require(self.final_div_factor > 0,
+                f"final_div_factor={self.final_div_factor} must be > 0 (the rate ends at lr / div_factor / final_div_factor)")
 
 
 def _with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, shape: Callable[[int], float]) -> LRScheduler:

@@ -86,6 +86,8 @@ def test_unknown_key_fails_at_compose(make_cfg) -> None:
         (["dataset.batch_size=0"], "dataset.batch_size"),
         (["dataset.val_fraction=1.0"], "dataset.val_fraction"),
         (["scheduler=step", "scheduler.gamma=0"], "scheduler.gamma"),
+        (["scheduler=onecycle", "scheduler.div_factor=0"], "scheduler.div_factor"),  # was a ZeroDivisionError
+        (["scheduler=onecycle", "scheduler.final_div_factor=-1"], "scheduler.final_div_factor"),  # trained at lr < 0
     ],
 )
 def test_out_of_range_names_the_key(make_cfg, overrides: list[str], key: str) -> None:

@@ -60,10 +60,22 @@ def test_model_dataset_mismatch_is_a_clear_error(make_cfg) -> None:
         run(make_cfg("model=vit_b16", *SHORT))
 
 
-def test_a_batch_of_one_under_batchnorm_is_a_clear_error(make_cfg) -> None:
-    # resnet18 shrinks 8x8 digits to 1x1 before its last BatchNorms: one value per channel in training.
-    with pytest.raises(ConfigError, match=r"resnet18 cannot train on dataset=digits .* in batches of 1 \(dataset.batch_size\)"):
-        run(make_cfg("model=resnet18", "dataset.batch_size=1", *SHORT))
+@pytest.mark.parametrize("overrides", [["dataset.batch_size=1"],
+                                       ["dataset=synthetic", "dataset.shape=[1,8,8]", "dataset.num_samples=1"]],
+                         ids=["batch_size=1", "a one-sample training set"])  # it passed the check, then failed mid-run
+def test_a_batch_of_one_under_batchnorm_is_a_clear_error(make_cfg, overrides: list[str]) -> None:
+    # resnet18 shrinks 8x8 inputs to 1x1 before its last BatchNorms: one value per channel in training.
+    with pytest.raises(ConfigError, match=r"resnet18 cannot train on dataset=\w+ .* in batches of 1 \(dataset.batch_size"):
+        run(make_cfg("model=resnet18", *overrides, *SHORT))
+
+
+@pytest.mark.parametrize("overrides,key", [(["model=resnet18", "+model.kwargs.num_classes=5"], "num_classes"),
+                                           (["model=resnet18", "+model.kwargs.in_chans=3"], "in_chans"),
+                                           (["model=torchvision", "model.name=resnet18", "+model.kwargs.num_classes=5"], "num_classes")])
+def test_model_kwargs_that_mprun_sets_are_a_clear_error(make_cfg, overrides: list[str], key: str) -> None:
+    """They ended in a TypeError traceback: "got multiple values for keyword argument 'num_classes'"."""
+    with pytest.raises(ConfigError, match=rf"model.kwargs.{key} is set by mprun \(the dataset's"):
+        run(make_cfg(*overrides, *SHORT))
 
 
 def test_a_model_with_auxiliary_outputs_is_a_clear_error_and_the_fix_works(make_cfg) -> None:
