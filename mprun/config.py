@@ -7,6 +7,7 @@ __post_init__ when `validate` converts the config to dataclass instances, before
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +73,18 @@ def register() -> None:
             cs.store(group=f"schema/{group}", name=name, node=node)
 
 
+def _known(keys: Any, allowed: Any, where: str) -> None:
+    """Hydra's `+key=value` adds a key even to a schema that has no such field, and OmegaConf.to_object then drops
+    it without a word: a typo'd `+trainer.max_epoch=3` ran with the default. Such a key is an error."""
+    unknown = [k for k in keys if k not in allowed]
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown key; {where.rstrip('.') or 'the config'} takes "
+                          f"{', '.join(sorted(k for k in allowed if not k.startswith('_')))}")
+
+
 def validate(cfg: DictConfig) -> dict[str, Any]:
-    """Check ranges and cross-field rules group by group; returns {group: dataclass instance}."""
+    """Check keys, ranges and cross-field rules group by group; returns {group: dataclass instance}."""
+    _known(cfg.keys(), Config.__dataclass_fields__, "")
     checked = {}
     for group in Config.__dataclass_fields__:
         try:
@@ -83,4 +94,5 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         except OmegaConfBaseException as e:
             msg = str(e).strip().splitlines()[0]
             raise ConfigError(f"{group}: {msg}") from None
+        _known(cfg[group].keys(), [f.name for f in dataclasses.fields(checked[group])], f"{group}.")
     return checked

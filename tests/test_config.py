@@ -69,6 +69,19 @@ def test_unknown_key_fails_at_compose(make_cfg) -> None:
     assert "not in 'TrainerConfig'" in str(e.value.__cause__)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key; trainer takes channels_last, "),
+    (["+seed=1"], "seed: unknown key; the config takes dataset, model, "),
+    (["model=simple_mlp", "+model.kwargs.bias=false"], "model.kwargs: unknown key; model takes depth, grad_scale, hidden"),
+])
+def test_a_key_added_with_plus_that_no_schema_has_is_an_error(make_cfg, overrides: list[str], message: str) -> None:
+    """`+key=value` adds a key the schema lacks, and converting to the dataclass dropped it silently (a typo'd
+    +trainer.max_epoch=3 trained the default 10 epochs; +model.kwargs on simple_mlp ended in a TypeError)."""
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg(*overrides))
+    assert str(e.value).startswith(message), str(e.value)
+
+
 @pytest.mark.parametrize(
     "overrides,key",
     [
