@@ -278,6 +278,12 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
         return path
 
     try:
+        if main:  # the config first: a run that fails or is stopped still shows what it ran
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            tracker.log_artifact(run_dir / "config_resolved.yaml")
+            if (run_dir / ".hydra").is_dir():
+                tracker.log_artifact(run_dir / ".hydra", "hydra")
         result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
                      trainer, parts.device, state, stop, lambda s: save(ckpts.periodic_name(s.step), s), guard, parts.world)
         ckpt = save("interrupted.pt" if result.interrupted else "final.pt", state)
@@ -287,16 +293,11 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
             status = "KILLED" if result.interrupted else "FINISHED"
             return {**summary, "stop_signal": result.interrupted or stop.signum}
         _log_numerics(guard, run_dir, tracker)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "summary.json").write_text(json_text(summary))
         if not result.interrupted:  # an interrupted run's numbers are not final: its resumption logs them
             tracker.log_metrics({f"final/{k}": float(summary[k]) for k in FINAL_METRICS}, state.step)
         tracker.set_tags({"peak_mem_kind": summary["peak_mem_kind"]})
-        for path in (run_dir / "config_resolved.yaml", run_dir / "summary.json"):
-            tracker.log_artifact(path)
-        if (run_dir / ".hydra").is_dir():
-            tracker.log_artifact(run_dir / ".hydra", "hydra")
+        tracker.log_artifact(run_dir / "summary.json")
         if tracker.log_checkpoint:
             tracker.log_artifact(ckpt, "checkpoints")
         status = "KILLED" if result.interrupted else "FINISHED"

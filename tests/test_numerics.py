@@ -98,7 +98,8 @@ def test_collapsing_scale_stops_the_run_failed_with_a_diagnosis(make_cfg, tmp_pa
     (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert r.info.status == "FAILED"
     assert "loss scale collapsed" in r.data.tags["diagnosis"] and "floor precision.min_loss_scale=1" in r.data.tags["diagnosis"]
-    assert "diagnosis.json" in {a.path for a in client.list_artifacts(r.info.run_id)}
+    # The config is recorded when the run starts: a stopped run shows what it ran (it used to have none).
+    assert {"diagnosis.json", "config_resolved.yaml"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
     report = json.loads((tmp_path / "run" / "diagnosis.json").read_text())
     assert report["metrics"]["amp/loss_scale"] <= 1.0 and report["trace"]["backward"]["module"] == "6"  # the GradScale layer
 
