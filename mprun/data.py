@@ -241,7 +241,13 @@ class TensorLoader(Batched):
         return f"in-memory tensors on {self.x.device}"
 
     def remedy(self) -> str:
-        return "keep the tensors on the training device (dataset=synthetic: dataset.on_device=true)"
+        if self.x.is_pinned():  # host tensors pinned for a GPU: each batch crosses PCIe
+            return "keep the tensors on the training device (dataset=synthetic: dataset.on_device=true)"
+        # On the training device already (tensors for a GPU are pinned unless they live on it): the wait is the
+        # gather, one index_select a batch; the loader was advised to move where it was.
+        return (f"nothing in the input pipeline: the tensors are on the training device ({self.x.device.type}) and a "
+                "batch is one index_select; it is a large share because the training step itself is small (a larger "
+                "dataset.batch_size or model makes it a smaller one)")
 
     def __iter__(self) -> Iterator[Batch]:
         # One copy of the order per pass: a copy from pageable host memory waits for the GPU's queued work.

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -169,9 +170,15 @@ def json_text(obj: Any) -> str:
 def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None:
     """Human-readable closing block on stdout."""
     mem = "GPU tensors, peak allocated" if s["peak_mem_kind"] == "cuda_max_allocated" else "process peak RSS"
+    stopped = []
+    if s.get("interrupted"):  # numbers not measured before the stop (NaN) are printed as such
+        stopped = [f"stopped     by {signal.Signals(s['interrupted']).name} after step {s['steps']}, before the end: "
+                   f"{run_dir / 'checkpoints' / 'interrupted.pt'}; to continue, run the same command with "
+                   f"trainer.resume={run_dir}"]
     lines = [
         "",
         "── mprun summary " + "─" * 44,
+        *stopped,
         f"val/acc     {s['val_acc']:.4f}   (val/loss {s['val_loss']:.4f})",
         f"throughput  {s['samples_per_s']:,.0f} samples/s  (median over epochs, first excluded)",
         f"input       waited for data {s['data_wait_frac']:.0%} of training time  ({s['input']})",

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import random
+import shlex
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -405,7 +406,8 @@ class MlflowTracker(Tracker):
 
     def describe(self) -> list[str]:
         ui = Path(sys.executable).with_name("mlflow")
-        cmd = f"{ui if ui.exists() else 'mlflow'} ui --backend-store-uri {self.uri}"
+        # Quoted where needed, so that it can be pasted as is: a path with a space split into two arguments.
+        cmd = f"{shlex.quote(str(ui)) if ui.exists() else 'mlflow'} ui --backend-store-uri {shlex.quote(self.uri)}"
         lines = [f"MLflow run  {self.run_id} (experiment {self.experiment_id}) in {self.uri}"]
         if self.uri.startswith(("sqlite:", "postgresql", "mysql")):
             lines.append(f"MLflow UI   {cmd} --port 5000")

@@ -87,7 +87,11 @@ def test_signal_checkpoints_and_marks_run_killed(tmp_path: Path, sig: int, code:
     (ckpt,) = (tmp_path / "outputs").glob("*/*/checkpoints/interrupted.pt")
     from mprun.checkpoint import load
 
-    assert load(ckpt)["progress"]["step"] > 0
+    step = load(ckpt)["progress"]["step"]
+    assert step > 0
+    # The summary says the run stopped, where its checkpoint is and how to continue (it read like a finished run).
+    assert f"stopped     by {signal.Signals(sig).name} after step {step}, before the end: {ckpt}" in out, out[-2000:]
+    assert f"trainer.resume={ckpt.parent.parent}" in out
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])

@@ -80,7 +80,8 @@ def test_a_starved_run_logs_its_wait_and_warns_once(make_cfg, monkeypatch, caplo
     assert summary["data_wait_frac"] > 0.3  # ~0.9 on an idle machine; a loaded one trains slower
     warnings = [r.getMessage() for r in caplog.records if "input-bound" in r.getMessage()]
     assert len(warnings) == 1, warnings
-    assert "in-memory tensors on cpu" in warnings[0] and "keep the tensors on the training device" in warnings[0]
+    # The tensors are on the training device already: it used to advise moving them there.
+    assert "in-memory tensors on cpu" in warnings[0] and "the tensors are on the training device (cpu)" in warnings[0]
 
 
 def test_a_fed_run_waits_little_and_does_not_warn(make_cfg, caplog) -> None:

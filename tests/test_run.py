@@ -369,3 +369,14 @@ def test_logged_train_loss_is_the_mean_over_each_log_window(make_cfg, tmp_path: 
     windows = [m.value for m in history]
     assert windows[0] > windows[-1] > 0
     assert min(windows) < summary["train_loss"] < max(windows)
+
+
+def test_the_printed_mlflow_ui_command_can_be_pasted_with_a_space_in_the_path(tmp_path: Path) -> None:
+    import shlex
+
+    from mprun.tracking import MlflowTracker
+
+    tracker = MlflowTracker(str(tmp_path / "my runs"), None, "Default", None, False)
+    (line,) = [line for line in tracker.describe() if line.startswith("MLflow UI")]
+    args = shlex.split(line.removeprefix("MLflow UI"))  # what a shell makes of it
+    assert args[1:4] == ["ui", "--backend-store-uri", f"sqlite:///{tmp_path}/my runs/mlflow.db"], args
