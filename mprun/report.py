@@ -294,7 +294,12 @@ def build(client: Any, parent_id: str, out_dir: Path, stop_running: bool = False
     rows = collect(client, parent_id)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(parent_id, rows, out_dir, notes_for(rows))
+    notes = notes_for(rows)
+    if stop_running:
+        notes.append("The sweep was interrupted: jobs it had not started are not listed. To finish it, launch it again "
+                     "into its directory: the same command with hydra.sweep.dir=<its sweep dir> trainer.resume=auto "
+                     "(finished jobs keep their results, stopped ones continue, the rest start).")
+    report = Report(parent_id, rows, out_dir, notes)
     (out_dir / "report.md").write_text(report.markdown(plot(rows, out_dir)))
     return report
 

@@ -266,6 +266,7 @@ def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> Non
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "KILLED"
     assert [c.info.status for c in children] == ["KILLED"]  # the second job never started
+    assert "The sweep was interrupted: jobs it had not started are not listed" in out  # "1 of 1 jobs" said no more
 
 
 def test_submitit_local_launcher_runs_the_sweep(tmp_path: Path) -> None:
