@@ -363,7 +363,10 @@ def fit(
     `checkpoint(state)` is called every checkpoint_every_steps steps and checkpoint_every_epochs epochs."""
     state = state or TrainState()
     result = FitResult()
-    progress = Progress.create(cfg.progress.value, cfg.max_epochs, len(data.train))
+    # The epochs this run goes through: max_steps may end it sooner than max_epochs, in the middle of one.
+    per_epoch = -(-len(data.train) // cfg.grad_accum_steps)
+    progress = Progress.create(cfg.progress.value, -(-planned_steps(cfg, len(data.train)) // max(1, per_epoch)),
+                               len(data.train))
     train = TimedLoader(data.train)
     warned = False  # about an input-bound run: once
     reset_peak_memory(device)
@@ -383,7 +386,8 @@ def fit(
         clock_in()
 
     while not finished(state, cfg):
-        progress.start_epoch(state.epoch)
+        running = state.epoch  # the epoch under way (0-based); it stays the count when max_steps ends it midway
+        progress.start_epoch(running)
         before, samples_before = state.train_time_s, state.samples
         clock_in()
         train_loss = train_epoch(model, train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
@@ -415,7 +419,7 @@ def fit(
             result.val_loss, result.val_acc = evaluate(model, data.val, precision, device, cfg.channels_last, world)
             metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
         tracker.log_metrics(metrics, state.step)
-        progress.end_epoch(state.epoch, {"train_loss": result.train_loss, **metrics})
+        progress.end_epoch(running + 1, {"train_loss": result.train_loss, **metrics})
         if checkpoint is not None and cfg.checkpoint_every_epochs and state.epoch % cfg.checkpoint_every_epochs == 0 \
                 and not done:  # the final checkpoint follows anyway
             checkpoint(state)

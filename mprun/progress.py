@@ -36,7 +36,7 @@ class Progress:
         """Latest values at a log step."""
 
     def end_epoch(self, epoch: int, values: Mapping[str, float]) -> None:
-        """An epoch ended (1-based count) with these values."""
+        """An epoch ended (1-based: the epoch that ran, whole or cut short by max_steps) with these values."""
         if self.enabled:
             log.info("epoch %d/%d  %s", epoch, self.epochs, _fmt(values))
 

@@ -380,3 +380,13 @@ def test_the_printed_mlflow_ui_command_can_be_pasted_with_a_space_in_the_path(tm
     (line,) = [line for line in tracker.describe() if line.startswith("MLflow UI")]
     args = shlex.split(line.removeprefix("MLflow UI"))  # what a shell makes of it
     assert args[1:4] == ["ui", "--backend-store-uri", f"sqlite:///{tmp_path}/my runs/mlflow.db"], args
+
+
+def test_epoch_lines_count_the_epochs_max_steps_leaves(make_cfg, caplog) -> None:
+    """30 steps of 22-step epochs: the second epoch, cut short, was logged as "epoch 1/10" a second time."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="mprun"):
+        run(make_cfg("model=simple_mlp", "trainer.max_steps=30", "trainer.progress=log"))
+    lines = [r.getMessage().split("  ")[0] for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert lines == ["epoch 1/2", "epoch 2/2"]
