@@ -186,7 +186,8 @@ def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None
         f"precision   {s['precision_detail']}",
         f"loss scale  {s['loss_scale']:g}   skipped steps {s['skipped_steps']}   growth/backoff events "
         f"{s['growth_events']}/{s['backoff_events']}   steps since overflow {s['steps_since_overflow']}",
-        f"time        {s['train_time_s']:.1f} s training, {s['wall_time_s']:.1f} s since start, {s['steps']} steps on {s['device']}",
+        f"time        {s['train_time_s']:.1f} s training in all, {s['wall_time_s']:.1f} s in this process (since start), "
+        f"{s['steps']} steps on {s['device']}",
         f"run dir     {run_dir}",
         *tracker.describe(),
     ]

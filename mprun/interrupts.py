@@ -22,8 +22,11 @@ class StopNow(KeyboardInterrupt):
     exits 128+signal whichever it was (143 for SIGTERM, not Ctrl-C's 130)."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signum)
         self.signum = signum
+
+    def __str__(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 class GracefulStop:

@@ -168,7 +168,7 @@ def torchvision_model(
     choices = torchvision.models.list_models(module=torchvision.models)
     if name not in choices:
         raise _unknown("torchvision", name, choices, "see torchvision.models.list_models()")
-    extra = _extra(kwargs, ("num_classes", "weights"))
+    extra = _extra(kwargs, ("num_classes", "in_chans", "weights"))
     if name.startswith("vit_"):
         require(image_size[0] == image_size[1], f"torchvision {name} needs square images, dataset gives {image_size}")
         extra.setdefault("image_size", image_size[0])

@@ -53,6 +53,11 @@ class Row:
         return self.status == "FINISHED" and loss is not None and not math.isfinite(loss)
 
     @property
+    def failure(self) -> str:
+        """Why the job did not finish; "" if it did (the error of a run that was resumed and finished is history)."""
+        return self.error if self.status != "FINISHED" else ""
+
+    @property
     def mark(self) -> str:
         if self.status != "FINISHED":
             return f"**{self.status}**"
@@ -180,9 +185,9 @@ class Report:
         lines.append("| " + " | ".join(COLUMNS) + " |")
         lines.append("|" + "---|" * len(COLUMNS))
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in table_rows(self.rows)]
-        failed = [r for r in self.rows if r.error]
+        failed = [r for r in self.rows if r.failure]
         if failed:
-            lines += ["", "## Failed jobs", ""] + [f"- job {r.num} `{r.name}`: {r.error}" for r in failed]
+            lines += ["", "## Failed jobs", ""] + [f"- job {r.num} `{r.name}`: {r.failure}" for r in failed]
         lines += [""] + [f"![{p}]({p})" for p in plots]
         return "\n".join(lines) + "\n"
 
@@ -193,7 +198,7 @@ class Report:
         text = ["", "── mprun sweep report " + "─" * 40]
         text += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
         text += self.notes
-        text += [f"failed      job {r.num} {r.name}: {_first_line(r.error, 160)}" for r in self.rows if r.error]
+        text += [f"failed      job {r.num} {r.name}: {_first_line(r.failure, 160)}" for r in self.rows if r.failure]
         text += [f"report      {self.out_dir / 'report.md'}"]
         return "\n".join(text)
 

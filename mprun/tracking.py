@@ -294,6 +294,12 @@ class MlflowTracker(Tracker):
         with self.closed_on_error():
             resumes = int(run.data.tags.get("mprun.resumes", "0")) + 1
             self.set_tags({"mprun.resumes": str(resumes), f"mprun.resume_{resumes}_step": str(step)})
+            # What ended the run before is history now: kept under another name, so that a resumed run that finishes
+            # is not reported as failed (the sweep report lists the runs with an error tag).
+            for key in ("error", "diagnosis"):
+                if key in run.data.tags:
+                    self.set_tags({f"mprun.resume_{resumes}_after_{key}": run.data.tags[key]})
+                    self.client.delete_tag(run_id, key)
         log.info("continuing MLflow run %s from step %d", run_id, step)
         return True
 

@@ -120,6 +120,30 @@ def test_second_signal_stops_at_once_and_still_marks_killed(tmp_path: Path, sig:
     assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["KILLED"], out[-2000:]
 
 
+def test_a_second_signal_unwinds_with_its_own_exit_code(monkeypatch) -> None:
+    """The second signal's exception carries the signal through pickling (a joblib worker hands it to its parent;
+    it failed to rebuild there) to the exit code: 143 for SIGTERM, not Ctrl-C's 130."""
+    import pickle
+
+    from mprun import cli
+    from mprun.interrupts import GracefulStop, StopNow
+
+    with GracefulStop() as stop:
+        stop._handle(signal.SIGTERM, None)  # the first: a graceful stop is requested
+        with pytest.raises(StopNow) as second:
+            stop._handle(signal.SIGTERM, None)
+    again = pickle.loads(pickle.dumps(second.value))
+    assert isinstance(again, KeyboardInterrupt) and again.signum == signal.SIGTERM and str(again) == "SIGTERM"
+
+    def interrupted() -> None:
+        raise again
+
+    monkeypatch.setattr(cli, "_main", interrupted)
+    with pytest.raises(SystemExit) as end:
+        cli.main()
+    assert end.value.code == 143
+
+
 def test_signals_wait_for_the_store_to_be_whole(tmp_path: Path, monkeypatch) -> None:
     """A new sqlite store gets its tables in several migrations; a Ctrl-C in between left a store every later run
     failed on. A signal while the tracker opens the store reaches its handler once the store is whole."""

@@ -133,6 +133,31 @@ def test_a_resumed_runs_training_time_counts_every_segment(make_cfg, tmp_path: P
     assert rest["epoch_time_s"] < rest["wall_time_s"]  # the epoch's own time: the resumed segment
 
 
+def test_a_failed_run_resumed_to_the_end_is_not_reported_failed(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """The error tag of the crash stayed on the run that the resume then finished, and the sweep report listed a
+    FINISHED job as failed. It is kept as mprun.resume_<k>_after_error."""
+    from mprun import loop
+
+    real, calls = loop.train_step, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise RuntimeError("crash")
+        return real(*args, **kwargs)
+
+    common = ["model=simple_mlp", "trainer.max_epochs=1", "trainer.max_steps=12", "trainer.checkpoint_every_steps=5",
+              "trainer.resume=auto"]
+    monkeypatch.setattr(loop, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="crash"):
+        run(make_cfg(*common, tracking="mlflow"))
+    monkeypatch.setattr(loop, "train_step", real)
+    summary = run(make_cfg(*common, tracking="mlflow"))
+    r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
+    assert r.info.status == "FINISHED" and r.data.tags["mprun.resume_1_step"] == "5"
+    assert "error" not in r.data.tags and r.data.tags["mprun.resume_1_after_error"] == "RuntimeError: crash"
+
+
 def test_resume_auto_without_a_checkpoint_starts_fresh(make_cfg) -> None:
     summary = run(make_cfg("trainer.resume=auto", "trainer.max_steps=2", "trainer.max_epochs=1"))
     assert summary["steps"] == 2
