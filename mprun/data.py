@@ -244,7 +244,7 @@ class TensorLoader(Batched):
         if self.x.is_pinned():  # host tensors pinned for a GPU: each batch crosses PCIe
             return "keep the tensors on the training device (dataset=synthetic: dataset.on_device=true)"
         # On the training device already (tensors for a GPU are pinned unless they live on it): the wait is the
-        # gather, one index_select a batch; the loader was advised to move where it was.
+        # gather, one index_select a batch.
         return (f"nothing in the input pipeline: the tensors are on the training device ({self.x.device.type}) and a "
                 "batch is one index_select; it is a large share because the training step itself is small (a larger "
                 "dataset.batch_size or model makes it a smaller one)")

@@ -167,11 +167,19 @@ def finished(state: TrainState, cfg: TrainerConfig) -> bool:
     return state.epoch >= cfg.max_epochs or (cfg.max_steps > 0 and state.step >= cfg.max_steps)
 
 
+def steps_per_epoch(cfg: TrainerConfig, batches_per_epoch: int) -> int:
+    return -(-batches_per_epoch // cfg.grad_accum_steps)
+
+
 def planned_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
     """Optimizer steps the run will attempt: the LR schedule's length."""
-    per_epoch = -(-batches_per_epoch // cfg.grad_accum_steps)
-    total = per_epoch * cfg.max_epochs
+    total = steps_per_epoch(cfg, batches_per_epoch) * cfg.max_epochs
     return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+
+
+def planned_epochs(cfg: TrainerConfig, batches_per_epoch: int) -> int:
+    """Epochs the run goes through: max_steps may end it before max_epochs, in the middle of one."""
+    return -(-planned_steps(cfg, batches_per_epoch) // max(1, steps_per_epoch(cfg, batches_per_epoch)))
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -363,10 +371,7 @@ def fit(
     `checkpoint(state)` is called every checkpoint_every_steps steps and checkpoint_every_epochs epochs."""
     state = state or TrainState()
     result = FitResult()
-    # The epochs this run goes through: max_steps may end it sooner than max_epochs, in the middle of one.
-    per_epoch = -(-len(data.train) // cfg.grad_accum_steps)
-    progress = Progress.create(cfg.progress.value, -(-planned_steps(cfg, len(data.train)) // max(1, per_epoch)),
-                               len(data.train))
+    progress = Progress.create(cfg.progress.value, planned_epochs(cfg, len(data.train)), len(data.train))
     train = TimedLoader(data.train)
     warned = False  # about an input-bound run: once
     reset_peak_memory(device)
