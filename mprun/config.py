@@ -16,7 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mprun import data, loop, models, optim, precision, tracking
-from mprun.errors import ConfigError
+from mprun.errors import ConfigError, first_line
 
 # Settings that change where and how a run is recorded or continued, not what it computes: a resume may change them
 # without a warning, and the sweep report pairs a job with its fp32 baseline whatever they are.
@@ -92,7 +92,6 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         except ConfigError as e:
             raise ConfigError(f"{group}.{e}") from None
         except OmegaConfBaseException as e:
-            msg = str(e).strip().splitlines()[0]
-            raise ConfigError(f"{group}: {msg}") from None
+            raise ConfigError(f"{group}: {first_line(e)}") from None
         _known(cfg[group].keys(), [f.name for f in dataclasses.fields(checked[group])], f"{group}.")
     return checked

@@ -5,6 +5,12 @@ class ConfigError(ValueError):
     """Bad user input (config value, missing data, unusable device): message names the key and the valid choices."""
 
 
+def first_line(text: object, default: str = "") -> str:
+    """The first line of a (possibly multi-line) message, for one-line errors; `default` when it is empty."""
+    stripped = str(text).strip()
+    return stripped.splitlines()[0] if stripped else default
+
+
 def require(ok: bool, message: str) -> None:
     """Raise ConfigError(message) unless ok."""
     if not ok:

@@ -26,7 +26,7 @@ import mprun
 from mprun import build, checkpoint, config, distributed, numerics
 from mprun.build import Components
 from mprun.checkpoint import unwrap
-from mprun.errors import ConfigError
+from mprun.errors import ConfigError, first_line
 from mprun.interrupts import GracefulStop
 from mprun.loop import FitResult, TrainState, device_name, finished, fit
 from mprun.sweep import JobInfo
@@ -97,7 +97,7 @@ def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig
     try:
         distributed.load_state_dicts(unwrap(parts.module), parts.optimizer, parts.strategy, ckpt["model"], ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, type(e).__name__)
         raise ConfigError(f"trainer.resume: checkpoint {path} does not fit this model/optimizer "
                           f"(made with a different model, dataset or optimizer?): {first[:300]}") from e
     parts.scheduler.load_state_dict(ckpt["scheduler"])

@@ -14,7 +14,7 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from mprun.errors import ConfigError, require
+from mprun.errors import ConfigError, first_line, require
 
 
 @dataclass
@@ -203,12 +203,12 @@ def check_fits(model: nn.Module, example: torch.Tensor, smallest_batch: int, num
         with torch.no_grad():
             out = model(example)
     except (RuntimeError, ValueError, AssertionError, TypeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, type(e).__name__)
         batch = " in batches of 1 (dataset.batch_size, or a training set, or a rank's share of it, that leaves one " \
             "sample for a batch)" if len(example) == 1 else ""
         raise ConfigError(
             f"model={model_name} cannot train on dataset={dataset_name} inputs of shape {tuple(example.shape[1:])}{batch}: "
-            f"{first_line}"
+            f"{first}"
         ) from e
     finally:
         model.train(was_training)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from mprun.errors import first_line
+
 PRECISION_COLORS = {"fp32": "tab:blue", "tf32": "tab:cyan", "fp16": "tab:orange", "bf16": "tab:green"}
 
 
@@ -167,8 +169,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
     return out
 
 
-def _first_line(text: str, width: int) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
+def _clip(line: str, width: int) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
@@ -198,7 +199,7 @@ class Report:
         text = ["", "── mprun sweep report " + "─" * 40]
         text += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
         text += self.notes
-        text += [f"failed      job {r.num} {r.name}: {_first_line(r.failure, 160)}" for r in self.rows if r.failure]
+        text += [f"failed      job {r.num} {r.name}: {_clip(first_line(r.failure), 160)}" for r in self.rows if r.failure]
         text += [f"report      {self.out_dir / 'report.md'}"]
         return "\n".join(text)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, ContextManager, Mapping, Optional
 
 from omegaconf import MISSING
 
-from mprun.errors import ConfigError
+from mprun.errors import ConfigError, first_line
 from mprun.interrupts import deferred_signals
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class TrackingLost(RuntimeError):
 
 def unusable(uri: str, why: str) -> ConfigError:
     """The error for a tracking store that cannot be used."""
-    why = why.strip().splitlines()[0] if why.strip() else "unknown error"
+    why = first_line(why, "unknown error")
     return ConfigError(
         f"cannot use MLflow tracking store {uri}: {why[:300]}. Fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=none"
     )
