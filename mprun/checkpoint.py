@@ -92,7 +92,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
 
 class Checkpoints:
     """A run's checkpoints/ directory: periodic step-<N>.pt files (the newest keep_last kept), plus
-    final.pt or interrupted.pt at the end."""
+    final.pt or interrupted.pt at the end (final.pt replaces the interrupted.pt a resume in place continued)."""
+
+    FINAL, INTERRUPTED = "final.pt", "interrupted.pt"
 
     def __init__(self, directory: Path, keep_last: int) -> None:
         self.directory = Path(directory)
@@ -101,6 +103,8 @@ class Checkpoints:
     def save(self, name: str, state: dict[str, Any]) -> Path:
         """Write one checkpoint atomically, then drop periodic ones beyond keep_last."""
         path = save(self.directory / name, state)
+        if name == self.FINAL:  # the run ended: what it was interrupted at is history, and as large as the model
+            (self.directory / self.INTERRUPTED).unlink(missing_ok=True)
         self.prune()
         return path
 

@@ -136,6 +136,7 @@ def summary_dict(result: FitResult, parts: Components, state: TrainState, tracke
         "precision": parts.precision.name.value,
         "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
         "loss_scale": parts.precision.scale_value(),
+        "loss_scaling": parts.precision.loss_scale.value,  # dynamic, static or none
         **parts.precision.counters(),
         "epochs": state.epoch,
         "steps": state.step,
@@ -184,14 +185,26 @@ def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None
         f"input       waited for data {s['data_wait_frac']:.0%} of training time  ({s['input']})",
         f"peak memory {s['peak_mem_mib']:,.0f} MiB  ({mem})",
         f"precision   {s['precision_detail']}",
-        f"loss scale  {s['loss_scale']:g}   skipped steps {s['skipped_steps']}   growth/backoff events "
-        f"{s['growth_events']}/{s['backoff_events']}   steps since overflow {s['steps_since_overflow']}",
+        _scale_line(s),
         f"time        {s['train_time_s']:.1f} s training in all, {s['wall_time_s']:.1f} s in this process (since start), "
         f"{s['steps']} steps on {s['device']}",
         f"run dir     {run_dir}",
         *tracker.describe(),
     ]
     print("\n".join(lines), flush=True)
+
+
+def _scale_line(s: Mapping[str, Any]) -> str:
+    """The summary's loss-scale line: what the scaler did, or that there was none."""
+    scaling = s.get("loss_scaling", "dynamic")
+    skipped = f"skipped steps {s['skipped_steps']}"
+    if scaling == "dynamic":
+        return (f"loss scale  {s['loss_scale']:g}   {skipped}   growth/backoff events {s['growth_events']}/"
+                f"{s['backoff_events']}   steps since overflow {s['steps_since_overflow']}")
+    if scaling == "static":
+        return f"loss scale  {s['loss_scale']:g} (static)   {skipped}"
+    # No loss scale; with precision.on_nonfinite=skip a scaler pinned at 1.0 still skips non-finite steps.
+    return "loss scale  none" + (f"   {skipped} (non-finite, on_nonfinite=skip)" if s["skipped_steps"] else "")
 
 
 def _log_numerics(guard: numerics.Guard, run_dir: Path, tracker: Tracker) -> None:
@@ -294,7 +307,7 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
                 tracker.log_artifact(run_dir / ".hydra", "hydra")
         result = fit(parts.model, parts.data, parts.optimizer, parts.scheduler, parts.precision, tracker,
                      trainer, parts.device, state, stop, lambda s: save(ckpts.periodic_name(s.step), s), guard, parts.world)
-        ckpt = save("interrupted.pt" if result.interrupted else "final.pt", state)
+        ckpt = save(ckpts.INTERRUPTED if result.interrupted else ckpts.FINAL, state)
         summary = summary_dict(result, parts, state, tracker, time.perf_counter() - started)
         summary["interrupted"] = result.interrupted
         if not main:  # the other ranks trained; rank 0 records

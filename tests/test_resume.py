@@ -83,6 +83,7 @@ def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: 
 
     a = checkpoint.load(tmp_path / "outputs" / "straight" / "checkpoints" / "final.pt")
     b = checkpoint.load(tmp_path / "outputs" / "cut" / "checkpoints" / "final.pt")
+    assert not (tmp_path / "outputs" / "cut" / "checkpoints" / "interrupted.pt").exists()  # final.pt replaced it
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")

@@ -20,7 +20,7 @@ TINY_IMAGES = ["dataset=synthetic", "dataset.shape=[3,32,32]", "dataset.num_samp
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp32", "tf32", "fp16", "fp16_static", "bf16"])
-def test_every_precision_trains(make_cfg, precision: str) -> None:
+def test_every_precision_trains(make_cfg, precision: str, capsys) -> None:
     summary = run(make_cfg(f"precision={precision}", *SHORT))
     assert summary["steps"] == 3
     assert 0.0 <= summary["val_acc"] <= 1.0
@@ -28,6 +28,11 @@ def test_every_precision_trains(make_cfg, precision: str) -> None:
     assert summary["precision"] == expected
     if precision == "fp16_static":
         assert summary["loss_scale"] == 128.0
+    # The summary's loss-scale line says what the scaler did, and that there was none without one.
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("loss scale")]
+    scale_line = {"fp16": "loss scale  65536   skipped steps 0   growth/backoff events 0/0   steps since overflow 3",
+                  "fp16_static": "loss scale  128 (static)   skipped steps 0"}.get(precision, "loss scale  none")
+    assert line == scale_line
 
 
 def test_fp16_without_scaling_trains(make_cfg) -> None:
