@@ -12,8 +12,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
+from hydra.errors import CompactHydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from mprun import config, sweep  # noqa: E402
@@ -26,6 +25,11 @@ config.register()
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+class JobFailed(CompactHydraException):
+    """A sweep job's failure that mprun has explained. Hydra still marks the job failed, runs the other jobs and
+    ends the multirun with exit code 1, but prints this message where it would print a traceback."""
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float:
     from mprun.experiment import run
@@ -33,24 +37,14 @@ def _main(cfg: DictConfig) -> float:
     job = sweep.current_job()
     try:
         summary = run(cfg, STARTED if job is None else time.perf_counter(), job)
-    except ConfigError as e:
-        if HydraConfig.get().mode is RunMode.MULTIRUN:
+    except (ConfigError, NumericsError, TrackingLost) as e:  # explained failures: one short line, no traceback
+        message = f"mprun: {'stopped' if isinstance(e, NumericsError) else 'error'}: {e}"
+        if job is not None:
             # Raising lets Hydra mark this job failed and run the rest of the sweep; exiting would end it.
-            log.error("mprun: error: %s", e)
-            raise
-        # A user's mistake: one short line, no traceback, exit 2 (like argparse).
-        print(f"mprun: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except NumericsError as e:
-        if HydraConfig.get().mode is RunMode.MULTIRUN:
-            raise
-        print(f"mprun: stopped: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except TrackingLost as e:
-        if HydraConfig.get().mode is RunMode.MULTIRUN:
-            raise
-        print(f"mprun: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+            log.error("%s", message)
+            raise JobFailed(f"{message} (job {job.num}: {job.name})") from e
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)  # a user's mistake exits 2, like argparse
     if summary["stop_signal"]:
         if not summary["interrupted"]:
             print(f"mprun: {signal.Signals(summary['stop_signal']).name} arrived after training was complete: "

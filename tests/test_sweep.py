@@ -174,7 +174,9 @@ def test_an_unwritable_sweep_dir_leaves_no_parent_running(tmp_path: Path) -> Non
 def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:
     proc = run_cli("-m", "optimizer.lr=-1,1e-3", "precision=fp32,bf16", *TINY, cwd=tmp_path)
     assert proc.returncode != 0  # the sweep says it had a failure...
-    assert "optimizer.lr=-1.0 must be > 0" in proc.stderr + proc.stdout
+    # ...in one line naming the first failed job, not a traceback
+    assert "mprun: error: optimizer.lr=-1.0 must be > 0 (job 0: optimizer.lr=-1,precision=fp32)" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     parent, children = sweep_runs(tmp_path)  # ...after every other job ran
     status = {c.info.run_name: c.info.status for c in children}
     assert status == {"optimizer.lr=-1,precision=fp32": "FAILED", "optimizer.lr=-1,precision=bf16": "FAILED",
