@@ -12,7 +12,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
-from hydra.errors import CompactHydraException  # noqa: E402
+from hydra.errors import CompactHydraException, ConfigCompositionException, OverrideParseException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from mprun import config, sweep  # noqa: E402
@@ -74,4 +74,6 @@ def main() -> None:
             signum = getattr(e, "signum", signal.SIGINT)  # interrupts.StopNow says which signal it was
             print(f"mprun: interrupted ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
             sys.exit(128 + signum)
+        if isinstance(e, SystemExit) and isinstance(e.__context__, (ConfigCompositionException, OverrideParseException)):
+            sys.exit(2)  # Hydra has said why the command line does not compose: a user's mistake, like mprun's own
         raise

@@ -186,21 +186,26 @@ def watch_activations(model: nn.Module, into: dict[str, float]) -> Iterator[None
 def gradient_stats(model: nn.Module, scale: float) -> dict[str, dict[str, float]]:
     """Per top-level module: share of gradient elements that are 0 (underflow) or inf (overflow) once multiplied
     by the loss scale and cast to float16, rounding as the cast rounds (2**-25 and below flush to 0, from 65520
-    up to inf). Exact zeros (dead ReLUs) count as underflow too. Reads unscaled gradients; one sync in all."""
-    counts: dict[str, torch.Tensor] = {}  # per group: [underflow, overflow] on the device
-    sizes: dict[str, int] = {}
+    up to inf). Exact zeros (dead ReLUs) count as underflow too. Reads unscaled gradients; one sync in all.
+    Under FSDP each rank holds a shard of every gradient (a DTensor): shards are counted, then summed over ranks."""
+    counts: dict[str, torch.Tensor] = {}  # per group: [underflow, overflow, elements] on the device
+    mesh = None
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        h = (p.grad.detach().float() * scale).half()
-        c = torch.stack([(h == 0).sum(), torch.isinf(h).sum()])
+        grad = p.grad.detach()
+        if hasattr(grad, "to_local"):  # a DTensor: this rank's shard
+            mesh, grad = grad.device_mesh, grad.to_local()
+        h = (grad.float() * scale).half()
+        c = torch.stack([(h == 0).sum(), torch.isinf(h).sum(), torch.tensor(h.numel(), device=h.device)])
         group = _group(name)
         counts[group] = counts[group] + c if group in counts else c
-        sizes[group] = sizes.get(group, 0) + h.numel()
     if not counts:
         return {}
-    totals = torch.stack(list(counts.values())).tolist()  # the sync
-    return {k: {"underflow": u / sizes[k], "overflow": o / sizes[k]} for k, (u, o) in zip(counts, totals)}
+    totals = torch.stack(list(counts.values()))
+    if mesh is not None:  # every rank of an FSDP run has the same groups: one collective over the shards
+        torch.distributed.all_reduce(totals, group=mesh.get_group())
+    return {k: {"underflow": u / n, "overflow": o / n} for k, (u, o, n) in zip(counts, totals.tolist())}  # the sync
 
 
 @dataclass
@@ -328,7 +333,7 @@ class Guard:
                 if trace:
                     report["trace"] = trace
                 hint = _STOP_HINT.get(p.name.value, _STOP_HINT["fp32"])
-                raise NumericsError(f"step {step}: {text}." + (f" NaN tracer: {trace['summary']}." if trace else "") + hint, report)
+                raise NumericsError(f"step {step}: {text}." + (f" NaN tracer at step {trace['step']}: {trace['summary']}." if trace else "") + hint, report)
             if kind not in self.warned:  # once per kind
                 self.warned.add(kind)
                 log.warning("step %d: %s (precision.on_collapse=warn: training goes on)", step, text)

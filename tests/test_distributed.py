@@ -133,6 +133,19 @@ def test_fsdp2_bf16_smoke_run_checkpoints_full_tensors(tmp_path: Path, optimizer
     assert run.info.status == "FINISHED" and run.data.tags["strategy"] == "fsdp x2"
 
 
+def test_fsdp2_statistics_count_every_shard_of_every_gradient(runs: Path, tmp_path: Path) -> None:
+    """Under FSDP a gradient is a DTensor holding this rank's shard: statistics crashed on it (DTensor has no tolist)."""
+    proc = torchrun("trainer.strategy=fsdp", "precision=fp32", "trainer.max_steps=6", "dataset.batch_size=32",
+                    "hydra.run.dir=outputs/fsdp", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    single = MlflowClient(f"sqlite:///{runs}/outputs/mlflow.db")
+    for key in ("numerics/underflow/1", "numerics/underflow/3", "numerics/underflow/5"):
+        # the shares over both ranks' shards are the whole gradient's, as one process at the same global batch has it
+        (shards,), (whole, _) = _history(fsdp, "fsdp x2", key), _history(single, "single x1", key)
+        assert shards == pytest.approx(whole, abs=1e-3), key
+
+
 def test_ddp_without_torchrun_is_a_clear_error(tmp_path: Path) -> None:
     proc = run_cli("trainer.strategy=ddp", "trainer.max_steps=1", cwd=tmp_path)
     assert proc.returncode == 2 and "needs torchrun" in proc.stderr and "Traceback" not in proc.stderr

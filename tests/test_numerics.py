@@ -136,6 +136,14 @@ def test_collapse_warnings_come_once_per_kind(caplog) -> None:
     assert caplog.text.count("log windows") == 1 and "(80% in the latest" in caplog.text
 
 
+def test_a_stop_says_which_step_its_nan_trace_is_from() -> None:
+    """With trace_nonfinite=first a later stop reuses the first trace: it read as if traced at the stop's step."""
+    guard = Guard(Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu")))
+    guard.load_state_dict({"traces": [{"step": 3, "summary": "first non-finite output in forward: 2 (Linear)"}]})
+    with pytest.raises(NumericsError, match=r"^step 15: .* NaN tracer at step 3: first non-finite output in forward: 2"):
+        guard.check({"train/loss": float("nan")}, nn.Identity(), [], 15)
+
+
 def test_a_static_scale_that_skips_every_step_stops(make_cfg) -> None:
     """A fixed scale that overflows every step trains nothing; it used to finish 'ok' (the check was dynamic-only)."""
     with pytest.raises(NumericsError, match=r"over 50% of steps .* loss scale 1e\+30 \(fixed by precision.loss_scale=static"):
