@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import mprun
-from mprun import build, checkpoint, config, distributed, numerics
+from mprun import build, checkpoint, config, distributed, numerics, precision
 from mprun.build import Components
 from mprun.checkpoint import unwrap
 from mprun.errors import ConfigError, first_line
@@ -223,7 +223,11 @@ def _log_numerics(guard: numerics.Guard, run_dir: Path, tracker: Tracker) -> Non
 
 def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = None) -> dict[str, Any]:
     """Run one experiment from a composed config; returns the summary dict. `job`: its place in a sweep."""
-    started = started if started is not None else time.perf_counter()
+    with precision.process_flags_restored():
+        return _run(cfg, started if started is not None else time.perf_counter(), job)
+
+
+def _run(cfg: DictConfig, started: float, job: Optional[JobInfo]) -> dict[str, Any]:
     run_dir = Path(cfg.paths.run_dir).absolute()
     try:
         checked = config.validate(cfg)

@@ -12,7 +12,7 @@ import math
 import platform
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, ContextManager, Iterable, List, Optional
+from typing import Callable, ContextManager, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -110,15 +110,16 @@ HALF_ONLY = frozenset({"dtype", "loss_scale", "init_scale", "growth_factor", "ba
 _AUTOCAST_DTYPE = {PrecisionName.fp16: torch.float16, PrecisionName.bf16: torch.bfloat16}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX-BF16 units; elsewhere CPU bf16 autocast is emulated (measured ~12x slower here)."""
+def cpu_amx_units() -> set[str]:
+    """The AMX units this CPU has (`amx_bf16`, `amx_fp16`); without one, CPU autocast to that dtype is emulated
+    (measured ~12x slower than fp32 here). AMX-BF16 Xeons before Granite Rapids have no AMX-FP16."""
     if platform.system() != "Linux":
-        return False
+        return set()
     try:
         with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
+            return {unit for unit in ("amx_bf16", "amx_fp16") if unit in f.read()}
     except OSError:
-        return False
+        return set()
 
 
 def resolve(requested: PrecisionName, device: torch.device) -> tuple[PrecisionName, str]:
@@ -142,27 +143,55 @@ def resolve(requested: PrecisionName, device: torch.device) -> tuple[PrecisionNa
         return requested, "requested"
     # CPU
     if requested is PrecisionName.auto:
-        if cpu_has_fast_bf16():
+        if "amx_bf16" in cpu_amx_units():
             return PrecisionName.bf16, "CPU has AMX-BF16"
         return PrecisionName.fp32, "CPU without fast bf16 (autocast would be emulated and slower)"
     if requested is PrecisionName.tf32:  # TF32 is a GPU tensor-core format: a CPU computes in full fp32
         return requested, "requested; on a CPU tf32 runs as plain fp32"
-    if requested in _AUTOCAST_DTYPE and not cpu_has_fast_bf16():
+    if requested in _AUTOCAST_DTYPE and f"amx_{requested.value}" not in cpu_amx_units():
         log.warning(
-            "precision=%s on a CPU without AMX runs in emulation: correct, but slower than fp32 "
+            "precision=%s on a CPU without AMX-%s runs in emulation: correct, but slower than fp32 "
             "(measured ~12x on a 2-core AVX2 machine). Useful for numerics experiments, not for speed.",
-            requested.value,
+            requested.value, requested.value.upper(),
         )
     return requested, "requested"
 
 
 def set_matmul_flags(name: PrecisionName, device: torch.device) -> None:
-    """Set TF32 flags explicitly every run: they are process-global and must not leak between jobs."""
-    tf32 = name is PrecisionName.tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    """Set TF32 flags explicitly every run: they are process-global and must not leak between jobs.
+
+    Matmuls through torch.set_float32_matmul_precision, which sets cuBLAS and oneDNN alike: setting only the legacy
+    cuBLAS flag over a caller's set_float32_matmul_precision("high") leaves torch unable to read the precision back
+    (a RuntimeError from torch.get_float32_matmul_precision(), which max-autotune compilation calls)."""
+    torch.set_float32_matmul_precision("high" if name is PrecisionName.tf32 else "highest")
     # cuDNN convs default to TF32 in torch; true fp32 must turn it off. Under fp16/bf16 the fp32
     # leftovers keep torch's default (cuDNN TF32 on) as a hand-written torch.amp loop would.
     torch.backends.cudnn.allow_tf32 = name is not PrecisionName.fp32
+
+
+def _readable(flag: Callable[[], object]) -> object:
+    """A TF32 flag's value, or None where torch cannot read it (a caller mixed its legacy and new TF32 APIs)."""
+    try:
+        return flag()
+    except RuntimeError:
+        return None
+
+
+@contextlib.contextmanager
+def process_flags_restored() -> Iterator[None]:
+    """Around a run: put back the process-global math flags it sets (TF32 for matmuls and cuDNN, cuDNN autotuning),
+    so a caller's later work (a notebook, the next job of a joblib worker) runs as it did before the run. A flag torch
+    cannot read (mixed legacy and new TF32 APIs) is left at the run's setting, which torch can read."""
+    cudnn = torch.backends.cudnn
+    matmul, tf32, benchmark = _readable(torch.get_float32_matmul_precision), _readable(lambda: cudnn.allow_tf32), cudnn.benchmark
+    try:
+        yield
+    finally:
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)
+        if tf32 is not None:
+            cudnn.allow_tf32 = tf32
+        cudnn.benchmark = benchmark
 
 
 class Precision:
@@ -332,7 +361,9 @@ class Precision:
         self._clean.fill_(self.steps_since_overflow)
         saved = LossScale(state.get("loss_scale", LossScale.none.value))
         if saved is not LossScale.none and self.loss_scale is not LossScale.none:
-            self.scaler.load_state_dict(state["scaler"])
+            # A fixed scale is the configured one, whatever scale the checkpoint's run had reached or was given.
+            scaler = state["scaler"] if self._pinned is None else {**state["scaler"], "scale": self._pinned}
+            self.scaler.load_state_dict(scaler)
         elif saved is not LossScale.none:
             log.warning("checkpoint was %s with a loss scale; %s has none, its scale dropped", state.get("name"), self.description)
         elif self.loss_scale is not LossScale.none:

@@ -14,7 +14,7 @@ from torch import nn
 from mprun.data import TensorLoader
 from mprun.loop import TrainerConfig, TrainState, train_epoch, train_step
 from mprun.optim import constant, implementation, prepare
-from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName, resolve
+from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName, process_flags_restored, resolve
 from mprun.progress import Progress
 from mprun.tracking import Tracker
 
@@ -149,6 +149,16 @@ def test_static_scaling_skips_but_never_moves() -> None:
     assert sched.last_epoch == 4
 
 
+@pytest.mark.parametrize("saved", [dict(loss_scale=LossScale.dynamic), dict(loss_scale=LossScale.static, init_scale=8.0)])
+def test_a_resumed_static_scale_is_the_configured_one(saved: dict) -> None:
+    # A dynamic run's reached scale (65536 here), or an old fixed scale, is not what the resumed run asked for.
+    resumed = fp16(loss_scale=LossScale.static, init_scale=128.0)
+    resumed.load_state_dict(fp16(**saved).state_dict())
+    assert resumed.scale_value() == 128.0
+    run_epoch(on_device(nn.Linear(4, 3))[0], resumed, steps=2)
+    assert resumed.scale_value() == 128.0
+
+
 def test_fp16_without_loss_scaling_has_no_scaler() -> None:
     precision = fp16(loss_scale=LossScale.none)
     assert not precision.scaler.is_enabled()
@@ -214,30 +224,40 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
 
 
 def test_auto_is_fp32_on_a_cpu_without_amx(monkeypatch) -> None:
-    monkeypatch.setattr("mprun.precision.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("mprun.precision.cpu_amx_units", set)
     name, why = resolve(PrecisionName.auto, CPU)
     assert name is PrecisionName.fp32 and "CPU" in why
 
 
 def test_auto_is_bf16_on_a_cpu_with_amx(monkeypatch) -> None:
-    monkeypatch.setattr("mprun.precision.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr("mprun.precision.cpu_amx_units", lambda: {"amx_bf16"})
     assert resolve(PrecisionName.auto, CPU)[0] is PrecisionName.bf16
 
 
-def test_half_precision_on_a_slow_cpu_warns(monkeypatch, caplog) -> None:
-    monkeypatch.setattr("mprun.precision.cpu_has_fast_bf16", lambda: False)
-    assert resolve(PrecisionName.bf16, CPU)[0] is PrecisionName.bf16
-    assert "emulation" in caplog.text
+@pytest.mark.parametrize("units,emulated", [(set(), ["bf16", "fp16"]), ({"amx_bf16"}, ["fp16"]),
+                                            ({"amx_bf16", "amx_fp16"}, [])])
+def test_half_precision_the_cpu_has_no_amx_unit_for_warns(monkeypatch, caplog, units: set, emulated: list) -> None:
+    # Sapphire Rapids has AMX-BF16 but no AMX-FP16: fp16 autocast there is emulated like on any other CPU.
+    monkeypatch.setattr("mprun.precision.cpu_amx_units", lambda: units)
+    for name in ("bf16", "fp16"):
+        caplog.clear()
+        assert resolve(PrecisionName(name), CPU)[0] is PrecisionName(name)
+        assert ("emulation" in caplog.text) is (name in emulated)
 
 
+@pytest.mark.parametrize("leftover", ["legacy", "set_float32_matmul_precision"])
 @pytest.mark.parametrize("name,matmul,cudnn", [("fp32", False, False), ("tf32", True, True), ("bf16", False, True)])
-def test_tf32_flags_are_set_every_run(name: str, matmul: bool, cudnn: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = not matmul  # a previous job's leftovers
-    torch.backends.cudnn.allow_tf32 = not cudnn
-    loss_scale = LossScale.none
-    Precision(PrecisionConfig(dtype=PrecisionName(name), loss_scale=loss_scale), DEVICE)
-    assert torch.backends.cuda.matmul.allow_tf32 is matmul
-    assert torch.backends.cudnn.allow_tf32 is cudnn
+def test_tf32_flags_are_set_every_run(name: str, matmul: bool, cudnn: bool, leftover: str) -> None:
+    with process_flags_restored():
+        if leftover == "legacy":  # a previous job's leftovers
+            torch.backends.cuda.matmul.allow_tf32 = not matmul
+        else:  # the caller's own, through the API torch's docs recommend (it sets cuBLAS and oneDNN)
+            torch.set_float32_matmul_precision("highest" if matmul else "high")
+        torch.backends.cudnn.allow_tf32 = not cudnn
+        Precision(PrecisionConfig(dtype=PrecisionName(name), loss_scale=LossScale.none), DEVICE)
+        assert torch.backends.cuda.matmul.allow_tf32 is matmul
+        assert torch.get_float32_matmul_precision() == ("high" if matmul else "highest")  # readable: no mixed state
+        assert torch.backends.cudnn.allow_tf32 is cudnn
 
 
 def test_autocast_dtype_follows_precision() -> None:

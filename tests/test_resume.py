@@ -190,9 +190,9 @@ def test_resuming_a_finished_run_changes_nothing(make_cfg, tmp_path: Path, capsy
     assert [m.value for m in client.get_metric_history(r.info.run_id, "final/val_acc")] == [first["val_acc"]]
 
 
-def test_resuming_from_an_epochs_last_batch_times_no_empty_epoch(make_cfg, tmp_path: Path, caplog) -> None:
+def test_resuming_from_an_epochs_last_batch_times_no_empty_epoch(make_cfg, tmp_path: Path) -> None:
     """A step checkpoint at the epoch's last batch leaves nothing of that epoch to train; the resumed run used to
-    time it anyway: perf/samples_per_s 0, half the time 'waiting for data' and an input-bound warning."""
+    time it anyway: a perf/samples_per_s of 0 at step 22 (and half the time 'waiting for data')."""
     common = ["model=simple_mlp", "trainer.max_epochs=2", "trainer.checkpoint_every_steps=22",  # 22 batches an epoch
               "trainer.checkpoint_every_epochs=0"]
     run(make_cfg(*common, "trainer.max_steps=30", "paths.run_dir=" + str(tmp_path / "part")))
@@ -202,7 +202,8 @@ def test_resuming_from_an_epochs_last_batch_times_no_empty_epoch(make_cfg, tmp_p
     rates = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_metric_history(summary["mlflow_run_id"],
                                                                                           "perf/samples_per_s")
     assert [m.step for m in rates] == [44] and rates[0].value > 0 and summary["samples_per_s"] == rates[0].value
-    assert "input-bound" not in caplog.text
+    # (No assertion on the input-bound warning: this tiny MLP can wait for its in-memory batches >10% of an epoch
+    # on a loaded machine, a true warning, so asserting its absence made this test flaky.)
 
 
 def test_resuming_a_run_deleted_in_mlflow_starts_a_new_one(make_cfg, tmp_path: Path) -> None:

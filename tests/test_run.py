@@ -253,11 +253,30 @@ def test_gradient_accumulation_run(make_cfg) -> None:
     assert summary["steps"] == 2
 
 
-@pytest.mark.parametrize("benchmark", [True, False])
-def test_channels_last_run_sets_cudnn_benchmark_every_time(make_cfg, benchmark: bool) -> None:
-    torch.backends.cudnn.benchmark = not benchmark  # an earlier job's setting (same process) must not leak in
-    run(make_cfg("trainer.channels_last=true", f"trainer.cudnn_benchmark={str(benchmark).lower()}", *SHORT))
-    assert torch.backends.cudnn.benchmark is benchmark
+def math_flags() -> tuple[str, bool, bool]:
+    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+
+
+@pytest.mark.parametrize("precision,benchmark,inside", [("tf32", True, ("high", True, True)),
+                                                        ("fp32", False, ("highest", False, False))])
+def test_a_run_sets_its_math_flags_and_gives_the_caller_back_its_own(make_cfg, monkeypatch, precision: str,
+                                                                      benchmark: bool, inside: tuple) -> None:
+    # Process-global flags: an earlier job's (or the caller's) must not leak into a run, nor the run's out of it.
+    import mprun.experiment
+    seen, fit = [], mprun.experiment.fit
+    monkeypatch.setattr("mprun.experiment.fit", lambda *a, **k: (seen.append(math_flags()), fit(*a, **k))[1])
+    defaults = math_flags()
+    torch.set_float32_matmul_precision("highest" if inside[0] == "high" else "high")
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = not inside[1], not benchmark
+    caller = math_flags()
+    try:
+        run(make_cfg(f"precision={precision}", "trainer.channels_last=true",
+                     f"trainer.cudnn_benchmark={str(benchmark).lower()}", *SHORT))
+        assert seen == [inside]
+        assert math_flags() == caller
+    finally:
+        torch.set_float32_matmul_precision(defaults[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = defaults[1:]
 
 
 def test_compiled_run_checkpoints_the_plain_module_and_collects_statistics(make_cfg, tmp_path: Path) -> None:
