@@ -68,7 +68,8 @@ class PrecisionConfig:
     # A non-finite loss with no scaler to skip the step (fp32, tf32, bf16, fp16 unscaled): stop or skip.
     on_nonfinite: NonFinite = NonFinite.stop
     # Collapse: the dynamic scale at or below the floor, or (any scaler: dynamic, static, on_nonfinite=skip)
-    # more than max_skip_rate of the steps skipped in collapse_patience consecutive log windows.
+    # more than max_skip_rate of the steps skipped in collapse_patience consecutive log windows, or (any precision)
+    # every gradient exactly zero at collapse_patience consecutive log steps while the loss is not: nothing trains.
     min_loss_scale: float = 1.0
     max_skip_rate: float = 0.5
     collapse_patience: int = 3
@@ -101,8 +102,8 @@ class PrecisionConfig:
         )
 
 
-# The settings that change nothing in an fp32 run: the cast and the loss scaler (the skip-rate policy judges skipped
-# steps, which an fp32 baseline has none of). The sweep report compares a job with the fp32 job that differs from
+# The settings that change nothing in an fp32 run: the cast and the loss scaler (the collapse policy judges skipped
+# steps, which an fp32 baseline has none of, and all-zero gradients, which leave no fp32 baseline to compare with). The sweep report compares a job with the fp32 job that differs from
 # it only in these and the precision option; the others (clipping, on_nonfinite, statistics) apply to fp32 too.
 HALF_ONLY = frozenset({"dtype", "loss_scale", "init_scale", "growth_factor", "backoff_factor", "growth_interval",
                        "min_loss_scale", "max_skip_rate", "collapse_patience", "on_collapse", "fp32_modules"})

@@ -173,14 +173,17 @@ def test_nonfinite_skip_policy_skips_the_bad_steps_and_finishes(make_cfg, tmp_pa
 
 
 def _story(make_cfg, tmp_path: Path, precision: str) -> tuple[dict, dict]:
+    # precision.on_collapse=warn as in experiment=loss_scaling: the unscaled job trains on, at chance, to compare.
     summary = run(make_cfg(*UNDERFLOWS, f"precision={precision}", "precision.stats_every_steps=11",
-                           "trainer.max_epochs=4", f"paths.run_dir={tmp_path / precision}", tracking="mlflow"))
+                           "precision.on_collapse=warn", "trainer.max_epochs=4", f"paths.run_dir={tmp_path / precision}",
+                           tracking="mlflow"))
     r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
     return summary, r.data.metrics
 
 
-def test_loss_scaling_story(make_cfg, tmp_path: Path) -> None:
+def test_loss_scaling_story(make_cfg, tmp_path: Path, caplog) -> None:
     unscaled, m_unscaled = _story(make_cfg, tmp_path, "fp16_unscaled")
+    assert caplog.text.count("nothing trains") == 1 and "Without a loss scale fp16 flushes gradients" in caplog.text
     dynamic, m_dynamic = _story(make_cfg, tmp_path, "fp16")
     bf16, _ = _story(make_cfg, tmp_path, "bf16")
     # fp16 without scaling: every first-layer gradient flushes to zero, and the model stays at chance.
@@ -189,6 +192,40 @@ def test_loss_scaling_story(make_cfg, tmp_path: Path) -> None:
     assert m_dynamic["numerics/underflow/1"] < 0.5 and dynamic["val_acc"] > 0.8
     assert bf16["val_acc"] > 0.8  # bf16 has fp32's exponent range: no scaler needed
     assert "grad underflow in fp16" in (tmp_path / "fp16_unscaled" / "numerics" / "stats.md").read_text()
+
+
+@pytest.mark.parametrize("precision,hint", [
+    (["precision=fp16_unscaled"], "Without a loss scale fp16 flushes gradients below 6e-8 to zero: use precision=fp16"),
+    (["precision=fp16_static", "precision.init_scale=1e-4"], "The fixed loss scale 0.0001 does not lift these gradients"),
+])
+def test_gradients_that_all_underflow_stop_the_run_saying_what_to_change(make_cfg, tmp_path: Path, precision, hint) -> None:
+    """Every gradient flushed to zero: the run finished 'ok' at chance accuracy, with no word of it."""
+    with pytest.raises(NumericsError, match=r"step 15: every gradient was exactly zero at each of the last 3 log steps "
+                                            r"while the training loss was 2\.\d+: nothing trains\. " + hint) as stop:
+        run(make_cfg(*UNDERFLOWS, *precision, "trainer.log_every_steps=5", "trainer.max_epochs=2", tracking="mlflow"))
+    assert "trace" not in stop.value.report  # nothing non-finite to trace
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert r.info.status == "FAILED" and "nothing trains" in r.data.tags["diagnosis"]
+
+
+def _window(guard: Guard, step: int, loss: float, norm: float) -> None:
+    guard.check({"train/loss": loss, "train/grad_norm": norm, "amp/loss_scale": 1.0}, nn.Identity(), [], step)
+
+
+def test_zero_gradients_count_in_a_row_while_the_loss_is_not_zero() -> None:
+    fp32 = Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu"))
+    guard = Guard(fp32)
+    for step, (loss, norm) in enumerate([(2.0, 0.0), (2.0, 0.0), (2.0, 1e-3), (2.0, 0.0), (2.0, 0.0)], start=1):
+        _window(guard, step, loss, norm)  # a window with a gradient starts the count again
+    for step in range(6, 10):
+        _window(guard, step, 0.0, 0.0)  # a loss of exactly 0 has nothing left to learn: not a problem
+    _window(guard, 10, 2.0, 0.0)
+    _window(guard, 11, 2.0, 0.0)
+    restored = Guard(fp32)  # the count is in the checkpoint, like collapse_patience's skip windows
+    restored.load_state_dict(guard.state_dict())
+    with pytest.raises(NumericsError, match=r"In fp32 \(fp32's exponent range\) this is not underflow: check that the loss"):
+        _window(restored, 12, 2.0, 0.0)
 
 
 def test_statistics_with_gradient_accumulation(make_cfg, tmp_path: Path) -> None:
