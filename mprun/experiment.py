@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -141,7 +140,8 @@ def summary_dict(result: FitResult, parts: Components, state: TrainState, tracke
         "epochs": state.epoch,
         "steps": state.step,
         "train_time_s": state.train_time_s,  # every segment of a resumed run
-        "epoch_time_s": statistics.median(result.epoch_times) if result.epoch_times else float("nan"),
+        "epoch_time_s": result.epoch_time_s,
+        "timed_epochs": len(result.epoch_times),  # epochs timed in this process; the first is left out when others are
         "wall_time_s": wall_s,
         "device": str(parts.device),
         "mlflow_run_id": tracker.run_id,
@@ -181,7 +181,7 @@ def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None
         "── mprun summary " + "─" * 44,
         *stopped,
         f"val/acc     {s['val_acc']:.4f}   (val/loss {s['val_loss']:.4f})",
-        f"throughput  {s['samples_per_s']:,.0f} samples/s  (median over epochs, first excluded)",
+        _throughput_line(s),
         f"input       waited for data {s['data_wait_frac']:.0%} of training time  ({s['input']})",
         f"peak memory {s['peak_mem_mib']:,.0f} MiB  ({mem})",
         f"precision   {s['precision_detail']}",
@@ -192,6 +192,15 @@ def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None
         *tracker.describe(),
     ]
     print("\n".join(lines), flush=True)
+
+
+def _throughput_line(s: Mapping[str, Any]) -> str:
+    """The summary's throughput line, saying which epochs its median is over."""
+    n = s.get("timed_epochs", 0)
+    if not n:
+        return "throughput  not measured (no epoch was timed in this process)"
+    over = "one epoch, warm-up included" if n == 1 else f"median of {n - 1} epochs, the first (warm-up) left out"
+    return f"throughput  {s['samples_per_s']:,.0f} samples/s  ({over})"
 
 
 def _scale_line(s: Mapping[str, Any]) -> str:

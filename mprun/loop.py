@@ -146,6 +146,7 @@ class FitResult:
     samples_per_s: float = float("nan")
     peak_mem_mib: float = 0.0
     data_wait_frac: float = float("nan")  # share of training time spent waiting for the next batch
+    epoch_time_s: float = float("nan")
     epoch_times: list[float] = field(default_factory=list)
     epoch_rates: list[float] = field(default_factory=list)
     epoch_waits: list[float] = field(default_factory=list)  # data_wait_frac per epoch
@@ -157,9 +158,10 @@ class FitResult:
 INPUT_BOUND = 0.10
 
 
-def _steady(values: list[float]) -> list[float]:
-    """Per-epoch numbers without the first epoch (warm-up: compilation, worker start-up) when there are others."""
-    return values[1:] if len(values) > 1 else values
+def _steady_median(values: list[float]) -> float:
+    """The median of per-epoch numbers without the first epoch (warm-up: compilation, worker start-up) when there
+    are others; NaN (not measured) for none."""
+    return statistics.median(values[1:] if len(values) > 1 else values) if values else float("nan")
 
 
 def finished(state: TrainState, cfg: TrainerConfig) -> bool:
@@ -436,7 +438,8 @@ def fit(
     progress.close()
     # Medians over epochs, leaving out the first (warm-up, compilation) when there are others.
     # No epoch timed in this process (stopped in its first, or resumed with nothing left to train): not measured.
-    result.samples_per_s = statistics.median(_steady(result.epoch_rates)) if result.epoch_rates else float("nan")
-    result.data_wait_frac = statistics.median(_steady(result.epoch_waits)) if result.epoch_waits else float("nan")
+    result.samples_per_s = _steady_median(result.epoch_rates)
+    result.data_wait_frac = _steady_median(result.epoch_waits)
+    result.epoch_time_s = _steady_median(result.epoch_times)
     result.peak_mem_mib = world.max(peak_memory_mib(device))
     return result

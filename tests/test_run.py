@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -367,6 +368,21 @@ def test_a_run_shorter_than_one_log_window_logs_its_training_metrics(make_cfg, t
         assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], key)] == [3], key
     (loss,) = client.get_metric_history(summary["mlflow_run_id"], "train/loss")
     assert loss.value == pytest.approx(summary["train_loss"])  # the window is the whole (partial) epoch
+
+
+@pytest.mark.parametrize("epochs,said", [(1, "(one epoch, warm-up included)"),
+                                         (3, "(median of 2 epochs, the first (warm-up) left out)")])
+def test_per_epoch_speed_figures_share_one_median_and_say_which(make_cfg, tmp_path: Path, capsys, epochs, said) -> None:
+    """final/epoch_time_s used to be the median over every epoch, warm-up included, beside a samples/s without it; and
+    a one-epoch run's summary said its throughput was a median over epochs with the first one excluded."""
+    summary = run(make_cfg("model=simple_mlp", f"trainer.max_epochs={epochs}", tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    history = {key: [m.value for m in client.get_metric_history(summary["mlflow_run_id"], f"perf/{key}")]
+               for key in ("epoch_time_s", "samples_per_s", "data_wait_frac")}
+    for key, values in history.items():
+        assert len(values) == epochs and summary[key] == pytest.approx(statistics.median(values[-(epochs - 1 or 1):])), key
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("throughput")]
+    assert line.endswith(f"samples/s  {said}")
 
 
 def test_step_checkpoint_writes_are_not_timed_as_training(make_cfg, monkeypatch) -> None:
