@@ -296,7 +296,8 @@ def train_epoch(
         if guard is not None:
             guard.after_step(unwrap(model), micro, state.step + 1)
         if stats:
-            tracker.log_metrics(guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {})), state.step + 1)
+            tracker.log_metrics(guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {}), unwrap(model)),
+                                state.step + 1)
         state.step += 1
         state.batch_in_epoch += len(micro)
         state.samples += sum(len(y) for _, y in micro)

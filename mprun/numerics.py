@@ -213,8 +213,10 @@ class Stats:
     """Collected statistics over a run: the latest values per module, for the end-of-run table."""
 
     latest: dict[str, dict[str, float]] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)  # top-level module name -> its class, for the table
 
-    def metrics(self, grads: dict[str, dict[str, float]], acts: dict[str, float]) -> dict[str, float]:
+    def metrics(self, grads: dict[str, dict[str, float]], acts: dict[str, float], model: nn.Module) -> dict[str, float]:
+        self.kinds = self.kinds or {name: type(m).__name__ for name, m in model.named_children()}
         out = {}
         for mod, a in acts.items():  # first: every top-level module, in the order the forward pass ran them
             self.latest.setdefault(mod, {})["act_absmax"] = a
@@ -227,11 +229,11 @@ class Stats:
 
     def table(self) -> str:
         """Markdown: the last measured statistics per module."""
-        rows = ["| module | grad underflow in fp16 | grad overflow in fp16 | max |activation| | vs 65504 |",
+        rows = ["| module | grad underflow in fp16 | grad overflow in fp16 | largest activation (abs) | vs 65504 |",
                 "|---|---|---|---|---|"]
         for mod, v in self.latest.items():
             a, u, o = v.get("act_absmax"), v.get("underflow"), v.get("overflow")  # a module without parameters has no gradients
-            rows.append(f"| {mod} | {'—' if u is None else f'{100 * u:.2f}%'} | {'—' if o is None else f'{100 * o:.4f}%'} | "
+            rows.append(f"| {mod} ({self.kinds.get(mod, '?')}) | {'—' if u is None else f'{100 * u:.2f}%'} | {'—' if o is None else f'{100 * o:.4f}%'} | "
                         f"{'—' if a is None else f'{a:.4g}'} | {'—' if a is None else f'{a / FP16_MAX:.1e}×'} |")
         return "\n".join(rows) + "\n"
 

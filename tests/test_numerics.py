@@ -232,4 +232,8 @@ def test_statistics_with_gradient_accumulation(make_cfg, tmp_path: Path) -> None
     summary = run(make_cfg(*UNDERFLOWS, "precision=fp16", "precision.stats_every_steps=2", "trainer.grad_accum_steps=2",
                            "trainer.max_steps=4", "trainer.max_epochs=1"))
     assert summary["steps"] == 4
-    assert "| 1 |" in (tmp_path / "run" / "numerics" / "stats.md").read_text()  # module names, not a wrapper's
+    table = (tmp_path / "run" / "numerics" / "stats.md").read_text()
+    assert "| 1 (Linear) |" in table  # module names and classes, not a wrapper's
+    # A markdown table: every row has the header's cells (a '|' inside the header's text used to add two).
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 7 and {line.count("|") for line in rows} == {6}  # simple_mlp: 7 top-level modules
