@@ -75,5 +75,9 @@ def main() -> None:
             print(f"mprun: interrupted ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
             sys.exit(128 + signum)
         if isinstance(e, SystemExit) and isinstance(e.__context__, (ConfigCompositionException, OverrideParseException)):
-            sys.exit(2)  # Hydra has said why the command line does not compose: a user's mistake, like mprun's own
+            # Hydra has said why the command line does not compose: a user's mistake, like mprun's own
+            unknown = config.unknown_override(e.__context__)
+            if unknown:  # Hydra's message suggests adding the key with '+', which mprun then rejects: say what is valid
+                print(f"mprun: error: {unknown}", file=sys.stderr, flush=True)
+            sys.exit(2)
         raise

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from mprun import data, loop, models, optim, precision, tracking
 from mprun.errors import ConfigError, first_line
@@ -73,13 +73,32 @@ def register() -> None:
             cs.store(group=f"schema/{group}", name=name, node=node)
 
 
+def _unknown_key(where: str, key: str, allowed: Any) -> str:
+    """'trainer.epochs: unknown key; trainer takes channels_last, ...' (where: 'trainer.', or '' at the top)."""
+    return (f"{where}{key}: unknown key; {where.rstrip('.') or 'the config'} takes "
+            f"{', '.join(sorted(k for k in allowed if not str(k).startswith('_')))}")
+
+
 def _known(keys: Any, allowed: Any, where: str) -> None:
     """Hydra's `+key=value` adds a key even to a schema that has no such field, and OmegaConf.to_object then drops
     it without a word: a typo'd `+trainer.max_epoch=3` ran with the default. Such a key is an error."""
     unknown = [k for k in keys if k not in allowed]
     if unknown:
-        raise ConfigError(f"{where}{unknown[0]}: unknown key; {where.rstrip('.') or 'the config'} takes "
-                          f"{', '.join(sorted(k for k in allowed if not k.startswith('_')))}")
+        raise ConfigError(_unknown_key(where, unknown[0], allowed))
+
+
+def unknown_override(error: BaseException) -> Optional[str]:
+    """For a command line Hydra could not compose because it overrides a key the schema lacks (`trainer.epochs=3`):
+    the key and the keys its group takes. Hydra's own message only suggests `+trainer.epochs=3`, which fails too."""
+    while error is not None and not isinstance(error, OmegaConfBaseException):
+        error = error.__cause__ or error.__context__
+    node, key = getattr(error, "parent_node", None), getattr(error, "full_key", None)
+    if not isinstance(error, (ConfigAttributeError, ConfigKeyError)) or node is None or not key:
+        return None
+    kind = getattr(error, "object_type", None)
+    allowed = kind.__dataclass_fields__ if dataclasses.is_dataclass(kind) else node.keys()
+    where, _, name = key.rpartition(".")
+    return _unknown_key(f"{where}." if where else "", name, allowed)
 
 
 def validate(cfg: DictConfig) -> dict[str, Any]:

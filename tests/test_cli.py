@@ -49,7 +49,10 @@ BAD_INPUTS = [
     (["dataset=cifar10"], ["cifar-10-batches-py", "dataset.download=true"]),
     (["model=vit_b16"], ["vit_base_patch16_224", "dataset=digits"]),
     (["model=timm", "model.name=resnet5O"], ["resnet5O", "resnet50"]),
-    (["trainer.epochs=3"], ["epochs", "TrainerConfig"]),
+    # Hydra suggests '+trainer.epochs=3' (which mprun rejects too): the last line names the keys trainer takes.
+    (["trainer.epochs=3"], ["epochs", "TrainerConfig", "mprun: error: trainer.epochs: unknown key; trainer takes "
+                                                       "channels_last, checkpoint_every_epochs,"]),
+    (["trainr.max_epochs=3"], ["mprun: error: trainr: unknown key; the config takes dataset, model, optimizer,"]),
     (["tracking.uri=http://127.0.0.1:9"], ["127.0.0.1:9", "tracking=none"]),
     (["tracking.uri=localhost:5000"], ["cannot use MLflow tracking store localhost:5000", "tracking=none"]),  # was a traceback
     (["tracking.uri=postgresql://u:p@127.0.0.1:9/db"], ["cannot use MLflow tracking store postgresql://", "tracking=none"]),
