@@ -22,7 +22,8 @@ from typing import Any, Optional
 
 from mprun.errors import first_line
 
-PRECISION_COLORS = {"fp32": "tab:blue", "tf32": "tab:cyan", "fp16": "tab:orange", "bf16": "tab:green"}
+PRECISION_COLORS = {"fp32": "tab:blue", "tf32": "tab:cyan", "fp16": "tab:orange", "fp16_static": "tab:red",
+                    "fp16_unscaled": "tab:purple", "bf16": "tab:green"}
 
 
 @dataclass
@@ -47,6 +48,11 @@ class Row:
     def metric(self, key: str) -> Optional[float]:
         value = self.metrics.get(key)
         return None if value is None else float(value)
+
+    @property
+    def colour(self) -> str:
+        """Its precision option's colour in the plots (auto, or the default, by what it resolved to)."""
+        return PRECISION_COLORS.get(self.requested) or PRECISION_COLORS.get(self.precision, "tab:gray")
 
     @property
     def diverged(self) -> bool:
@@ -246,14 +252,14 @@ def plot(rows: list[Row], out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    groups = list(dict.fromkeys(r.others for r in rows))  # colour says the precision, line style the rest
     styles = ["-", "--", ":", "-."]
+    drawn: dict[str, int] = {}  # colour -> lines drawn in it: colour says the precision option, each line its own style
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in rows:
         if r.loss_curve:
             steps, values = zip(*r.loss_curve)
-            ax.plot(steps, values, label=r.name, color=PRECISION_COLORS.get(r.precision), alpha=0.85,
-                    linestyle=styles[groups.index(r.others) % len(styles)])
+            nth = drawn[r.colour] = drawn.get(r.colour, -1) + 1
+            ax.plot(steps, values, label=r.name, color=r.colour, alpha=0.85, linestyle=styles[nth % len(styles)])
     if ax.lines:
         ax.set(xlabel="optimizer step", ylabel="train loss (log-window mean)", title="Training loss by job", yscale="log")
         ax.legend(fontsize="small")
@@ -275,7 +281,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[str]:
     if done:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.5 * len(done) + 2))
         names = [r.name for r in done]
-        colors = [PRECISION_COLORS.get(r.precision, "tab:gray") for r in done]
+        colors = [r.colour for r in done]
         left.barh(names, [r.metric("final/samples_per_s") for r in done], color=colors)
         left.set(xlabel="samples/s", title="Throughput")
         right.barh(names, [r.metric("final/peak_mem_mib") or 0 for r in done], color=colors)

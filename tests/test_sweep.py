@@ -114,6 +114,22 @@ def _row(num: int, precision: str, status: str = "FINISHED", **metrics: float) -
                       {f"final/{k}": v for k, v in metrics.items()})
 
 
+def test_every_loss_curve_is_drawn_apart(tmp_path: Path, monkeypatch) -> None:
+    """fp16, fp16_static and fp16_unscaled all resolve to fp16: they were drawn in one colour and one line style."""
+    drawn = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.setdefault(path.name, [
+        (line.get_color(), line.get_linestyle()) for line in fig.axes[0].lines]) and path.name)
+    rows = []
+    for num, (option, resolved) in enumerate([("fp16", "fp16"), ("fp16_static", "fp16"), ("fp16_unscaled", "fp16"),
+                                              ("bf16", "bf16"), ("auto", "bf16"), ("fp32", "fp32")]):
+        row = _row(num, resolved)
+        row.requested, row.loss_curve = option, [(1, 2.0), (2, 1.0)]
+        rows.append(row)
+    report.plot(rows, tmp_path)
+    assert len(set(drawn["loss.png"])) == len(rows)
+    assert drawn["loss.png"][4] == ("tab:green", "--")  # auto drawn as what it ran, beside bf16
+
+
 def test_the_baseline_shares_clipping_and_prefers_an_explicit_fp32() -> None:
     """A precision.* override that changes fp32 runs too (clipping) picks the fp32 job with the same value; the
     scaler's settings do not matter; of two fp32 jobs, the one that asked for fp32 beats auto resolved to fp32.
