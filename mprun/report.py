@@ -222,9 +222,16 @@ def notes_for(rows: list[Row]) -> list[str]:
         notes.append("Baseline: the finished fp32 job with the same other overrides (loss-scaler settings aside; one that "
                      "asked for precision=fp32 before one that auto resolved to it). Speedup = samples/s ÷ baseline's; "
                      "mem ratio = peak memory ÷ baseline's.")
-    if any(r.mem_kind == "process_peak_rss" for r in rows):
+    cpu = [r for r in rows if r.mem_kind == "process_peak_rss"]
+    if cpu:
         notes.append("CPU jobs: peak memory is the process's peak resident set during the job (libraries included), "
                      "not tensor memory; only GPU jobs measure tensor memory.")
+    if any(r.precision in ("fp16", "bf16") for r in cpu):
+        notes.append("CPU jobs in fp16/bf16: a CPU without the AMX unit for that dtype emulates it (the run logged a "
+                     "warning if so), so their speed says nothing of a GPU's; measure speed on the GPU you will train on.")
+    if any(r.precision != "fp16" and r.worst_underflow() is not None for r in rows):
+        notes.append("fp16 grad underflow of a job that is not fp16: the share of its gradients that fp16 would flush "
+                     "to zero (what a loss scale is for); bf16 and fp32 keep them, having fp32's exponent range.")
     from mprun.loop import INPUT_BOUND  # the threshold the runs warned at (imports torch: here, not at start-up)
 
     starved = [r.name for r in rows if (r.metric("final/data_wait_frac") or 0) > INPUT_BOUND]

@@ -172,6 +172,16 @@ def test_input_bound_jobs_are_named_in_the_notes() -> None:
     assert len(starved) == 1 and "precision=bf16" in starved[0] and "precision=fp32" not in starved[0]
 
 
+def test_cpu_half_precision_and_hypothetical_underflow_are_explained_in_the_notes() -> None:
+    rows = [_row(0, "fp16"), _row(1, "bf16")]
+    assert not [n for n in report.notes_for(rows) if n.startswith(("CPU jobs in", "fp16 grad underflow"))]
+    for r in rows:
+        r.mem_kind, r.metrics["numerics/underflow/1"] = "process_peak_rss", 1.0  # bf16: 100% "in fp16 terms"
+    notes = report.notes_for(rows)
+    assert [n for n in notes if n.startswith("CPU jobs in fp16/bf16: a CPU without the AMX unit")]
+    assert [n for n in notes if n.startswith("fp16 grad underflow of a job that is not fp16")]
+
+
 def test_diverged_job_is_marked(tmp_path: Path) -> None:
     rows = [_row(0, "fp32", val_acc=0.9, train_loss=0.1, samples_per_s=1.0, peak_mem_mib=1.0),
             _row(1, "fp16", val_acc=0.1, train_loss=float("nan"), samples_per_s=2.0, peak_mem_mib=1.0)]
