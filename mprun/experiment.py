@@ -141,7 +141,7 @@ def summary_dict(result: FitResult, parts: Components, state: TrainState, tracke
         "steps": state.step,
         "train_time_s": state.train_time_s,  # every segment of a resumed run
         "epoch_time_s": result.epoch_time_s,
-        "timed_epochs": len(result.epoch_times),  # epochs timed in this process; the first is left out when others are
+        "timed_epochs": len(result.epoch_rates),  # epochs timed in this process; the first is left out when others are
         "wall_time_s": wall_s,
         "device": str(parts.device),
         "mlflow_run_id": tracker.run_id,
@@ -199,7 +199,8 @@ def _throughput_line(s: Mapping[str, Any]) -> str:
     n = s.get("timed_epochs", 0)
     if not n:
         return "throughput  not measured (no epoch was timed in this process)"
-    over = "one epoch, warm-up included" if n == 1 else f"median of {n - 1} epochs, the first (warm-up) left out"
+    over = {1: "one epoch, warm-up included", 2: "the second epoch; the first (warm-up) left out"}.get(
+        n, f"median of {n - 1} epochs; the first (warm-up) left out")
     return f"throughput  {s['samples_per_s']:,.0f} samples/s  ({over})"
 
 

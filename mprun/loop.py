@@ -296,7 +296,7 @@ def train_epoch(
         if guard is not None:
             guard.after_step(unwrap(model), micro, state.step + 1)
         if stats:
-            tracker.log_metrics(guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {}), unwrap(model)),
+            tracker.log_metrics(guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {}), user_module(model)),
                                 state.step + 1)
         state.step += 1
         state.batch_in_epoch += len(micro)
@@ -313,8 +313,8 @@ def train_epoch(
                 "train/lr": lr,
                 **precision.telemetry(),
             }
-            if norm is not None:
-                metrics["train/grad_norm"] = norm.item()
+            if norm is not None:  # under FSDP a DTensor: the norm over every rank's shards, the same on every rank
+                metrics["train/grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
             tracker.log_metrics(metrics, state.step)
             progress.show({"loss": metrics["train/loss"], "scale": metrics["amp/loss_scale"]})
             state.logged_loss_sum, state.logged_loss_steps = state.epoch_loss_sum, state.epoch_loss_steps
@@ -396,7 +396,7 @@ def fit(
     while not finished(state, cfg):
         running = state.epoch  # the epoch under way (0-based); it stays the count when max_steps ends it midway
         progress.start_epoch(running)
-        before, samples_before = state.train_time_s, state.samples
+        before, samples_before, from_start = state.train_time_s, state.samples, state.batch_in_epoch == 0
         clock_in()
         train_loss = train_epoch(model, train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
                                  stop, timed_checkpoint if checkpoint is not None else None, guard, world)
@@ -410,11 +410,12 @@ def fit(
         trained = state.samples > samples_before
         metrics = {"perf/peak_mem_mib": world.max(peak_memory_mib(device))}  # the fullest rank's
         if trained:
-            result.epoch_times.append(seconds)
             result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
             result.epoch_waits.append(waited / seconds)
-            metrics.update({"perf/epoch_time_s": seconds, "perf/samples_per_s": result.epoch_rates[-1],
-                            "perf/data_wait_frac": result.epoch_waits[-1]})
+            metrics.update({"perf/samples_per_s": result.epoch_rates[-1], "perf/data_wait_frac": result.epoch_waits[-1]})
+            if from_start and state.batch_in_epoch == 0:  # a whole pass: a resumed or max_steps-cut one is no epoch's time
+                result.epoch_times.append(seconds)
+                metrics["perf/epoch_time_s"] = seconds
         result.train_loss = train_loss
         state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
         done = finished(state, cfg)

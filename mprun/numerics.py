@@ -261,7 +261,7 @@ class _Problem(NamedTuple):
     kind: str  # warned once per kind
     action: str  # stop or warn
     text: str  # what happened
-    hint: str  # what to try
+    hint: str  # what to try, after a stop (it may name the NaN tracer's module: none is traced in warn mode)
     nonfinite: bool = True  # made of inf/NaN values: the NaN tracer can say where they came from
 
 
@@ -361,8 +361,8 @@ class Guard:
             scale = metrics.get("amp/loss_scale", 1.0)
             problems.append(_Problem("zero_gradients", cfg.on_collapse.value,
                                      f"every gradient was exactly zero at each of the last {self.zero_grad_windows} log steps "
-                                     f"while the training loss was {metrics['train/loss']:.4g}: nothing trains",
-                                     _zero_gradient_hint(p, scale), nonfinite=False))
+                                     f"while the training loss was {metrics['train/loss']:.4g}: nothing trains."
+                                     f"{_zero_gradient_hint(p, scale).rstrip('.')}", "", nonfinite=False))
         for kind, action, text, hint, nonfinite in problems:
             if action == "stop":
                 report = {"step": step, "diagnosis": text, "metrics": metrics}
@@ -373,4 +373,4 @@ class Guard:
                 raise NumericsError(f"step {step}: {text}." + (f" NaN tracer at step {trace['step']}: {trace['summary']}." if trace else "") + hint, report)
             if kind not in self.warned:  # once per kind
                 self.warned.add(kind)
-                log.warning("step %d: %s (precision.on_collapse=warn: training goes on).%s", step, text, hint)
+                log.warning("step %d: %s (precision.on_collapse=warn: training goes on)", step, text)

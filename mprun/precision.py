@@ -12,7 +12,7 @@ import math
 import platform
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, ContextManager, Iterable, Iterator, List, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -118,9 +118,10 @@ def cpu_amx_units() -> set[str]:
         return set()
     try:
         with open("/proc/cpuinfo") as f:
-            return {unit for unit in ("amx_bf16", "amx_fp16") if unit in f.read()}
+            flags = f.read()
     except OSError:
         return set()
+    return {unit for unit in ("amx_bf16", "amx_fp16") if unit in flags}
 
 
 def resolve(requested: PrecisionName, device: torch.device) -> tuple[PrecisionName, str]:
@@ -178,20 +179,33 @@ def _readable(flag: Callable[[], object]) -> object:
         return None
 
 
+def _precision_knobs() -> list[Any]:
+    """torch >= 2.9's per-backend TF32 settings (`.fp32_precision`) that the run's flags touch; [] before 2.9."""
+    b = torch.backends
+    knobs = [b.cuda.matmul, b.mkldnn.matmul, b.cudnn.conv, b.cudnn.rnn]
+    return knobs if all(hasattr(k, "fp32_precision") for k in knobs) else []
+
+
 @contextlib.contextmanager
 def process_flags_restored() -> Iterator[None]:
     """Around a run: put back the process-global math flags it sets (TF32 for matmuls and cuDNN, cuDNN autotuning),
-    so a caller's later work (a notebook, the next job of a joblib worker) runs as it did before the run. A flag torch
-    cannot read (mixed legacy and new TF32 APIs) is left at the run's setting, which torch can read."""
-    cudnn = torch.backends.cudnn
+    so a caller's later work (a notebook, the next job of a joblib worker) runs as it did before the run.
+
+    Restored through the APIs the run sets them with, then each backend's own setting (torch >= 2.9), which those
+    APIs set more widely (set_float32_matmul_precision sets oneDNN's too). A flag torch cannot read through its
+    legacy API (a caller mixed the legacy and new TF32 APIs) is put back through the per-backend setting alone."""
+    cudnn, knobs = torch.backends.cudnn, _precision_knobs()
     matmul, tf32, benchmark = _readable(torch.get_float32_matmul_precision), _readable(lambda: cudnn.allow_tf32), cudnn.benchmark
+    per_backend = [k.fp32_precision for k in knobs]
     try:
         yield
     finally:
         if matmul is not None:
-            torch.set_float32_matmul_precision(matmul)
+            torch.set_float32_matmul_precision(matmul)  # it also sets torch.backends.cuda.matmul.allow_tf32
         if tf32 is not None:
             cudnn.allow_tf32 = tf32
+        for knob, value in zip(knobs, per_backend):
+            knob.fp32_precision = value
         cudnn.benchmark = benchmark
 
 

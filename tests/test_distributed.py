@@ -53,6 +53,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(
     assert _history(client, "ddp x2", "val/acc") == _history(client, "single x1", "val/acc")
     # fp16 statistics name the user's modules, not DDP's wrapper ("module")
     assert len(_history(client, "ddp x2", "numerics/underflow/1")) == 2 and not _history(client, "ddp x2", "numerics/underflow/module")
+    assert "| 1 (Linear) |" in (runs / "outputs" / "ddp" / "numerics" / "stats.md").read_text()  # was '| 1 (?) |'
     assert _history(client, "ddp x2", "val/loss") == pytest.approx(_history(client, "single x1", "val/loss"), abs=1e-5)
 
 

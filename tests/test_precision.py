@@ -260,6 +260,55 @@ def test_tf32_flags_are_set_every_run(name: str, matmul: bool, cudnn: bool, left
         assert torch.backends.cudnn.allow_tf32 is cudnn
 
 
+def _tf32_state() -> tuple:
+    """Every TF32 setting a caller could look at: the legacy flags (None where torch refuses to read them) and, on
+    torch >= 2.9, each backend's own."""
+    def read(flag):
+        try:
+            return flag()
+        except RuntimeError:  # torch's answer to a mix of its legacy and new TF32 APIs
+            return None
+    b = torch.backends
+    legacy = (read(torch.get_float32_matmul_precision), read(lambda: b.cuda.matmul.allow_tf32), read(lambda: b.cudnn.allow_tf32))
+    return legacy + tuple(getattr(k, "fp32_precision", None) for k in (b.cuda.matmul, b.mkldnn.matmul, b.cudnn.conv, b.cudnn.rnn))
+
+
+@pytest.mark.parametrize("caller", ["legacy", "set_float32_matmul_precision", "per_backend"])
+@pytest.mark.parametrize("name", ["fp32", "tf32", "bf16"])
+def test_a_run_puts_back_the_callers_tf32_settings_as_set(caller: str, name: str) -> None:
+    """A caller's legacy allow_tf32=True came back with oneDNN set to tf32 too; a caller's per-backend
+    cuda.matmul.fp32_precision='tf32' came back as 'ieee'."""
+    b = torch.backends
+    if caller == "per_backend" and not hasattr(b.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no per-backend TF32 settings")
+    with process_flags_restored():  # this test's own changes do not outlive it
+        if caller == "legacy":
+            b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = True, False
+        elif caller == "set_float32_matmul_precision":
+            torch.set_float32_matmul_precision("high")
+        else:
+            b.cuda.matmul.fp32_precision = "tf32"
+        before = _tf32_state()
+        with process_flags_restored():
+            Precision(PrecisionConfig(dtype=PrecisionName(name), loss_scale=LossScale.none), DEVICE)
+        after = _tf32_state()
+        # Each backend's setting as the caller left it; a legacy flag the caller could read reads the same (one torch
+        # could not read, after a mix of its APIs, may read again).
+        assert after[3:] == before[3:]
+        assert [a for a, b in zip(after[:3], before[:3]) if b is not None] == [b for b in before[:3] if b is not None]
+
+
+def test_the_cpus_amx_units_are_read_from_its_flags(monkeypatch) -> None:
+    import io
+
+    import mprun.precision
+
+    monkeypatch.setattr(mprun.precision.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(mprun.precision, "open", lambda *a, **k: io.StringIO("flags : fpu amx_bf16 amx_tile amx_fp16\n"),
+                        raising=False)
+    assert mprun.precision.cpu_amx_units() == {"amx_bf16", "amx_fp16"}  # the file used to be read once per unit
+
+
 def test_autocast_dtype_follows_precision() -> None:
     model, x = on_device(nn.Linear(4, 4), torch.randn(2, 4))
     with fp16().autocast():

@@ -371,7 +371,8 @@ def test_a_run_shorter_than_one_log_window_logs_its_training_metrics(make_cfg, t
 
 
 @pytest.mark.parametrize("epochs,said", [(1, "(one epoch, warm-up included)"),
-                                         (3, "(median of 2 epochs, the first (warm-up) left out)")])
+                                         (2, "(the second epoch; the first (warm-up) left out)"),
+                                         (3, "(median of 2 epochs; the first (warm-up) left out)")])
 def test_per_epoch_speed_figures_share_one_median_and_say_which(make_cfg, tmp_path: Path, capsys, epochs, said) -> None:
     """final/epoch_time_s used to be the median over every epoch, warm-up included, beside a samples/s without it; and
     a one-epoch run's summary said its throughput was a median over epochs with the first one excluded."""
@@ -383,6 +384,15 @@ def test_per_epoch_speed_figures_share_one_median_and_say_which(make_cfg, tmp_pa
         assert len(values) == epochs and summary[key] == pytest.approx(statistics.median(values[-(epochs - 1 or 1):])), key
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("throughput")]
     assert line.endswith(f"samples/s  {said}")
+
+
+def test_an_epoch_cut_short_by_max_steps_has_a_rate_but_no_epoch_time(make_cfg, tmp_path: Path) -> None:
+    """max_steps=30 at 22 batches an epoch: the 8-batch second pass became final/epoch_time_s."""
+    summary = run(make_cfg("model=simple_mlp", "trainer.max_epochs=2", "trainer.max_steps=30", tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    times, rates = (client.get_metric_history(summary["mlflow_run_id"], f"perf/{k}") for k in ("epoch_time_s", "samples_per_s"))
+    assert [m.step for m in times] == [22] and [m.step for m in rates] == [22, 30]
+    assert summary["epoch_time_s"] == times[0].value and summary["timed_epochs"] == 2
 
 
 def test_step_checkpoint_writes_are_not_timed_as_training(make_cfg, monkeypatch) -> None:
