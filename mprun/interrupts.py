@@ -77,5 +77,9 @@ def deferred_signals() -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
         for signum in dict.fromkeys(arrived):
-            signal.raise_signal(signum)
+            handler = previous[signum]
+            if callable(handler):  # called here, in this frame: a re-raised signal's handler could run inside a
+                handler(signum, None)  # garbage-collection finaliser, which swallows its KeyboardInterrupt
+            elif handler != signal.SIG_IGN:
+                signal.raise_signal(signum)  # the default action: the process ends
 

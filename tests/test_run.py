@@ -289,8 +289,9 @@ def test_compiled_run_checkpoints_the_plain_module_and_collects_statistics(make_
     # top-level module has its activation maximum, and those with parameters their gradient figures.
     table = (tmp_path / "run" / "numerics" / "stats.md").read_text().splitlines()
     rows = {r[0]: r[1:] for r in ([c.strip() for c in line.split("|")[1:-1]] for line in table if line.startswith("| ")) if r[0] != "module"}
-    assert list(rows) == ["0", "1", "2", "3", "4", "5"] and all(r[2] != "—" for r in rows.values())  # Flatten, 2x(Linear, ReLU), Linear
-    assert rows["1"][0].endswith("%") and rows["0"][0] == "—"  # the Flatten has no parameters, so no gradients
+    assert list(rows) == ["0 (Flatten)", "1 (Linear)", "2 (ReLU)", "3 (Linear)", "4 (ReLU)", "5 (Linear)"]
+    assert all(r[2] != "—" for r in rows.values())
+    assert rows["1 (Linear)"][0].endswith("%") and rows["0 (Flatten)"][0] == "—"  # no parameters, so no gradients
 
 
 def test_final_checkpoint_contents(make_cfg, tmp_path: Path) -> None:
