@@ -147,26 +147,31 @@ def test_a_second_signal_unwinds_with_its_own_exit_code(monkeypatch) -> None:
     assert end.value.code == 143
 
 
-def test_signals_wait_for_the_store_to_be_whole(tmp_path: Path, monkeypatch) -> None:
+def test_signals_wait_for_the_store_to_be_whole(tmp_path: Path) -> None:
     """A new sqlite store gets its tables in several migrations; a Ctrl-C in between left a store every later run
-    failed on. A signal while the tracker opens the store reaches its handler once the store is whole."""
-    import os
-
-    from mprun.tracking import MlflowTracker
-
-    experiment = MlflowTracker._experiment
-
-    def interrupted(self, name):
-        os.kill(os.getpid(), signal.SIGINT)  # arrives while the store is being set up
-        time.sleep(0.05)
-        return experiment(self, name)
-
-    monkeypatch.setattr(MlflowTracker, "_experiment", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        MlflowTracker(str(tmp_path), None, "mprun", None, False)
-    monkeypatch.undo()
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    failed on. A signal while the tracker opens the store reaches its handler once the store is whole.
+    In a fresh interpreter: signal handling is process state, which earlier in-process tests can leave changed
+    (in a full run it failed where it passed alone)."""
+    script = f"""
+import os, signal, time
+from mlflow import MlflowClient
+from mprun.tracking import MlflowTracker
+experiment = MlflowTracker._experiment
+def interrupted(self, name):
+    os.kill(os.getpid(), signal.SIGINT)  # arrives while the store is being set up
+    time.sleep(0.05)
+    return experiment(self, name)
+MlflowTracker._experiment = interrupted
+try:
+    MlflowTracker({str(tmp_path)!r}, None, "mprun", None, False)
+except KeyboardInterrupt:
+    MlflowTracker._experiment = experiment
+    client = MlflowClient("sqlite:///{tmp_path}/mlflow.db")
     assert client.get_experiment_by_name("mprun") is not None  # the set-up ran to its end before the signal
+    print("interrupted after set-up")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "interrupted after set-up" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_unnamed_runs_get_distinct_names_and_run_name_prefixes_a_sweeps(tmp_path: Path) -> None:
