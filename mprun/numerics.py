@@ -233,8 +233,8 @@ class Stats:
                 "|---|---|---|---|---|"]
         for mod, v in self.latest.items():
             a, u, o = v.get("act_absmax"), v.get("underflow"), v.get("overflow")  # a module without parameters has no gradients
-            rows.append(f"| {mod} ({self.kinds.get(mod, '?')}) | {'—' if u is None else f'{100 * u:.2f}%'} | {'—' if o is None else f'{100 * o:.4f}%'} | "
-                        f"{'—' if a is None else f'{a:.4g}'} | {'—' if a is None else f'{a / FP16_MAX:.1e}×'} |")
+            rows.append(f"| {mod} ({self.kinds.get(mod, '?')}) | {'—' if u is None else f'{100 * u:.2f}%'} | "
+                        f"{'—' if o is None else f'{100 * o:.4f}%'} | {'—' if a is None else f'{a:.4g}'} | {'—' if a is None else f'{a / FP16_MAX:.1e}×'} |")
         return "\n".join(rows) + "\n"
 
 
@@ -260,23 +260,22 @@ _STOP_HINT = {
 class _Problem(NamedTuple):
     kind: str  # warned once per kind
     action: str  # stop or warn
-    text: str  # what happened
-    hint: str  # what to try, after a stop (it may name the NaN tracer's module: none is traced in warn mode)
-    nonfinite: bool = True  # made of inf/NaN values: the NaN tracer can say where they came from
+    text: str  # what happened (and, where its remedy is its own, what to try)
+    nonfinite: bool = True  # made of inf/NaN values: traced, and a stop ends with the precision's remedies for those
 
 
 def _zero_gradient_hint(p: Any, scale: float) -> str:
     """What to try when no gradient reaches the parameters, by the precision and loss scale the run used."""
     if p.name.value != "fp16":
         return (f" In {p.name.value} (fp32's exponent range) this is not underflow: check that the loss depends on the "
-                "parameters (a detached tensor, dead ReLUs).")
+                "parameters (a detached tensor, dead ReLUs)")
     return {
         "none": " Without a loss scale fp16 flushes gradients below 6e-8 to zero: use precision=fp16 (dynamic loss scale) "
-                "or bf16.",
+                "or bf16",
         "static": f" The fixed loss scale {scale:g} does not lift these gradients into fp16's range: raise "
-                  "precision.init_scale, or use precision=fp16 (dynamic loss scale), or bf16.",
+                  "precision.init_scale, or use precision=fp16 (dynamic loss scale), or bf16",
         "dynamic": f" The dynamic loss scale ({scale:g}) grows only after precision.growth_interval clean steps: a higher "
-                   "precision.init_scale lifts these gradients sooner; bf16 needs no scale.",
+                   "precision.init_scale lifts these gradients sooner; bf16 needs no scale",
     }[p.loss_scale.value]
 
 
@@ -298,7 +297,8 @@ class Guard:
     def state_dict(self) -> dict[str, Any]:
         """What the policy has seen so far, for checkpoints: a resumed run keeps counting toward collapse_patience,
         warns no twice, and traces no more than trace_nonfinite allows."""
-        return {"high_skip_windows": self.high_skip_windows, "zero_grad_windows": self.zero_grad_windows, "warned": sorted(self.warned), "traces": self.traces}
+        return {"high_skip_windows": self.high_skip_windows, "zero_grad_windows": self.zero_grad_windows,
+                "warned": sorted(self.warned), "traces": self.traces}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.high_skip_windows = int(state.get("high_skip_windows", 0))
@@ -337,23 +337,22 @@ class Guard:
     def check(self, metrics: dict[str, float], model: nn.Module, batches: list[Batch], step: int) -> None:
         """Apply the policy to one log window's metrics."""
         p, cfg = self.precision, self.cfg
-        hint = _STOP_HINT.get(p.name.value, _STOP_HINT["fp32"])
         problems: list[_Problem] = []
         if not p.scaler.is_enabled() and not math.isfinite(metrics["train/loss"]):
             problems.append(_Problem("nonfinite_loss", "stop", f"non-finite training loss ({metrics['train/loss']}) in "
-                                     f"{p.description}, which has no loss scaler to skip such steps", hint))
+                                     f"{p.description}, which has no loss scaler to skip such steps"))
         if p.scaler.is_enabled():  # dynamic, static, or skip mode's scale pinned at 1.0: steps can be skipped
             scale, rate = metrics["amp/loss_scale"], metrics["amp/skip_rate"]
             self.high_skip_windows = self.high_skip_windows + 1 if rate > cfg.max_skip_rate else 0
             if p.dynamic_scaling and scale <= cfg.min_loss_scale:
                 problems.append(_Problem("scale_floor", cfg.on_collapse.value,
                                          f"loss scale collapsed to {scale:g} (floor precision.min_loss_scale={cfg.min_loss_scale:g}) "
-                                         f"after {metrics['amp/skipped_steps']:.0f} skipped steps", hint))
+                                         f"after {metrics['amp/skipped_steps']:.0f} skipped steps"))
             elif self.high_skip_windows >= cfg.collapse_patience:
                 problems.append(_Problem("skip_rate", cfg.on_collapse.value,
                                          f"over {cfg.max_skip_rate:.0%} of steps skipped in each of the last {self.high_skip_windows} "
                                          f"log windows ({rate:.0%} in the latest; precision.max_skip_rate={cfg.max_skip_rate:g}); "
-                                         f"loss scale {scale:g}{_FIXED_SCALE.get(p.loss_scale.value, '')}", hint))
+                                         f"loss scale {scale:g}{_FIXED_SCALE.get(p.loss_scale.value, '')}"))
         # Gradients all exactly zero while the loss is not: nothing trains (in fp16, typically underflow).
         zero = metrics.get("train/grad_norm") == 0.0 and metrics["train/loss"] > 0
         self.zero_grad_windows = self.zero_grad_windows + 1 if zero else 0
@@ -361,15 +360,16 @@ class Guard:
             scale = metrics.get("amp/loss_scale", 1.0)
             problems.append(_Problem("zero_gradients", cfg.on_collapse.value,
                                      f"every gradient was exactly zero at each of the last {self.zero_grad_windows} log steps "
-                                     f"while the training loss was {metrics['train/loss']:.4g}: nothing trains."
-                                     f"{_zero_gradient_hint(p, scale).rstrip('.')}", "", nonfinite=False))
-        for kind, action, text, hint, nonfinite in problems:
+                                     f"while the training loss was {metrics['train/loss']:.4g}: nothing trains." + _zero_gradient_hint(p, scale),
+                                     nonfinite=False))
+        for kind, action, text, nonfinite in problems:
             if action == "stop":
                 report = {"step": step, "diagnosis": text, "metrics": metrics}
                 # The NaN tracer names where inf/NaN first appeared: for problems made of non-finite values only.
                 trace = (self._trace(model, batches, step, text) or (self.traces[-1] if self.traces else None)) if nonfinite else None
                 if trace:
                     report["trace"] = trace
+                hint = _STOP_HINT.get(p.name.value, _STOP_HINT["fp32"]) if nonfinite else ""
                 raise NumericsError(f"step {step}: {text}." + (f" NaN tracer at step {trace['step']}: {trace['summary']}." if trace else "") + hint, report)
             if kind not in self.warned:  # once per kind
                 self.warned.add(kind)

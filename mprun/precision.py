@@ -103,8 +103,9 @@ class PrecisionConfig:
 
 
 # The settings that change nothing in an fp32 run: the cast and the loss scaler (the collapse policy judges skipped
-# steps, which an fp32 baseline has none of, and all-zero gradients, which leave no fp32 baseline to compare with). The sweep report compares a job with the fp32 job that differs from
-# it only in these and the precision option; the others (clipping, on_nonfinite, statistics) apply to fp32 too.
+# steps, which an fp32 baseline has none of, and all-zero gradients, which leave no fp32 baseline to compare with).
+# The sweep report compares a job with the fp32 job that differs from it only in these and the precision option;
+# the others (clipping, on_nonfinite, statistics) apply to fp32 too.
 HALF_ONLY = frozenset({"dtype", "loss_scale", "init_scale", "growth_factor", "backoff_factor", "growth_interval",
                        "min_loss_scale", "max_skip_rate", "collapse_patience", "on_collapse", "fp32_modules"})
 
