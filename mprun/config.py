@@ -48,29 +48,38 @@ class Config:
     paths: PathsConfig = MISSING
 
 
-# group -> {schema name: dataclass}. YAML options extend one with `- /schema/<group>/<name>@_here_`.
-SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"simple_mlp": models.SimpleMLPConfig, "simple_cnn": models.SimpleCNNConfig,
-              "timm": models.TimmModelConfig, "torchvision": models.TorchvisionModelConfig},
-    "dataset": {"digits": data.DigitsConfig, "synthetic": data.SyntheticConfig,
-                "torchvision": data.VisionConfig, "imagefolder": data.ImageFolderConfig},
-    "optimizer": {"sgd": optim.SGDConfig, "adam": optim.AdamConfig, "adamw": optim.AdamWConfig},
-    "scheduler": {"none": optim.ConstantConfig, "cosine": optim.CosineConfig,
-                  "step": optim.StepConfig, "onecycle": optim.OneCycleConfig},
-    "precision": {"precision": precision.PrecisionConfig},
-    "trainer": {"trainer": loop.TrainerConfig},
-    "tracking": {"mlflow": tracking.MlflowConfig, "none": tracking.NoTrackingConfig},
-    "paths": {"paths": PathsConfig},
+# Schemas are root configs, not config groups: a group is a choice on the command line, and --help lists every
+# group's options. A YAML option extends one with `- /<name>@_here_`, e.g. `- /model_simple_cnn_schema@_here_`.
+SCHEMAS: dict[str, type] = {
+    "config_schema": Config,
+    "model_simple_mlp_schema": models.SimpleMLPConfig,
+    "model_simple_cnn_schema": models.SimpleCNNConfig,
+    "model_timm_schema": models.TimmModelConfig,
+    "model_torchvision_schema": models.TorchvisionModelConfig,
+    "dataset_digits_schema": data.DigitsConfig,
+    "dataset_synthetic_schema": data.SyntheticConfig,
+    "dataset_torchvision_schema": data.VisionConfig,
+    "dataset_imagefolder_schema": data.ImageFolderConfig,
+    "optimizer_sgd_schema": optim.SGDConfig,
+    "optimizer_adam_schema": optim.AdamConfig,
+    "optimizer_adamw_schema": optim.AdamWConfig,
+    "scheduler_none_schema": optim.ConstantConfig,
+    "scheduler_cosine_schema": optim.CosineConfig,
+    "scheduler_step_schema": optim.StepConfig,
+    "scheduler_onecycle_schema": optim.OneCycleConfig,
+    "precision_schema": precision.PrecisionConfig,
+    "trainer_schema": loop.TrainerConfig,
+    "tracking_mlflow_schema": tracking.MlflowConfig,
+    "tracking_none_schema": tracking.NoTrackingConfig,
+    "paths_schema": PathsConfig,
 }
 
 
 def register() -> None:
     """Put every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    for group, schemas in SCHEMAS.items():
-        for name, node in schemas.items():
-            cs.store(group=f"schema/{group}", name=name, node=node)
+    for name, node in SCHEMAS.items():
+        cs.store(name=name, node=node)
 
 
 def _unknown_key(where: str, key: str, allowed: Any) -> str:

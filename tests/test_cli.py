@@ -38,6 +38,18 @@ def test_default_run_reaches_095(tmp_path: Path) -> None:
     print(f"default run: {wall:.1f} s wall, val_acc {summary['val_acc']:.4f}")
 
 
+def test_help_lists_the_groups_a_user_can_choose_and_how_to_run(tmp_path: Path) -> None:
+    """--help's group list is the choices of conf/ (the schemas, which no one picks, used to be listed as
+    `schema/model: ...` groups beside them); its header and footer say how to run mprun."""
+    proc = run_cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in groups.splitlines()[2:] if line}
+    conf = Path(__file__).parents[1] / "conf"
+    assert listed == {d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in conf.iterdir() if d.is_dir() and d.name != "hydra"}
+    assert proc.stdout.startswith("mprun: ") and "python -m mprun -m precision=fp32,fp16,bf16" in proc.stdout
+
+
 BAD_INPUTS = [
     (["precision=fp17"], ["precision/fp17", "fp16_static", "bf16"]),
     (["trainer.max_epochs=abc"], ["trainer.max_epochs", "abc"]),
