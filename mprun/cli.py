@@ -7,6 +7,7 @@ import time
 STARTED = time.perf_counter()  # wall time in the summary counts from here: imports included
 
 import logging  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -74,6 +75,9 @@ def main() -> None:
             signum = getattr(e, "signum", signal.SIGINT)  # interrupts.StopNow says which signal it was
             print(f"mprun: interrupted ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
             sys.exit(128 + signum)
+        if isinstance(e, BrokenPipeError):  # `mprun --help | head`: the reader has gone, as under SIGPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush has nowhere to fail
+            sys.exit(128 + signal.SIGPIPE)
         if isinstance(e, SystemExit) and isinstance(e.__context__, (ConfigCompositionException, OverrideParseException)):
             # Hydra has said why the command line does not compose: a user's mistake, like mprun's own
             unknown = config.unknown_override(e.__context__)

@@ -50,6 +50,33 @@ def test_help_lists_the_groups_a_user_can_choose_and_how_to_run(tmp_path: Path) 
     assert proc.stdout.startswith("mprun: ") and "python -m mprun -m precision=fp32,fp16,bf16" in proc.stdout
 
 
+def test_help_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """`mprun --help | head -1`: the reader is gone by the time the help is printed, which was a BrokenPipeError
+    traceback; now the exit code of a process SIGPIPE ended (141) and nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "mprun", "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the imports are done, so the help's print always finds the pipe closed
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert proc.stderr.read() == ""
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path: Path) -> None:
+    """The imports take seconds, and a Ctrl-C in them printed a traceback from inside torch. The interrupt is made
+    to land in the import deterministically: a finder raises it when mprun.cli is looked up."""
+    script = """
+import sys
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mprun.cli":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+from mprun.__main__ import main
+main()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (130, "mprun: interrupted (SIGINT)\n")
+
+
 BAD_INPUTS = [
     (["precision=fp17"], ["precision/fp17", "fp16_static", "bf16"]),
     (["trainer.max_epochs=abc"], ["trainer.max_epochs", "abc"]),
