@@ -18,6 +18,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from mprun import config, sweep  # noqa: E402
 from mprun.errors import ConfigError, NumericsError  # noqa: E402
+from mprun.interrupts import GracefulStop, StopNow  # noqa: E402
 from mprun.tracking import TrackingLost  # noqa: E402
 
 log = logging.getLogger("mprun")
@@ -54,16 +55,19 @@ def _main(cfg: DictConfig) -> float:
     return summary["val_acc"]
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _stop(signum: int, frame: object) -> None:
+    raise StopNow(signum)
 
 
 def main() -> None:
     """Console-script entry point."""
-    # SIGTERM (a scheduler's stop) unwinds like Ctrl-C where no training is under way to stop gracefully (set-up,
-    # between sweep jobs, the report): by default it ends the process at once, leaving a sweep's parent run
-    # RUNNING. While a job trains, interrupts.GracefulStop handles it (and puts this handler back after).
-    signal.signal(signal.SIGTERM, _terminate)
+    # Where no training is under way to stop gracefully (set-up, between sweep jobs, the report), SIGINT and SIGTERM
+    # unwind at once as an interrupt; while a job trains, interrupts.GracefulStop handles them (and puts this back
+    # after). By default SIGTERM (a scheduler's stop) would end the process on the spot, leaving a sweep's parent
+    # run RUNNING, and a job a script started in the background inherits SIGINT ignored, which training does not
+    # honour either.
+    for s in GracefulStop.SIGNALS:
+        signal.signal(s, _stop)
     try:
         _main()
     except BaseException as e:
@@ -71,7 +75,7 @@ def main() -> None:
         # value) or an exit (Ctrl-C, SIGTERM); on_multirun_end then never runs, so the parent is closed here.
         code = e.code if isinstance(e, SystemExit) else None
         sweep.close_active(interrupted=isinstance(e, KeyboardInterrupt) or code in (130, 143), completed=False)
-        if isinstance(e, KeyboardInterrupt):  # Ctrl-C outside training, or a second signal: no traceback
+        if isinstance(e, KeyboardInterrupt):  # a signal outside training, or a second one: no traceback
             signum = getattr(e, "signum", signal.SIGINT)  # interrupts.StopNow says which signal it was
             print(f"mprun: interrupted ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
             sys.exit(128 + signum)

@@ -18,8 +18,9 @@ log = logging.getLogger("mprun")
 
 
 class StopNow(KeyboardInterrupt):
-    """A second stop signal: unwind at once (still closing the run KILLED). It carries the signal, so the process
-    exits 128+signal whichever it was (143 for SIGTERM, not Ctrl-C's 130)."""
+    """A stop signal that unwinds at once (a run open is still closed KILLED): a second one during training, or any
+    outside it (cli.main). It carries the signal, so the process exits 128+signal whichever it was (143 for
+    SIGTERM, not Ctrl-C's 130)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
