@@ -168,14 +168,17 @@ def json_text(obj: Any) -> str:
     return json.dumps(strict(obj), indent=2, default=str, allow_nan=False)
 
 
-def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker) -> None:
+def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Optional[JobInfo]) -> None:
     """Human-readable closing block on stdout."""
     mem = "GPU tensors, peak allocated" if s["peak_mem_kind"] == "cuda_max_allocated" else "process peak RSS"
     stopped = []
     if s.get("interrupted"):  # numbers not measured before the stop (NaN) are printed as such
+        # A sweep job continues with its sweep: the sweep command with trainer.resume=<this job's dir> would
+        # resume every job of the sweep from this one's checkpoint.
+        again = (f"launch the sweep again into its directory: the same command with hydra.sweep.dir={job.sweep_dir} "
+                 "trainer.resume=auto" if job else f"run the same command with trainer.resume={run_dir}")
         stopped = [f"stopped     by {signal.Signals(s['interrupted']).name} after step {s['steps']}, before the end: "
-                   f"{run_dir / 'checkpoints' / 'interrupted.pt'}; to continue, run the same command with "
-                   f"trainer.resume={run_dir}"]
+                   f"{run_dir / 'checkpoints' / 'interrupted.pt'}; to continue, {again}"]
     lines = [
         "",
         "── mprun summary " + "─" * 44,
@@ -293,11 +296,12 @@ def _track_and_train(cfg: DictConfig, checked: dict[str, Any], parts: Components
     with GracefulStop() as stop:
         if not (previous_run and tracker.resume(previous_run, state.step)):
             tracker.start(flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), tags, job.name if job else None)
-        return _train_and_close(cfg, checked, parts, tracker, run_dir, state, guard, stop, started)
+        return _train_and_close(cfg, checked, parts, tracker, run_dir, state, guard, stop, started, job)
 
 
 def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components, tracker: Tracker, run_dir: Path,
-                     state: TrainState, guard: numerics.Guard, stop: GracefulStop, started: float) -> dict[str, Any]:
+                     state: TrainState, guard: numerics.Guard, stop: GracefulStop, started: float,
+                     job: Optional[JobInfo]) -> dict[str, Any]:
     """Fit, checkpoint and log artifacts; always close the tracking run with the right status."""
     status = "FAILED"
     trainer = checked["trainer"]
@@ -354,7 +358,7 @@ def _train_and_close(cfg: DictConfig, checked: dict[str, Any], parts: Components
     finally:
         tracker.end(status)
     if main:
-        print_summary(summary, run_dir, tracker)
+        print_summary(summary, run_dir, tracker, job)
     # A signal that came once training was complete (during its last step, its evaluation or the recording) left
     # the run finished, but the process still stops with it: a sweep starts no further job.
     return {**summary, "stop_signal": result.interrupted or stop.signum}

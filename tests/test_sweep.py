@@ -302,6 +302,10 @@ def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> Non
     assert parent.info.status == "KILLED"
     assert [c.info.status for c in children] == ["KILLED"]  # the second job never started
     assert "The sweep was interrupted: jobs it had not started are not listed" in out  # "1 of 1 jobs" said no more
+    # The stopped job's summary says how to continue: the sweep, not `trainer.resume=<job dir>`, which would resume
+    # every job of the sweep from this one's checkpoint.
+    assert (f"to continue, launch the sweep again into its directory: the same command with "
+            f"hydra.sweep.dir={parent.data.tags['mprun.sweep_dir']} trainer.resume=auto") in out
 
 
 def test_submitit_local_launcher_runs_the_sweep(tmp_path: Path) -> None:
