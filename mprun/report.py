@@ -216,8 +216,10 @@ def notes_for(rows: list[Row]) -> list[str]:
     if not rows:
         notes.append("No jobs recorded under this parent run.")
     elif not any(r.baseline for r in rows):
-        notes.append("No finished fp32 job to compare with: Δ acc, speedup and memory ratio are not computed. "
-                     "Add precision=fp32 to the sweep for a baseline.")
+        unfinished = [r for r in rows if r.precision == "fp32" and r.status != "FINISHED"]
+        notes.append("No finished fp32 job to compare with: Δ acc, speedup and memory ratio are not computed. " + (
+            f"The fp32 job {unfinished[0].num} did not finish ({unfinished[0].status})." if unfinished
+            else "Add precision=fp32 to the sweep for a baseline."))
     else:
         notes.append("Baseline: the finished fp32 job with the same other overrides (loss-scaler settings aside; one that "
                      "asked for precision=fp32 before one that auto resolved to it). Speedup = samples/s ÷ baseline's; "

@@ -156,8 +156,9 @@ def test_report_without_an_fp32_baseline_says_so_instead_of_dividing(tmp_path: P
     rows = [_row(0, "fp16", val_acc=0.9, samples_per_s=100.0, peak_mem_mib=10.0, skipped_steps=2, loss_scale=512.0),
             _row(1, "bf16", val_acc=0.8, samples_per_s=120.0, peak_mem_mib=9.0, skipped_steps=0, loss_scale=1.0),
             _row(2, "fp32", status="FAILED")]
-    notes = report.notes_for(rows)
-    assert any("No finished fp32 job" in n for n in notes)
+    notes = [n for n in report.notes_for(rows) if n.startswith("No finished fp32 job")]
+    assert notes and notes[0].endswith("The fp32 job 2 did not finish (FAILED).")  # it said "Add precision=fp32"
+    assert [n for n in report.notes_for(rows[:2]) if n.endswith("Add precision=fp32 to the sweep for a baseline.")]
     cells = report.table_rows(rows)
     assert [c[5] for c in cells] == ["—", "—", "—"] and [c[7] for c in cells] == ["—", "—", "—"]
     assert cells[0][12] == "512" and cells[2][3] == "**FAILED**"
