@@ -77,6 +77,17 @@ main()
     assert (proc.returncode, proc.stderr) == (130, "mprun: interrupted (SIGINT)\n")
 
 
+def test_a_sweep_preset_without_multirun_says_it_is_one_run(tmp_path: Path) -> None:
+    """Hydra ignores hydra.sweeper.params without -m, so `experiment=amp_benchmark` quietly ran one job at auto."""
+    proc = run_cli("experiment=amp_benchmark", "model=simple_mlp", "trainer.max_steps=1", "tracking=none", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("this config sweeps precision=fp32,fp16,bf16 (hydra.sweeper.params), which runs only as a multirun: "
+            "add -m for the sweep") in proc.stdout
+    swept = run_cli("-m", "experiment=amp_benchmark", "model=simple_mlp", "trainer.max_steps=1", "tracking=none",
+                    "precision=fp32", cwd=tmp_path)  # a multirun (one job here) is what the params are for
+    assert swept.returncode == 0 and "hydra.sweeper.params" not in swept.stdout, swept.stderr
+
+
 BAD_INPUTS = [
     (["precision=fp17"], ["precision/fp17", "fp16_static", "bf16"]),
     (["trainer.max_epochs=abc"], ["trainer.max_epochs", "abc"]),
