@@ -84,8 +84,8 @@ def register() -> None:
 
 def _unknown_key(where: str, key: str, allowed: Any) -> str:
     """'trainer.epochs: unknown key; trainer takes channels_last, ...' (where: 'trainer.', or '' at the top)."""
-    return (f"{where}{key}: unknown key; {where.rstrip('.') or 'the config'} takes "
-            f"{', '.join(sorted(k for k in allowed if not str(k).startswith('_')))}")
+    keys = sorted(str(k) for k in allowed if not str(k).startswith("_"))
+    return f"{where}{key}: unknown key; {where.rstrip('.') or 'the config'} takes {', '.join(keys) or 'no keys'}"
 
 
 def _known(keys: Any, allowed: Any, where: str) -> None:

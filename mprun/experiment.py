@@ -25,7 +25,7 @@ import mprun
 from mprun import build, checkpoint, config, distributed, numerics, precision
 from mprun.build import Components
 from mprun.checkpoint import unwrap
-from mprun.errors import ConfigError, first_line
+from mprun.errors import ConfigError
 from mprun.interrupts import GracefulStop
 from mprun.loop import FitResult, TrainState, device_name, finished, fit
 from mprun.sweep import JobInfo
@@ -93,18 +93,20 @@ def checkpoint_state(parts: Components, state: TrainState, cfg: DictConfig, trac
 
 def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig) -> TrainState:
     """Load a checkpoint into freshly built components; returns where training stands."""
-    try:
-        distributed.load_state_dicts(unwrap(parts.module), parts.optimizer, parts.strategy, ckpt["model"], ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = first_line(e, type(e).__name__)
-        raise ConfigError(f"trainer.resume: checkpoint {path} does not fit this model/optimizer "
-                          f"(made with a different model, dataset or optimizer?): {first[:300]}") from e
-    parts.scheduler.load_state_dict(ckpt["scheduler"])
-    parts.precision.load_state_dict(ckpt["precision"])
     before = flatten(ckpt.get("config", {}))
     now = flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k) and not config.outcome_neutral(k)]
+    try:
+        distributed.load_state_dicts(unwrap(parts.module), parts.optimizer, parts.strategy, ckpt["model"], ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        why = (f"its settings differ: {'; '.join(changed[:4])}" if changed
+               else "made with a different model, dataset or optimizer?")
+        detail = " ".join(str(e).split()) or type(e).__name__  # torch's message is several lines; the keys come after
+        raise ConfigError(f"trainer.resume: checkpoint {path} does not fit this model/optimizer ({why}): "
+                          f"{detail[:300]}") from e
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    parts.precision.load_state_dict(ckpt["precision"])
     if changed:
         log.warning("resuming with settings that differ from the checkpoint's (optimizer, schedule and scaler "
                     "state come from the checkpoint): %s", "; ".join(changed[:10]))

@@ -103,6 +103,7 @@ BAD_INPUTS = [
     (["trainer.epochs=3"], ["epochs", "TrainerConfig", "mprun: error: trainer.epochs: unknown key; trainer takes "
                                                        "channels_last, checkpoint_every_epochs,"]),
     (["trainr.max_epochs=3"], ["mprun: error: trainr: unknown key; the config takes dataset, model, optimizer,"]),
+    (["tracking=none", "tracking.experiment=x"], ["mprun: error: tracking.experiment: unknown key; tracking takes no keys"]),
     (["tracking.uri=http://127.0.0.1:9"], ["127.0.0.1:9", "tracking=none"]),
     (["tracking.uri=localhost:5000"], ["cannot use MLflow tracking store localhost:5000", "tracking=none"]),  # was a traceback
     (["tracking.uri=postgresql://u:p@127.0.0.1:9/db"], ["cannot use MLflow tracking store postgresql://", "tracking=none"]),
