@@ -157,18 +157,21 @@ class Sweep:
         Returns how many jobs did not finish."""
         from mprun import report
 
-        status, unfinished = ("KILLED" if interrupted else "FAILED"), 0  # until the report says otherwise
+        status, unfinished, jobs = ("KILLED" if interrupted else "FAILED"), 0, 0  # until the report says otherwise
         try:
-            rep = report.build(self.tracker.client, self.tracker.run_id, self.sweep_dir / "report",
-                               stop_running=interrupted)
-            unfinished = sum(row.status != "FINISHED" for row in rep.rows)
-            self.tracker.log_artifact(rep.out_dir, "report")
-            print(rep.console(), flush=True)
+            # No job recorded (Hydra rejected a sweep value before any ran, or a signal came first): no report,
+            # whose empty table would follow Hydra's error as if it were the outcome.
+            if report.collect(self.tracker.client, self.tracker.run_id, curves=False):
+                rep = report.build(self.tracker.client, self.tracker.run_id, self.sweep_dir / "report",
+                                   stop_running=interrupted)
+                jobs, unfinished = len(rep.rows), sum(row.status != "FINISHED" for row in rep.rows)
+                self.tracker.log_artifact(rep.out_dir, "report")
+                print(rep.console(), flush=True)
             if not interrupted:
                 status = "FAILED" if unfinished or not completed else "FINISHED"
             if not completed and not interrupted and not unfinished:  # no failed job to explain the FAILED
                 self.tracker.set_tags({"error": "the multirun ended before its jobs ran (its console output says why)"})
-            self.tracker.set_tags({"mprun.jobs": str(len(rep.rows)), "mprun.jobs_unfinished": str(unfinished)})
+            self.tracker.set_tags({"mprun.jobs": str(jobs), "mprun.jobs_unfinished": str(unfinished)})
         finally:
             self.tracker.end(status)
         return unfinished

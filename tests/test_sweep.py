@@ -223,6 +223,8 @@ def test_a_sweep_value_hydra_rejects_closes_the_parent_failed(tmp_path: Path) ->
     assert proc.returncode != 0 and "fp17" in proc.stderr
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "FAILED" and "ended before its jobs ran" in parent.data.tags["error"]
+    # no empty report ("No jobs recorded") after Hydra's error, as if it were the outcome
+    assert "mprun sweep report" not in proc.stdout and not list(tmp_path.glob("outputs/multirun/*/*/report"))
 
 
 def test_a_requeued_sweep_continues_its_parent_and_leaves_finished_jobs_alone(tmp_path: Path) -> None:
