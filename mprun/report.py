@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mprun.errors import first_line
+from mprun.errors import ConfigError, first_line
 
 PRECISION_COLORS = {"fp32": "tab:blue", "tf32": "tab:cyan", "fp16": "tab:orange", "fp16_static": "tab:red",
                     "fp16_unscaled": "tab:purple", "bf16": "tab:green"}
@@ -334,14 +334,14 @@ def find_parent(client: Any, what: str) -> str:
         runs = client.search_runs([experiment.experiment_id], "tags.`mprun.role` = 'sweep'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if not runs:
-            raise SystemExit(f"mprun.report: error: experiment {what!r} has no sweep (no run tagged mprun.role=sweep)")
+            raise ConfigError(f"experiment {what!r} has no sweep (no run tagged mprun.role=sweep)")
         return runs[0].info.run_id
     try:
         run = client.get_run(what)
     except MlflowException:
-        raise SystemExit(f"mprun.report: error: {what!r} is neither a run id nor an experiment name in {client.tracking_uri}") from None
+        raise ConfigError(f"{what!r} is neither a run id nor an experiment name in {client.tracking_uri}") from None
     if run.data.tags.get("mprun.role") != "sweep":
-        raise SystemExit(f"mprun.report: error: run {what} is not a sweep's parent run (no mprun.role=sweep tag)")
+        raise ConfigError(f"run {what} is not a sweep's parent run (no mprun.role=sweep tag)")
     return what
 
 
@@ -358,10 +358,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", type=Path, help="directory for report.md and plots (default: outputs/reports/<parent id>)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
     args = p.parse_args(argv)
-    if args.uri.startswith("sqlite:///") and not Path(args.uri[len("sqlite:///"):]).is_file():
-        raise SystemExit(f"mprun.report: error: no MLflow store at {args.uri}; pass --uri or set MLFLOW_TRACKING_URI")
-    client = MlflowClient(args.uri)
-    parent_id = find_parent(client, args.sweep)
+    try:
+        if args.uri.startswith("sqlite:///") and not Path(args.uri[len("sqlite:///"):]).is_file():
+            raise ConfigError(f"no MLflow store at {args.uri}; pass --uri or set MLFLOW_TRACKING_URI")
+        client = MlflowClient(args.uri)
+        parent_id = find_parent(client, args.sweep)
+    except ConfigError as e:  # a user's mistake exits 2, as argparse's own and mprun's do
+        p.exit(2, f"{p.prog}: error: {e}\n")
     report = build(client, parent_id, args.out or Path("outputs") / "reports" / parent_id)
     if not args.no_log:
         client.log_artifacts(parent_id, str(report.out_dir), "report")

@@ -105,7 +105,8 @@ def test_report_on_demand_by_experiment_name_or_parent_id(precision_sweep: Path)
     assert (precision_sweep / "outputs" / "reports" / parent.info.run_id / "report.md").is_file()
     bad = subprocess.run([sys.executable, "-m", "mprun.report", "no-such-thing"], cwd=precision_sweep,
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "neither a run id nor an experiment name" in bad.stderr
+    assert bad.returncode == 2  # a user's mistake, as in argparse and mprun (it was 1)
+    assert bad.stderr.startswith("python -m mprun.report: error: 'no-such-thing' is neither a run id nor an experiment name")
     assert "Traceback" not in bad.stderr
 
 
