@@ -147,7 +147,9 @@ class FitResult:
     peak_mem_mib: float = 0.0
     data_wait_frac: float = float("nan")  # share of training time spent waiting for the next batch
     epoch_time_s: float = float("nan")
-    epoch_times: list[float] = field(default_factory=list)
+    # One entry per epoch trained in this process, in order. An epoch time is None for a partial pass (resumed
+    # midway, or cut by max_steps): it trained, and was timed for its rate, but is no epoch's time.
+    epoch_times: list[Optional[float]] = field(default_factory=list)
     epoch_rates: list[float] = field(default_factory=list)
     epoch_waits: list[float] = field(default_factory=list)  # data_wait_frac per epoch
     interrupted: Optional[int] = None  # the signal that stopped training before it was done, if any
@@ -158,10 +160,13 @@ class FitResult:
 INPUT_BOUND = 0.10
 
 
-def _steady_median(values: list[float]) -> float:
-    """The median of per-epoch numbers without the first epoch (warm-up: compilation, worker start-up) when there
-    are others; NaN (not measured) for none."""
-    return statistics.median(values[1:] if len(values) > 1 else values) if values else float("nan")
+def _steady_median(values: list[Optional[float]]) -> float:
+    """The median of per-epoch numbers (None: not measured in that epoch) without the process's first epoch
+    (warm-up: compilation, worker start-up) when a later one was measured; NaN (not measured) for none. The warm-up
+    is the first epoch trained, measured or not, so every median leaves out the same epoch."""
+    later = [v for v in values[1:] if v is not None]
+    steady = later or [v for v in values[:1] if v is not None]
+    return statistics.median(steady) if steady else float("nan")
 
 
 def finished(state: TrainState, cfg: TrainerConfig) -> bool:
@@ -413,8 +418,9 @@ def fit(
             result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
             result.epoch_waits.append(waited / seconds)
             metrics.update({"perf/samples_per_s": result.epoch_rates[-1], "perf/data_wait_frac": result.epoch_waits[-1]})
-            if from_start and state.batch_in_epoch == 0:  # a whole pass: a resumed or max_steps-cut one is no epoch's time
-                result.epoch_times.append(seconds)
+            whole = from_start and state.batch_in_epoch == 0  # a resumed or max_steps-cut pass is no epoch's time
+            result.epoch_times.append(seconds if whole else None)
+            if whole:
                 metrics["perf/epoch_time_s"] = seconds
         result.train_loss = train_loss
         state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway

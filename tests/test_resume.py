@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -133,6 +134,20 @@ def test_a_resumed_runs_training_time_counts_every_segment(make_cfg, tmp_path: P
     assert 1000.0 < rest["train_time_s"] < 1000.0 + rest["wall_time_s"]
     # A resumed epoch's segment is no whole pass: no epoch time (it is not the segment's time passed off as one).
     assert rest["epoch_time_s"] != rest["epoch_time_s"] and rest["timed_epochs"] == 1
+
+
+def test_a_resumed_runs_speed_medians_leave_out_the_same_warm_up_epoch(make_cfg, tmp_path: Path) -> None:
+    """Resumed mid-epoch, the process's warm-up is the rest of that epoch. samples/s left it out; epoch_time_s, which
+    has no time for a partial pass, left out the next (whole) epoch instead, so the two were medians of other epochs."""
+    common = ["model=simple_mlp", "trainer.max_epochs=4"]
+    run(make_cfg(*common, "trainer.max_steps=10", tracking="mlflow"))  # 10 of the first epoch's 22 steps
+    rest = run(make_cfg(*common, f"trainer.resume={tmp_path / 'run'}", tracking="mlflow"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    times, rates = ({m.step: m.value for m in client.get_metric_history(rest["mlflow_run_id"], f"perf/{k}")}
+                    for k in ("epoch_time_s", "samples_per_s"))
+    assert sorted(times) == [44, 66, 88] and sorted(rates) == [10, 22, 44, 66, 88] and rest["timed_epochs"] == 4
+    assert rest["epoch_time_s"] == statistics.median(times[s] for s in (44, 66, 88))
+    assert rest["samples_per_s"] == statistics.median(rates[s] for s in (44, 66, 88))
 
 
 def test_a_failed_run_resumed_to_the_end_is_not_reported_failed(make_cfg, tmp_path: Path, monkeypatch) -> None:
