@@ -64,7 +64,8 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     data = dataset(cfg, trainer.seed, device)
     data.train.shard(world.rank, world.size)
     data.val.shard(world.rank, world.size)  # each rank evaluates its share; evaluate() sums over ranks
-    model_name = cfg.model.get("name") or _choice(cfg, "model")
+    # As the command line would name it: model=vit_b16 is timm's vit_base_patch16_224, and `model=<that>` is no option.
+    model_name = f"model.name={cfg.model.name}" if cfg.model.get("name") else f"model={_choice(cfg, 'model')}"
     try:
         module: nn.Module = instantiate(cfg.model, _convert_="all")(
             in_chans=data.in_chans, image_size=data.image_size, num_classes=data.num_classes
@@ -72,7 +73,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     except ConfigError:
         raise
     except (AssertionError, ValueError, RuntimeError) as e:  # e.g. a ViT patch larger than the image
-        raise ConfigError(f"model={model_name} cannot be built for dataset={data.name} "
+        raise ConfigError(f"{model_name} cannot be built for dataset={data.name} "
                           f"({data.in_chans}x{data.image_size[0]}x{data.image_size[1]}, {data.num_classes} classes): {e}") from e
     # Model transforms before moving/compiling: fp32 islands run outside autocast.
     fp32_modules = numerics.keep_fp32(module, precision.cfg.fp32_modules, device.type) if precision.cfg.fp32_modules else []

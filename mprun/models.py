@@ -193,7 +193,8 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
 def check_fits(model: nn.Module, example: torch.Tensor, smallest_batch: int, num_classes: int, model_name: str,
                dataset_name: str) -> None:
     """Run one tiny forward pass in training mode, as the first step will, so that a model/dataset/batch
-    mismatch fails now, naming them, not mid-epoch. Buffers (BatchNorm's running statistics) are left as found.
+    mismatch fails now, naming them (model_name as an override: `model.name=resnet18`), not mid-epoch. Buffers
+    (BatchNorm's running statistics) are left as found.
     smallest_batch: the fewest samples a training batch holds (1 makes BatchNorm fail where 2 work)."""
     example = torch.cat([example, example])[: min(2, smallest_batch)]  # a batch of 1 only when training has one
     buffers = [(b, b.clone()) for b in model.buffers()]
@@ -207,7 +208,7 @@ def check_fits(model: nn.Module, example: torch.Tensor, smallest_batch: int, num
         batch = " in batches of 1 (dataset.batch_size, or a training set, or a rank's share of it, that leaves one " \
             "sample for a batch)" if len(example) == 1 else ""
         raise ConfigError(
-            f"model={model_name} cannot train on dataset={dataset_name} inputs of shape {tuple(example.shape[1:])}{batch}: "
+            f"{model_name} cannot train on dataset={dataset_name} inputs of shape {tuple(example.shape[1:])}{batch}: "
             f"{first}"
         ) from e
     finally:
@@ -217,11 +218,11 @@ def check_fits(model: nn.Module, example: torch.Tensor, smallest_batch: int, num
                 b.copy_(saved)
     require(
         isinstance(out, torch.Tensor),
-        f"model={model_name} returns {type(out).__name__} in training, not a tensor of logits (auxiliary heads?); "
+        f"{model_name} returns {type(out).__name__} in training, not a tensor of logits (auxiliary heads?); "
         "mprun trains models that return logits: turn the extra outputs off through model.kwargs (torchvision googlenet "
         "and inception_v3: +model.kwargs.aux_logits=false)",
     )
     require(
         tuple(out.shape) == (example.shape[0], num_classes),
-        f"model={model_name} outputs shape {tuple(out.shape[1:])}, dataset={dataset_name} has {num_classes} classes",
+        f"{model_name} outputs shape {tuple(out.shape[1:])}, dataset={dataset_name} has {num_classes} classes",
     )
