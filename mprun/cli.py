@@ -37,10 +37,6 @@ def _main(cfg: DictConfig) -> float:
     from mprun.experiment import run
 
     job = sweep.current_job()
-    unswept = sweep.unswept_params()
-    if unswept:
-        log.warning("this config sweeps %s (hydra.sweeper.params), which runs only as a multirun: add -m for the "
-                    "sweep; this is one run with the config's own values", " ".join(f"{k}={v}" for k, v in unswept.items()))
     try:
         summary = run(cfg, STARTED if job is None else time.perf_counter(), job)
     except (ConfigError, NumericsError, TrackingLost) as e:  # explained failures: one short line, no traceback

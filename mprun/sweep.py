@@ -80,14 +80,6 @@ def current_job() -> Optional[JobInfo]:
     return JobInfo(sweep_dir, int(hc.job.num), tuple(hc.overrides.task), parent)
 
 
-def unswept_params() -> dict[str, str]:
-    """hydra.sweeper.params of a single run (no -m): the sweep a preset such as experiment=amp_benchmark defines,
-    which Hydra ignores without a word outside a multirun. {} in a multirun, or when there are none."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode is RunMode.MULTIRUN:
-        return {}
-    return {str(k): str(v) for k, v in (HydraConfig.get().sweeper.get("params") or {}).items()}
-
-
 def varied_keys(cfg: DictConfig) -> list[str]:
     """The keys a sweep varies: sweep overrides on the command line (a=1,2) and hydra.sweeper.params."""
     parsed = OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task))

@@ -77,15 +77,15 @@ main()
     assert (proc.returncode, proc.stderr) == (130, "mprun: interrupted (SIGINT)\n")
 
 
-def test_a_sweep_preset_without_multirun_says_it_is_one_run(tmp_path: Path) -> None:
-    """Hydra ignores hydra.sweeper.params without -m, so `experiment=amp_benchmark` quietly ran one job at auto."""
-    proc = run_cli("experiment=amp_benchmark", "model=simple_mlp", "trainer.max_steps=1", "tracking=none", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert ("this config sweeps precision=fp32,fp16,bf16 (hydra.sweeper.params), which runs only as a multirun: "
-            "add -m for the sweep") in proc.stdout
-    swept = run_cli("-m", "experiment=amp_benchmark", "model=simple_mlp", "trainer.max_steps=1", "tracking=none",
-                    "precision=fp32", cwd=tmp_path)  # a multirun (one job here) is what the params are for
-    assert swept.returncode == 0 and "hydra.sweeper.params" not in swept.stdout, swept.stderr
+def test_a_sweep_preset_is_a_multirun_without_dash_m(tmp_path: Path) -> None:
+    """Hydra ignores hydra.sweeper.params in a single run, so `experiment=amp_benchmark` quietly made one run at auto
+    precision; the presets set hydra.mode=MULTIRUN, and hydra.mode=RUN still makes the one run."""
+    args = ["experiment=amp_benchmark", "model=simple_mlp", "trainer.max_steps=1", "tracking=none"]
+    swept = run_cli(*args, "precision=fp32,bf16", cwd=tmp_path)
+    assert swept.returncode == 0, swept.stderr
+    assert sorted(p.name for p in tmp_path.glob("outputs/multirun/*/*/*") if p.is_dir()) == ["0", "1"]
+    single = run_cli(*args, "hydra.mode=RUN", "hydra.run.dir=outputs/one", cwd=tmp_path)
+    assert single.returncode == 0 and (tmp_path / "outputs" / "one" / "summary.json").is_file(), single.stderr
 
 
 BAD_INPUTS = [
