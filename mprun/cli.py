@@ -7,7 +7,6 @@ import time
 STARTED = time.perf_counter()  # wall time in the summary counts from here: imports included
 
 import logging  # noqa: E402
-import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -18,7 +17,6 @@ from omegaconf import DictConfig  # noqa: E402
 
 from mprun import config, sweep  # noqa: E402
 from mprun.errors import ConfigError, NumericsError  # noqa: E402
-from mprun.interrupts import GracefulStop, StopNow  # noqa: E402
 from mprun.tracking import TrackingLost  # noqa: E402
 
 log = logging.getLogger("mprun")
@@ -55,19 +53,9 @@ def _main(cfg: DictConfig) -> float:
     return summary["val_acc"]
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise StopNow(signum)
-
-
 def main() -> None:
-    """Console-script entry point."""
-    # Where no training is under way to stop gracefully (set-up, between sweep jobs, the report), SIGINT and SIGTERM
-    # unwind at once as an interrupt; while a job trains, interrupts.GracefulStop handles them (and puts this back
-    # after). By default SIGTERM (a scheduler's stop) would end the process on the spot, leaving a sweep's parent
-    # run RUNNING, and a job a script started in the background inherits SIGINT ignored, which training does not
-    # honour either.
-    for s in GracefulStop.SIGNALS:
-        signal.signal(s, _stop)
+    """Run the Hydra app; a multirun's parent run is closed however it ends. The process's signal handling and
+    exit codes for signals are mprun.__main__'s."""
     try:
         _main()
     except BaseException as e:
@@ -75,13 +63,6 @@ def main() -> None:
         # value) or an exit (Ctrl-C, SIGTERM); on_multirun_end then never runs, so the parent is closed here.
         code = e.code if isinstance(e, SystemExit) else None
         sweep.close_active(interrupted=isinstance(e, KeyboardInterrupt) or code in (130, 143), completed=False)
-        if isinstance(e, KeyboardInterrupt):  # a signal outside training, or a second one: no traceback
-            signum = getattr(e, "signum", signal.SIGINT)  # interrupts.StopNow says which signal it was
-            print(f"mprun: interrupted ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
-            sys.exit(128 + signum)
-        if isinstance(e, BrokenPipeError):  # `mprun --help | head`: the reader has gone, as under SIGPIPE
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush has nowhere to fail
-            sys.exit(128 + signal.SIGPIPE)
         if isinstance(e, SystemExit) and isinstance(e.__context__, (ConfigCompositionException, OverrideParseException)):
             # Hydra has said why the command line does not compose: a user's mistake, like mprun's own
             unknown = config.unknown_override(e.__context__)

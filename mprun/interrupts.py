@@ -19,7 +19,7 @@ log = logging.getLogger("mprun")
 
 class StopNow(KeyboardInterrupt):
     """A stop signal that unwinds at once (a run open is still closed KILLED): a second one during training, or any
-    outside it (cli.main). It carries the signal, so the process exits 128+signal whichever it was (143 for
+    outside it (stop_now). It carries the signal, so the process exits 128+signal whichever it was (143 for
     SIGTERM, not Ctrl-C's 130)."""
 
     def __init__(self, signum: int) -> None:
@@ -28,6 +28,11 @@ class StopNow(KeyboardInterrupt):
 
     def __str__(self) -> str:
         return signal.Signals(self.signum).name
+
+
+def stop_now(signum: int, frame: Optional[FrameType]) -> None:
+    """The handler outside training (set-up, between sweep jobs, the report; mprun.__main__ installs it)."""
+    raise StopNow(signum)
 
 
 class GracefulStop:

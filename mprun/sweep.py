@@ -164,6 +164,9 @@ class Sweep:
             if not completed and not interrupted and not unfinished:  # no failed job to explain the FAILED
                 self.tracker.set_tags({"error": "the multirun ended before its jobs ran (its console output says why)"})
             self.tracker.set_tags({"mprun.jobs": str(jobs), "mprun.jobs_unfinished": str(unfinished)})
+        except KeyboardInterrupt:  # a signal while the report is built: the sweep was stopped, not failed
+            status = "KILLED"
+            raise
         finally:
             self.tracker.end(status)
         return unfinished

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -50,31 +51,37 @@ def test_help_lists_the_groups_a_user_can_choose_and_how_to_run(tmp_path: Path) 
     assert proc.stdout.startswith("mprun: ") and "python -m mprun -m precision=fp32,fp16,bf16" in proc.stdout
 
 
-def test_help_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["PYTHONUNBUFFERED", "buffered"])
+def test_help_into_a_closed_pipe_exits_quietly(tmp_path: Path, unbuffered: str) -> None:
     """`mprun --help | head -1`: the reader is gone by the time the help is printed, which was a BrokenPipeError
-    traceback; now the exit code of a process SIGPIPE ended (141) and nothing on stderr."""
+    traceback; now the exit code of a process SIGPIPE ended (141) and nothing on stderr. Buffered, the help is only
+    written (and the error raised) when Python flushes stdout at exit; unbuffered, in Hydra's print."""
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
     proc = subprocess.Popen([sys.executable, "-m", "mprun", "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     proc.stdout.close()  # before the imports are done, so the help's print always finds the pipe closed
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
     assert proc.stderr.read() == ""
 
 
-def test_ctrl_c_while_torch_imports_is_one_line(tmp_path: Path) -> None:
-    """The imports take seconds, and a Ctrl-C in them printed a traceback from inside torch. The interrupt is made
-    to land in the import deterministically: a finder raises it when mprun.cli is looked up."""
-    script = """
-import sys
-class CtrlC:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_torch_imports_is_one_line(tmp_path: Path, sig: signal.Signals) -> None:
+    """The imports take seconds: a Ctrl-C in them printed a traceback from inside torch, and a SIGTERM ended the
+    process without a word. The signal is made to land in the import deterministically: a finder sends it to its
+    own process when mprun.cli is looked up, and waits for the handler."""
+    script = f"""
+import os, sys, time
+class Signal:
     def find_spec(self, name, path=None, target=None):
         if name == "mprun.cli":
-            raise KeyboardInterrupt
-sys.meta_path.insert(0, CtrlC())
+            os.kill(os.getpid(), {int(sig)})
+            time.sleep(5)
+sys.meta_path.insert(0, Signal())
 from mprun.__main__ import main
 main()
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert (proc.returncode, proc.stderr) == (130, "mprun: interrupted (SIGINT)\n")
+    assert (proc.returncode, proc.stderr) == (128 + sig, f"mprun: interrupted ({sig.name})\n")
 
 
 def test_a_sweep_preset_is_a_multirun_without_dash_m(tmp_path: Path) -> None:
@@ -180,6 +187,7 @@ def test_a_second_signal_unwinds_with_its_own_exit_code(monkeypatch) -> None:
     import pickle
 
     from mprun import cli
+    from mprun.__main__ import main as mprun_main
     from mprun.interrupts import GracefulStop, StopNow
 
     with GracefulStop() as stop:
@@ -193,8 +201,13 @@ def test_a_second_signal_unwinds_with_its_own_exit_code(monkeypatch) -> None:
         raise again
 
     monkeypatch.setattr(cli, "_main", interrupted)
-    with pytest.raises(SystemExit) as end:
-        cli.main()
+    handlers = {s: signal.getsignal(s) for s in GracefulStop.SIGNALS}
+    try:
+        with pytest.raises(SystemExit) as end:
+            mprun_main()
+    finally:  # main installs its handlers for the process: this one is pytest's
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     assert end.value.code == 143
 
 

@@ -285,17 +285,38 @@ def signal_sweep(cwd: Path, args: list[str], when: str, sig: int, inherit_ignore
                          ids=["SIGTERM", "SIGINT-inherited-ignored"])
 def test_a_signal_between_jobs_closes_the_parent_killed(tmp_path: Path, sig: int, inherit_ignored: bool) -> None:
     """A signal outside a job's training (here while the second job is being set up: Hydra announces it, then mprun
-    imports timm, ~5 s, and builds) unwinds as an interrupt. SIGTERM used to end the process at once with the parent
-    RUNNING (later: exit 143 without a word); a SIGINT that a script's `mprun &` started ignored went unheard until
-    training installed its handlers, so set-up ran on."""
-    code, out = signal_sweep(tmp_path, ["precision=fp32,bf16", *TINY, "model=timm", "model.name=resnet18",
+    imports timm for the sweep's first timm model, ~5 s, and builds) unwinds as an interrupt. SIGTERM used to end the
+    process at once with the parent RUNNING (later: exit 143 without a word); a SIGINT that a script's `mprun &`
+    started ignored went unheard until training installed its handlers, so set-up ran on."""
+    code, out = signal_sweep(tmp_path, ["model=simple_mlp,resnet18", "trainer.max_epochs=1", "trainer.max_steps=4",
                                         "dataset=synthetic", "dataset.shape=[3,16,16]", "dataset.num_samples=16"],
-                             "#1 : precision=bf16", sig, inherit_ignored)
+                             "#1 : model=resnet18", sig, inherit_ignored)
     assert code == 128 + sig, out[-2000:]
     assert out.rstrip().endswith(f"mprun: interrupted ({signal.Signals(sig).name})"), out[-2000:]
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "KILLED"
     assert "RUNNING" not in run_statuses(tmp_path / "outputs" / "mlflow.db")
+
+
+def test_a_signal_while_the_report_is_built_closes_the_parent_killed(monkeypatch, tmp_path: Path) -> None:
+    """The report is built after the last job (on_multirun_end); a Ctrl-C there closed the parent FAILED."""
+    from types import SimpleNamespace as NS
+
+    from mprun import sweep
+
+    ended = []
+    parent = object.__new__(sweep.Sweep)
+    parent.sweep_dir = tmp_path
+    parent.tracker = NS(client=None, run_id="parent", end=ended.append)
+
+    def build(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "collect", lambda *args, **kwargs: [_row(0, "fp32")])
+    monkeypatch.setattr(report, "build", build)
+    with pytest.raises(KeyboardInterrupt):
+        parent.close(interrupted=False)
+    assert ended == ["KILLED"]
 
 
 def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> None:
