@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
@@ -64,8 +65,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     data = dataset(cfg, trainer.seed, device)
     data.train.shard(world.rank, world.size)
     data.val.shard(world.rank, world.size)  # each rank evaluates its share; evaluate() sums over ranks
-    # As the command line would name it: model=vit_b16 is timm's vit_base_patch16_224, and `model=<that>` is no option.
-    model_name = f"model.name={cfg.model.name}" if cfg.model.get("name") else f"model={_choice(cfg, 'model')}"
+    model_name = _model_label(cfg)
     try:
         module: nn.Module = instantiate(cfg.model, _convert_="all")(
             in_chans=data.in_chans, image_size=data.image_size, num_classes=data.num_classes
@@ -91,7 +91,11 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
                       trainer.strategy)
 
 
-def _choice(cfg: DictConfig, group: str) -> str:
-    """A readable name for a group's option, from its _target_ (e.g. SimpleCNN)."""
-    target = cfg[group].get("_target_", "")
-    return target.rsplit(".", 1)[-1] if target else group
+def _model_label(cfg: DictConfig) -> str:
+    """The model as the command line names it, for errors: `model=vit_b16 model.name=vit_base_patch16_224`,
+    `model=timm model.name=resnet5O`, `model=simple_cnn`. A config Hydra's CLI did not compose (tests, a script's
+    compose()) has no choices: `model.name=...`, or else the class its _target_ builds."""
+    chosen = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
+    name = cfg.model.get("name")
+    parts = ([f"model={chosen}"] if chosen else []) + ([f"model.name={name}"] if name and name != chosen else [])
+    return " ".join(parts) or f"model {cfg.model.get('_target_', '?').rsplit('.', 1)[-1]}"

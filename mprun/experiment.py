@@ -100,7 +100,10 @@ def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig
     try:
         distributed.load_state_dicts(unwrap(parts.module), parts.optimizer, parts.strategy, ckpt["model"], ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        why = (f"its settings differ: {'; '.join(changed[:4])}" if changed
+        # what shapes the state dicts first: the model, the optimizer, then the dataset (classes, channels, size)
+        order = ("model.", "optimizer._target_", "dataset.")
+        shaping = sorted(changed, key=lambda c: next((i for i, k in enumerate(order) if c.startswith(k)), len(order)))
+        why = (f"its settings differ: {'; '.join(shaping[:4])}" if before and changed
                else "made with a different model, dataset or optimizer?")
         detail = " ".join(str(e).split()) or type(e).__name__  # torch's message is several lines; the keys come after
         raise ConfigError(f"trainer.resume: checkpoint {path} does not fit this model/optimizer ({why}): "

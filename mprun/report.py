@@ -216,9 +216,10 @@ def notes_for(rows: list[Row]) -> list[str]:
     if not rows:
         notes.append("No jobs recorded under this parent run.")
     elif not any(r.baseline for r in rows):
-        unfinished = [r for r in rows if r.precision == "fp32" and r.status != "FINISHED"]
+        # fp32 jobs that could not be one: failed (before it resolved its precision, it asked for fp32), stopped, diverged
+        unusable = [r for r in rows if "fp32" in (r.precision, r.requested) and r.mark != "ok"]
         notes.append("No finished fp32 job to compare with: Δ acc, speedup and memory ratio are not computed. " + (
-            f"The fp32 job {unfinished[0].num} did not finish ({unfinished[0].status})." if unfinished
+            f"The fp32 job {unusable[0].num} is {unusable[0].mark.strip('*')}." if unusable
             else "Add precision=fp32 to the sweep for a baseline."))
     else:
         notes.append("Baseline: the finished fp32 job with the same other overrides (loss-scaler settings aside; one that "

@@ -104,7 +104,7 @@ BAD_INPUTS = [
     (["precision=fp16_static", "precision.init_scale=-1"], ["precision.init_scale"]),
     (["trainer.device=cuda"], ["trainer.device=cuda", "cpu or auto"]),
     (["dataset=cifar10"], ["cifar-10-batches-py", "dataset.download=true"]),
-    (["model=vit_b16"], ["model.name=vit_base_patch16_224 cannot train on dataset=digits"]),  # not model=vit_base...
+    (["model=vit_b16"], ["model=vit_b16 model.name=vit_base_patch16_224 cannot train on dataset=digits"]),  # was model=vit_base...
     (["model=timm", "model.name=resnet5O"], ["resnet5O", "resnet50"]),
     # Hydra suggests '+trainer.epochs=3' (which mprun rejects too): the last line names the keys trainer takes.
     (["trainer.epochs=3"], ["epochs", "TrainerConfig", "mprun: error: trainer.epochs: unknown key; trainer takes "

@@ -288,10 +288,11 @@ def test_resume_from_nothing_is_a_clear_error(make_cfg, tmp_path: Path, spec: st
 
 def test_resume_into_another_model_is_a_clear_error(make_cfg, tmp_path: Path) -> None:
     run(make_cfg("model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1"))
-    with pytest.raises(ConfigError, match="does not fit this model") as error:
-        run(make_cfg("model=simple_cnn", f"trainer.resume={tmp_path / 'run'}", "paths.run_dir=" + str(tmp_path / "b")))
-    # what differs, and torch's detail past its first line (which ended in a colon, the keys cut off)
-    assert "model._target_: 'mprun.models.SimpleMLP' -> 'mprun.models.SimpleCNN'" in str(error.value)
+    with pytest.raises(ConfigError, match="does not fit this model") as error:  # 4 more differences in the dataset
+        run(make_cfg("model=simple_cnn", "dataset=synthetic", "dataset.shape=[1,8,8]", f"trainer.resume={tmp_path / 'run'}",
+                     "paths.run_dir=" + str(tmp_path / "b")))
+    # what differs, the model first, and torch's detail past its first line (which ended in a colon, the keys cut off)
+    assert "its settings differ: model._target_: 'mprun.models.SimpleMLP' -> 'mprun.models.SimpleCNN'" in str(error.value)
     assert "Missing key(s) in state_dict:" in str(error.value) and "\n" not in str(error.value)
 
 

@@ -158,8 +158,13 @@ def test_report_without_an_fp32_baseline_says_so_instead_of_dividing(tmp_path: P
             _row(1, "bf16", val_acc=0.8, samples_per_s=120.0, peak_mem_mib=9.0, skipped_steps=0, loss_scale=1.0),
             _row(2, "fp32", status="FAILED")]
     notes = [n for n in report.notes_for(rows) if n.startswith("No finished fp32 job")]
-    assert notes and notes[0].endswith("The fp32 job 2 did not finish (FAILED).")  # it said "Add precision=fp32"
+    assert notes and notes[0].endswith("The fp32 job 2 is FAILED.")  # it said "Add precision=fp32 to the sweep"
     assert [n for n in report.notes_for(rows[:2]) if n.endswith("Add precision=fp32 to the sweep for a baseline.")]
+    before = _row(3, "fp32?", status="FAILED")  # failed before it resolved its precision (collect's "fp32?")
+    before.requested = "fp32"
+    diverged = _row(4, "fp32", train_loss=float("nan"))
+    for row, said in ((before, "The fp32 job 3 is FAILED."), (diverged, "The fp32 job 4 is DIVERGED.")):
+        assert [n for n in report.notes_for([*rows[:2], row]) if n.endswith(said)], said
     cells = report.table_rows(rows)
     assert [c[5] for c in cells] == ["—", "—", "—"] and [c[7] for c in cells] == ["—", "—", "—"]
     assert cells[0][12] == "512" and cells[2][3] == "**FAILED**"
