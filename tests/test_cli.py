@@ -64,6 +64,33 @@ def test_help_into_a_closed_pipe_exits_quietly(tmp_path: Path, unbuffered: str) 
     assert proc.stderr.read() == ""
 
 
+@pytest.mark.parametrize("code,ends", [(0, 141), (2, 2), (130, 130)], ids=["ok", "error", "interrupted"])
+def test_a_lost_stdout_reader_keeps_the_runs_exit_code(tmp_path: Path, code: int, ends: int) -> None:
+    """`mprun ... | tee log`, then Ctrl-C: tee is gone before mprun has stopped gracefully; its exit 130 (a requeue
+    script's cue) came out as 141. Only a run with no other end than its lost output ends as SIGPIPE. mprun.cli is
+    replaced by a stub that prints (buffered) and exits with the code."""
+    script = f"""
+import select, sys, time, types
+def main():
+    poller = select.poll()
+    poller.register(1, select.POLLOUT)
+    for _ in range(1000):  # until the test has closed the reading end
+        if poller.poll(0)[0][1] & select.POLLERR:
+            break
+        time.sleep(0.01)
+    print("x" * 100)
+    sys.exit({code})
+sys.modules["mprun.cli"] = types.SimpleNamespace(main=main)
+from mprun.__main__ import main as mprun_main
+mprun_main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": ""})
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == ends
+    assert proc.stderr.read() == ""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_torch_imports_is_one_line(tmp_path: Path, sig: signal.Signals) -> None:
     """The imports take seconds: a Ctrl-C in them printed a traceback from inside torch, and a SIGTERM ended the
