@@ -193,8 +193,8 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
 def check_fits(model: nn.Module, example: torch.Tensor, smallest_batch: int, num_classes: int, model_name: str,
                dataset_name: str) -> None:
     """Run one tiny forward pass in training mode, as the first step will, so that a model/dataset/batch
-    mismatch fails now, naming them (model_name as an override: `model.name=resnet18`), not mid-epoch. Buffers
-    (BatchNorm's running statistics) are left as found.
+    mismatch fails now, naming them (model_name as the command line does: `model=vit_b16 model.name=...`), not
+    mid-epoch. Buffers (BatchNorm's running statistics) are left as found.
     smallest_batch: the fewest samples a training batch holds (1 makes BatchNorm fail where 2 work)."""
     example = torch.cat([example, example])[: min(2, smallest_batch)]  # a batch of 1 only when training has one
     buffers = [(b, b.clone()) for b in model.buffers()]
