@@ -309,11 +309,11 @@ def build(client: Any, parent_id: str, out_dir: Path, stop_running: bool = False
 
     stop_running: mark children still RUNNING as KILLED first (the sweep was interrupted, and a
     worker killed mid-job could not close its own run)."""
-    if stop_running:
-        for row in collect(client, parent_id, curves=False):
-            if row.status == "RUNNING":
-                client.set_terminated(row.run_id, "KILLED")
     rows = collect(client, parent_id)
+    for row in rows if stop_running else ():
+        if row.status == "RUNNING":
+            client.set_terminated(row.run_id, "KILLED")
+            row.status = "KILLED"  # as the store now has it (a RUNNING row is no baseline either way)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = notes_for(rows)
