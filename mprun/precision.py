@@ -28,6 +28,37 @@ class PrecisionName(Enum):
     fp16 = "fp16"
     bf16 = "bf16"
 
+    @property
+    def half(self) -> bool:
+        """Whether it computes in a 16-bit float under autocast (fp16, bf16)."""
+        return self in (PrecisionName.fp16, PrecisionName.bf16)
+
+    @property
+    def scales_loss(self) -> bool:
+        """Whether a run of it can carry a loss scale: only fp16 lacks the exponent range to do without."""
+        return self is PrecisionName.fp16
+
+
+def resolved_name(tag: str) -> Optional[PrecisionName]:
+    """A recorded precision (a run's `precision` tag, e.g. 'fp16') as a PrecisionName; None if it is no precision."""
+    try:
+        return PrecisionName(tag)
+    except ValueError:
+        return None
+
+
+def computes_in_half(tag: str) -> bool:
+    """Whether a run recorded with this precision tag computed in a 16-bit float (its CPU speed may be emulated)."""
+    name = resolved_name(tag)
+    return name is not None and name.half
+
+
+def can_carry_loss_scale(tag: str) -> bool:
+    """Whether a run recorded with this precision tag can have had a loss scale (its scale curve and final scale
+    mean something); a non-fp16 run's fp16 underflow statistic is what fp16 would lose, not what it lost."""
+    name = resolved_name(tag)
+    return name is not None and name.scales_loss
+
 
 class NonFinite(Enum):
     stop = "stop"  # checked at log steps (no extra sync): stop the run with a diagnosis
