@@ -21,14 +21,13 @@ import torch
 from omegaconf import MISSING
 
 from mprun.errors import ConfigError, require
+from mprun.schema import Buildable
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
-class DatasetConfig:
-    _target_: str = MISSING
-    _partial_: bool = True
+class DatasetConfig(Buildable):
     batch_size: int = 64
 
     def __post_init__(self) -> None:

@@ -15,12 +15,12 @@ from omegaconf import MISSING
 from torch import nn
 
 from mprun.errors import ConfigError, first_line, require
+from mprun.schema import Buildable
 
 
 @dataclass
-class ModelConfig:
-    _target_: str = MISSING
-    _partial_: bool = True
+class ModelConfig(Buildable):
+    """A model: built with the dataset's in_chans, image_size and num_classes."""
 
 
 @dataclass

@@ -118,3 +118,40 @@ def test_fp16_scaling_can_be_switched_off_with_one_override(make_cfg) -> None:
 def test_fp16_static_is_a_delta_over_fp16(make_cfg) -> None:
     p = validate(make_cfg("precision=fp16_static"))["precision"]
     assert (p.dtype.value, p.loss_scale.value, p.init_scale) == ("fp16", "static", 128.0)
+
+
+SCHEMA_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("experiment", "hydra")]
+
+
+@pytest.mark.parametrize("group,option", SCHEMA_OPTIONS, ids=[f"{g}={o}" for g, o in SCHEMA_OPTIONS])
+def test_an_option_states_only_what_differs_from_what_it_extends(group: str, option: str) -> None:
+    """One home per default: the schema dataclass states it, and an option's YAML only what makes it that option.
+    (AdamW's lr was 1e-3 in the schema and 3e-3 in its YAML; SGD's weight_decay 0 and 5e-4.)"""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from mprun.config import SCHEMAS
+
+    body = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+    (base,) = [d for d in body.pop("defaults") if d != "_self_"]
+    if base.startswith("/"):  # a schema: its dataclass defaults
+        extended = OmegaConf.structured(SCHEMAS[base[1:].split("@")[0]])
+    else:  # another option of the group: what it composes to
+        from hydra import compose, initialize_config_dir
+
+        from mprun.cli import CONFIG_DIR
+
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            extended = compose("config", overrides=[f"{group}={base}"])[group]
+    restated = [k for k, v in body.items()
+                if not OmegaConf.is_missing(extended, k) and OmegaConf.to_container(OmegaConf.create({"v": extended[k]}),
+                                                                                     enum_to_str=True)["v"] == v]
+    assert not restated, f"conf/{group}/{option}.yaml restates {restated}: the schema (or {base}) already says so"
+
+
+def test_the_schema_defaults_are_the_values_runs_get(make_cfg) -> None:
+    """The drifted defaults were settled on what every run composed from conf/ already got."""
+    from mprun.optim import AdamWConfig, SGDConfig
+
+    assert AdamWConfig().lr == make_cfg().optimizer.lr == 3e-3
+    assert SGDConfig().weight_decay == make_cfg("optimizer=sgd").optimizer.weight_decay == 5e-4
