@@ -71,8 +71,8 @@ def mprun_loop(epochs: int) -> list[float]:
         state.epoch = epoch
         before = state.step
         start = time.perf_counter()
-        train_epoch(parts.model, parts.data.train, parts.optimizer, parts.scheduler, parts.precision, tracker,
-                    checked["trainer"], state, parts.device, Progress(epochs, 0, enabled=False))
+        train_epoch(parts, parts.data.train, checked["trainer"], state, tracker=tracker,
+                    progress=Progress(epochs, 0, enabled=False))
         per_step.append((time.perf_counter() - start) / (state.step - before))
     tracker.end("FINISHED")
     return per_step

@@ -87,8 +87,7 @@ def mprun_loop(parts, trainer):
     state, tracker, progress = TrainState(), NullTracker(), Progress(1, 0, enabled=False)
 
     def epoch() -> None:
-        train_epoch(parts.model, parts.data.train, parts.optimizer, parts.scheduler, parts.precision, tracker, trainer,
-                    state, parts.device, progress)
+        train_epoch(parts, parts.data.train, trainer, state, tracker=tracker, progress=progress)
 
     return epoch
 
@@ -226,7 +225,7 @@ def main() -> None:
     ap.add_argument("--redo", action="store_true", help="measure cells again that --out already holds for this GPU and torch")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
-    from mprun.loop import device_name
+    from mprun.hardware import device_name
 
     device = device_name(torch.device(args.device))
     cells = {key(c): c for c in earlier(args.out / "gpu_step.json", device, args)}

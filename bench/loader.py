@@ -30,7 +30,8 @@ from common import ROOT, at_least, compose, sync
 
 from mprun import build, config
 from mprun.data import TimedLoader, usable_cores
-from mprun.loop import INPUT_BOUND, TrainerConfig, TrainState, device_name, resolve_device, train_epoch
+from mprun.hardware import device_name, resolve_device
+from mprun.loop import INPUT_BOUND, TrainerConfig, TrainState, train_epoch
 from mprun.progress import Progress
 from mprun.tracking import NullTracker
 
@@ -94,8 +95,7 @@ def train_rate(overrides: list[str], warmup: int, steps: int) -> dict:
     batch = cfg.dataset.batch_size
     timed = TimedLoader(parts.data.train)
     window = Window(timed, warmup, warmup + steps, parts.device)
-    train_epoch(parts.model, window, parts.optimizer, parts.scheduler, parts.precision, NullTracker(), trainer,
-                TrainState(), parts.device, Progress(1, 0, enabled=False))
+    train_epoch(parts, window, trainer, TrainState(), tracker=NullTracker(), progress=Progress(1, 0, enabled=False))
     if not window.seconds:
         raise SystemExit(f"bench/loader.py: training stopped before batch {warmup + steps} (trainer.max_steps?)")
     return {"samples_per_s": steps * batch / window.seconds, "data_wait_frac": window.waited / window.seconds,

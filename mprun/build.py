@@ -17,24 +17,20 @@ from mprun import distributed, models, numerics
 from mprun.distributed import SINGLE, Strategy, World
 from mprun.data import DataBundle
 from mprun.errors import ConfigError
-from mprun.loop import TrainerConfig, planned_steps, resolve_device
+from mprun.hardware import resolve_device, set_math_flags
+from mprun.loop import TrainerConfig, Training, planned_steps
 from mprun.optim import implementation, prepare
 from mprun.precision import Precision
 from mprun.tracking import Tracker
 
 
 @dataclass
-class Components:
-    device: torch.device
-    precision: Precision
-    data: DataBundle
-    model: nn.Module  # what the loop calls: compiled if trainer.compile
+class Components(Training):
+    """Everything a run trains with: what the loop needs (Training) and what the run around it needs."""
+
     module: nn.Module  # the plain module: what checkpoints hold
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     fp32_modules: list[str]  # modules precision.fp32_modules matched, kept out of autocast
-    world: World  # rank and world size (1 outside torchrun)
     strategy: Strategy
 
 
@@ -60,7 +56,8 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     trainer: TrainerConfig = checked["trainer"]
     device = resolve_device(trainer.device, world.local_rank)
     precision = Precision(checked["precision"], device)
-    torch.backends.cudnn.benchmark = trainer.cudnn_benchmark  # process-global: set by every run, never inherited
+    # Process-global: set by every run, never inherited (experiment.run puts the caller's back afterwards).
+    set_math_flags(**precision.math_flags(), cudnn_benchmark=trainer.cudnn_benchmark)
     seed_everything(trainer.seed)
     data = dataset(cfg, trainer.seed, device)
     data.train.shard(world.rank, world.size)
@@ -87,8 +84,9 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     total = planned_steps(trainer, len(data.train))
     scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer=optimizer, total_steps=total)
     model = torch.compile(wrapped) if trainer.compile else wrapped
-    return Components(device, precision, data, model, module, optimizer, scheduler, total, fp32_modules, world,
-                      trainer.strategy)
+    return Components(model=model, data=data, optimizer=optimizer, scheduler=scheduler, precision=precision,
+                      device=device, world=world, module=module, total_steps=total, fp32_modules=fp32_modules,
+                      strategy=trainer.strategy)
 
 
 def _model_label(cfg: DictConfig) -> str:

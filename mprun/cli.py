@@ -16,8 +16,7 @@ from hydra.errors import CompactHydraException, ConfigCompositionException, Over
 from omegaconf import DictConfig  # noqa: E402
 
 from mprun import config, sweep  # noqa: E402
-from mprun.errors import ConfigError, NumericsError  # noqa: E402
-from mprun.tracking import TrackingLost  # noqa: E402
+from mprun.errors import ConfigError, MprunError, NumericsError  # noqa: E402
 
 log = logging.getLogger("mprun")
 config.register()
@@ -37,7 +36,7 @@ def _main(cfg: DictConfig) -> float:
     job = sweep.current_job()
     try:
         summary = run(cfg, STARTED if job is None else time.perf_counter(), job)
-    except (ConfigError, NumericsError, TrackingLost) as e:  # explained failures: one short line, no traceback
+    except MprunError as e:  # explained failures: one short line, no traceback
         message = f"mprun: {'stopped' if isinstance(e, NumericsError) else 'error'}: {e}"
         if job is not None:
             # Raising lets Hydra mark this job failed and run the rest of the sweep; exiting would end it.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -21,6 +21,18 @@ from mprun.errors import ConfigError, first_line
 # Settings that change where and how a run is recorded or continued, not what it computes: a resume may change them
 # without a warning, and the sweep report pairs a job with its fp32 baseline whatever they are.
 OUTCOME_NEUTRAL = ("paths", "trainer.resume", "trainer.progress", "tracking", "hydra")
+
+
+def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: a resolved config as flat keys (MLflow params, resume's differences)."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 def outcome_neutral(key: str) -> bool:

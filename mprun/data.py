@@ -286,7 +286,7 @@ class SeededSamples(torch.utils.data.Dataset):
     epoch, index): a sample is augmented the same way whichever worker loads it, however many workers there are,
     and after a resume (the workers' own RNG streams depend on all three). Its keys are the (epoch, index) pairs
     EpochKeys hands out. The process's RNG state is put back after each sample, which matters with no workers
-    (measured 4.7 µs a sample, 2 CPU cores, 2026-11-24, against milliseconds to decode an image)."""
+    (microseconds a sample, against milliseconds to decode an image)."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, seed: int) -> None:
         self.dataset, self.seed = dataset, seed
@@ -421,7 +421,7 @@ def _digits_csv() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
 
 
-def digits(batch_size: int, val_fraction: float, split_seed: int, seed: int, device: torch.device) -> DataBundle:
+def digits(*, batch_size: int, val_fraction: float, split_seed: int, seed: int, device: torch.device) -> DataBundle:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), held in memory."""
     raw = np.loadtxt(_digits_csv(), delimiter=",", dtype=np.float32)
     x = torch.from_numpy(raw[:, :-1]).reshape(-1, 1, 8, 8) / 8.0 - 1.0  # pixels are 0..16
@@ -434,7 +434,15 @@ def digits(batch_size: int, val_fraction: float, split_seed: int, seed: int, dev
 
 
 def synthetic(
-    batch_size: int, num_samples: int, val_samples: int, shape: List[int], num_classes: int, on_device: bool, seed: int, device: torch.device
+    *,
+    batch_size: int,
+    num_samples: int,
+    val_samples: int,
+    shape: List[int],
+    num_classes: int,
+    on_device: bool,
+    seed: int,
+    device: torch.device,
 ) -> DataBundle:
     """Random images and labels: for measuring speed and memory, not accuracy."""
     where = device if on_device else torch.device("cpu")
@@ -465,7 +473,7 @@ _VISION = {
 
 
 def torchvision_dataset(
-    name: VisionName, root: str, download: bool, seed: int, device: torch.device, **loader: int
+    *, name: VisionName, root: str, download: bool, seed: int, device: torch.device, **loader: int
 ) -> DataBundle:
     # loader: batch_size, num_workers, prefetch_factor (LoaderConfig), passed through to EpochDataLoader.
     """MNIST, Fashion-MNIST, CIFAR-10/100 from disk, downloaded only when dataset.download=true."""
@@ -497,7 +505,7 @@ def torchvision_dataset(
 
 
 def image_folder(
-    root: str, train_dir: str, val_dir: str, image_size: int, seed: int, device: torch.device, **loader: int
+    *, root: str, train_dir: str, val_dir: str, image_size: int, seed: int, device: torch.device, **loader: int
 ) -> DataBundle:
     """root/train/<class>/*.jpg and root/val/<class>/*.jpg, resized to image_size, ImageNet-normalized."""
     import torchvision

@@ -55,10 +55,6 @@ class World:
         """Host numbers summed elementwise over ranks (a collective)."""
         return self._reduce(values, "SUM")
 
-    def mean(self, value: float) -> float:
-        """The average of a host number over ranks (a collective)."""
-        return self.sum([value])[0] / self.size
-
     def max(self, value: float) -> float:
         """The largest of a host number over ranks (a collective)."""
         return self._reduce([value], "MAX")[0]
@@ -84,7 +80,7 @@ def start(strategy: Strategy, want_cuda: bool) -> World:
     if not dist.is_initialized():
         if want_cuda:
             torch.cuda.set_device(world.local_rank)
-        # gloo reduces CPU tensors; World.mean/any use CPU tensors, so CUDA jobs get both backends.
+        # gloo reduces CPU tensors (World's host-number collectives), so CUDA jobs get both backends.
         dist.init_process_group("cpu:gloo,cuda:nccl" if want_cuda else "gloo")
     return world
 
@@ -115,16 +111,9 @@ def wrap(module: nn.Module, strategy: Strategy, device: torch.device, precision:
 
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     if strategy is Strategy.fsdp:
-        if precision.name.value == "fp16" and precision.loss_scale.value != "none":
-            raise ConfigError("trainer.strategy=fsdp with fp16 loss scaling is not supported by mprun (FSDP2 needs a sharded "
-                              "grad scaler); use precision=bf16 or fp32 with fsdp, or trainer.strategy=ddp for fp16")
-        if fp32_modules:
-            raise ConfigError("precision.fp32_modules with trainer.strategy=fsdp is not supported by mprun (FSDP2 casts "
-                              "every parameter to the policy's dtype); use trainer.strategy=ddp")
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        # bf16: compute (params) in bf16, reduce gradients in fp32; fp32/tf32: all fp32.
-        policy = MixedPrecisionPolicy(param_dtype=precision.autocast_dtype, reduce_dtype=torch.float32)
+        policy = precision.fsdp_policy(fp32_modules)  # refuses what FSDP2 cannot shard correctly
         for unit in fsdp_units(module):  # shard each block, then the root
             fully_shard(unit, mp_policy=policy)
         fully_shard(module, mp_policy=policy)

@@ -1,8 +1,26 @@
-"""The one exception type for a user's mistake: shown as a short message, never a traceback."""
+"""mprun's exception types: every error mprun explains itself derives from MprunError, which the CLI prints as one
+short line (exit 2 for a user's mistake, 1 otherwise), never a traceback. No other module defines an exception."""
 
 
-class ConfigError(ValueError):
+class MprunError(Exception):
+    """An error mprun has explained: its message says what happened and what to do."""
+
+
+class ConfigError(MprunError, ValueError):
     """Bad user input (config value, missing data, unusable device): message names the key and the valid choices."""
+
+
+class NumericsError(MprunError, RuntimeError):
+    """The numerics policy stopped the run; `report` says why and what was seen."""
+
+    def __init__(self, diagnosis: str, report: dict) -> None:
+        super().__init__(diagnosis)
+        self.diagnosis = diagnosis
+        self.report = report
+
+
+class TrackingLost(MprunError, RuntimeError):
+    """The tracking store went away mid-run and tracking.on_unreachable=fail says stop."""
 
 
 def first_line(text: object, default: str = "") -> str:
@@ -15,12 +33,3 @@ def require(ok: bool, message: str) -> None:
     """Raise ConfigError(message) unless ok."""
     if not ok:
         raise ConfigError(message)
-
-
-class NumericsError(RuntimeError):
-    """The numerics policy stopped the run; `report` says why and what was seen."""
-
-    def __init__(self, diagnosis: str, report: dict) -> None:
-        super().__init__(diagnosis)
-        self.diagnosis = diagnosis
-        self.report = report

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 import resource
 import signal
 import statistics
@@ -30,18 +29,13 @@ from mprun.checkpoint import unwrap, user_module
 from mprun.data import Batch, DataBundle, Loader, TimedLoader
 from mprun.distributed import SINGLE, Strategy, World
 from mprun.errors import require
+from mprun.hardware import DeviceName
 from mprun.interrupts import GracefulStop
 from mprun.precision import Precision
 from mprun.progress import Progress
 from mprun.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-class DeviceName(Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class ProgressMode(Enum):
@@ -87,25 +81,6 @@ class TrainerConfig:
         require(self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1")
 
 
-def resolve_device(name: DeviceName, local_rank: int = 0) -> torch.device:
-    """auto: the GPU when there is one (this rank's, under torchrun). Asking for cuda without one is an
-    error, not a silent CPU run."""
-    require(
-        name is not DeviceName.cuda or torch.cuda.is_available(),
-        "trainer.device=cuda but no CUDA GPU is visible; choose trainer.device=cpu or auto",
-    )
-    if name is DeviceName.cpu or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
-def device_name(device: torch.device) -> str:
-    """The hardware in words, for tags and benchmark tables: the GPU's name, or the CPU's."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
-
-
 @dataclass
 class TrainState:
     """Progress counters: what a checkpoint needs to know where training stands, down to the batch.
@@ -136,6 +111,19 @@ class TrainState:
             progress.setdefault("epoch_loss_steps", float(steps))
             progress.setdefault("logged_loss_steps", float(steps - window))
         return cls(**progress)
+
+
+@dataclass
+class Training:
+    """The built objects the loop trains with (mprun.build.Components adds what the run around it needs)."""
+
+    model: nn.Module  # what the loop calls: DDP-wrapped, FSDP-sharded and/or compiled as configured
+    data: DataBundle
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
+    device: torch.device
+    world: World
 
 
 @dataclass
@@ -229,7 +217,12 @@ def _chunks(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
 
 
 def train_step(
-    model: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, precision: Precision, want_norm: bool,
+    model: nn.Module,
+    micro_batches: list[Batch],
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    *,
+    want_norm: bool,
     stats: Optional[dict] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Forward/backward over the micro-batches, then one optimizer step: (mean loss, grad norm or None).
@@ -263,13 +256,21 @@ Checkpointer = Callable[[TrainState], None]
 
 
 def train_epoch(
-    model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-    precision: Precision, tracker: Tracker, cfg: TrainerConfig, state: TrainState, device: torch.device, progress: Progress,
-    stop: Optional[GracefulStop] = None, checkpoint: Optional[Checkpointer] = None, guard: Optional[numerics.Guard] = None,
-    world: World = SINGLE,
+    run: Training,
+    loader: Loader,
+    cfg: TrainerConfig,
+    state: TrainState,
+    *,
+    tracker: Tracker,
+    progress: Progress,
+    stop: Optional[GracefulStop] = None,
+    checkpoint: Optional[Checkpointer] = None,
+    guard: Optional[numerics.Guard] = None,
 ) -> Optional[float]:
     """One pass over the training data (the rest of it, when resumed mid-epoch): the epoch's mean loss,
     or None if a stop signal ended it early (state then says exactly where, for the checkpoint)."""
+    model, optimizer, scheduler, precision = run.model, run.optimizer, run.scheduler, run.precision
+    device, world = run.device, run.world
     model.train()
     loader.set_epoch(state.epoch, state.batch_in_epoch)
     # [loss sum, steps counted] stays on the device: no sync per step
@@ -340,8 +341,15 @@ def _mean(loss_sum: float, steps: float) -> float:
     return loss_sum / steps if steps else float("nan")
 
 
-def evaluate(model: nn.Module, loader: Loader, precision: Precision, device: torch.device, channels_last: bool,
-             world: World = SINGLE) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    loader: Loader,
+    precision: Precision,
+    device: torch.device,
+    *,
+    channels_last: bool = False,
+    world: World = SINGLE,
+) -> tuple[float, float]:
     """Validation (loss, accuracy) under the run's autocast. Each rank evaluates its share of the set (the loader
     is sharded); one host sync and one all-reduce at the end."""
     model.eval()
@@ -370,13 +378,18 @@ def _warn_input_bound(frac: float, loader: Loader, rate: float) -> None:
 
 
 def fit(
-    model: nn.Module, data: DataBundle, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-    precision: Precision, tracker: Tracker, cfg: TrainerConfig, device: torch.device, state: Optional[TrainState] = None,
-    stop: Optional[GracefulStop] = None, checkpoint: Optional[Checkpointer] = None, guard: Optional[numerics.Guard] = None,
-    world: World = SINGLE,
+    run: Training,
+    cfg: TrainerConfig,
+    tracker: Tracker,
+    state: Optional[TrainState] = None,
+    *,
+    stop: Optional[GracefulStop] = None,
+    checkpoint: Optional[Checkpointer] = None,
+    guard: Optional[numerics.Guard] = None,
 ) -> FitResult:
     """Train for max_epochs (or max_steps) from `state`, evaluating every eval_every_epochs and at the end;
     `checkpoint(state)` is called every checkpoint_every_steps steps and checkpoint_every_epochs epochs."""
+    device, world, data = run.device, run.world, run.data
     state = state or TrainState()
     result = FitResult()
     progress = Progress.create(cfg.progress.value, planned_epochs(cfg, len(data.train)), len(data.train))
@@ -398,52 +411,56 @@ def fit(
         checkpoint(s)
         clock_in()
 
-    while not finished(state, cfg):
-        running = state.epoch  # the epoch under way (0-based); it stays the count when max_steps ends it midway
-        progress.start_epoch(running)
-        before, samples_before, from_start = state.train_time_s, state.samples, state.batch_in_epoch == 0
-        clock_in()
-        train_loss = train_epoch(model, train, optimizer, scheduler, precision, tracker, cfg, state, device, progress,
-                                 stop, timed_checkpoint if checkpoint is not None else None, guard, world)
-        clock_out()
-        if train_loss is None:
-            result.interrupted = (stop.signum or signal.SIGTERM) if stop is not None else None  # agreed stop: some rank got it
-            break
-        seconds = state.train_time_s - before
-        waited = world.max(train.take())  # the hungriest rank holds the others up
-        # An epoch resumed from a checkpoint taken at its last batch has nothing left to train: no timing of it.
-        trained = state.samples > samples_before
-        metrics = {"perf/peak_mem_mib": world.max(peak_memory_mib(device))}  # the fullest rank's
-        if trained:
-            result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
-            result.epoch_waits.append(waited / seconds)
-            metrics.update({"perf/samples_per_s": result.epoch_rates[-1], "perf/data_wait_frac": result.epoch_waits[-1]})
-            whole = from_start and state.batch_in_epoch == 0  # a resumed or max_steps-cut pass is no epoch's time
-            result.epoch_times.append(seconds if whole else None)
-            if whole:
-                metrics["perf/epoch_time_s"] = seconds
-        result.train_loss = train_loss
-        state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
-        done = finished(state, cfg)
-        # Judged like the throughput: the first epoch (worker start-up) only when it is the only one.
-        if not warned and trained and result.epoch_waits[-1] > INPUT_BOUND and (len(result.epoch_waits) > 1 or done) \
-                and world.is_main:
-            _warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
-            warned = True
-        if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or done:
-            result.val_loss, result.val_acc = evaluate(model, data.val, precision, device, cfg.channels_last, world)
-            metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
-        tracker.log_metrics(metrics, state.step)
-        progress.end_epoch(running + 1, {"train_loss": result.train_loss, **metrics})
-        if checkpoint is not None and cfg.checkpoint_every_epochs and state.epoch % cfg.checkpoint_every_epochs == 0 \
-                and not done:  # the final checkpoint follows anyway
-            checkpoint(state)
-        if stop is not None and world.any(stop.requested):  # arrived during the epoch's last step or evaluation
-            # After the last epoch's evaluation training is complete: the run finishes as such (the caller still
-            # stops when it is recorded); otherwise it is interrupted, to be resumed.
-            result.interrupted = None if done else stop.signum or signal.SIGTERM
-            break
-    progress.close()
+    try:
+        while not finished(state, cfg):
+            running = state.epoch  # the epoch under way (0-based); it stays the count when max_steps ends it midway
+            progress.start_epoch(running)
+            before, samples_before, from_start = state.train_time_s, state.samples, state.batch_in_epoch == 0
+            clock_in()
+            train_loss = train_epoch(run, train, cfg, state, tracker=tracker, progress=progress, stop=stop,
+                                     checkpoint=timed_checkpoint if checkpoint is not None else None, guard=guard)
+            clock_out()
+            if train_loss is None:
+                result.interrupted = (stop.signum or signal.SIGTERM) if stop is not None else None  # agreed stop: some rank got it
+                break
+            seconds = state.train_time_s - before
+            waited = world.max(train.take())  # the hungriest rank holds the others up
+            # An epoch resumed from a checkpoint taken at its last batch has nothing left to train: no timing of it.
+            trained = state.samples > samples_before
+            metrics = {"perf/peak_mem_mib": world.max(peak_memory_mib(device))}  # the fullest rank's
+            if trained:
+                result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
+                result.epoch_waits.append(waited / seconds)
+                metrics.update({"perf/samples_per_s": result.epoch_rates[-1], "perf/data_wait_frac": result.epoch_waits[-1]})
+                whole = from_start and state.batch_in_epoch == 0  # a resumed or max_steps-cut pass is no epoch's time
+                result.epoch_times.append(seconds if whole else None)
+                if whole:
+                    metrics["perf/epoch_time_s"] = seconds
+            result.train_loss = train_loss
+            state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
+            done = finished(state, cfg)
+            # Judged like the throughput: the first epoch (worker start-up) only when it is the only one.
+            if not warned and trained and result.epoch_waits[-1] > INPUT_BOUND and (len(result.epoch_waits) > 1 or done) \
+                    and world.is_main:
+                _warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
+                warned = True
+            if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or done:
+                result.val_loss, result.val_acc = evaluate(
+                    run.model, data.val, run.precision, device, channels_last=cfg.channels_last, world=world
+                )
+                metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
+            tracker.log_metrics(metrics, state.step)
+            progress.end_epoch(running + 1, {"train_loss": result.train_loss, **metrics})
+            if checkpoint is not None and cfg.checkpoint_every_epochs and state.epoch % cfg.checkpoint_every_epochs == 0 \
+                    and not done:  # the final checkpoint follows anyway
+                checkpoint(state)
+            if stop is not None and world.any(stop.requested):  # arrived during the epoch's last step or evaluation
+                # After the last epoch's evaluation training is complete: the run finishes as such (the caller still
+                # stops when it is recorded); otherwise it is interrupted, to be resumed.
+                result.interrupted = None if done else stop.signum or signal.SIGTERM
+                break
+    finally:
+        progress.close()  # the bar too, when a stop signal or an error ends an epoch early
     # Medians over epochs, leaving out the first (warm-up, compilation) when there are others.
     # No epoch timed in this process (stopped in its first, or resumed with nothing left to train): not measured.
     result.samples_per_s = _steady_median(result.epoch_rates)

@@ -131,7 +131,8 @@ _SET_BY_MPRUN = {"num_classes": "the dataset's class count", "in_chans": "the da
 
 
 def _extra(kwargs: Dict[str, Any] | None, reserved: tuple[str, ...]) -> dict[str, Any]:
-    """model.kwargs, without the arguments mprun sets (they used to end in "got multiple values for keyword argument")."""
+    """model.kwargs, without the arguments mprun sets from the dataset (passing one twice would fail with "got multiple
+    values for keyword argument")."""
     extra = dict(kwargs or {})
     for key in reserved:
         require(key not in extra, f"model.kwargs.{key} is set by mprun ({_SET_BY_MPRUN[key]}): remove it from model.kwargs")

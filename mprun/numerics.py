@@ -240,43 +240,11 @@ class Stats:
 
 # ---------------------------------------------------------------- policy
 
-# Why a scale that never backs off keeps skipping, by precision.loss_scale (dynamic explains itself).
-_FIXED_SCALE = {"static": " (fixed by precision.loss_scale=static: lower precision.init_scale, or use dynamic)",
-                "none": " (pinned by precision.on_nonfinite=skip: these steps had inf/NaN gradients)"}
-
-
-# What to try after a stop, by the precision the run used: half precision has its own remedies; fp32 and tf32
-# (fp32's range) overflow only when the training itself diverges.
-_STOP_HINT = {
-    "fp16": " Try bf16 (fp32's exponent range, no scaler), a lower learning rate, gradient clipping, or "
-            "precision.fp32_modules for the module the tracer names.",
-    "bf16": " bf16 has fp32's exponent range, so this is rarely a range problem: try a lower learning rate, gradient "
-            "clipping, or precision.fp32_modules for the module the tracer names, and precision=fp32 to compare.",
-    "fp32": " fp32 overflows only when training diverges: try a lower learning rate or gradient clipping "
-            "(precision.grad_clip_norm).",
-}
-
-
 class _Problem(NamedTuple):
     kind: str  # warned once per kind
     action: str  # stop or warn
     text: str  # what happened (and, where its remedy is its own, what to try)
     nonfinite: bool = True  # made of inf/NaN values: traced, and a stop ends with the precision's remedies for those
-
-
-def _zero_gradient_hint(p: Any, scale: float) -> str:
-    """What to try when no gradient reaches the parameters, by the precision and loss scale the run used."""
-    if p.name.value != "fp16":
-        return (f" In {p.name.value} (fp32's exponent range) this is not underflow: check that the loss depends on the "
-                "parameters (a detached tensor, dead ReLUs)")
-    return {
-        "none": " Without a loss scale fp16 flushes gradients below 6e-8 to zero: use precision=fp16 (dynamic loss scale) "
-                "or bf16",
-        "static": f" The fixed loss scale {scale:g} does not lift these gradients into fp16's range: raise "
-                  "precision.init_scale, or use precision=fp16 (dynamic loss scale), or bf16",
-        "dynamic": f" The dynamic loss scale ({scale:g}) grows only after precision.growth_interval clean steps: a higher "
-                   "precision.init_scale lifts these gradients sooner; bf16 needs no scale",
-    }[p.loss_scale.value]
 
 
 class Guard:
@@ -338,10 +306,10 @@ class Guard:
         """Apply the policy to one log window's metrics."""
         p, cfg = self.precision, self.cfg
         problems: list[_Problem] = []
-        if not p.scaler.is_enabled() and not math.isfinite(metrics["train/loss"]):
+        if not p.can_skip_steps and not math.isfinite(metrics["train/loss"]):
             problems.append(_Problem("nonfinite_loss", "stop", f"non-finite training loss ({metrics['train/loss']}) in "
                                      f"{p.description}, which has no loss scaler to skip such steps"))
-        if p.scaler.is_enabled():  # dynamic, static, or skip mode's scale pinned at 1.0: steps can be skipped
+        if p.can_skip_steps:  # dynamic, static, or skip mode's scale pinned at 1.0
             scale, rate = metrics["amp/loss_scale"], metrics["amp/skip_rate"]
             self.high_skip_windows = self.high_skip_windows + 1 if rate > cfg.max_skip_rate else 0
             if p.dynamic_scaling and scale <= cfg.min_loss_scale:
@@ -352,7 +320,7 @@ class Guard:
                 problems.append(_Problem("skip_rate", cfg.on_collapse.value,
                                          f"over {cfg.max_skip_rate:.0%} of steps skipped in each of the last {self.high_skip_windows} "
                                          f"log windows ({rate:.0%} in the latest; precision.max_skip_rate={cfg.max_skip_rate:g}); "
-                                         f"loss scale {scale:g}{_FIXED_SCALE.get(p.loss_scale.value, '')}"))
+                                         f"loss scale {scale:g}{p.fixed_scale_note()}"))
         # Gradients all exactly zero while the loss is not: nothing trains (in fp16, typically underflow).
         zero = metrics.get("train/grad_norm") == 0.0 and metrics["train/loss"] > 0
         self.zero_grad_windows = self.zero_grad_windows + 1 if zero else 0
@@ -360,7 +328,7 @@ class Guard:
             scale = metrics.get("amp/loss_scale", 1.0)
             problems.append(_Problem("zero_gradients", cfg.on_collapse.value,
                                      f"every gradient was exactly zero at each of the last {self.zero_grad_windows} log steps "
-                                     f"while the training loss was {metrics['train/loss']:.4g}: nothing trains." + _zero_gradient_hint(p, scale),
+                                     f"while the training loss was {metrics['train/loss']:.4g}: nothing trains." + p.zero_gradient_hint(scale),
                                      nonfinite=False))
         for kind, action, text, nonfinite in problems:
             if action == "stop":
@@ -369,7 +337,7 @@ class Guard:
                 trace = (self._trace(model, batches, step, text) or (self.traces[-1] if self.traces else None)) if nonfinite else None
                 if trace:
                     report["trace"] = trace
-                hint = _STOP_HINT.get(p.name.value, _STOP_HINT["fp32"]) if nonfinite else ""
+                hint = p.stop_hint() if nonfinite else ""
                 raise NumericsError(f"step {step}: {text}." + (f" NaN tracer at step {trace['step']}: {trace['summary']}." if trace else "") + hint, report)
             if kind not in self.warned:  # once per kind
                 self.warned.add(kind)

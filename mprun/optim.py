@@ -142,7 +142,7 @@ class OneCycleConfig(SchedulerConfig):
 def _with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, shape: Callable[[int], float]) -> LRScheduler:
     # One LambdaLR instead of SequentialLR: a single multiplier, a single state_dict, no chaining quirks.
     # warmup_steps steps climb linearly (never at 0: that step would be wasted); the shape starts at step warmup_steps
-    # with the full rate, which is held for that one step (it was reached a step early and held for two).
+    # with the full rate, reached on exactly that step and held for it alone.
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / (warmup_steps + 1)) * shape(max(0, step - warmup_steps))
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import platform
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Optional
 
 import torch
 
+from mprun import hardware
 from mprun.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -143,24 +143,10 @@ HALF_ONLY = frozenset({"dtype", "loss_scale", "init_scale", "growth_factor", "ba
 _AUTOCAST_DTYPE = {PrecisionName.fp16: torch.float16, PrecisionName.bf16: torch.bfloat16}
 
 
-def cpu_amx_units() -> set[str]:
-    """The AMX units this CPU has (`amx_bf16`, `amx_fp16`); without one, CPU autocast to that dtype is emulated
-    (measured ~12x slower than fp32 here). AMX-BF16 Xeons before Granite Rapids have no AMX-FP16."""
-    if platform.system() != "Linux":
-        return set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return set()
-    return {unit for unit in ("amx_bf16", "amx_fp16") if unit in flags}
-
-
 def resolve(requested: PrecisionName, device: torch.device) -> tuple[PrecisionName, str]:
     """Map `auto` to what this device really runs fast, and reject what it cannot run; returns (name, why)."""
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        name = torch.cuda.get_device_name(device)
+        name, major, minor = hardware.gpu_capability(device)
         if requested is PrecisionName.auto:
             if major >= 8:
                 return PrecisionName.bf16, f"{name} (sm_{major}{minor}) has bf16 tensor cores"
@@ -173,84 +159,59 @@ def resolve(requested: PrecisionName, device: torch.device) -> tuple[PrecisionNa
                 "choose precision=fp16 (with loss scaling), tf32 or fp32"
             )
         if requested is PrecisionName.tf32 and major < 8:
-            raise ConfigError(f"precision=tf32 needs an Ampere or newer GPU; {name} is sm_{major}{minor}. Use fp32 or fp16")
+            raise ConfigError(
+                f"precision=tf32 needs an Ampere or newer GPU; {name} is sm_{major}{minor}. Use fp32 or fp16"
+            )
         return requested, "requested"
     # CPU
     if requested is PrecisionName.auto:
-        if "amx_bf16" in cpu_amx_units():
+        if "amx_bf16" in hardware.cpu_amx_units():
             return PrecisionName.bf16, "CPU has AMX-BF16"
         return PrecisionName.fp32, "CPU without fast bf16 (autocast would be emulated and slower)"
     if requested is PrecisionName.tf32:  # TF32 is a GPU tensor-core format: a CPU computes in full fp32
         return requested, "requested; on a CPU tf32 runs as plain fp32"
-    if requested in _AUTOCAST_DTYPE and f"amx_{requested.value}" not in cpu_amx_units():
+    if requested.half and f"amx_{requested.value}" not in hardware.cpu_amx_units():
         log.warning(
             "precision=%s on a CPU without AMX-%s runs in emulation: correct, but slower than fp32 "
             "(measured ~12x on a 2-core AVX2 machine). Useful for numerics experiments, not for speed.",
-            requested.value, requested.value.upper(),
+            requested.value,
+            requested.value.upper(),
         )
     return requested, "requested"
 
 
-def set_matmul_flags(name: PrecisionName, device: torch.device) -> None:
-    """Set TF32 flags explicitly every run: they are process-global and must not leak between jobs.
+# What to try after a numerics stop made of inf/NaN values, by the precision the run used: half precision has its
+# own remedies; fp32 and tf32 (fp32's range) overflow only when the training itself diverges.
+_STOP_HINT = {
+    PrecisionName.fp16: " Try bf16 (fp32's exponent range, no scaler), a lower learning rate, gradient clipping, or "
+    "precision.fp32_modules for the module the tracer names.",
+    PrecisionName.bf16: " bf16 has fp32's exponent range, so this is rarely a range problem: try a lower learning "
+    "rate, gradient clipping, or precision.fp32_modules for the module the tracer names, and precision=fp32 to "
+    "compare.",
+}
+_FP32_STOP_HINT = (
+    " fp32 overflows only when training diverges: try a lower learning rate or gradient clipping "
+    "(precision.grad_clip_norm)."
+)
 
-    Matmuls through torch.set_float32_matmul_precision, which sets cuBLAS and oneDNN alike: setting only the legacy
-    cuBLAS flag over a caller's set_float32_matmul_precision("high") leaves torch unable to read the precision back
-    (a RuntimeError from torch.get_float32_matmul_precision(), which max-autotune compilation calls)."""
-    torch.set_float32_matmul_precision("high" if name is PrecisionName.tf32 else "highest")
-    # cuDNN convs default to TF32 in torch; true fp32 must turn it off. Under fp16/bf16 the fp32
-    # leftovers keep torch's default (cuDNN TF32 on) as a hand-written torch.amp loop would.
-    torch.backends.cudnn.allow_tf32 = name is not PrecisionName.fp32
-
-
-def _readable(flag: Callable[[], object]) -> object:
-    """A TF32 flag's value, or None where torch cannot read it (a caller mixed its legacy and new TF32 APIs)."""
-    try:
-        return flag()
-    except RuntimeError:
-        return None
-
-
-def _precision_knobs() -> list[Any]:
-    """torch >= 2.9's per-backend TF32 settings (`.fp32_precision`) that the run's flags touch; [] before 2.9."""
-    b = torch.backends
-    knobs = [b.cuda.matmul, b.mkldnn.matmul, b.cudnn.conv, b.cudnn.rnn]
-    return knobs if all(hasattr(k, "fp32_precision") for k in knobs) else []
-
-
-@contextlib.contextmanager
-def process_flags_restored() -> Iterator[None]:
-    """Around a run: put back the process-global math flags it sets (TF32 for matmuls and cuDNN, cuDNN autotuning),
-    so a caller's later work (a notebook, the next job of a joblib worker) runs as it did before the run.
-
-    Restored through the APIs the run sets them with, then each backend's own setting (torch >= 2.9), which those
-    APIs set more widely (set_float32_matmul_precision sets oneDNN's too). A flag torch cannot read through its
-    legacy API (a caller mixed the legacy and new TF32 APIs) is put back through the per-backend setting alone."""
-    cudnn, knobs = torch.backends.cudnn, _precision_knobs()
-    matmul, tf32, benchmark = _readable(torch.get_float32_matmul_precision), _readable(lambda: cudnn.allow_tf32), cudnn.benchmark
-    per_backend = [k.fp32_precision for k in knobs]
-    try:
-        yield
-    finally:
-        if matmul is not None:
-            torch.set_float32_matmul_precision(matmul)  # it also sets torch.backends.cuda.matmul.allow_tf32
-        if tf32 is not None:
-            cudnn.allow_tf32 = tf32
-        for knob, value in zip(knobs, per_backend):
-            knob.fp32_precision = value
-        cudnn.benchmark = benchmark
+# Why a scale that never backs off keeps skipping, by the loss scaling in force (dynamic explains itself).
+_FIXED_SCALE = {
+    LossScale.static: " (fixed by precision.loss_scale=static: lower precision.init_scale, or use dynamic)",
+    LossScale.none: " (pinned by precision.on_nonfinite=skip: these steps had inf/NaN gradients)",
+}
 
 
 class Precision:
-    """Owns autocast, the (possibly disabled) GradScaler, the optimizer step and AMP telemetry."""
+    """Owns autocast, the (possibly disabled) GradScaler, the optimizer step and AMP telemetry, and answers every
+    question other modules have about the precision in force. Building one changes no global state: the run applies
+    `math_flags()` (and puts the caller's back after)."""
 
     def __init__(self, cfg: PrecisionConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
         self.name, self.reason = resolve(cfg.dtype, device)
-        set_matmul_flags(self.name, device)
         self.autocast_dtype = _AUTOCAST_DTYPE.get(self.name)
-        self.loss_scale = cfg.loss_scale if self.name is PrecisionName.fp16 else LossScale.none
+        self.loss_scale = cfg.loss_scale if self.name.scales_loss else LossScale.none
         # on_nonfinite=skip without a loss scale: a GradScaler pinned at 1.0 finds and skips non-finite steps.
         self.skip_mode = self.loss_scale is LossScale.none and cfg.on_nonfinite is NonFinite.skip
         self.dynamic_scaling = self.loss_scale is LossScale.dynamic
@@ -279,10 +240,69 @@ class Precision:
         self._window = [0, 0]  # [skipped, attempted] steps of the current log window, as of the last refresh
         self._window_steps = 0  # attempted steps since the last telemetry()
 
+    def math_flags(self) -> dict[str, bool]:
+        """The TF32 flags this precision runs with, for hardware.set_math_flags. cuDNN convolutions default to TF32 in
+        torch, so true fp32 turns that off; under fp16/bf16 the fp32 leftovers keep torch's default (cuDNN TF32 on),
+        as a hand-written torch.amp loop would."""
+        return {"tf32_matmul": self.name is PrecisionName.tf32, "cudnn_tf32": self.name is not PrecisionName.fp32}
+
+    @property
+    def can_skip_steps(self) -> bool:
+        """Whether a step can be skipped: there is a loss scale (dynamic or static), or on_nonfinite=skip's scaler
+        pinned at 1.0 finds and skips non-finite steps. Without, every step is applied, inf/NaN or not."""
+        return self.scaler.is_enabled()
+
+    def fsdp_policy(self, fp32_modules: list[str]) -> Any:
+        """FSDP2's MixedPrecisionPolicy for this precision: parameters in the autocast dtype (fp32 when there is
+        none), gradients reduced in fp32. A precision that needs a GradScaler is refused: each rank's GradScaler
+        finds inf/NaN in its own shard only, so ranks would skip different steps and their replicas drift apart."""
+        if self.can_skip_steps:
+            why = ("fp16 with a loss scale" if self.loss_scale is not LossScale.none
+                   else f"precision.on_nonfinite=skip ({self.name.value})")
+            fix = ("use precision=bf16 or fp32 with fsdp, or trainer.strategy=ddp for fp16"
+                   if self.loss_scale is not LossScale.none
+                   else "use precision.on_nonfinite=stop with fsdp, or trainer.strategy=ddp to skip such steps")
+            raise ConfigError(
+                f"trainer.strategy=fsdp with {why} is not supported by mprun: skipping a step needs a grad scaler "
+                f"whose inf/NaN check all ranks agree on, which FSDP2's sharded gradients do not have; {fix}"
+            )
+        if fp32_modules:
+            raise ConfigError(
+                "precision.fp32_modules with trainer.strategy=fsdp is not supported by mprun (FSDP2 casts every "
+                "parameter to the policy's dtype); use trainer.strategy=ddp"
+            )
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
+
+    def stop_hint(self) -> str:
+        """What to try after a stop made of inf/NaN values, for this precision."""
+        return _STOP_HINT.get(self.name, _FP32_STOP_HINT)
+
+    def fixed_scale_note(self) -> str:
+        """Why a scale that never backs off keeps skipping steps ('' for a dynamic scale, which explains itself)."""
+        return _FIXED_SCALE.get(self.loss_scale, "")
+
+    def zero_gradient_hint(self, scale: float) -> str:
+        """What to try when no gradient reaches the parameters, by the precision and loss scale in force."""
+        if not self.name.scales_loss:
+            return (
+                f" In {self.name.value} (fp32's exponent range) this is not underflow: check that the loss depends on "
+                "the parameters (a detached tensor, dead ReLUs)"
+            )
+        return {
+            LossScale.none: " Without a loss scale fp16 flushes gradients below 6e-8 to zero: use precision=fp16 "
+            "(dynamic loss scale) or bf16",
+            LossScale.static: f" The fixed loss scale {scale:g} does not lift these gradients into fp16's range: "
+            "raise precision.init_scale, or use precision=fp16 (dynamic loss scale), or bf16",
+            LossScale.dynamic: f" The dynamic loss scale ({scale:g}) grows only after precision.growth_interval clean "
+            "steps: a higher precision.init_scale lifts these gradients sooner; bf16 needs no scale",
+        }[self.loss_scale]
+
     @property
     def description(self) -> str:
         """Human-readable resolved precision, e.g. 'fp16 (dynamic loss scale)'."""
-        if self.name is PrecisionName.fp16:
+        if self.name.scales_loss:
             return "fp16 (no loss scale)" if self.loss_scale is LossScale.none else f"fp16 ({self.loss_scale.value} loss scale)"
         return self.name.value
 

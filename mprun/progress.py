@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Mapping
+from typing import Any, Mapping
 
 log = logging.getLogger("mprun")
 
@@ -47,9 +47,12 @@ class Progress:
 class BarProgress(Progress):
     """tqdm bar per epoch, updated only with values the loop already synced at log steps."""
 
+    bar: Any = None  # the open epoch's bar
+
     def start_epoch(self, epoch: int) -> None:
         from tqdm import tqdm
 
+        self.close()
         self.bar = tqdm(total=self.batches, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
 
     def advance(self, n: int) -> None:
@@ -59,5 +62,11 @@ class BarProgress(Progress):
         self.bar.set_postfix_str(_fmt(values), refresh=False)
 
     def end_epoch(self, epoch: int, values: Mapping[str, float]) -> None:
-        self.bar.close()
+        self.close()
         super().end_epoch(epoch, values)
+
+    def close(self) -> None:
+        """Close the open bar, if any: at an epoch's end, and when a stop signal or an error ends it early."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -19,7 +19,7 @@ from typing import Any, Callable, ContextManager, Mapping, Optional
 
 from omegaconf import MISSING
 
-from mprun.errors import ConfigError, first_line
+from mprun.errors import ConfigError, TrackingLost, first_line
 from mprun.interrupts import deferred_signals
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,6 @@ class NullTracker(Tracker):
 
     def describe(self) -> list[str]:
         return ["tracking    off (tracking=none)"]
-
-
-class TrackingLost(RuntimeError):
-    """The tracking store went away mid-run and the policy says stop."""
 
 
 def unusable(uri: str, why: str) -> ConfigError:

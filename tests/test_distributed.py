@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import run_cli
+from conftest import run_cli, run_statuses
 from mprun import checkpoint
 
 COMMON = ["model=simple_mlp", "scheduler=none", "trainer.max_epochs=1", "trainer.log_every_steps=1", "trainer.progress=off",
@@ -101,7 +101,8 @@ def test_evaluate_leaves_a_shards_padding_out() -> None:
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
     loader = TensorLoader(x, y, batch_size=2, shuffle=False)
     loader.shard(1, 3)  # samples 1, 4, 7, then sample 0 again: padding up to whole batches of 2
-    loss, acc = evaluate(model, loader, Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu")), torch.device("cpu"), False)
+    fp32 = Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu"))
+    loss, acc = evaluate(model, loader, fp32, torch.device("cpu"))
     mine = torch.tensor([1, 4, 7])
     with torch.no_grad():
         logits = model(x[mine])
@@ -176,10 +177,19 @@ def test_fsdp_units_are_blocks_not_stages(family: str, name: str) -> None:
         assert sorted(names[id(u)] for u in units if names[id(u)].startswith("blocks.")) == sorted(f"blocks.{i}" for i in range(12))
 
 
-def test_fsdp_with_fp16_loss_scaling_is_a_clear_error(tmp_path: Path) -> None:
-    proc = torchrun("trainer.strategy=fsdp", "precision=fp16", "trainer.max_steps=1", cwd=tmp_path)
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,why", [(["precision=fp16"], "fp16 with a loss scale"),
+                                           (["precision=bf16", "precision.on_nonfinite=skip"], "precision.on_nonfinite=skip (bf16)")],
+                         ids=["fp16", "bf16-skip"])
+def test_fsdp_refuses_a_precision_that_can_skip_steps(tmp_path: Path, precision: list[str], why: str) -> None:
+    """Each rank's GradScaler sees only its own gradient shards, so ranks could skip different steps: a precision that
+    needs one (fp16's loss scale, or bf16 with on_nonfinite=skip, whose scaler was enabled under FSDP2) is refused on
+    every rank before training, with no run left open."""
+    proc = torchrun("trainer.strategy=fsdp", *precision, "trainer.max_steps=1", cwd=tmp_path)
     assert proc.returncode != 0
-    assert "mprun: error: trainer.strategy=fsdp with fp16 loss scaling is not supported" in proc.stderr
+    assert f"mprun: error: trainer.strategy=fsdp with {why} is not supported by mprun" in proc.stderr
+    assert 'File "' + str(Path(checkpoint.__file__).parent) not in proc.stderr  # torchrun's own report only
+    assert run_statuses(tmp_path / "outputs" / "mlflow.db") == []
 
 
 def test_a_sweep_job_can_be_a_multi_process_ddp_job_through_submitit(tmp_path: Path) -> None:
@@ -213,7 +223,7 @@ def test_peak_memory_is_the_fullest_ranks() -> None:
 
     from mprun.data import DataBundle, TensorLoader
     from mprun.distributed import World
-    from mprun.loop import ProgressMode, TrainerConfig, fit
+    from mprun.loop import ProgressMode, TrainerConfig, Training, fit
     from mprun.optim import constant
     from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName
     from mprun.tracking import Tracker
@@ -226,7 +236,8 @@ def test_peak_memory_is_the_fullest_ranks() -> None:
     data = DataBundle("t", TensorLoader(x, y, 8, shuffle=True), TensorLoader(x, y, 8, shuffle=False), 1, (4,), 3)
     model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    result = fit(model, data, opt, constant(opt, total_steps=2, warmup_steps=0),
-                 Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu")), Tracker(),
-                 TrainerConfig(max_epochs=1, progress=ProgressMode.off), torch.device("cpu"), world=AnotherRankIsFuller())
+    fp32 = Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu"))
+    run = Training(model=model, data=data, optimizer=opt, scheduler=constant(opt, total_steps=2, warmup_steps=0),
+                   precision=fp32, device=torch.device("cpu"), world=AnotherRankIsFuller())
+    result = fit(run, TrainerConfig(max_epochs=1, progress=ProgressMode.off), Tracker())
     assert result.peak_mem_mib == 1e7

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from mprun.data import TensorLoader
-from mprun.loop import TrainerConfig, TrainState, train_epoch, train_step
+from mprun.data import DataBundle, TensorLoader
+from mprun.distributed import SINGLE
+from mprun.hardware import math_flags_restored, set_math_flags
+from mprun.loop import Training, TrainerConfig, TrainState, train_epoch, train_step
 from mprun.optim import constant, implementation, prepare
-from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName, process_flags_restored, resolve
+from mprun.errors import ConfigError
+from mprun.precision import LossScale, NonFinite, Precision, PrecisionConfig, PrecisionName, resolve
 from mprun.progress import Progress
 from mprun.tracking import Tracker
 
@@ -48,6 +52,12 @@ class InfOnSteps(nn.Module):
         return self.fc(x)
 
 
+def training(model: nn.Module, opt: torch.optim.Optimizer, sched, precision: Precision) -> Training:
+    """The loop's built objects for a model on DEVICE; the data comes as the loader train_epoch is given."""
+    return Training(model=model, data=None, optimizer=opt, scheduler=sched, precision=precision, device=DEVICE,
+                    world=SINGLE)
+
+
 def run_epoch(model: nn.Module, precision: Precision, steps: int, log_every: int = 1):
     torch.manual_seed(0)
     x, y = torch.randn(steps * 8, 4, device=DEVICE), torch.randint(0, 3, (steps * 8,), device=DEVICE)
@@ -57,8 +67,8 @@ def run_epoch(model: nn.Module, precision: Precision, steps: int, log_every: int
     state = TrainState()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_epoch(model, TensorLoader(x, y, 8, shuffle=True), opt, sched, precision, Tracker(), cfg, state, DEVICE,
-                    Progress(1, steps, enabled=False))
+        train_epoch(training(model, opt, sched, precision), TensorLoader(x, y, 8, shuffle=True), cfg, state,
+                    tracker=Tracker(), progress=Progress(1, steps, enabled=False))
     return sched, state, caught
 
 
@@ -87,8 +97,9 @@ def epoch_on(model: nn.Module, precision: Precision, x: torch.Tensor, y: torch.T
     """One epoch of 6 steps of 8 samples in order, logging every 2: (the epoch's mean loss, the logged train/loss)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, **implementation())
     tracker = Recorder()
-    mean = train_epoch(model, TensorLoader(x, y, 8, shuffle=False), opt, constant(opt, total_steps=6, warmup_steps=0),
-                       precision, tracker, TrainerConfig(log_every_steps=2), TrainState(), DEVICE, Progress(1, 6, enabled=False))
+    run = training(model, opt, constant(opt, total_steps=6, warmup_steps=0), precision)
+    mean = train_epoch(run, TensorLoader(x, y, 8, shuffle=False), TrainerConfig(log_every_steps=2), TrainState(),
+                       tracker=tracker, progress=Progress(1, 6, enabled=False))
     return mean, [m["train/loss"] for m in tracker.logged]
 
 
@@ -224,13 +235,13 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
 
 
 def test_auto_is_fp32_on_a_cpu_without_amx(monkeypatch) -> None:
-    monkeypatch.setattr("mprun.precision.cpu_amx_units", set)
+    monkeypatch.setattr("mprun.hardware.cpu_amx_units", set)
     name, why = resolve(PrecisionName.auto, CPU)
     assert name is PrecisionName.fp32 and "CPU" in why
 
 
 def test_auto_is_bf16_on_a_cpu_with_amx(monkeypatch) -> None:
-    monkeypatch.setattr("mprun.precision.cpu_amx_units", lambda: {"amx_bf16"})
+    monkeypatch.setattr("mprun.hardware.cpu_amx_units", lambda: {"amx_bf16"})
     assert resolve(PrecisionName.auto, CPU)[0] is PrecisionName.bf16
 
 
@@ -238,7 +249,7 @@ def test_auto_is_bf16_on_a_cpu_with_amx(monkeypatch) -> None:
                                             ({"amx_bf16", "amx_fp16"}, [])])
 def test_half_precision_the_cpu_has_no_amx_unit_for_warns(monkeypatch, caplog, units: set, emulated: list) -> None:
     # Sapphire Rapids has AMX-BF16 but no AMX-FP16: fp16 autocast there is emulated like on any other CPU.
-    monkeypatch.setattr("mprun.precision.cpu_amx_units", lambda: units)
+    monkeypatch.setattr("mprun.hardware.cpu_amx_units", lambda: units)
     for name in ("bf16", "fp16"):
         caplog.clear()
         assert resolve(PrecisionName(name), CPU)[0] is PrecisionName(name)
@@ -248,13 +259,14 @@ def test_half_precision_the_cpu_has_no_amx_unit_for_warns(monkeypatch, caplog, u
 @pytest.mark.parametrize("leftover", ["legacy", "set_float32_matmul_precision"])
 @pytest.mark.parametrize("name,matmul,cudnn", [("fp32", False, False), ("tf32", True, True), ("bf16", False, True)])
 def test_tf32_flags_are_set_every_run(name: str, matmul: bool, cudnn: bool, leftover: str) -> None:
-    with process_flags_restored():
+    with math_flags_restored():
         if leftover == "legacy":  # a previous job's leftovers
             torch.backends.cuda.matmul.allow_tf32 = not matmul
         else:  # the caller's own, through the API torch's docs recommend (it sets cuBLAS and oneDNN)
             torch.set_float32_matmul_precision("highest" if matmul else "high")
         torch.backends.cudnn.allow_tf32 = not cudnn
-        Precision(PrecisionConfig(dtype=PrecisionName(name), loss_scale=LossScale.none), DEVICE)
+        p = Precision(PrecisionConfig(dtype=PrecisionName(name), loss_scale=LossScale.none), DEVICE)
+        set_math_flags(**p.math_flags(), cudnn_benchmark=True)
         assert torch.backends.cuda.matmul.allow_tf32 is matmul
         assert torch.get_float32_matmul_precision() == ("high" if matmul else "highest")  # readable: no mixed state
         assert torch.backends.cudnn.allow_tf32 is cudnn
@@ -281,7 +293,7 @@ def test_a_run_puts_back_the_callers_tf32_settings_as_set(caller: str, name: str
     b = torch.backends
     if caller == "per_backend" and not hasattr(b.cuda.matmul, "fp32_precision"):
         pytest.skip("torch < 2.9 has no per-backend TF32 settings")
-    with process_flags_restored():  # this test's own changes do not outlive it
+    with math_flags_restored():  # this test's own changes do not outlive it
         if caller == "legacy":
             b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = True, False
         elif caller == "set_float32_matmul_precision":
@@ -289,8 +301,9 @@ def test_a_run_puts_back_the_callers_tf32_settings_as_set(caller: str, name: str
         else:
             b.cuda.matmul.fp32_precision = "tf32"
         before = _tf32_state()
-        with process_flags_restored():
-            Precision(PrecisionConfig(dtype=PrecisionName(name), loss_scale=LossScale.none), DEVICE)
+        with math_flags_restored():
+            p = Precision(PrecisionConfig(dtype=PrecisionName(name), loss_scale=LossScale.none), DEVICE)
+            set_math_flags(**p.math_flags(), cudnn_benchmark=False)
         after = _tf32_state()
         # Each backend's setting as the caller left it; a legacy flag the caller could read reads the same (one torch
         # could not read, after a mix of its APIs, may read again).
@@ -301,12 +314,12 @@ def test_a_run_puts_back_the_callers_tf32_settings_as_set(caller: str, name: str
 def test_the_cpus_amx_units_are_read_from_its_flags(monkeypatch) -> None:
     import io
 
-    import mprun.precision
+    import mprun.hardware
 
-    monkeypatch.setattr(mprun.precision.platform, "system", lambda: "Linux")
-    monkeypatch.setattr(mprun.precision, "open", lambda *a, **k: io.StringIO("flags : fpu amx_bf16 amx_tile amx_fp16\n"),
+    monkeypatch.setattr(mprun.hardware.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(mprun.hardware, "open", lambda *a, **k: io.StringIO("flags : fpu amx_bf16 amx_tile amx_fp16\n"),
                         raising=False)
-    assert mprun.precision.cpu_amx_units() == {"amx_bf16", "amx_fp16"}  # the file used to be read once per unit
+    assert mprun.hardware.cpu_amx_units() == {"amx_bf16", "amx_fp16"}  # the file used to be read once per unit
 
 
 def test_autocast_dtype_follows_precision() -> None:
@@ -412,3 +425,55 @@ def test_cpu_descriptions_say_what_runs() -> None:
     p.backward(w.sum())
     p.step(opt, [w], want_norm=False)
     assert p.scale_value() == 128.0
+
+
+def test_building_a_precision_changes_no_process_flag() -> None:
+    """The run applies the math flags (and puts the caller's back); building a Precision touches none of them."""
+    with math_flags_restored():
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = False
+        for name in ("fp32", "tf32", "bf16"):
+            Precision(PrecisionConfig(dtype=PrecisionName(name), loss_scale=LossScale.none), DEVICE)
+            assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", False), name
+
+
+@pytest.mark.parametrize("kw,why", [(dict(dtype=PrecisionName.fp16), "fp16 with a loss scale"),
+                                    (dict(dtype=PrecisionName.fp16, loss_scale=LossScale.static), "fp16 with a loss"),
+                                    (dict(dtype=PrecisionName.bf16, loss_scale=LossScale.none,
+                                          on_nonfinite=NonFinite.skip), "precision.on_nonfinite=skip (bf16)")])
+def test_fsdp_refuses_every_precision_that_can_skip_steps(kw: dict, why: str) -> None:
+    """bf16 with on_nonfinite=skip enabled a GradScaler under FSDP2 whose found-inf no rank agreed on."""
+    p = Precision(PrecisionConfig(**kw), CPU)
+    assert p.can_skip_steps
+    with pytest.raises(ConfigError, match=f"trainer.strategy=fsdp with {re.escape(why)}"):
+        p.fsdp_policy([])
+
+
+def test_fsdp_shards_a_precision_that_never_skips_in_its_compute_dtype() -> None:
+    bf16 = Precision(PrecisionConfig(dtype=PrecisionName.bf16, loss_scale=LossScale.none), CPU)
+    policy = bf16.fsdp_policy([])
+    assert policy.param_dtype is torch.bfloat16 and policy.reduce_dtype is torch.float32
+    fp32 = Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), CPU)
+    assert fp32.fsdp_policy([]).param_dtype is None
+    with pytest.raises(ConfigError, match="fp32_modules with trainer.strategy=fsdp"):
+        bf16.fsdp_policy(["head"])
+
+
+def test_a_stop_that_ends_an_epoch_early_closes_its_progress_bar() -> None:
+    """BarProgress closed its bar only at an epoch's end: a stop signal (or an error) mid-epoch left it open."""
+    from tqdm import tqdm
+
+    from mprun.loop import ProgressMode, fit
+
+    class Requested:  # a GracefulStop whose signal has arrived
+        requested, signum = True, 15
+
+    model = nn.Linear(4, 3, device=DEVICE)
+    x, y = torch.randn(32, 4, device=DEVICE), torch.randint(0, 3, (32,), device=DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = training(model, opt, constant(opt, total_steps=4, warmup_steps=0), fp16(loss_scale=LossScale.none))
+    run.data = DataBundle("t", TensorLoader(x, y, 8, shuffle=True), TensorLoader(x, y, 8, shuffle=False), 1, (4,), 3)
+    open_before = len(tqdm._instances)
+    result = fit(run, TrainerConfig(max_epochs=1, progress=ProgressMode.bar), Tracker(), stop=Requested())
+    assert result.interrupted == 15
+    assert len(tqdm._instances) == open_before

@@ -206,6 +206,22 @@ def test_resuming_a_finished_run_changes_nothing(make_cfg, tmp_path: Path, capsy
     assert [m.value for m in client.get_metric_history(r.info.run_id, "final/val_acc")] == [first["val_acc"]]
 
 
+@pytest.mark.parametrize("which", ["final.pt", "step-000000005.pt"])
+def test_a_finished_checkpoint_resumed_from_anywhere_returns_the_runs_results(make_cfg, tmp_path: Path, which) -> None:
+    """The results came from <checkpoint>/../../summary.json: a checkpoint copied elsewhere gave an all-NaN summary,
+    whose val_acc the CLI hands to a sweeper (Optuna). The final checkpoint carries them; one at the last step without
+    them (a periodic checkpoint) has its model evaluated."""
+    args = ("model=simple_mlp", "trainer.max_steps=5", "trainer.checkpoint_every_steps=5", "trainer.keep_last=1")
+    first = run(make_cfg(*args, f"paths.run_dir={tmp_path / 'first'}"))
+    elsewhere = tmp_path / "elsewhere" / "x.pt"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes((tmp_path / "first" / "checkpoints" / which).read_bytes())
+    again = run(make_cfg(*args, f"trainer.resume={elsewhere}", f"paths.run_dir={tmp_path / 'again'}"))
+    assert again["val_acc"] == pytest.approx(first["val_acc"]) and again["val_loss"] == pytest.approx(first["val_loss"])
+    if which == "final.pt":
+        assert again["samples_per_s"] == first["samples_per_s"] and again["steps"] == 5
+
+
 def test_resuming_from_an_epochs_last_batch_times_no_empty_epoch(make_cfg, tmp_path: Path) -> None:
     """A step checkpoint at the epoch's last batch leaves nothing of that epoch to train; the resumed run used to
     time it anyway: a perf/samples_per_s of 0 at step 22 (and half the time 'waiting for data')."""

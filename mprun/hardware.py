@@ -1,0 +1,107 @@
+"""What the machine has, and the process-global math flags a run sets: device choice, CPU matrix units, GPU
+capability, TF32 and cuDNN flags. Facts only; what precision to run on them is mprun.precision's decision."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from enum import Enum
+from typing import Any, Callable, Iterator
+
+import torch
+
+from mprun.errors import require
+
+
+class DeviceName(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def resolve_device(name: DeviceName, local_rank: int = 0) -> torch.device:
+    """auto: the GPU when there is one (this rank's, under torchrun). Asking for cuda without one is an
+    error, not a silent CPU run."""
+    require(
+        name is not DeviceName.cuda or torch.cuda.is_available(),
+        "trainer.device=cuda but no CUDA GPU is visible; choose trainer.device=cpu or auto",
+    )
+    if name is DeviceName.cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware in words, for tags and benchmark tables: the GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def gpu_capability(device: torch.device) -> tuple[str, int, int]:
+    """(name, major, minor) of a CUDA device's compute capability, e.g. ('NVIDIA H200', 9, 0)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), major, minor
+
+
+def cpu_amx_units() -> set[str]:
+    """The AMX units this CPU has (`amx_bf16`, `amx_fp16`); without one, CPU autocast to that dtype is emulated.
+    AMX-BF16 Xeons before Granite Rapids have no AMX-FP16."""
+    if platform.system() != "Linux":
+        return set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return set()
+    return {unit for unit in ("amx_bf16", "amx_fp16") if unit in flags}
+
+
+def set_math_flags(tf32_matmul: bool, cudnn_tf32: bool, cudnn_benchmark: bool) -> None:
+    """Set the process-global math flags explicitly every run, so none leaks from one job into the next.
+
+    Matmuls through torch.set_float32_matmul_precision, which sets cuBLAS and oneDNN alike: setting only the legacy
+    cuBLAS flag over a caller's set_float32_matmul_precision("high") leaves torch unable to read the precision back
+    (a RuntimeError from torch.get_float32_matmul_precision(), which max-autotune compilation calls)."""
+    torch.set_float32_matmul_precision("high" if tf32_matmul else "highest")
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def _readable(flag: Callable[[], object]) -> object:
+    """A TF32 flag's value, or None where torch cannot read it (a caller mixed its legacy and new TF32 APIs)."""
+    try:
+        return flag()
+    except RuntimeError:
+        return None
+
+
+def _precision_knobs() -> list[Any]:
+    """torch >= 2.9's per-backend TF32 settings (`.fp32_precision`) that the run's flags touch; [] before 2.9."""
+    b = torch.backends
+    knobs = [b.cuda.matmul, b.mkldnn.matmul, b.cudnn.conv, b.cudnn.rnn]
+    return knobs if all(hasattr(k, "fp32_precision") for k in knobs) else []
+
+
+@contextlib.contextmanager
+def math_flags_restored() -> Iterator[None]:
+    """Around a run: put back the flags set_math_flags sets, so a caller's later work (a notebook, the next job of a
+    joblib worker) runs as it did before the run.
+
+    Restored through the APIs the run sets them with, then each backend's own setting (torch >= 2.9), which those
+    APIs set more widely (set_float32_matmul_precision sets oneDNN's too). A flag torch cannot read through its
+    legacy API (a caller mixed the legacy and new TF32 APIs) is put back through the per-backend setting alone."""
+    cudnn, knobs = torch.backends.cudnn, _precision_knobs()
+    matmul = _readable(torch.get_float32_matmul_precision)
+    tf32, benchmark = _readable(lambda: cudnn.allow_tf32), cudnn.benchmark
+    per_backend = [k.fp32_precision for k in knobs]
+    try:
+        yield
+    finally:
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)  # it also sets torch.backends.cuda.matmul.allow_tf32
+        if tf32 is not None:
+            cudnn.allow_tf32 = tf32
+        for knob, value in zip(knobs, per_backend):
+            knob.fp32_precision = value
+        cudnn.benchmark = benchmark

@@ -1,0 +1,123 @@
+"""The end of a run in numbers and words: summary.json's contents, the final/* metrics, and the closing block
+printed on stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from mprun.loop import FitResult, TrainState
+from mprun.tracking import Tracker
+
+if TYPE_CHECKING:
+    from mprun.build import Components
+    from mprun.sweep import JobInfo
+
+
+def build(result: FitResult, parts: Components, state: TrainState, tracker: Tracker, wall_s: float) -> dict[str, Any]:
+    """The end-of-run numbers, as written to summary.json."""
+    return {
+        "val_acc": result.val_acc,
+        "val_loss": result.val_loss,
+        "train_loss": result.train_loss,
+        "samples_per_s": result.samples_per_s,
+        "data_wait_frac": result.data_wait_frac,
+        "input": parts.data.train.describe(),
+        "peak_mem_mib": result.peak_mem_mib,
+        "peak_mem_kind": "cuda_max_allocated" if parts.device.type == "cuda" else "process_peak_rss",
+        "precision": parts.precision.name.value,
+        "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
+        "loss_scale": parts.precision.scale_value(),
+        "loss_scaling": parts.precision.loss_scale.value,  # dynamic, static or none
+        **parts.precision.counters(),
+        "epochs": state.epoch,
+        "steps": state.step,
+        "train_time_s": state.train_time_s,  # every segment of a resumed run
+        "epoch_time_s": result.epoch_time_s,
+        "timed_epochs": len(result.epoch_rates),  # epochs timed in this process; the first is left out when others are
+        "wall_time_s": wall_s,
+        "device": str(parts.device),
+        "mlflow_run_id": tracker.run_id,
+    }
+
+
+# Summary numbers also logged as metrics: the MLflow UI compares runs on them, the sweep report reads them.
+FINAL_METRICS = ("val_acc", "val_loss", "train_loss", "samples_per_s", "data_wait_frac", "peak_mem_mib", "loss_scale",
+                 "skipped_steps", "train_time_s", "epoch_time_s")
+
+
+def final_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """The summary numbers logged as final/* metrics."""
+    return {f"final/{k}": float(results[k]) for k in FINAL_METRICS}
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON for the files mprun writes (summary.json, diagnosis.json, nan_traces.json): a number that is NaN
+    or infinite (not measured, or what went wrong) becomes null, since bare NaN breaks most JSON readers."""
+    def strict(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, Mapping):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    return json.dumps(strict(obj), indent=2, default=str, allow_nan=False)
+
+
+def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Optional[JobInfo]) -> None:
+    """Human-readable closing block on stdout."""
+    mem = "GPU tensors, peak allocated" if s["peak_mem_kind"] == "cuda_max_allocated" else "process peak RSS"
+    stopped = []
+    if s.get("interrupted"):  # numbers not measured before the stop (NaN) are printed as such
+        # A sweep job continues with its sweep: the sweep command with trainer.resume=<this job's dir> would
+        # resume every job of the sweep from this one's checkpoint.
+        again = (f"launch the sweep again into its directory: the same command with hydra.sweep.dir={job.sweep_dir} "
+                 "trainer.resume=auto" if job else f"run the same command with trainer.resume={run_dir}")
+        stopped = [f"stopped     by {signal.Signals(s['interrupted']).name} after step {s['steps']}, before the end: "
+                   f"{run_dir / 'checkpoints' / 'interrupted.pt'}; to continue, {again}"]
+    lines = [
+        "",
+        "── mprun summary " + "─" * 44,
+        *stopped,
+        f"val/acc     {s['val_acc']:.4f}   (val/loss {s['val_loss']:.4f})",
+        _throughput_line(s),
+        f"input       waited for data {s['data_wait_frac']:.0%} of training time  ({s['input']})",
+        f"peak memory {s['peak_mem_mib']:,.0f} MiB  ({mem})",
+        f"precision   {s['precision_detail']}",
+        _scale_line(s),
+        f"time        {s['train_time_s']:.1f} s training in all, {s['wall_time_s']:.1f} s in this process (since start), "
+        f"{s['steps']} steps on {s['device']}",
+        f"run dir     {run_dir}",
+        *tracker.describe(),
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _throughput_line(s: Mapping[str, Any]) -> str:
+    """The summary's throughput line, saying which epochs its median is over."""
+    n = s.get("timed_epochs", 0)
+    if not n:
+        return "throughput  not measured (no epoch was timed in this process)"
+    over = {1: "one epoch, warm-up included", 2: "the second epoch; the first (warm-up) left out"}.get(
+        n, f"median of {n - 1} epochs; the first (warm-up) left out")
+    return f"throughput  {s['samples_per_s']:,.0f} samples/s  ({over})"
+
+
+def _scale_line(s: Mapping[str, Any]) -> str:
+    """The summary's loss-scale line: what the scaler did, or that there was none."""
+    scaling = s.get("loss_scaling", "dynamic")
+    skipped = f"skipped steps {s['skipped_steps']}"
+    if scaling == "dynamic":
+        return (f"loss scale  {s['loss_scale']:g}   {skipped}   growth/backoff events {s['growth_events']}/"
+                f"{s['backoff_events']}   steps since overflow {s['steps_since_overflow']}")
+    if scaling == "static":
+        return f"loss scale  {s['loss_scale']:g} (static)   {skipped}"
+    # No loss scale; with precision.on_nonfinite=skip a scaler pinned at 1.0 still skips non-finite steps.
+    return "loss scale  none" + (f"   {skipped} (non-finite, on_nonfinite=skip)" if s["skipped_steps"] else "")
+
+

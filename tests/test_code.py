@@ -1,0 +1,107 @@
+"""The package's shape, checked: each kind of decision has one home, interfaces stay narrow, nothing is dead.
+These read mprun/'s source (no training), so they cost a fraction of a second."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "mprun"
+SOURCES = sorted(PACKAGE.glob("*.py"))
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def _public_functions(tree: ast.Module) -> list[tuple[str, ast.FunctionDef]]:
+    """(qualified name, node) of module-level functions and class methods not named with a leading underscore."""
+    found = [(f.name, f) for f in tree.body if isinstance(f, ast.FunctionDef)]
+    for cls in (c for c in tree.body if isinstance(c, ast.ClassDef) and not c.name.startswith("_")):
+        found += [(f"{cls.name}.{f.name}", f) for f in cls.body if isinstance(f, ast.FunctionDef)]
+    return [(name, f) for name, f in found if not name.rsplit(".", 1)[-1].startswith("_")]
+
+
+def test_only_tracking_imports_mlflow() -> None:
+    """tracking.py says it is the only importer of mlflow: the rest of mprun goes through its Tracker and Store."""
+    importers = set()
+    for path in SOURCES:
+        for node in ast.walk(_tree(path)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                importers.add(path.name)
+    assert importers == {"tracking.py"}
+
+
+def test_every_mprun_exception_type_is_defined_in_errors() -> None:
+    """errors.py says it defines mprun's exception types; the CLI turns exactly those (MprunError) into one line."""
+    from mprun import errors
+
+    defined = {}
+    for path in SOURCES:
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception", "Lost")) for b in node.bases
+            ):
+                defined[node.name] = path.name
+    # interrupts.StopNow is a KeyboardInterrupt (a signal, not an error); cli.JobFailed is Hydra's way to end a job.
+    assert {k: v for k, v in defined.items() if v != "errors.py" and k != "JobFailed"} == {}
+    assert all(issubclass(getattr(errors, k), errors.MprunError) for k, v in defined.items() if v == "errors.py"
+               and k != "MprunError")
+
+
+def test_no_precision_name_is_compared_outside_precision() -> None:
+    """Other modules ask the Precision object (can_skip_steps, fsdp_policy, stop_hint, ...) instead."""
+    pattern = re.compile(r"""\.name\.value\s*[!=]=|[!=]=\s*["'](fp16|bf16|fp32|tf32)["']|["'](fp16|bf16|fp32|tf32)["']\s*[!=]=|"""
+                         r"""in \(["'](fp16|bf16)""")
+    offenders = [f"{p.name}:{i}: {line.strip()}" for p in SOURCES if p.name != "precision.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[p.name for p in SOURCES])
+def test_no_public_function_takes_more_than_seven_positional_parameters(path: Path) -> None:
+    """Long positional lists want a built object (Training, Components) and keyword-only options."""
+    wide = []
+    for name, f in _public_functions(_tree(path)):
+        positional = [a.arg for a in f.args.posonlyargs + f.args.args if a.arg not in ("self", "cls")]
+        if len(positional) > 7:
+            wide.append(f"{name}: {len(positional)}")
+    assert wide == []
+
+
+def test_no_public_function_or_method_is_dead() -> None:
+    """Every public function and method is called somewhere in mprun/ or bench/, named by a config's _target_, or
+    implements a base class's method (Hydra's Callback hooks, the Tracker interface)."""
+    files = SOURCES + sorted((ROOT / "bench").glob("*.py"))
+    used: set[str] = set()
+    for path in files:
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Attribute):
+                used.add(node.attr)
+            elif isinstance(node, ast.Name):
+                used.add(node.id)
+            elif isinstance(node, ast.alias):
+                used.add(node.name.rsplit(".", 1)[-1])
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                used.add(node.value.rsplit(".", 1)[-1])  # _target_ strings
+    dead = []
+    for path in SOURCES:
+        module = importlib.import_module(f"mprun.{path.stem}")
+        for name, _ in _public_functions(_tree(path)):
+            owner, _, attr = name.rpartition(".")
+            if attr in used:
+                continue
+            if owner:  # a method a base class declares is called through the base
+                cls = getattr(module, owner)
+                if any(attr in vars(base) for base in cls.__mro__[1:]):
+                    continue
+            dead.append(f"{path.name}:{name}")
+    assert dead == []
