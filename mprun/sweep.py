@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -67,7 +67,7 @@ class JobInfo:
                                        {**self.tags(), "error": f"{type(error).__name__}: {error}"})
 
 
-def current_job() -> Optional[JobInfo]:
+def current_job() -> JobInfo | None:
     """The running job's place in its sweep, or None outside a multirun (a single run)."""
     if not HydraConfig.initialized():
         return None
@@ -114,7 +114,8 @@ class Sweep:
                  "mprun.preset": str(cfg.hydra.runtime.choices.get("experiment") or "none")},
                 run_name=f"sweep {spec}"[:250],
             )
-        with self.tracker.closed_on_error():  # the jobs could not find the parent: close it rather than leave it RUNNING
+        # The jobs could not find the parent without its file: close it rather than leave it RUNNING.
+        with self.tracker.closed_on_error():
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
             (self.sweep_dir / SWEEP_FILE).write_text(json.dumps({
                 "parent_run_id": self.tracker.run_id,
@@ -127,14 +128,13 @@ class Sweep:
     def _close_stale_children(self, parent_id: str) -> None:
         """Jobs of the earlier launch still RUNNING were killed with it (kill -9, a lost node) before they could close
         their runs: KILLED now. A job that resumes from a checkpoint reopens its own run; one without starts anew."""
-        client = self.tracker.client
-        stale = client.search_runs([self.tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
-                                   "attributes.status = 'RUNNING'", max_results=10000)
-        for run in stale:
-            client.set_tag(run.info.run_id, "mprun.closed_by", "the requeued sweep: its process had ended without closing it")
-            client.set_terminated(run.info.run_id, "KILLED")
+        store = self.tracker.store
+        for run in store.children(parent_id, running_only=True):
+            why = "the requeued sweep: its process had ended without closing it"
+            store.set_tags(run.run_id, {"mprun.closed_by": why})
+            store.close_run(run.run_id, "KILLED")
 
-    def _previous(self, cfg: DictConfig) -> Optional[str]:
+    def _previous(self, cfg: DictConfig) -> str | None:
         """The parent run of this sweep directory's earlier launch in the same store, when this launch resumes its
         jobs (trainer.resume: a requeued sweep); its jobs continue their own runs, which are that parent's children."""
         file = self.sweep_dir / SWEEP_FILE
@@ -151,12 +151,14 @@ class Sweep:
 
         status, unfinished, jobs = ("KILLED" if interrupted else "FAILED"), 0, 0  # until the report says otherwise
         try:
+            rows = report.collect(self.tracker.store, self.tracker.run_id)  # the one search for the sweep's jobs
             # No job recorded (Hydra rejected a sweep value before any ran, or a signal came first): no report,
             # whose empty table would follow Hydra's error as if it were the outcome.
-            if report.collect(self.tracker.client, self.tracker.run_id, curves=False):
-                rep = report.build(self.tracker.client, self.tracker.run_id, self.sweep_dir / "report",
-                                   stop_running=interrupted)
-                jobs, unfinished = len(rep.rows), sum(row.status != "FINISHED" for row in rep.rows)
+            if rows:
+                if interrupted:
+                    report.close_running(self.tracker.store, rows)
+                rep = report.write(self.tracker.run_id, rows, self.sweep_dir / "report", interrupted=interrupted)
+                jobs, unfinished = len(rows), sum(row.status != "FINISHED" for row in rows)
                 self.tracker.log_artifact(rep.out_dir, "report")
                 print(rep.console(), flush=True)
             if not interrupted:
@@ -172,7 +174,7 @@ class Sweep:
         return unfinished
 
 
-_ACTIVE: Optional[Sweep] = None  # the sweep this launching process opened and has not closed yet
+_ACTIVE: Sweep | None = None  # the sweep this launching process opened and has not closed yet
 
 
 def close_active(interrupted: bool, completed: bool = True) -> None:

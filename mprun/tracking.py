@@ -1,7 +1,11 @@
 """Experiment tracking behind a small interface: MLflow, or nothing. Only this module imports mlflow.
 
-MlflowTracker uses MlflowClient with explicit run ids, never the fluent API's process-global
-"active run", so a worker process that runs several jobs cannot leak a run from one into the next.
+Four pieces: `Store` is one MLflow tracking store (connect, runs, searches, artifacts), and the only code that talks
+to MlflowClient; `metric_writer.BatchedWriter` writes metric batches off the training thread; `Failover` is the
+tracking.on_unreachable policy; `MlflowTracker` composes them into the `Tracker` the runner uses.
+
+The store is used with explicit run ids, never MLflow's fluent API and its process-global "active run", so a worker
+process that runs several jobs cannot leak a run from one into the next.
 """
 
 from __future__ import annotations
@@ -12,17 +16,21 @@ import os
 import random
 import shlex
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Optional
+from typing import Any, TypeVar
 
 from omegaconf import MISSING
 
 from mprun.errors import ConfigError, TrackingLost, first_line
 from mprun.interrupts import deferred_signals
+from mprun.metric_writer import BatchedWriter, MetricBatch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # The step of the newest checkpoint a run has written. A resume from an older one (the run was resumed before, or
@@ -45,9 +53,9 @@ class TrackingConfig:
 class MlflowConfig(TrackingConfig):
     _target_: str = "mprun.tracking.MlflowTracker"
     # null: $MLFLOW_TRACKING_URI if set, else sqlite at <output_root>/mlflow.db
-    uri: Optional[str] = None
+    uri: str | None = None
     experiment: str = "mprun"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     log_checkpoint: bool = True  # checkpoints can be large: false keeps them only in the run directory
     # A store that cannot be reached, at start or mid-run: fail (clear error), or local (keep training,
     # log to sqlite:///<output_root>/mlflow.db, tagging the run with the intended store).
@@ -62,10 +70,11 @@ class NoTrackingConfig(TrackingConfig):
 class Tracker:
     """What the runner needs from a tracker. The base class tracks nothing."""
 
-    run_id: Optional[str] = None
+    run_id: str | None = None
     log_checkpoint: bool = False  # whether checkpoints are uploaded as artifacts
+    store: Store | None = None  # where its runs are, for reading them back (a sweep, its report); None: nowhere
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: Optional[str] = None) -> None:
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: str | None = None) -> None:
         """Open a run and record params and tags; run_name names it unless the config names it."""
 
     def resume(self, run_id: str, step: int) -> bool:
@@ -75,7 +84,7 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue metrics for one step; written without blocking training."""
 
-    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy a file or directory into the run's artifacts."""
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -102,9 +111,13 @@ class NullTracker(Tracker):
 def unusable(uri: str, why: str) -> ConfigError:
     """The error for a tracking store that cannot be used."""
     why = first_line(why, "unknown error")
-    return ConfigError(
-        f"cannot use MLflow tracking store {uri}: {why[:300]}. Fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=none"
-    )
+    return ConfigError(f"cannot use MLflow tracking store {uri}: {why[:300]}. "
+                       "Fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=none")
+
+
+def is_remote(uri: str) -> bool:
+    """A tracking server (as opposed to a database or a directory): the only kind of store that can go away."""
+    return uri.startswith(("http://", "https://"))
 
 
 def probe_server(uri: str, timeout_s: float = 5.0) -> None:
@@ -126,7 +139,7 @@ def default_uri(output_root: str) -> str:
     return f"sqlite:///{Path(output_root).absolute() / 'mlflow.db'}"
 
 
-def store_lock(uri: str) -> ContextManager:
+def store_lock(uri: str) -> contextlib.AbstractContextManager:
     """A file lock beside a sqlite store for its first use: MLflow creates the tables on first open,
     and parallel first openers race (most of them fail). Other backends need no lock."""
     if not uri.startswith("sqlite:///"):
@@ -138,120 +151,251 @@ def store_lock(uri: str) -> ContextManager:
     return FileLock(f"{db}.lock", timeout=300)
 
 
-def record_failed_run(uri: str, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> Optional[str]:
-    """A FAILED run for a job that failed before its own run existed (bad input in one sweep job), so the
-    failure shows up beside its siblings. Returns the run id, or None if the store itself is unusable."""
-    from mlflow import MlflowClient
+@dataclass(frozen=True)
+class RecordedRun:
+    """A run as the store has it."""
 
-    try:
-        client = MlflowClient(tracking_uri=uri)
-        run_id = client.create_run(experiment_id, run_name=run_name, tags={k: str(v)[:5000] for k, v in tags.items()}).info.run_id
-        client.set_terminated(run_id, "FAILED")
-        return run_id
-    except Exception:  # noqa: BLE001 - the job's own error is what gets reported; this is best effort
-        log.exception("could not record the failed job in %s", uri)
-        return None
+    run_id: str
+    name: str  # "" if unnamed
+    status: str  # RUNNING, FINISHED, FAILED, KILLED
+    start_time: int  # ms since the epoch
+    tags: Mapping[str, str]
+    metrics: Mapping[str, float]  # the latest value of each
+    deleted: bool = False
 
 
-def _succeeded(future: Any) -> bool:
-    """A background write that completed without error."""
-    return future.done() and not future.cancelled() and future.exception() is None
+def _recorded(run: Any) -> RecordedRun:
+    """An mlflow Run as a RecordedRun."""
+    info = run.info
+    return RecordedRun(info.run_id, info.run_name or "", info.status, info.start_time or 0, dict(run.data.tags),
+                       dict(run.data.metrics), info.lifecycle_stage == "deleted")
 
 
-class MlflowTracker(Tracker):
-    """MLflow tracking through MlflowClient. Metric batches are written by one background thread
-    (in order, off the training thread); a write that fails is noticed at the next log call."""
+class Store:
+    """One MLflow tracking store, by URI: its experiments, runs and artifacts."""
 
-    def __init__(self, output_root: str, uri: Optional[str], experiment: str, run_name: Optional[str], log_checkpoint: bool,
-                 on_unreachable: Unreachable = Unreachable.fail) -> None:
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations print a dozen INFO lines
-        from concurrent.futures import ThreadPoolExecutor
+    def __init__(self, uri: str) -> None:
+        """Connect to the store at uri (a new sqlite store gets its tables here: see `open` for a first use)."""
+        from mlflow import MlflowClient
 
-        self.output_root = Path(output_root).absolute()
-        self.run_name = run_name
-        self.experiment = experiment
-        self.log_checkpoint = log_checkpoint
-        self.on_unreachable = Unreachable(on_unreachable)
-        self.fallback_from: Optional[str] = None  # "<uri> run <id>" once logging moved to the local store
-        self._started: Optional[tuple] = None  # (params, tags, name): to reopen the run locally
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mprun-mlflow")
-        self._pending: list = []  # (future, metric batch) writes not yet confirmed
-        self._dropped: list[str] = []  # metric batches a store that still answered failed to write
-        self._lost = False  # the store went away and the policy is fail: nothing more is sent
-        uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(output_root)
-        if uri.startswith(("http://", "https://")):
+        self.uri = uri
+        try:
+            self._client = MlflowClient(tracking_uri=uri)
+        except Exception as e:  # noqa: BLE001 - a URI MLflow cannot parse or has no driver for
+            raise unusable(uri, str(e)) from e
+
+    @classmethod
+    def open(cls, uri: str, experiment: str, local_artifacts: Path) -> tuple[Store, str]:
+        """Connect for a run, and get or create its experiment: (store, experiment id). A server that does not
+        answer fails in seconds. A new sqlite store gets its tables now, in several migrations: parallel first
+        openers take turns, and signals wait until the store is whole (a Ctrl-C in between left a store that every
+        later run failed on, "duplicate column name")."""
+        if is_remote(uri):
             # MLflow's client retries a dead server for minutes (measured 4 min 13 s); a few seconds
             # is enough to tell. Explicit environment settings still win.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
             logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # one line per retry otherwise
-        try:
-            self._connect(uri)
-        except ConfigError as e:
-            if self.on_unreachable is Unreachable.fail or uri == default_uri(output_root):
-                raise
-            log.warning("%s\ntracking.on_unreachable=local: logging to %s instead", e, default_uri(output_root))
-            self.fallback_from = uri
-            self._connect(default_uri(output_root))
-
-    def _connect(self, uri: str) -> None:
-        from mlflow import MlflowClient
-
-        self.uri = uri
-        if uri.startswith(("http://", "https://")):
             probe_server(uri)
-        # A new sqlite store gets its tables now, in several migrations: a Ctrl-C in between left a store that
-        # every later run failed on ("duplicate column name"), so signals wait until the store is whole.
         with store_lock(uri), deferred_signals():
-            try:
-                self.client = MlflowClient(tracking_uri=uri)
-            except Exception as e:  # noqa: BLE001 - a URI MLflow cannot parse or has no driver for
-                raise unusable(uri, str(e)) from e
-            self.experiment_id = self._experiment(self.experiment)
+            store = cls(uri)
+            return store, store.experiment(experiment, local_artifacts)
 
-    def _experiment(self, name: str) -> str:
-        """Get or create the experiment; any failure here means the store is unreachable or unusable."""
+    def answers(self) -> bool:
+        """After a failed call: does the store still answer? (Only a remote server can go away.)"""
+        if not is_remote(self.uri):
+            return True
+        try:
+            probe_server(self.uri)
+            return True
+        except ConfigError:
+            return False
+
+    def experiment(self, name: str, local_artifacts: Path) -> str:
+        """The id of the experiment of that name, created if new (a sqlite store's keeps its artifacts in
+        local_artifacts); any failure here means the store is unreachable or unusable."""
         from mlflow.exceptions import MlflowException
 
         try:
-            found = self.client.get_experiment_by_name(name)
+            found = self._client.get_experiment_by_name(name)
             if found is not None:
                 return found.experiment_id
-            location = None
-            if self.uri.startswith("sqlite:"):
-                # A local store keeps artifacts beside it, not in ./mlruns of whatever the cwd is.
-                location = (self.output_root / "mlartifacts").as_uri()
+            # A local store keeps artifacts beside it, not in ./mlruns of whatever the cwd is.
+            location = local_artifacts.as_uri() if self.uri.startswith("sqlite:") else None
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self._client.create_experiment(name, artifact_location=location)
             except MlflowException:
-                found = self.client.get_experiment_by_name(name)  # created meanwhile by a parallel job
+                found = self._client.get_experiment_by_name(name)  # created meanwhile by a parallel job
                 if found is None:
                     raise
                 return found.experiment_id
         except Exception as e:  # noqa: BLE001 - every backend raises its own types; all mean "cannot track"
             raise unusable(self.uri, str(e)) from e
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: Optional[str] = None) -> None:
-        from mlflow.entities import Param
+    def find_experiment(self, name: str) -> str | None:
+        """The id of the experiment of that name; None if there is none."""
+        found = self._client.get_experiment_by_name(name)
+        return None if found is None else found.experiment_id
 
-        if self.fallback_from:
-            tags = {**tags, "mprun.intended_tracking_uri": self.fallback_from}
-        self._started = (params, tags, run_name)
-        # tracking.run_name names the study: a sweep's parent and jobs keep what tells them apart after it.
-        name = ": ".join(n for n in (self.run_name, run_name) if n) or None
+    def create_run(self, experiment_id: str, name: str | None, tags: Mapping[str, str]) -> str:
+        """A new RUNNING run; returns its id."""
         # Unnamed, MLflow draws a name with Python's `random`, which the run has just seeded: every run with the
         # same seed got the same name. The draw gets fresh entropy, and the experiment's random state is kept.
         state = random.getstate()
         random.seed()
         try:
-            run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
+            tags = {k: str(v)[:5000] for k, v in tags.items()}
+            return self._client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         finally:
             random.setstate(state)
-        self.run_id = run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Record params (values as text, cut to MLflow's limit)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self._client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, batch: MetricBatch) -> None:
+        """Record one step's metrics."""
+        from mlflow.entities import Metric
+
+        metrics = [Metric(k, v, batch.timestamp_ms, batch.step) for k, v in batch.values.items()]
+        self._client.log_batch(run_id, metrics=metrics)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Add or overwrite tags (values cut to MLflow's limit)."""
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._client.delete_tag(run_id, key)
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        """Copy a file, or a directory's contents, into the run's artifacts (under artifact_path)."""
+        if Path(path).is_dir():
+            self._client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(run_id, str(path), artifact_path)
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a closed run RUNNING again, to continue it."""
+        self._client.update_run(run_id, status="RUNNING")
+
+    def close_run(self, run_id: str, status: str) -> None:
+        """End a run as FINISHED, FAILED or KILLED."""
+        self._client.set_terminated(run_id, status)
+
+    def run(self, run_id: str) -> RecordedRun | None:
+        """The run with that id; None if the store has none (or it is no run id at all)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return _recorded(self._client.get_run(run_id))
+        except MlflowException:
+            return None
+
+    def children(self, parent_id: str, running_only: bool = False) -> list[RecordedRun]:
+        """The runs nested under parent_id (a sweep's jobs), in one search; with running_only, those still RUNNING."""
+        experiment_id = self._client.get_run(parent_id).info.experiment_id
+        query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        if running_only:
+            query += " and attributes.status = 'RUNNING'"
+        return [_recorded(r) for r in self._client.search_runs([experiment_id], query, max_results=10000)]
+
+    def newest_sweep(self, experiment_id: str) -> str | None:
+        """The id of the newest sweep parent run (tagged mprun.role=sweep) in the experiment; None if it has none."""
+        runs = self._client.search_runs([experiment_id], "tags.`mprun.role` = 'sweep'",
+                                        order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """Every recorded (step, value) of one metric."""
+        return [(m.step, m.value) for m in self._client.get_metric_history(run_id, key)]
+
+
+def record_failed_run(uri: str, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str | None:
+    """A FAILED run for a job that failed before its own run existed (bad input in one sweep job), so the
+    failure shows up beside its siblings. Returns the run id, or None if the store itself is unusable."""
+    try:
+        store = Store(uri)
+        run_id = store.create_run(experiment_id, run_name, tags)
+        store.close_run(run_id, "FAILED")
+        return run_id
+    except Exception:  # noqa: BLE001 - the job's own error is what gets reported; this is best effort
+        log.exception("could not record the failed job in %s", uri)
+        return None
+
+
+class Failover:
+    """tracking.on_unreachable: what happens when the store cannot be used, at the start or mid-run."""
+
+    def __init__(self, policy: Unreachable, local_uri: str) -> None:
+        self.policy = Unreachable(policy)
+        self.local_uri = local_uri  # the local sqlite store that `local` moves to
+        self.intended: str | None = None  # once on the local store: the store (and run) it was meant for
+        self.lost = False  # the store went away and the policy is fail: nothing more is sent
+
+    def open(self, uri: str, connect: Callable[[str], T]) -> T:
+        """connect(uri); when that store cannot be used and the policy is local, connect(the local store)."""
+        try:
+            return connect(uri)
+        except ConfigError as e:
+            if self.policy is Unreachable.fail or uri == self.local_uri:
+                raise
+            log.warning("%s\ntracking.on_unreachable=local: logging to %s instead", e, self.local_uri)
+            self.intended = uri
+            return connect(self.local_uri)
+
+    def move(self, uri: str, run_id: str | None, error: BaseException) -> str:
+        """The store at uri stopped answering while run_id was open: raise TrackingLost (fail, or the run is on the
+        local store already), or return the local store's uri to continue in (local)."""
+        lost = f"MLflow store {uri} stopped accepting writes mid-run ({type(error).__name__}: {str(error)[:200]})"
+        if self.policy is Unreachable.fail or self.intended:
+            self.lost = True
+            raise TrackingLost(f"{lost}. Resume from the run's last checkpoint with trainer.resume=<run dir>, "
+                               "or set tracking.on_unreachable=local to keep training and log locally") from error
+        log.warning("%s\ntracking.on_unreachable=local: continuing in a new run in %s", lost, self.local_uri)
+        self.intended = f"{uri} run {run_id}"
+        return self.local_uri
+
+
+class MlflowTracker(Tracker):
+    """MLflow tracking: runs in a Store, metric batches written by a BatchedWriter (a write that fails is noticed
+    at the next log call), and a store that cannot be reached handled by the Failover policy."""
+
+    def __init__(self, output_root: str, uri: str | None, experiment: str, run_name: str | None,
+                 log_checkpoint: bool, on_unreachable: Unreachable = Unreachable.fail) -> None:
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations print a dozen INFO lines
+        self.output_root = Path(output_root).absolute()
+        self.run_name = run_name
+        self.experiment = experiment
+        self.log_checkpoint = log_checkpoint
+        self.failover = Failover(on_unreachable, default_uri(output_root))
+        self._started: tuple | None = None  # (params, tags, name): to reopen the run in the local store
+        self._writer = BatchedWriter()
+        self._dropped: list[str] = []  # metric batches a store that still answered failed to write
+        self.failover.open(uri or os.environ.get("MLFLOW_TRACKING_URI") or self.failover.local_uri, self._connect)
+
+    def _connect(self, uri: str) -> None:
+        self.store, self.experiment_id = Store.open(uri, self.experiment, self.output_root / "mlartifacts")
+
+    @property
+    def uri(self) -> str:
+        """The store the run is in (the local one, once the failover moved it there)."""
+        return self.store.uri
+
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: str | None = None) -> None:
+        if self.failover.intended:
+            tags = {**tags, "mprun.intended_tracking_uri": self.failover.intended}
+        self._started = (params, tags, run_name)
+        # tracking.run_name names the study: a sweep's parent and jobs keep what tells them apart after it.
+        name = ": ".join(n for n in (self.run_name, run_name) if n) or None
+        self.run_id = self.store.create_run(self.experiment_id, name, tags)
         with self.closed_on_error():
-            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-                self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self.store.log_params(self.run_id, params)
 
     @contextlib.contextmanager
     def closed_on_error(self) -> Any:
@@ -262,130 +406,91 @@ class MlflowTracker(Tracker):
             yield
         except BaseException as e:
             try:
-                self.client.set_tag(self.run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-                self.client.set_terminated(self.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                self.store.set_tags(self.run_id, {"error": f"{type(e).__name__}: {e}"})
+                self.store.close_run(self.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
                 log.exception("could not close MLflow run %s after a failed start", self.run_id)
             self.run_id = None
             raise
 
     def resume(self, run_id: str, step: int) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException:
+        run = self.store.run(run_id)
+        if run is None:
             log.warning("the checkpoint's MLflow run %s is not in %s: starting a new run", run_id, self.uri)
             return False
-        if run.info.lifecycle_stage == "deleted":  # MLflow refuses to reopen it
+        if run.deleted:  # MLflow refuses to reopen it
             log.warning("the checkpoint's MLflow run %s was deleted in %s: starting a new run", run_id, self.uri)
             return False
-        later = int(run.data.tags.get(CHECKPOINT_STEP_TAG, -1))
+        later = int(run.tags.get(CHECKPOINT_STEP_TAG, -1))
         if later > step:  # continuing would log a second history over the steps the run has already recorded
             log.warning("MLflow run %s has gone on past this checkpoint (step %d) to one at step %d, so the resume "
                         "branches from it into a new run (tagged mprun.resumed_from_run)", run_id, step, later)
             return False
         self.run_id = run_id
-        self.client.update_run(run_id, status="RUNNING")
+        self.store.reopen(run_id)
         with self.closed_on_error():
-            resumes = int(run.data.tags.get("mprun.resumes", "0")) + 1
+            resumes = int(run.tags.get("mprun.resumes", "0")) + 1
             self.set_tags({"mprun.resumes": str(resumes), f"mprun.resume_{resumes}_step": str(step)})
             # What ended the run before is history now: kept under another name, so that a resumed run that finishes
             # is not reported as failed (the sweep report lists the runs with an error tag).
             for key in ("error", "diagnosis"):
-                if key in run.data.tags:
-                    self.set_tags({f"mprun.resume_{resumes}_after_{key}": run.data.tags[key]})
-                    self.client.delete_tag(run_id, key)
+                if key in run.tags:
+                    self.set_tags({f"mprun.resume_{resumes}_after_{key}": run.tags[key]})
+                    self.store.delete_tag(run_id, key)
         log.info("continuing MLflow run %s from step %d", run_id, step)
         return True
 
-    def _reachable(self) -> bool:
-        """After a failed call: does the store still answer? (Only a remote server can go away.)"""
-        if not self.uri.startswith(("http://", "https://")):
-            return True
-        try:
-            probe_server(self.uri)
-            return True
-        except ConfigError:
-            return False
-
-    def _store_lost(self, error: BaseException) -> None:
-        """The store failed a call and no longer answers: raise TrackingLost (fail) or move this run to the local
-        store (local)."""
-        unsent = [batch for f, batch in self._pending if not _succeeded(f)]
-        for f, _ in self._pending:
-            f.cancel()  # queued writes to a dead store would each spend their retries
-        self._pending = []
-        lost = f"MLflow store {self.uri} stopped accepting writes mid-run ({type(error).__name__}: {str(error)[:200]})"
-        if self.on_unreachable is Unreachable.fail or self.fallback_from:
-            self._lost = True
-            raise TrackingLost(f"{lost}. Resume from the run's last checkpoint with trainer.resume=<run dir>, "
-                               "or set tracking.on_unreachable=local to keep training and log locally") from error
-        local = default_uri(str(self.output_root))
-        log.warning("%s\ntracking.on_unreachable=local: continuing in a new run in %s", lost, local)
-        self.fallback_from = f"{self.uri} run {self.run_id}"
+    def _move(self, error: BaseException, failed: list[MetricBatch]) -> None:
+        """The store failed a call and no longer answers: raise TrackingLost, or (on_unreachable=local) continue in a
+        new run in the local store, which gets the metric batches the lost store never confirmed."""
+        unsent = [*failed, *self._writer.unsent()]
+        local = self.failover.move(self.uri, self.run_id, error)
         self._connect(local)
         params, tags, name = self._started or ({}, {}, None)
         self.start(params, tags, name)
-        for batch in unsent:  # what the dead store never confirmed goes to the new run
+        for batch in unsent:
             self._send(batch)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
-        """A synchronous store call, redone on the local store if the policy moved the run there."""
-        if self._lost:
+        """A synchronous store call, redone on the local store if the failover moved the run there."""
+        if self.failover.lost:
             return None
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - any failure of the store; the policy decides
-            if self._reachable():
+            if self.store.answers():
                 raise  # the store answers: the call's own error
-            self._store_lost(e)
-            return fn()  # fn reads self.client / self.run_id, which now point at the local store
+            self._move(e, [])
+            return fn()  # fn reads self.store / self.run_id, which now point at the local store
 
     def _settle(self, wait: bool) -> None:
         """Check the background metric writes (all of them, waiting, with `wait`). A write that failed while the store
         still answers (a locked sqlite store, a server error) loses its batch, said in the log and tagged on the run
         at its end: one failed write must not end a training, nor keep its run from being closed. A store that no
         longer answers gets the on_unreachable policy."""
-        if wait:
-            from concurrent.futures import wait as wait_all
-
-            wait_all([f for f, _ in self._pending])
-        for f, batch in self._pending:
-            error = f.exception() if f.done() and not f.cancelled() else None
-            if error is not None:
-                if not self._reachable():
-                    self._store_lost(error)  # raises, or moves the unsent batches to the local store
-                    return
-                self._dropped.append(f"step {batch[0].step if batch else '?'}: {type(error).__name__}: {str(error)[:200]}")
-                log.warning("MLflow: metrics of %s were not recorded", self._dropped[-1])
-        self._pending = [(f, b) for f, b in self._pending if not f.done()]
+        failed = self._writer.failed(wait)
+        for i, (batch, error) in enumerate(failed):
+            if not self.store.answers():
+                self._move(error, [b for b, _ in failed[i:]])  # raises, or re-sends them to the local store
+                return
+            self._dropped.append(f"step {batch.step}: {type(error).__name__}: {str(error)[:200]}")
+            log.warning("MLflow: metrics of %s were not recorded", self._dropped[-1])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-        from mlflow.utils.time import get_current_time_millis
-
-        if self._lost:
+        if self.failover.lost:
             return
         self._settle(wait=False)
-        now = get_current_time_millis()
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._send(batch)
+        self._send(MetricBatch.now(metrics, step))
 
-    def _send(self, batch: list) -> None:
+    def _send(self, batch: MetricBatch) -> None:
         """Queue one metric batch for the writer thread (one sqlite write costs ~13 ms: off the training thread)."""
-        self._pending.append((self._writer.submit(self.client.log_batch, self.run_id, metrics=batch), batch))
+        self._writer.submit(partial(self.store.log_metrics, self.run_id), batch)
 
-    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        if Path(path).is_dir():
-            self._call(lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
-        else:
-            self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._call(lambda: self.store.log_artifact(self.run_id, path, artifact_path))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._call(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()]))
+        self._call(lambda: self.store.set_tags(self.run_id, tags))
 
     def end(self, status: str) -> None:
         if self.run_id is None:
@@ -393,16 +498,17 @@ class MlflowTracker(Tracker):
         try:
             try:
                 for _ in range(2):  # a second pass for what a move to the local store re-sent
-                    if self._lost:
+                    if self.failover.lost:
                         break
                     self._settle(wait=True)
                 if self._dropped:
-                    self.set_tags({"mprun.metrics_not_recorded": f"{len(self._dropped)} batch(es), first {self._dropped[0]}"})
+                    first = self._dropped[0]
+                    self.set_tags({"mprun.metrics_not_recorded": f"{len(self._dropped)} batch(es), first {first}"})
             finally:  # whatever failed above, the run is closed if the store takes it
-                self._call(lambda: self.client.set_terminated(self.run_id, status))
+                self._call(lambda: self.store.close_run(self.run_id, status))
         finally:
-            self._writer.shutdown(wait=False, cancel_futures=True)
-            if self._lost:
+            self._writer.close()
+            if self.failover.lost:
                 log.error("MLflow run %s in %s could not be closed: it stays RUNNING there until closed by hand "
                           "(MlflowClient(uri).set_terminated(run_id, 'FAILED'))", self.run_id, self.uri)
 
@@ -410,10 +516,11 @@ class MlflowTracker(Tracker):
         ui = Path(sys.executable).with_name("mlflow")
         # Quoted where needed, so that it can be pasted as is: a path with a space split into two arguments.
         cmd = f"{shlex.quote(str(ui)) if ui.exists() else 'mlflow'} ui --backend-store-uri {shlex.quote(self.uri)}"
+        run = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
         lines = [f"MLflow run  {self.run_id} (experiment {self.experiment_id}) in {self.uri}"]
         if self.uri.startswith(("sqlite:", "postgresql", "mysql")):
             lines.append(f"MLflow UI   {cmd} --port 5000")
-            lines.append(f"            then open http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs/{self.run_id}")
+            lines.append(f"            then open http://127.0.0.1:5000/{run}")
         else:
-            lines.append(f"MLflow UI   {self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}")
+            lines.append(f"MLflow UI   {self.uri.rstrip('/')}/{run}")
         return lines

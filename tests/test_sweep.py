@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from conftest import run_cli, run_statuses
 from mprun import report
 from mprun.cli import CONFIG_DIR
+from mprun.tracking import RecordedRun, Store
 
 TINY = ["model=simple_mlp", "trainer.max_epochs=1", "trainer.max_steps=4", "trainer.log_every_steps=2"]
 
@@ -71,7 +72,7 @@ def test_report_numbers_are_the_child_runs_metrics(precision_sweep: Path) -> Non
     parent, children = sweep_runs(precision_sweep)
     assert parent.info.status == "FINISHED" and len(children) == 6
     client = store(precision_sweep)
-    rep = report.build(client, parent.info.run_id, precision_sweep / "again")
+    rep = report.build(Store(client.tracking_uri), parent.info.run_id, precision_sweep / "again")
     cells = {cell[1]: cell for cell in report.table_rows(rep.rows)}
     by_name = {c.info.run_name: c for c in children}
     for name, child in by_name.items():
@@ -138,18 +139,16 @@ def test_the_baseline_shares_clipping_and_prefers_an_explicit_fp32() -> None:
     with fp32 at clip 10."""
     from types import SimpleNamespace as NS
 
-    def child(num: int, overrides: str, resolved: str) -> NS:
+    def child(num: int, overrides: str, resolved: str) -> RecordedRun:
         tags = {"mprun.sweep_job": str(num), "mprun.overrides": overrides, "precision": resolved}
-        return NS(info=NS(run_id=f"r{num}", run_name=overrides, status="FINISHED", start_time=num),
-                  data=NS(tags=tags, metrics={"final/val_acc": 0.5, "final/train_loss": 0.1}))
+        return RecordedRun(f"r{num}", overrides, "FINISHED", num, tags, {"final/val_acc": 0.5, "final/train_loss": 0.1})
 
     runs = [child(0, "precision=auto precision.grad_clip_norm=0.1", "fp32"),
             child(1, "precision=fp32 precision.grad_clip_norm=0.1", "fp32"),
             child(2, "precision=fp16 precision.grad_clip_norm=0.1 precision.init_scale=128", "fp16"),
             child(3, "precision=fp32 precision.grad_clip_norm=10", "fp32"),
             child(4, "precision=fp16 precision.grad_clip_norm=10 trainer.resume=auto", "fp16")]  # a requeued job
-    client = NS(get_run=lambda _: NS(info=NS(experiment_id="0")), search_runs=lambda *a, **k: runs)
-    rows = report.collect(client, "parent", curves=False)
+    rows = report.collect(NS(children=lambda parent_id: runs), "parent", curves=False)
     assert [r.baseline.num for r in rows] == [1, 1, 1, 3, 3]
 
 
@@ -312,13 +311,13 @@ def test_a_signal_while_the_report_is_built_closes_the_parent_killed(monkeypatch
     ended = []
     parent = object.__new__(sweep.Sweep)
     parent.sweep_dir = tmp_path
-    parent.tracker = NS(client=None, run_id="parent", end=ended.append)
+    parent.tracker = NS(store=None, run_id="parent", end=ended.append)
 
-    def build(*args, **kwargs):
+    def write(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(report, "collect", lambda *args, **kwargs: [_row(0, "fp32")])
-    monkeypatch.setattr(report, "build", build)
+    monkeypatch.setattr(report, "write", write)
     with pytest.raises(KeyboardInterrupt):
         parent.close(interrupted=False)
     assert ended == ["KILLED"]
