@@ -172,8 +172,8 @@ def resolve(requested: PrecisionName, device: torch.device) -> tuple[PrecisionNa
         return requested, "requested; on a CPU tf32 runs as plain fp32"
     if requested.half and f"amx_{requested.value}" not in hardware.cpu_amx_units():
         log.warning(
-            "precision=%s on a CPU without AMX-%s runs in emulation: correct, but slower than fp32 "
-            "(measured ~12x on a 2-core AVX2 machine). Useful for numerics experiments, not for speed.",
+            "precision=%s on a CPU without AMX-%s may run in emulation: correct, but possibly much slower than fp32 "
+            "(see docs/precision.md). Useful for numerics experiments; measure before relying on it for speed.",
             requested.value,
             requested.value.upper(),
         )
