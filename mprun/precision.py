@@ -53,6 +53,12 @@ def computes_in_half(tag: str) -> bool:
     return name is not None and name.half
 
 
+def is_baseline(tag: str) -> bool:
+    """Whether a run recorded with this precision tag (or that asked for this precision option) is the fp32 reference
+    a sweep compares the others with: no autocast, no TF32."""
+    return resolved_name(tag) is PrecisionName.fp32
+
+
 def can_carry_loss_scale(tag: str) -> bool:
     """Whether a run recorded with this precision tag can have had a loss scale (its scale curve and final scale
     mean something); a non-fp16 run's fp16 underflow statistic is what fp16 would lose, not what it lost."""

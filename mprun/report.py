@@ -140,10 +140,12 @@ def collect(store: Store, parent_id: str, curves: bool = True) -> list[Row]:
         rows.append(row)
     rows.sort(key=lambda r: r.num)
     baselines: dict[tuple[str, ...], Row] = {}
+    from mprun.precision import is_baseline
+
     for r in rows:  # of several candidates, the first that asked for fp32 (not auto resolved to it), else the first
-        if r.precision == "fp32" and r.status == "FINISHED" and not r.diverged:
+        if is_baseline(r.precision) and r.status == "FINISHED" and not r.diverged:
             held = baselines.get(r.others)
-            if held is None or (held.requested != "fp32" and r.requested == "fp32"):
+            if held is None or (not is_baseline(held.requested) and is_baseline(r.requested)):
                 baselines[r.others] = r
     for r in rows:
         r.baseline = baselines.get(r.others)
@@ -220,7 +222,7 @@ class Report:
 def notes_for(rows: list[Row]) -> list[str]:
     """The caveats a reader needs before reading the numbers."""
     from mprun.loop import INPUT_BOUND  # the threshold the runs warned at (imports torch: here, not at start-up)
-    from mprun.precision import can_carry_loss_scale, computes_in_half
+    from mprun.precision import can_carry_loss_scale, computes_in_half, is_baseline
 
     notes = []
     if not rows:
@@ -228,7 +230,7 @@ def notes_for(rows: list[Row]) -> list[str]:
     elif not any(r.baseline for r in rows):
         # fp32 jobs that could not be one: failed (before it resolved its precision, it asked for fp32), stopped,
         # diverged
-        unusable = [r for r in rows if "fp32" in (r.precision, r.requested) and r.mark != "ok"]
+        unusable = [r for r in rows if (is_baseline(r.precision) or is_baseline(r.requested)) and r.mark != "ok"]
         notes.append("No finished fp32 job to compare with: Δ acc, speedup and memory ratio are not computed. " + (
             f"The fp32 job {unusable[0].num} is {unusable[0].mark.strip('*')}." if unusable
             else "Add precision=fp32 to the sweep for a baseline."))

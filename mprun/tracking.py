@@ -23,9 +23,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import MISSING
 
 from mprun.errors import ConfigError, TrackingLost, first_line
+from mprun.schema import Buildable
 from mprun.interrupts import deferred_signals
 from mprun.metric_writer import BatchedWriter, MetricBatch
 
@@ -44,13 +44,7 @@ class Unreachable(Enum):
 
 
 @dataclass
-class TrackingConfig:
-    _target_: str = MISSING
-    _partial_: bool = True
-
-
-@dataclass
-class MlflowConfig(TrackingConfig):
+class MlflowConfig(Buildable):
     _target_: str = "mprun.tracking.MlflowTracker"
     # null: $MLFLOW_TRACKING_URI if set, else sqlite at <output_root>/mlflow.db
     uri: str | None = None
@@ -63,7 +57,7 @@ class MlflowConfig(TrackingConfig):
 
 
 @dataclass
-class NoTrackingConfig(TrackingConfig):
+class NoTrackingConfig(Buildable):
     _target_: str = "mprun.tracking.NullTracker"
 
 

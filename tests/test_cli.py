@@ -247,17 +247,17 @@ def test_signals_wait_for_the_store_to_be_whole(tmp_path: Path) -> None:
 import os, signal, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from mlflow import MlflowClient
-from mprun.tracking import MlflowTracker
-experiment = MlflowTracker._experiment
-def interrupted(self, name):
+from mprun.tracking import MlflowTracker, Store
+experiment = Store.experiment
+def interrupted(self, *args):
     os.kill(os.getpid(), signal.SIGINT)  # arrives while the store is being set up
     time.sleep(0.05)
-    return experiment(self, name)
-MlflowTracker._experiment = interrupted
+    return experiment(self, *args)
+Store.experiment = interrupted
 try:
     MlflowTracker({str(tmp_path)!r}, None, "mprun", None, False)
 except KeyboardInterrupt:
-    MlflowTracker._experiment = experiment
+    Store.experiment = experiment
     client = MlflowClient("sqlite:///{tmp_path}/mlflow.db")
     assert client.get_experiment_by_name("mprun") is not None  # the set-up ran to its end before the signal
     print("interrupted after set-up")
