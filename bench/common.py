@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-from typing import Callable, TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def compose(overrides: list[str], tracking: bool = False) -> DictConfig:
     """conf/ with these overrides (later ones win), writing under a fresh temp dir, progress off."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from mprun import config
     from mprun.cli import CONFIG_DIR
@@ -37,6 +38,7 @@ def sync(device: torch.device) -> None:
 
 def at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an int >= low, else a short usage error (not a traceback from an empty median later)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)

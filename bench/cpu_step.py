@@ -39,7 +39,7 @@ def bare(epochs: int) -> list[float]:
     model = SimpleCNN(1, (8, 8), 10)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     per_step = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         perm = torch.randperm(len(x))
         steps = len(x) // 64
         start = time.perf_counter()
@@ -71,8 +71,14 @@ def mprun_loop(epochs: int) -> list[float]:
         state.epoch = epoch
         before = state.step
         start = time.perf_counter()
-        train_epoch(parts, parts.data.train, checked["trainer"], state, tracker=tracker,
-                    progress=Progress(epochs, 0, enabled=False))
+        train_epoch(
+            parts,
+            parts.data.train,
+            checked["trainer"],
+            state,
+            tracker=tracker,
+            progress=Progress(epochs, 0, enabled=False),
+        )
         per_step.append((time.perf_counter() - start) / (state.step - before))
     tracker.end("FINISHED")
     return per_step
@@ -80,7 +86,10 @@ def mprun_loop(epochs: int) -> list[float]:
 
 def child(kind: str, epochs: int) -> float:
     """Median seconds per step of one path, in a fresh interpreter; the first epoch is warm-up."""
-    code = f"import json,sys; sys.path.insert(0,{str(ROOT / 'bench')!r}); import cpu_step; print(json.dumps(cpu_step.{kind}({epochs})))"
+    code = (
+        f"import json,sys; sys.path.insert(0,{str(ROOT / 'bench')!r}); import cpu_step; "
+        f"print(json.dumps(cpu_step.{kind}({epochs})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     per_step = json.loads(out.strip().splitlines()[-1])
     return statistics.median(per_step[1:])
@@ -94,25 +103,38 @@ def main() -> None:
     args = ap.parse_args()
     rows = {"bare": [], "mprun": []}
     for r in range(args.rounds):
-        for kind in (("bare", "mprun_loop") if r % 2 == 0 else ("mprun_loop", "bare")):
+        for kind in ("bare", "mprun_loop") if r % 2 == 0 else ("mprun_loop", "bare"):
             t = child(kind, args.epochs)
             rows["bare" if kind == "bare" else "mprun"].append(t)
             print(f"round {r + 1}: {kind:10s} {t * 1000:.2f} ms/step", flush=True)
     b, m = statistics.median(rows["bare"]), statistics.median(rows["mprun"])
     result = {
-        "benchmark": "cpu_step", "date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{__import__('os').cpu_count()} cores", "python": platform.python_version(),
-        "torch": __import__("torch").__version__, "model": "simple_cnn", "dataset": "digits (8x8), batch 64",
-        "optimizer": "adamw", "bare_ms_per_step": b * 1000, "mprun_ms_per_step": m * 1000, "ratio": m / b,
-        "goal": "ratio <= 1.2", "rounds": args.rounds, "epochs_per_round": args.epochs, "raw_s": rows,
+        "benchmark": "cpu_step",
+        "date": str(date.today()),
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+        "python": platform.python_version(),
+        "torch": __import__("torch").__version__,
+        "model": "simple_cnn",
+        "dataset": "digits (8x8), batch 64",
+        "optimizer": "adamw",
+        "bare_ms_per_step": b * 1000,
+        "mprun_ms_per_step": m * 1000,
+        "ratio": m / b,
+        "goal": "ratio <= 1.2",
+        "rounds": args.rounds,
+        "epochs_per_round": args.epochs,
+        "raw_s": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu_step.json").write_text(json.dumps(result, indent=2))
-    table = (f"| path | ms/step (median) |\n|---|---|\n| bare torch loop | {b * 1000:.2f} |\n"
-             f"| mprun | {m * 1000:.2f} |\n| **ratio mprun/bare** | **{m / b:.3f}** (goal <= 1.2) |\n")
+    table = (
+        f"| path | ms/step (median) |\n|---|---|\n| bare torch loop | {b * 1000:.2f} |\n"
+        f"| mprun | {m * 1000:.2f} |\n| **ratio mprun/bare** | **{m / b:.3f}** (goal <= 1.2) |\n"
+    )
     (args.out / "cpu_step.md").write_text(
         f"CPU step time, {result['date']}, {result['machine']}, torch {result['torch']}: "
-        f"`python bench/cpu_step.py --rounds {args.rounds} --epochs {args.epochs}`\n\n{table}")
+        f"`python bench/cpu_step.py --rounds {args.rounds} --epochs {args.epochs}`\n\n{table}"
+    )
     print(table)
     sys.exit(0 if m / b <= 1.2 else 1)
 

@@ -15,7 +15,8 @@ Matrix: resnet50 (batch 256, channels_last) and vit_b16 (batch 128) x fp32, tf32
 compiled, the cells the targets need first. Writes <out>/gpu_step.json and gpu_step.md after every cell, so
 a slice cut short keeps what it measured; cells measured earlier on the same device and torch version are
 kept and not measured again (--redo does), so the same command run again finishes a slice, and slices run
-in separate calls add up to one table. A path whose weights end non-finite is flagged. Targets (H100): mprun/hand >= 0.98
+in separate calls add up to one table. A path whose weights end non-finite is flagged.
+Targets (H100): mprun/hand >= 0.98
 in every cell; resnet50 bf16 compiled >= 5,500 img/s; bf16 peak memory <= 0.55x fp32.
 """
 
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import ROOT, at_least, compose
+
 BATCH = {"resnet50": 256, "vit_b16": 128}
 CHANNELS_LAST = {"resnet50": True}
 
@@ -41,13 +43,25 @@ def components(model: str, precision: str, compiled: bool, args: argparse.Namesp
     from mprun import build, config
 
     batch = args.batch or BATCH.get(model, 64)
-    cfg = compose([
-        f"model={model}", f"precision={precision}", "optimizer=sgd", "optimizer.lr=0.01", "scheduler=none",
-        "dataset=synthetic", "dataset.on_device=true", f"dataset.shape=[3,{args.image},{args.image}]",
-        f"dataset.batch_size={batch}", f"dataset.num_samples={batch * args.steps}", f"dataset.val_samples={batch}",
-        f"trainer.device={args.device}", f"trainer.compile={str(compiled).lower()}",
-        f"trainer.channels_last={str(CHANNELS_LAST.get(model, False)).lower()}", f"trainer.log_every_steps={args.steps}",
-    ])
+    cfg = compose(
+        [
+            f"model={model}",
+            f"precision={precision}",
+            "optimizer=sgd",
+            "optimizer.lr=0.01",
+            "scheduler=none",
+            "dataset=synthetic",
+            "dataset.on_device=true",
+            f"dataset.shape=[3,{args.image},{args.image}]",
+            f"dataset.batch_size={batch}",
+            f"dataset.num_samples={batch * args.steps}",
+            f"dataset.val_samples={batch}",
+            f"trainer.device={args.device}",
+            f"trainer.compile={str(compiled).lower()}",
+            f"trainer.channels_last={str(CHANNELS_LAST.get(model, False)).lower()}",
+            f"trainer.log_every_steps={args.steps}",
+        ]
+    )
     checked = config.validate(cfg)
     return build.components(cfg, checked), checked["trainer"], batch
 
@@ -120,22 +134,31 @@ def cell(model: str, precision: str, compiled: bool, args: argparse.Namespace) -
     times: dict[str, list[float]] = {k: [] for k in paths}
     mems: dict[str, list[float]] = {k: [] for k in paths}
     for r in range(args.rounds):
-        for name in (("hand", "mprun") if r % 2 == 0 else ("mprun", "hand")):
+        for name in ("hand", "mprun") if r % 2 == 0 else ("mprun", "hand"):
             seconds, mib = timed(paths[name], mine.device)
             times[name].append(seconds)
             mems[name].append(mib)
     images = batch * args.steps
-    out = {"model": model, "precision": precision, "mode": "compiled" if compiled else "eager", "batch": batch,
-           "date": str(date.today())}
+    out = {
+        "model": model,
+        "precision": precision,
+        "mode": "compiled" if compiled else "eager",
+        "batch": batch,
+        "date": str(date.today()),
+    }
     for name, parts in (("hand", theirs), ("mprun", mine)):
         out[f"{name}_img_s"] = images / statistics.median(times[name])
         out[f"{name}_peak_mib"] = max(mems[name])
         # A path whose weights went non-finite timed skipped or NaN steps, not training: its number is flagged.
         out[f"{name}_finite"] = all(bool(torch.isfinite(p).all()) for p in parts.module.parameters())
     out["ratio"] = out["mprun_img_s"] / out["hand_img_s"]
-    print(f"{model:9s} {precision:5s} {out['mode']:8s} hand {out['hand_img_s']:9.1f} img/s  mprun {out['mprun_img_s']:9.1f} "
-          f"img/s  ratio {out['ratio']:.3f}  peak MiB hand {out['hand_peak_mib']:.0f} mprun {out['mprun_peak_mib']:.0f}"
-          f"{'' if out['hand_finite'] and out['mprun_finite'] else '  NON-FINITE WEIGHTS'}", flush=True)
+    print(
+        f"{model:9s} {precision:5s} {out['mode']:8s} hand {out['hand_img_s']:9.1f} img/s  "
+        f"mprun {out['mprun_img_s']:9.1f} "
+        f"img/s  ratio {out['ratio']:.3f}  peak MiB hand {out['hand_peak_mib']:.0f} mprun {out['mprun_peak_mib']:.0f}"
+        f"{'' if out['hand_finite'] and out['mprun_finite'] else '  NON-FINITE WEIGHTS'}",
+        flush=True,
+    )
     del mine, theirs, paths
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -144,15 +167,19 @@ def cell(model: str, precision: str, compiled: bool, args: argparse.Namespace) -
 
 def table(cells: list[dict]) -> str:
     fp32 = {(c["model"], c["mode"]): c["mprun_peak_mib"] for c in cells if c["precision"] == "fp32"}
-    lines = ["| model | precision | mode | hand img/s | mprun img/s | mprun/hand | peak MiB (mprun) | vs fp32 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | precision | mode | hand img/s | mprun img/s | mprun/hand | peak MiB (mprun) | vs fp32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in cells:
         base = fp32.get((c["model"], c["mode"]))
         rel = f"{c['mprun_peak_mib'] / base:.2f}×" if base else "—"
         bad = [n for n in ("hand", "mprun") if not c.get(f"{n}_finite", True)]
         flag = f" (non-finite weights: {', '.join(bad)})" if bad else ""
-        lines.append(f"| {c['model']} | {c['precision']} | {c['mode']} | {c['hand_img_s']:,.0f} | {c['mprun_img_s']:,.0f} | "
-                     f"{c['ratio']:.3f}{flag} | {c['mprun_peak_mib']:,.0f} | {rel} |")
+        lines.append(
+            f"| {c['model']} | {c['precision']} | {c['mode']} | {c['hand_img_s']:,.0f} | {c['mprun_img_s']:,.0f} | "
+            f"{c['ratio']:.3f}{flag} | {c['mprun_peak_mib']:,.0f} | {rel} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -162,18 +189,34 @@ def key(c: dict) -> tuple[str, str, str]:
 
 # Within a model, the cells the targets need most come first, so a slice cut short still has them: the fp32
 # baseline, bf16 (its memory ratio) and compiled bf16 (the throughput target), then the rest.
-PRIORITY = [("eager", "fp32"), ("eager", "bf16"), ("compiled", "bf16"), ("eager", "fp16"), ("eager", "tf32"),
-            ("compiled", "fp16"), ("compiled", "tf32"), ("compiled", "fp32")]
+PRIORITY = [
+    ("eager", "fp32"),
+    ("eager", "bf16"),
+    ("compiled", "bf16"),
+    ("eager", "fp16"),
+    ("eager", "tf32"),
+    ("compiled", "fp16"),
+    ("compiled", "tf32"),
+    ("compiled", "fp32"),
+]
 
 
 def priority(t: tuple[str, str, str]) -> tuple[int, int]:
     m, p, mode = t
     models = list(BATCH)
-    return (models.index(m) if m in models else len(models),
-            PRIORITY.index((mode, p)) if (mode, p) in PRIORITY else len(PRIORITY))
+    return (
+        models.index(m) if m in models else len(models),
+        PRIORITY.index((mode, p)) if (mode, p) in PRIORITY else len(PRIORITY),
+    )
 
 
-SETTINGS = ("batch", "image", "steps", "warmup", "rounds")  # what makes two slices' cells comparable, besides GPU and torch
+SETTINGS = (
+    "batch",
+    "image",
+    "steps",
+    "warmup",
+    "rounds",
+)  # what makes two slices' cells comparable, besides GPU and torch
 
 
 def earlier(path: Path, device: str, args: argparse.Namespace) -> list[dict]:
@@ -182,7 +225,8 @@ def earlier(path: Path, device: str, args: argparse.Namespace) -> list[dict]:
         return []
     old = json.loads(path.read_text())
     same = (old.get("device"), old.get("torch")) == (device, torch.__version__) and all(
-        old.get("args", {}).get(k) == str(getattr(args, k)) for k in SETTINGS)
+        old.get("args", {}).get(k) == str(getattr(args, k)) for k in SETTINGS
+    )
     if not same:
         print(f"{path}: measured on another GPU, torch or settings: not merged (its cells are replaced)", flush=True)
     return old["cells"] if same else []
@@ -191,15 +235,32 @@ def earlier(path: Path, device: str, args: argparse.Namespace) -> list[dict]:
 def write(out: Path, cells: list[dict], device: str, args: argparse.Namespace) -> str:
     """gpu_step.json and gpu_step.md for these cells, each file replaced whole (never half-written)."""
     models, precisions = list(BATCH), ["fp32", "tf32", "fp16", "bf16"]
-    cells = sorted(cells, key=lambda c: (models.index(c["model"]) if c["model"] in models else len(models), c["model"],
-                                         c["mode"] != "eager", precisions.index(c["precision"])))
+    cells = sorted(
+        cells,
+        key=lambda c: (
+            models.index(c["model"]) if c["model"] in models else len(models),
+            c["model"],
+            c["mode"] != "eager",
+            precisions.index(c["precision"]),
+        ),
+    )
     dates = sorted({c["date"] for c in cells})
-    result = {"benchmark": "gpu_step", "device": device, "torch": torch.__version__, "python": platform.python_version(),
-              "args": {k: str(v) for k, v in vars(args).items() if k != "out"}, "cells": cells}
-    md = (f"mprun vs hand-written torch.amp loop, {', '.join(dates)}, {device}, torch {torch.__version__}, synthetic data on "
-          f"the device, SGD, {args.steps} steps a round, median of {args.rounds} alternating rounds after {args.warmup} "
-          f"warm-up: `python bench/gpu_step.py` (slices by --models/--precisions/--modes). Peak MiB: allocated above what "
-          f"was resident before the round (both paths' weights and optimizer state)\n\n" + table(cells))
+    result = {
+        "benchmark": "gpu_step",
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "args": {k: str(v) for k, v in vars(args).items() if k != "out"},
+        "cells": cells,
+    }
+    md = (
+        f"mprun vs hand-written torch.amp loop, {', '.join(dates)}, {device}, torch {torch.__version__}, "
+        f"synthetic data on "
+        f"the device, SGD, {args.steps} steps a round, median of {args.rounds} alternating rounds after {args.warmup} "
+        f"warm-up: `python bench/gpu_step.py` (slices by --models/--precisions/--modes). "
+        f"Peak MiB: allocated above what "
+        f"was resident before the round (both paths' weights and optimizer state)\n\n" + table(cells)
+    )
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("gpu_step.json", json.dumps(result, indent=2)), ("gpu_step.md", md)):
         tmp = out / f".{name}.tmp"
@@ -219,23 +280,37 @@ def main() -> None:
     ap.add_argument("--steps", type=at_least(1), default=20, help="steps per timed round")
     ap.add_argument("--warmup", type=at_least(0), default=2, help="untimed rounds per path")
     ap.add_argument("--rounds", type=at_least(1), default=5, help="timed rounds per path (alternating)")
-    ap.add_argument("--budget-s", type=float, default=0,
-                    help="start no cell (after the first) that would end past this many seconds, judged by the longest "
-                         "cell so far (0: no limit)")
-    ap.add_argument("--redo", action="store_true", help="measure cells again that --out already holds for this GPU and torch")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="start no cell (after the first) that would end past this many seconds, judged by the longest "
+        "cell so far (0: no limit)",
+    )
+    ap.add_argument(
+        "--redo", action="store_true", help="measure cells again that --out already holds for this GPU and torch"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     from mprun.hardware import device_name
 
     device = device_name(torch.device(args.device))
     cells = {key(c): c for c in earlier(args.out / "gpu_step.json", device, args)}
-    asked = [(m, p, mode) for m in args.models.split(",") for mode in args.modes.split(",") for p in args.precisions.split(",")]
+    asked = [
+        (m, p, mode)
+        for m in args.models.split(",")
+        for mode in args.modes.split(",")
+        for p in args.precisions.split(",")
+    ]
     # Cells measured in an earlier slice are not measured again (unless --redo), so a slice that a budget or a
     # time limit cut short is finished by running the same command again.
     todo = sorted((t for t in asked if args.redo or t not in cells), key=priority)
     if len(todo) < len(asked):
-        print(f"already measured on {device}, torch {torch.__version__} (--redo measures again): "
-              f"{', '.join(' '.join(t) for t in asked if t not in todo)}", flush=True)
+        print(
+            f"already measured on {device}, torch {torch.__version__} (--redo measures again): "
+            f"{', '.join(' '.join(t) for t in asked if t not in todo)}",
+            flush=True,
+        )
     start, longest = time.perf_counter(), 0.0
     for i, (m, p, mode) in enumerate(todo):
         # A cell is not started unless it would end within the budget, judged by the longest cell so far.
@@ -247,7 +322,9 @@ def main() -> None:
         c["seconds"] = time.perf_counter() - began
         longest = max(longest, c["seconds"])
         cells[key(c)] = c
-        write(args.out, list(cells.values()), device, args)  # after every cell: a slice cut short keeps what it measured
+        write(
+            args.out, list(cells.values()), device, args
+        )  # after every cell: a slice cut short keeps what it measured
     print(write(args.out, list(cells.values()), device, args) if cells else "nothing measured")
 
 

@@ -98,8 +98,11 @@ def train_rate(overrides: list[str], warmup: int, steps: int) -> dict:
     train_epoch(parts, window, trainer, TrainState(), tracker=NullTracker(), progress=Progress(1, 0, enabled=False))
     if not window.seconds:
         raise SystemExit(f"bench/loader.py: training stopped before batch {warmup + steps} (trainer.max_steps?)")
-    return {"samples_per_s": steps * batch / window.seconds, "data_wait_frac": window.waited / window.seconds,
-            "input": parts.data.train.describe()}
+    return {
+        "samples_per_s": steps * batch / window.seconds,
+        "data_wait_frac": window.waited / window.seconds,
+        "input": parts.data.train.describe(),
+    }
 
 
 def loader_rate(overrides: list[str], workers: int, warmup: int, batches: int) -> dict:
@@ -129,9 +132,15 @@ def loader_rate(overrides: list[str], workers: int, warmup: int, batches: int) -
 def step_overrides(overrides: list[str], shape: list[int], classes: int, batch: int, samples: int) -> list[str]:
     """The same run on synthetic data of the same shape, generated on the device."""
     kept = [o for o in overrides if not o.lstrip("+~").startswith("dataset")]
-    return kept + ["dataset=synthetic", "dataset.on_device=true", f"dataset.shape=[{','.join(map(str, shape))}]",
-                   f"dataset.num_classes={classes}", f"dataset.batch_size={batch}", f"dataset.num_samples={samples}",
-                   f"dataset.val_samples={batch}"]
+    return kept + [
+        "dataset=synthetic",
+        "dataset.on_device=true",
+        f"dataset.shape=[{','.join(map(str, shape))}]",
+        f"dataset.num_classes={classes}",
+        f"dataset.batch_size={batch}",
+        f"dataset.num_samples={samples}",
+        f"dataset.val_samples={batch}",
+    ]
 
 
 def default_workers() -> str:
@@ -146,11 +155,15 @@ def table(result: dict) -> str:
     step = result["step"]["samples_per_s"]
     lines = ["| path | workers | samples/s | ÷ step | waited for data |", "|---|---|---|---|---|"]
     for r in result["loader"]:
-        lines.append(f"| loader only | {r['workers']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / step:.2f}× | — |")
+        lines.append(
+            f"| loader only | {r['workers']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / step:.2f}× | — |"
+        )
     lines.append(f"| step (synthetic, on the device) | — | {step:,.0f} | 1.00× | — |")
     run = result["run"]
-    lines.append(f"| run (real loader) | {run['input']} | {run['samples_per_s']:,.0f} | {run['samples_per_s'] / step:.2f}× | "
-                 f"{run['data_wait_frac']:.0%} |")
+    lines.append(
+        f"| run (real loader) | {run['input']} | {run['samples_per_s']:,.0f} | {run['samples_per_s'] / step:.2f}× | "
+        f"{run['data_wait_frac']:.0%} |"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -162,14 +175,20 @@ def verdict(result: dict) -> str:
         said = f"The loader keeps up from {min(enough)} workers on (loader-only samples/s >= the step's)."
     else:
         best = max(result["loader"], key=lambda r: r["samples_per_s"])
-        said = (f"The loader does not keep up: at best {best['samples_per_s']:,.0f} samples/s ({best['workers']} workers) "
-                f"against the step's {step:,.0f}. More workers (if cores allow), images stored near the training size "
-                f"(less decoding and resizing) or a faster decoder would raise it.")
-    said += (f" The real run trains at {run['samples_per_s'] / step:.2f}× the step's pace and waits for data "
-             f"{run['data_wait_frac']:.0%} of the time")
+        said = (
+            f"The loader does not keep up: at best {best['samples_per_s']:,.0f} samples/s ({best['workers']} workers) "
+            f"against the step's {step:,.0f}. More workers (if cores allow), images stored near the training size "
+            f"(less decoding and resizing) or a faster decoder would raise it."
+        )
+    said += (
+        f" The real run trains at {run['samples_per_s'] / step:.2f}× the step's pace and waits for data "
+        f"{run['data_wait_frac']:.0%} of the time"
+    )
     if run["samples_per_s"] < 0.9 * step and run["data_wait_frac"] <= INPUT_BOUND:
-        said += (": the gap is not waiting for batches, so the loader workers are slowing the step itself (they "
-                 "share the CPU cores, and on a CPU-trained run the cores the step computes on)")
+        said += (
+            ": the gap is not waiting for batches, so the loader workers are slowing the step itself (they "
+            "share the CPU cores, and on a CPU-trained run the cores the step computes on)"
+        )
     return said + "."
 
 
@@ -179,7 +198,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--workers", default=default_workers(), help="num_workers values for the loader-only path")
     ap.add_argument("--warmup", type=at_least(0), default=5, help="untimed batches/steps first")
     ap.add_argument("--steps", type=at_least(1), default=30, help="timed batches/steps")
-    ap.add_argument("--make-imagefolder", type=Path, help="first write a generated imagefolder here (if it is not there)")
+    ap.add_argument(
+        "--make-imagefolder", type=Path, help="first write a generated imagefolder here (if it is not there)"
+    )
     ap.add_argument("--images", type=at_least(1), default=2000, help="with --make-imagefolder: how many images")
     ap.add_argument("--classes", type=at_least(1), default=10, help="with --make-imagefolder")
     ap.add_argument("--size", default="500x375", help="with --make-imagefolder: WxH (ImageNet's typical photo size)")
@@ -190,38 +211,62 @@ def main(argv: Optional[list[str]] = None) -> None:
         make_imagefolder(args.make_imagefolder, args.images, args.classes, (w, h))
     cfg = compose(args.overrides)
     if "num_workers" not in cfg.dataset:
-        raise SystemExit(f"bench/loader.py measures datasets read from disk (imagefolder, cifar10, mnist, ...); "
-                         f"the configured dataset ({cfg.dataset._target_}) is held in memory")
+        raise SystemExit(
+            f"bench/loader.py measures datasets read from disk (imagefolder, cifar10, mnist, ...); "
+            f"the configured dataset ({cfg.dataset._target_}) is held in memory"
+        )
     trainer = config.validate(cfg)["trainer"]
     probe = build.dataset(cfg, 0, torch.device("cpu"))
     shape, classes, batch = list(probe.example().shape[1:]), probe.num_classes, int(cfg.dataset.batch_size)
     if len(probe.train) < args.warmup + args.steps + 1:
-        raise SystemExit(f"bench/loader.py: the train set has {len(probe.train)} batches of {batch}; --warmup "
-                         f"{args.warmup} + --steps {args.steps} need {args.warmup + args.steps + 1}. Lower them or use more data.")
+        raise SystemExit(
+            f"bench/loader.py: the train set has {len(probe.train)} batches of {batch}; --warmup "
+            f"{args.warmup} + --steps {args.steps} need {args.warmup + args.steps + 1}. Lower them or use more data."
+        )
     del probe
 
     loader = [loader_rate(args.overrides, int(w), args.warmup, args.steps) for w in args.workers.split(",")]
     for r in loader:
         print(f"loader only, num_workers={r['workers']}: {r['samples_per_s']:,.0f} samples/s", flush=True)
-    step = train_rate(step_overrides(args.overrides, shape, classes, batch, batch * (args.warmup + args.steps + 1)),
-                      args.warmup, args.steps)
+    step = train_rate(
+        step_overrides(args.overrides, shape, classes, batch, batch * (args.warmup + args.steps + 1)),
+        args.warmup,
+        args.steps,
+    )
     print(f"step (synthetic on the device): {step['samples_per_s']:,.0f} samples/s", flush=True)
     run = train_rate(args.overrides, args.warmup, args.steps)
-    print(f"run (real loader, {run['input']}): {run['samples_per_s']:,.0f} samples/s, "
-          f"waited for data {run['data_wait_frac']:.0%}", flush=True)
+    print(
+        f"run (real loader, {run['input']}): {run['samples_per_s']:,.0f} samples/s, "
+        f"waited for data {run['data_wait_frac']:.0%}",
+        flush=True,
+    )
 
     device = resolve_device(trainer.device)
     name = device_name(device)
-    result = {"benchmark": "loader", "date": str(date.today()), "device": name, "cores": usable_cores(),
-              "torch": torch.__version__, "overrides": args.overrides, "shape": shape, "batch": batch,
-              "warmup": args.warmup, "steps": args.steps, "loader": loader, "step": step, "run": run}
+    result = {
+        "benchmark": "loader",
+        "date": str(date.today()),
+        "device": name,
+        "cores": usable_cores(),
+        "torch": torch.__version__,
+        "overrides": args.overrides,
+        "shape": shape,
+        "batch": batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "loader": loader,
+        "step": step,
+        "run": run,
+    }
     result["verdict"] = verdict(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loader.json").write_text(json.dumps(result, indent=2))
-    md = (f"Input pipeline vs training step, {result['date']}, {name}, {usable_cores()} cores, torch {result['torch']}, "
-          f"batch {batch}, input {'x'.join(map(str, shape))}: `python bench/loader.py --warmup {args.warmup} --steps {args.steps} "
-          f"--workers {args.workers} {' '.join(args.overrides)}`\n\n"
-          + table(result) + "\n" + result["verdict"] + "\n")
+    md = (
+        f"Input pipeline vs training step, {result['date']}, {name}, {usable_cores()} cores, torch {result['torch']}, "
+        f"batch {batch}, input {'x'.join(map(str, shape))}: "
+        f"`python bench/loader.py --warmup {args.warmup} --steps {args.steps} "
+        f"--workers {args.workers} {' '.join(args.overrides)}`\n\n" + table(result) + "\n" + result["verdict"] + "\n"
+    )
     (args.out / "loader.md").write_text(md)
     print("\n" + md)
 

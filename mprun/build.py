@@ -14,8 +14,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mprun import distributed, models, numerics
-from mprun.distributed import SINGLE, Strategy, World
 from mprun.data import DataBundle
+from mprun.distributed import SINGLE, Strategy, World
 from mprun.errors import ConfigError
 from mprun.hardware import resolve_device, set_math_flags
 from mprun.loop import TrainerConfig, Training, planned_steps
@@ -70,13 +70,19 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     except ConfigError:
         raise
     except (AssertionError, ValueError, RuntimeError) as e:  # e.g. a ViT patch larger than the image
-        raise ConfigError(f"{model_name} cannot be built for dataset={data.name} "
-                          f"({data.in_chans}x{data.image_size[0]}x{data.image_size[1]}, {data.num_classes} classes): {e}") from e
+        raise ConfigError(
+            f"{model_name} cannot be built for dataset={data.name} "
+            f"({data.in_chans}x{data.image_size[0]}x{data.image_size[1]}, {data.num_classes} classes): {e}"
+        ) from e
     # Model transforms before moving/compiling: fp32 islands run outside autocast.
-    fp32_modules = numerics.keep_fp32(module, precision.cfg.fp32_modules, device.type) if precision.cfg.fp32_modules else []
+    fp32_modules = (
+        numerics.keep_fp32(module, precision.cfg.fp32_modules, device.type) if precision.cfg.fp32_modules else []
+    )
     memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
     module = module.to(device, memory_format=memory_format)
-    models.check_fits(module, data.example().to(device), data.train.smallest_batch(), data.num_classes, model_name, data.name)
+    models.check_fits(
+        module, data.example().to(device), data.train.smallest_batch(), data.num_classes, model_name, data.name
+    )
     # DDP wraps the module; FSDP2 shards it in place (before the optimizer sees its parameters).
     wrapped = distributed.wrap(module, trainer.strategy, device, precision, fp32_modules)
     kernels = implementation(cfg.optimizer._target_, trainer.strategy is Strategy.fsdp)
@@ -84,9 +90,19 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     total = planned_steps(trainer, len(data.train))
     scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer=optimizer, total_steps=total)
     model = torch.compile(wrapped) if trainer.compile else wrapped
-    return Components(model=model, data=data, optimizer=optimizer, scheduler=scheduler, precision=precision,
-                      device=device, world=world, module=module, total_steps=total, fp32_modules=fp32_modules,
-                      strategy=trainer.strategy)
+    return Components(
+        model=model,
+        data=data,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        precision=precision,
+        device=device,
+        world=world,
+        module=module,
+        total_steps=total,
+        fp32_modules=fp32_modules,
+        strategy=trainer.strategy,
+    )
 
 
 def _model_label(cfg: DictConfig) -> str:

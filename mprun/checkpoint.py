@@ -86,7 +86,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise ConfigError(f"checkpoint {path} is damaged or tampered with: record {bad} fails its CRC-32 check")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - zip, pickle and unpickler errors all mean "unreadable"
+    except Exception as e:
         raise ConfigError(f"checkpoint {path} is unreadable (truncated, corrupt or not a checkpoint): {e}") from e
 
 
@@ -141,5 +141,7 @@ def resume_path(spec: str | None, run_dir: Path) -> Path | None:
             raise ConfigError(f"trainer.resume={spec}: no checkpoint (*.pt) in {path} or {path / 'checkpoints'}")
         return found
     if not path.is_file():
-        raise ConfigError(f"trainer.resume={spec}: no such file or directory (give a .pt file, a run directory, or auto)")
+        raise ConfigError(
+            f"trainer.resume={spec}: no such file or directory (give a .pt file, a run directory, or auto)"
+        )
     return path

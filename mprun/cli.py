@@ -46,8 +46,12 @@ def _main(cfg: DictConfig) -> float:
         sys.exit(2 if isinstance(e, ConfigError) else 1)  # a user's mistake exits 2, like argparse
     if summary["stop_signal"]:
         if not summary["interrupted"]:
-            print(f"mprun: {signal.Signals(summary['stop_signal']).name} arrived after training was complete: "
-                  "the run finished and is recorded; stopping", file=sys.stderr, flush=True)
+            print(
+                f"mprun: {signal.Signals(summary['stop_signal']).name} arrived after training was complete: "
+                "the run finished and is recorded; stopping",
+                file=sys.stderr,
+                flush=True,
+            )
         sys.exit(128 + summary["stop_signal"])  # the shell convention: 130 for SIGINT, 143 for SIGTERM
     return summary["val_acc"]
 
@@ -62,7 +66,9 @@ def main() -> None:
         # value) or an exit (Ctrl-C, SIGTERM); on_multirun_end then never runs, so the parent is closed here.
         code = e.code if isinstance(e, SystemExit) else None
         sweep.close_active(interrupted=isinstance(e, KeyboardInterrupt) or code in (130, 143), completed=False)
-        if isinstance(e, SystemExit) and isinstance(e.__context__, (ConfigCompositionException, OverrideParseException)):
+        if isinstance(e, SystemExit) and isinstance(
+            e.__context__, (ConfigCompositionException, OverrideParseException)
+        ):
             # Hydra has said why the command line does not compose: a user's mistake, like mprun's own
             unknown = config.unknown_override(e.__context__)
             if unknown:  # Hydra's message suggests adding the key with '+', which mprun then rejects: say what is valid

@@ -57,7 +57,9 @@ class SyntheticConfig(DatasetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.num_samples >= 1 and self.val_samples >= 1, "num_samples and val_samples must be >= 1")
-        require(len(self.shape) == 3 and min(self.shape) >= 1, f"shape={list(self.shape)} must be [channels, height, width]")
+        require(
+            len(self.shape) == 3 and min(self.shape) >= 1, f"shape={list(self.shape)} must be [channels, height, width]"
+        )
         require(self.num_classes >= 2, f"num_classes={self.num_classes} must be >= 2")
 
 
@@ -75,8 +77,11 @@ class LoaderConfig(DatasetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.num_workers == "auto" or self.num_workers.isdigit(),
-                f"num_workers={self.num_workers} must be a count >= 0, or auto (one per core this rank can spare, at most 8)")
+        require(
+            self.num_workers == "auto" or self.num_workers.isdigit(),
+            f"num_workers={self.num_workers} must be a count >= 0, "
+            "or auto (one per core this rank can spare, at most 8)",
+        )
         require(self.prefetch_factor >= 1, f"prefetch_factor={self.prefetch_factor} must be >= 1")
 
 
@@ -107,14 +112,20 @@ class Loader(Protocol):
     def __len__(self) -> int: ...
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Order the next pass by (seed, epoch) and start it after skip_batches batches (a resumed epoch)."""
+
     def shard(self, rank: int, world: int) -> None:
-        """Keep every world-th sample of each epoch's order, starting at rank (DistributedSampler's split; see EpochBatches)."""
+        """Keep every world-th sample of each epoch's order, starting at rank (DistributedSampler's split; see
+        EpochBatches)."""
+
     def real_samples(self) -> int:
         """This rank's samples in one pass, not counting the padding an evaluation shard ends with."""
+
     def describe(self) -> str:
         """What serves the batches, in words (for the summary and the input-bound warning)."""
+
     def remedy(self) -> str:
         """What would make this loader faster, for the input-bound warning."""
+
     def smallest_batch(self) -> int:
         """The fewest samples a batch of this rank's pass holds (a kept ragged tail, a share smaller than a batch)."""
 
@@ -194,8 +205,11 @@ class EpochBatches(torch.utils.data.Sampler[list[int]]):
 
     def order(self) -> torch.Tensor:
         """This rank's samples in the current epoch's order (a CPU tensor)."""
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) if self.shuffle \
+        order = (
+            torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            if self.shuffle
             else torch.arange(self.n)
+        )
         return order[rank_positions(self.n, self.rank, self.world, self.share())]
 
     def split(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -244,9 +258,11 @@ class TensorLoader(Batched):
             return "keep the tensors on the training device (dataset=synthetic: dataset.on_device=true)"
         # On the training device already (tensors for a GPU are pinned unless they live on it): the wait is the
         # gather, one index_select a batch.
-        return (f"nothing in the input pipeline: the tensors are on the training device ({self.x.device.type}) and a "
-                "batch is one index_select; it is a large share because the training step itself is small (a larger "
-                "dataset.batch_size or model makes it a smaller one)")
+        return (
+            f"nothing in the input pipeline: the tensors are on the training device ({self.x.device.type}) and a "
+            "batch is one index_select; it is a large share because the training step itself is small (a larger "
+            "dataset.batch_size or model makes it a smaller one)"
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         # One copy of the order per pass: a copy from pageable host memory waits for the GPU's queued work.
@@ -323,16 +339,26 @@ class EpochDataLoader(Batched):
     the epoch and the sample, so a run can be replayed, resumed exactly, and run with any number of workers."""
 
     def __init__(
-        self, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: str, prefetch_factor: int,
-        shuffle: bool, seed: int, device: torch.device,
+        self,
+        dataset: torch.utils.data.Dataset,
+        batch_size: int,
+        num_workers: str,
+        prefetch_factor: int,
+        shuffle: bool,
+        seed: int,
+        device: torch.device,
     ):
         self.batches = EpochBatches(len(dataset), batch_size, shuffle, seed)
         self.workers = auto_workers() if num_workers == "auto" else int(num_workers)
-        self.setting = f"{self.workers} worker{'s' * (self.workers != 1)}" + (" (auto)" if num_workers == "auto" else "")
+        self.setting = f"{self.workers} worker{'s' * (self.workers != 1)}" + (
+            " (auto)" if num_workers == "auto" else ""
+        )
         self.prefetch = prefetch_factor if self.workers > 0 else 0
         self.loader = torch.utils.data.DataLoader(
             SeededSamples(dataset, seed),
-            batch_sampler=EpochKeys(self.batches),  # drawn in this process at each iter(): order, shard, skip, ragged batch
+            batch_sampler=EpochKeys(
+                self.batches
+            ),  # drawn in this process at each iter(): order, shard, skip, ragged batch
             # Its own generator for the workers' base seed, which it draws at each iter(): drawn from the global RNG,
             # it would shift the training's random numbers (dropout) differently after a resume.
             generator=torch.Generator().manual_seed(seed),
@@ -343,9 +369,11 @@ class EpochDataLoader(Batched):
         )
 
     def remedy(self) -> str:
-        return (f"raise dataset.num_workers (this process may use {usable_cores()} cores), store images near the "
-                "training size so decoding and resizing cost less, keep the data on local disk; "
-                "`python bench/loader.py` measures loader vs step speed")
+        return (
+            f"raise dataset.num_workers (this process may use {usable_cores()} cores), store images near the "
+            "training size so decoding and resizing cost less, keep the data on local disk; "
+            "`python bench/loader.py` measures loader vs step speed"
+        )
 
     def describe(self) -> str:
         where = "in the training process" if self.workers == 0 else f"{self.setting}, prefetch {self.prefetch} each"
@@ -459,7 +487,12 @@ def synthetic(
     if not on_device and device.type == "cuda":
         xt, yt, xv, yv = (t.pin_memory() for t in (xt, yt, xv, yv))
     return DataBundle(
-        "synthetic", TensorLoader(xt, yt, batch_size, True, seed), TensorLoader(xv, yv, batch_size, False), c, (h, w), num_classes
+        "synthetic",
+        TensorLoader(xt, yt, batch_size, True, seed),
+        TensorLoader(xv, yv, batch_size, False),
+        c,
+        (h, w),
+        num_classes,
     )
 
 
@@ -490,17 +523,24 @@ def torchvision_dataset(
         val = cls(root, train=False, download=download, transform=tf)
     except RuntimeError as e:
         if download:
-            raise ConfigError(f"dataset={name.value}: download into {expected} failed ({e}); without network, copy the files there") from e
+            raise ConfigError(
+                f"dataset={name.value}: download into {expected} failed ({e}); without network, copy the files there"
+            ) from e
         raise ConfigError(
             f"dataset={name.value} not found at {expected}; set dataset.download=true to fetch it "
             f"(needs network), or set dataset.root to where it is"
         ) from e
     except OSError as e:  # URLError and socket errors: offline
-        raise ConfigError(f"dataset={name.value}: download into {expected} failed ({e}); without network, copy the files there") from e
+        raise ConfigError(
+            f"dataset={name.value}: download into {expected} failed ({e}); without network, copy the files there"
+        ) from e
     return DataBundle(
-        name.value, EpochDataLoader(train, **loader, shuffle=True, seed=seed, device=device),
+        name.value,
+        EpochDataLoader(train, **loader, shuffle=True, seed=seed, device=device),
         EpochDataLoader(val, **loader, shuffle=False, seed=seed, device=device),
-        chans, (size, size), len(train.classes),
+        chans,
+        (size, size),
+        len(train.classes),
     )
 
 
@@ -513,15 +553,24 @@ def image_folder(
 
     dirs = [Path(root) / train_dir, Path(root) / val_dir]
     for d in dirs:
-        require(d.is_dir(), f"dataset=imagefolder: {d.absolute()} is not a directory (expected <class>/<image> folders below it)")
+        require(
+            d.is_dir(),
+            f"dataset=imagefolder: {d.absolute()} is not a directory (expected <class>/<image> folders below it)",
+        )
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     val_tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), norm])
     train = torchvision.datasets.ImageFolder(str(dirs[0]), transform=train_tf)
     val = torchvision.datasets.ImageFolder(str(dirs[1]), transform=val_tf)
-    require(train.classes == val.classes, f"dataset=imagefolder: train classes {train.classes} differ from val classes {val.classes}")
+    require(
+        train.classes == val.classes,
+        f"dataset=imagefolder: train classes {train.classes} differ from val classes {val.classes}",
+    )
     return DataBundle(
-        "imagefolder", EpochDataLoader(train, **loader, shuffle=True, seed=seed, device=device),
+        "imagefolder",
+        EpochDataLoader(train, **loader, shuffle=True, seed=seed, device=device),
         EpochDataLoader(val, **loader, shuffle=False, seed=seed, device=device),
-        3, (image_size, image_size), len(train.classes),
+        3,
+        (image_size, image_size),
+        len(train.classes),
     )

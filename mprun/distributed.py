@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ class World:
         return self.rank == 0
 
     def _reduce(self, values: list[float], op: str) -> list[float]:
-        """Host numbers reduced elementwise over ranks with ReduceOp.<op>, in one collective (every rank must call it)."""
+        """Host numbers reduced elementwise over ranks with ReduceOp.<op>, in one collective (every rank calls it)."""
         if self.size == 1:
             return values
         t = torch.tensor(values, dtype=torch.float64)
@@ -74,8 +74,10 @@ def start(strategy: Strategy, want_cuda: bool) -> World:
     if "RANK" not in os.environ:
         _from_submitit()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise ConfigError(f"trainer.strategy={strategy.value} needs torchrun to start the processes: "
-                          f"torchrun --nproc_per_node=N -m mprun trainer.strategy={strategy.value} ...")
+        raise ConfigError(
+            f"trainer.strategy={strategy.value} needs torchrun to start the processes: "
+            f"torchrun --nproc_per_node=N -m mprun trainer.strategy={strategy.value} ..."
+        )
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         if want_cuda:
@@ -104,8 +106,10 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def wrap(module: nn.Module, strategy: Strategy, device: torch.device, precision: Any, fp32_modules: list[str]) -> nn.Module:
-    """The module as the strategy trains it (precision: the resolved Precision). Checkpoints keep using the plain module."""
+def wrap(
+    module: nn.Module, strategy: Strategy, device: torch.device, precision: Any, fp32_modules: list[str]
+) -> nn.Module:
+    """The module as the strategy trains it (precision: the resolved Precision). Checkpoints hold the plain module."""
     if strategy is Strategy.ddp:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -126,6 +130,7 @@ def fsdp_units(module: nn.Module, largest: float = 0.1) -> list[nn.Module]:
     child holding more than `largest` of the model's parameters is split into its own children, recursively. A
     ViT's `blocks`, a ConvNeXt or Swin stage, torchvision's ViT encoder each held 65-98% of the model: sharded
     whole, nearly all of it was gathered at once, and FSDP saved no memory. Leftover parameters stay with the root."""
+
     def size(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
@@ -152,8 +157,9 @@ def state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, strategy: S
     return get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy, model_sd: dict,
-                     optim_sd: dict) -> None:
+def load_state_dicts(
+    module: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy, model_sd: dict, optim_sd: dict
+) -> None:
     """Load full model and optimizer state into a (possibly sharded) module and its optimizer."""
     if strategy is not Strategy.fsdp:
         module.load_state_dict(model_sd)
@@ -161,6 +167,10 @@ def load_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, strate
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
-
+    set_state_dict(
+        module,
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(full_state_dict=True),
+    )

@@ -33,9 +33,12 @@ log = logging.getLogger("mprun")
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(mprun.__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(mprun.__file__).parent, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -117,8 +120,13 @@ def _run(cfg: DictConfig, started: float, job: Optional[JobInfo]) -> dict[str, A
 def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dict[str, Any]:
     """Open (or continue) the tracking run, then train under signal handling."""
     p = r.parts.precision
-    log.info("precision %s (%s); device %s; %d optimizer steps planned", p.description, p.reason, r.parts.device,
-             r.parts.total_steps)
+    log.info(
+        "precision %s (%s); device %s; %d optimizer steps planned",
+        p.description,
+        p.reason,
+        r.parts.device,
+        r.parts.total_steps,
+    )
     tags = {**run_tags(r.parts), **(r.job.tags() if r.job else {})}
     previous_run = resumed["tracking"]["run_id"] if resumed and "tracking" in resumed else ""
     if previous_run:  # kept by a new run too, when the old one cannot be continued
@@ -151,6 +159,7 @@ def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: Gr
         if not main:
             return None  # only rank 0 writes
         path = ckpts.save(name, contents)
+        tracker.flush()  # the store gets every metric up to this step before the checkpoint's tag says it is there
         tracker.set_tags({CHECKPOINT_STEP_TAG: str(s.step)})  # a later resume from an older checkpoint branches
         return path
 
@@ -161,8 +170,15 @@ def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: Gr
             tracker.log_artifact(run_dir / "config_resolved.yaml")
             if (run_dir / ".hydra").is_dir():
                 tracker.log_artifact(run_dir / ".hydra", "hydra")
-        result = fit(parts, r.trainer, tracker, state, stop=stop, guard=guard,
-                     checkpoint=lambda s: save(ckpts.periodic_name(s.step), s))
+        result = fit(
+            parts,
+            r.trainer,
+            tracker,
+            state,
+            stop=stop,
+            guard=guard,
+            checkpoint=lambda s: save(ckpts.periodic_name(s.step), s),
+        )
         results = summary.build(result, parts, state, tracker, time.perf_counter() - r.started)
         results["interrupted"] = result.interrupted
         if result.interrupted:
@@ -194,7 +210,7 @@ def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: Gr
                 (run_dir / "diagnosis.json").write_text(json_text(e.report))
                 tracker.log_artifact(run_dir / "diagnosis.json")
                 r.log_numerics(guard)
-        except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
+        except Exception:
             log.exception("could not record the error in the tracking run")
         raise
     finally:

@@ -53,8 +53,10 @@ class GracefulStop:
         if self.signum is not None:
             raise StopNow(signum)  # second signal: unwind now; the run is still closed as KILLED
         self.signum = signum
-        log.warning("%s received: finishing the current step, then checkpointing. Send it again to stop at once.",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s received: finishing the current step, then checkpointing. Send it again to stop at once.",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
@@ -88,4 +90,3 @@ def deferred_signals() -> Iterator[None]:
                 handler(signum, None)  # garbage-collection finaliser, which swallows its KeyboardInterrupt
             elif handler != signal.SIG_IGN:
                 signal.raise_signal(signum)  # the default action: the process ends
-

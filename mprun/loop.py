@@ -72,12 +72,20 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         require(self.max_epochs >= 1, f"max_epochs={self.max_epochs} must be >= 1")
-        require(self.max_steps == -1 or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1, or -1 for no limit")
+        require(
+            self.max_steps == -1 or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1, or -1 for no limit"
+        )
         require(self.grad_accum_steps >= 1, f"grad_accum_steps={self.grad_accum_steps} must be >= 1")
         require(self.eval_every_epochs >= 1, f"eval_every_epochs={self.eval_every_epochs} must be >= 1")
         require(self.log_every_steps >= 1, f"log_every_steps={self.log_every_steps} must be >= 1")
-        require(self.checkpoint_every_steps >= 0, f"checkpoint_every_steps={self.checkpoint_every_steps} must be >= 0 (0: off)")
-        require(self.checkpoint_every_epochs >= 0, f"checkpoint_every_epochs={self.checkpoint_every_epochs} must be >= 0 (0: off)")
+        require(
+            self.checkpoint_every_steps >= 0,
+            f"checkpoint_every_steps={self.checkpoint_every_steps} must be >= 0 (0: off)",
+        )
+        require(
+            self.checkpoint_every_epochs >= 0,
+            f"checkpoint_every_epochs={self.checkpoint_every_epochs} must be >= 0 (0: off)",
+        )
         require(self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1")
 
 
@@ -236,7 +244,11 @@ def train_step(
     no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce gradients on the last micro-batch only
     for i, (x, y) in enumerate(micro_batches):
         accumulate = no_sync() if no_sync is not None and i < len(micro_batches) - 1 else contextlib.nullcontext()
-        watch = numerics.watch_activations(plain, stats.setdefault("acts", {})) if stats is not None else contextlib.nullcontext()
+        watch = (
+            numerics.watch_activations(plain, stats.setdefault("acts", {}))
+            if stats is not None
+            else contextlib.nullcontext()
+        )
         with precision.autocast(), watch, accumulate:
             loss = F.cross_entropy(model(x), y)
         # Averaging over micro-batches makes the accumulated gradient equal one big batch's. The loss
@@ -288,7 +300,11 @@ def train_epoch(
             sync()
             return _mean(state.epoch_loss_sum, state.epoch_loss_steps)
         # Under torchrun the ranks agree on stopping at log boundaries, so all stop after the same step.
-        if stop is not None and (world.size == 1 or state.step % cfg.log_every_steps == 0) and world.any(stop.requested):
+        if (
+            stop is not None
+            and (world.size == 1 or state.step % cfg.log_every_steps == 0)
+            and world.any(stop.requested)
+        ):
             sync()
             return None
         micro = [_to_device(b, device, cfg.channels_last) for b in micro]
@@ -302,8 +318,9 @@ def train_epoch(
         if guard is not None:
             guard.after_step(unwrap(model), micro, state.step + 1)
         if stats:
-            tracker.log_metrics(guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {}), user_module(model)),
-                                state.step + 1)
+            tracker.log_metrics(
+                guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {}), user_module(model)), state.step + 1
+            )
         state.step += 1
         state.batch_in_epoch += len(micro)
         state.samples += sum(len(y) for _, y in micro)
@@ -315,7 +332,9 @@ def train_epoch(
         if at_log_step:
             sync()  # sync point, once per log interval
             metrics = {
-                "train/loss": _mean(state.epoch_loss_sum - state.logged_loss_sum, state.epoch_loss_steps - state.logged_loss_steps),
+                "train/loss": _mean(
+                    state.epoch_loss_sum - state.logged_loss_sum, state.epoch_loss_steps - state.logged_loss_steps
+                ),
                 "train/lr": lr,
                 **precision.telemetry(),
             }
@@ -373,8 +392,13 @@ def evaluate(
 
 def _warn_input_bound(frac: float, loader: Loader, rate: float) -> None:
     """Say that the input pipeline is the bottleneck, and what to change."""
-    log.warning("input-bound: the training loop waited for data %.0f%% of the epoch (%s; %.0f samples/s). Faster input: %s",
-                100 * frac, loader.describe(), rate, loader.remedy())
+    log.warning(
+        "input-bound: the training loop waited for data %.0f%% of the epoch (%s; %.0f samples/s). Faster input: %s",
+        100 * frac,
+        loader.describe(),
+        rate,
+        loader.remedy(),
+    )
 
 
 def fit(
@@ -417,11 +441,22 @@ def fit(
             progress.start_epoch(running)
             before, samples_before, from_start = state.train_time_s, state.samples, state.batch_in_epoch == 0
             clock_in()
-            train_loss = train_epoch(run, train, cfg, state, tracker=tracker, progress=progress, stop=stop,
-                                     checkpoint=timed_checkpoint if checkpoint is not None else None, guard=guard)
+            train_loss = train_epoch(
+                run,
+                train,
+                cfg,
+                state,
+                tracker=tracker,
+                progress=progress,
+                stop=stop,
+                checkpoint=timed_checkpoint if checkpoint is not None else None,
+                guard=guard,
+            )
             clock_out()
             if train_loss is None:
-                result.interrupted = (stop.signum or signal.SIGTERM) if stop is not None else None  # agreed stop: some rank got it
+                result.interrupted = (
+                    (stop.signum or signal.SIGTERM) if stop is not None else None
+                )  # agreed stop: some rank got it
                 break
             seconds = state.train_time_s - before
             waited = world.max(train.take())  # the hungriest rank holds the others up
@@ -431,7 +466,9 @@ def fit(
             if trained:
                 result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
                 result.epoch_waits.append(waited / seconds)
-                metrics.update({"perf/samples_per_s": result.epoch_rates[-1], "perf/data_wait_frac": result.epoch_waits[-1]})
+                metrics.update(
+                    {"perf/samples_per_s": result.epoch_rates[-1], "perf/data_wait_frac": result.epoch_waits[-1]}
+                )
                 whole = from_start and state.batch_in_epoch == 0  # a resumed or max_steps-cut pass is no epoch's time
                 result.epoch_times.append(seconds if whole else None)
                 if whole:
@@ -440,8 +477,13 @@ def fit(
             state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
             done = finished(state, cfg)
             # Judged like the throughput: the first epoch (worker start-up) only when it is the only one.
-            if not warned and trained and result.epoch_waits[-1] > INPUT_BOUND and (len(result.epoch_waits) > 1 or done) \
-                    and world.is_main:
+            if (
+                not warned
+                and trained
+                and result.epoch_waits[-1] > INPUT_BOUND
+                and (len(result.epoch_waits) > 1 or done)
+                and world.is_main
+            ):
                 _warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
                 warned = True
             if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or done:
@@ -451,8 +493,12 @@ def fit(
                 metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
             tracker.log_metrics(metrics, state.step)
             progress.end_epoch(running + 1, {"train_loss": result.train_loss, **metrics})
-            if checkpoint is not None and cfg.checkpoint_every_epochs and state.epoch % cfg.checkpoint_every_epochs == 0 \
-                    and not done:  # the final checkpoint follows anyway
+            if (
+                checkpoint is not None
+                and cfg.checkpoint_every_epochs
+                and state.epoch % cfg.checkpoint_every_epochs == 0
+                and not done
+            ):  # the final checkpoint follows anyway
                 checkpoint(state)
             if stop is not None and world.any(stop.requested):  # arrived during the epoch's last step or evaluation
                 # After the last epoch's evaluation training is complete: the run finishes as such (the caller still

@@ -87,8 +87,15 @@ class GradScale(nn.Module):
 class SimpleMLP(nn.Sequential):
     """Flatten -> depth x (Linear, ReLU) -> Linear [-> GradScale]."""
 
-    def __init__(self, in_chans: int, image_size: tuple[int, int], num_classes: int, hidden: int = 256, depth: int = 2,
-                 grad_scale: float = 1.0):
+    def __init__(
+        self,
+        in_chans: int,
+        image_size: tuple[int, int],
+        num_classes: int,
+        hidden: int = 256,
+        depth: int = 2,
+        grad_scale: float = 1.0,
+    ):
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_chans * image_size[0] * image_size[1]
         for _ in range(depth):
@@ -126,8 +133,12 @@ def _unknown(kind: str, name: str, choices: list[str], hint: str) -> ConfigError
 
 
 # Arguments mprun passes to a model's constructor itself, and where each comes from.
-_SET_BY_MPRUN = {"num_classes": "the dataset's class count", "in_chans": "the dataset's channels",
-                 "pretrained": "model.pretrained", "weights": "none: mprun builds torchvision models untrained"}
+_SET_BY_MPRUN = {
+    "num_classes": "the dataset's class count",
+    "in_chans": "the dataset's channels",
+    "pretrained": "model.pretrained",
+    "weights": "none: mprun builds torchvision models untrained",
+}
 
 
 def _extra(kwargs: Dict[str, Any] | None, reserved: tuple[str, ...]) -> dict[str, Any]:
@@ -135,12 +146,19 @@ def _extra(kwargs: Dict[str, Any] | None, reserved: tuple[str, ...]) -> dict[str
     values for keyword argument")."""
     extra = dict(kwargs or {})
     for key in reserved:
-        require(key not in extra, f"model.kwargs.{key} is set by mprun ({_SET_BY_MPRUN[key]}): remove it from model.kwargs")
+        require(
+            key not in extra, f"model.kwargs.{key} is set by mprun ({_SET_BY_MPRUN[key]}): remove it from model.kwargs"
+        )
     return extra
 
 
 def timm_model(
-    in_chans: int, image_size: tuple[int, int], num_classes: int, name: str, pretrained: bool = False, kwargs: Dict[str, Any] | None = None
+    in_chans: int,
+    image_size: tuple[int, int],
+    num_classes: int,
+    name: str,
+    pretrained: bool = False,
+    kwargs: Dict[str, Any] | None = None,
 ) -> nn.Module:
     """Any timm model, built for the data's image size where the model takes one (ViTs, Swin, LeViT, MaxViT,
     CoaT, ...: position embeddings, windows and strides then fit the data). Convolutional nets take any size
@@ -148,9 +166,18 @@ def timm_model(
     import timm
 
     if not timm.is_model(name):
-        raise _unknown("timm", name, timm.list_models(), f"list them with: python -c \"import timm; print(timm.list_models('{name[:3]}*'))\"")
-    common = dict(pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
-                  **_extra(kwargs, ("num_classes", "in_chans", "pretrained")))
+        raise _unknown(
+            "timm",
+            name,
+            timm.list_models(),
+            f"list them with: python -c \"import timm; print(timm.list_models('{name[:3]}*'))\"",
+        )
+    common = dict(
+        pretrained=pretrained,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        **_extra(kwargs, ("num_classes", "in_chans", "pretrained")),
+    )
     if "img_size" not in common:  # +model.kwargs.img_size wins
         try:
             return timm.create_model(name, img_size=tuple(image_size), **common)
@@ -183,16 +210,28 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                setattr(parent, child_name, nn.Conv2d(
-                    in_chans, child.out_channels, child.kernel_size, child.stride, child.padding,
-                    child.dilation, child.groups, child.bias is not None, child.padding_mode,
-                ))
+                setattr(
+                    parent,
+                    child_name,
+                    nn.Conv2d(
+                        in_chans,
+                        child.out_channels,
+                        child.kernel_size,
+                        child.stride,
+                        child.padding,
+                        child.dilation,
+                        child.groups,
+                        child.bias is not None,
+                        child.padding_mode,
+                    ),
+                )
                 return
     raise ConfigError(f"cannot adapt {type(model).__name__} to {in_chans} input channels: it has no Conv2d")
 
 
-def check_fits(model: nn.Module, example: torch.Tensor, smallest_batch: int, num_classes: int, model_name: str,
-               dataset_name: str) -> None:
+def check_fits(
+    model: nn.Module, example: torch.Tensor, smallest_batch: int, num_classes: int, model_name: str, dataset_name: str
+) -> None:
     """Run one tiny forward pass in training mode, as the first step will, so that a model/dataset/batch
     mismatch fails now, naming them (model_name as the command line does: `model=vit_b16 model.name=...`), not
     mid-epoch. Buffers (BatchNorm's running statistics) are left as found.
@@ -206,8 +245,12 @@ def check_fits(model: nn.Module, example: torch.Tensor, smallest_batch: int, num
             out = model(example)
     except (RuntimeError, ValueError, AssertionError, TypeError) as e:
         first = first_line(e, type(e).__name__)
-        batch = " in batches of 1 (dataset.batch_size, or a training set, or a rank's share of it, that leaves one " \
-            "sample for a batch)" if len(example) == 1 else ""
+        batch = (
+            " in batches of 1 (dataset.batch_size, or a training set, or a rank's share of it, that leaves one "
+            "sample for a batch)"
+            if len(example) == 1
+            else ""
+        )
         raise ConfigError(
             f"{model_name} cannot train on dataset={dataset_name} inputs of shape {tuple(example.shape[1:])}{batch}: "
             f"{first}"
@@ -220,7 +263,8 @@ def check_fits(model: nn.Module, example: torch.Tensor, smallest_batch: int, num
     require(
         isinstance(out, torch.Tensor),
         f"{model_name} returns {type(out).__name__} in training, not a tensor of logits (auxiliary heads?); "
-        "mprun trains models that return logits: turn the extra outputs off through model.kwargs (torchvision googlenet "
+        "mprun trains models that return logits: turn the extra outputs off through model.kwargs "
+        "(torchvision googlenet "
         "and inception_v3: +model.kwargs.aux_logits=false)",
     )
     require(

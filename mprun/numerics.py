@@ -34,14 +34,17 @@ FP16_MAX = 65504.0
 
 # ---------------------------------------------------------------- fp32 islands
 
+
 def keep_fp32(model: nn.Module, patterns: list[str], device_type: str) -> list[str]:
     """Run the modules whose qualified names match any glob outside autocast, in float32.
     Returns the names wrapped. A pattern that matches nothing is an error (most likely a typo)."""
     names = [n for n, _ in model.named_modules() if n]
     empty = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if empty:
-        raise ConfigError(f"precision.fp32_modules: {empty} match no module of this model; its modules are named like "
-                          f"{names[:8]}{' ...' if len(names) > 8 else ''}")
+        raise ConfigError(
+            f"precision.fp32_modules: {empty} match no module of this model; its modules are named like "
+            f"{names[:8]}{' ...' if len(names) > 8 else ''}"
+        )
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     outermost = [n for n in chosen if not any(n.startswith(f"{c}.") for c in chosen)]  # a parent covers its children
     for name in outermost:
@@ -68,15 +71,20 @@ def _run_in_fp32(module: nn.Module, device_type: str) -> None:
 
 # ---------------------------------------------------------------- NaN tracer
 
+
 def _range(t: Any) -> Optional[dict[str, Any]]:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
         return None
     x = t.detach().float()
     finite = x[torch.isfinite(x)]
-    return {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
-            "min": finite.min().item() if finite.numel() else None, "max": finite.max().item() if finite.numel() else None,
-            "absmax": finite.abs().max().item() if finite.numel() else None,
-            "nonfinite": int((~torch.isfinite(x)).sum().item())}
+    return {
+        "dtype": str(t.dtype).replace("torch.", ""),
+        "shape": list(t.shape),
+        "min": finite.min().item() if finite.numel() else None,
+        "max": finite.max().item() if finite.numel() else None,
+        "absmax": finite.abs().max().item() if finite.numel() else None,
+        "nonfinite": int((~torch.isfinite(x)).sum().item()),
+    }
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -98,20 +106,29 @@ def trace_nonfinite(model: nn.Module, batch: Batch, precision: Any) -> dict[str,
     saved_buffers = {k: v.clone() for k, v in model.named_buffers()}
     saved_grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
     names = {m: n or "<model>" for n, m in model.named_modules()}
-    report: dict[str, Any] = {"forward": None, "backward": None,
-                              "nonfinite_params": [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]}
+    report: dict[str, Any] = {
+        "forward": None,
+        "backward": None,
+        "nonfinite_params": [n for n, p in model.named_parameters() if not torch.isfinite(p).all()],
+    }
 
     def on_forward(module: nn.Module, inputs: Any, output: Any) -> None:
         if report["forward"] is None and _nonfinite(output) and not list(module.children()):
-            report["forward"] = {"module": names[module], "type": type(module).__name__,
-                                 "inputs": [r for r in map(_range, _tensors(inputs)) if r],
-                                 "output": [r for r in map(_range, _tensors(output)) if r]}
+            report["forward"] = {
+                "module": names[module],
+                "type": type(module).__name__,
+                "inputs": [r for r in map(_range, _tensors(inputs)) if r],
+                "output": [r for r in map(_range, _tensors(output)) if r],
+            }
 
     def on_backward(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
         if report["backward"] is None and _nonfinite(grad_input) and not list(module.children()):
-            report["backward"] = {"module": names[module], "type": type(module).__name__,
-                                  "grad_output": [r for r in map(_range, _tensors(grad_output)) if r],
-                                  "grad_input": [r for r in map(_range, _tensors(grad_input)) if r]}
+            report["backward"] = {
+                "module": names[module],
+                "type": type(module).__name__,
+                "grad_output": [r for r in map(_range, _tensors(grad_output)) if r],
+                "grad_input": [r for r in map(_range, _tensors(grad_input)) if r],
+            }
 
     # Backward hooks cannot see through in-place ops (ReLU(inplace=True) edits the hooked output): off while tracing.
     inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
@@ -126,7 +143,9 @@ def trace_nonfinite(model: nn.Module, batch: Batch, precision: Any) -> dict[str,
                 loss = F.cross_entropy(model(x), y)
             report["loss"] = loss.item()
             model.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # "hook fires on outputs" for a first layer whose input needs no grad: expected
+            with (
+                warnings.catch_warnings()
+            ):  # "hook fires on outputs" for a first layer whose input needs no grad: expected
                 warnings.simplefilter("ignore", UserWarning)
                 (loss * precision.scale_value()).backward()
         finally:
@@ -150,8 +169,10 @@ def describe_trace(report: dict[str, Any]) -> str:
     fwd, bwd = report.get("forward"), report.get("backward")
     if fwd:
         rng = fwd["inputs"][0] if fwd["inputs"] else {}
-        parts.append(f"first non-finite output in forward: {fwd['module']} ({fwd['type']}, {fwd['output'][0]['dtype']}; "
-                     f"input range [{rng.get('min')}, {rng.get('max')}])")
+        parts.append(
+            f"first non-finite output in forward: {fwd['module']} ({fwd['type']}, {fwd['output'][0]['dtype']}; "
+            f"input range [{rng.get('min')}, {rng.get('max')}])"
+        )
     if bwd:
         parts.append(f"first non-finite gradient in backward: {bwd['module']} ({bwd['type']})")
     if not parts:
@@ -161,6 +182,7 @@ def describe_trace(report: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- underflow / overflow statistics
 
+
 def _group(name: str) -> str:
     return name.split(".", 1)[0]
 
@@ -168,11 +190,13 @@ def _group(name: str) -> str:
 @contextlib.contextmanager
 def watch_activations(model: nn.Module, into: dict[str, float]) -> Iterator[None]:
     """Record each top-level module's largest |output| during the forward passes inside the block."""
+
     def hook(name: str):
         def record(module: nn.Module, inputs: Any, output: Any) -> None:
             for t in _tensors(output):
                 if t.is_floating_point() and t.numel():
                     into[name] = max(into.get(name, 0.0), t.detach().abs().max().float().item())
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_children()]
@@ -229,16 +253,26 @@ class Stats:
 
     def table(self) -> str:
         """Markdown: the last measured statistics per module."""
-        rows = ["| module | grad underflow in fp16 | grad overflow in fp16 | largest activation (abs) | vs 65504 |",
-                "|---|---|---|---|---|"]
+        rows = [
+            "| module | grad underflow in fp16 | grad overflow in fp16 | largest activation (abs) | vs 65504 |",
+            "|---|---|---|---|---|",
+        ]
         for mod, v in self.latest.items():
-            a, u, o = v.get("act_absmax"), v.get("underflow"), v.get("overflow")  # a module without parameters has no gradients
-            rows.append(f"| {mod} ({self.kinds.get(mod, '?')}) | {'—' if u is None else f'{100 * u:.2f}%'} | "
-                        f"{'—' if o is None else f'{100 * o:.4f}%'} | {'—' if a is None else f'{a:.4g}'} | {'—' if a is None else f'{a / FP16_MAX:.1e}×'} |")
+            a, u, o = (
+                v.get("act_absmax"),
+                v.get("underflow"),
+                v.get("overflow"),
+            )  # a module without parameters has no gradients
+            rows.append(
+                f"| {mod} ({self.kinds.get(mod, '?')}) | {'—' if u is None else f'{100 * u:.2f}%'} | "
+                f"{'—' if o is None else f'{100 * o:.4f}%'} | {'—' if a is None else f'{a:.4g}'} | "
+                f"{'—' if a is None else f'{a / FP16_MAX:.1e}×'} |"
+            )
         return "\n".join(rows) + "\n"
 
 
 # ---------------------------------------------------------------- policy
+
 
 class _Problem(NamedTuple):
     kind: str  # warned once per kind
@@ -265,8 +299,12 @@ class Guard:
     def state_dict(self) -> dict[str, Any]:
         """What the policy has seen so far, for checkpoints: a resumed run keeps counting toward collapse_patience,
         warns no twice, and traces no more than trace_nonfinite allows."""
-        return {"high_skip_windows": self.high_skip_windows, "zero_grad_windows": self.zero_grad_windows,
-                "warned": sorted(self.warned), "traces": self.traces}
+        return {
+            "high_skip_windows": self.high_skip_windows,
+            "zero_grad_windows": self.zero_grad_windows,
+            "warned": sorted(self.warned),
+            "traces": self.traces,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.high_skip_windows = int(state.get("high_skip_windows", 0))
@@ -307,38 +345,69 @@ class Guard:
         p, cfg = self.precision, self.cfg
         problems: list[_Problem] = []
         if not p.can_skip_steps and not math.isfinite(metrics["train/loss"]):
-            problems.append(_Problem("nonfinite_loss", "stop", f"non-finite training loss ({metrics['train/loss']}) in "
-                                     f"{p.description}, which has no loss scaler to skip such steps"))
+            problems.append(
+                _Problem(
+                    "nonfinite_loss",
+                    "stop",
+                    f"non-finite training loss ({metrics['train/loss']}) in "
+                    f"{p.description}, which has no loss scaler to skip such steps",
+                )
+            )
         if p.can_skip_steps:  # dynamic, static, or skip mode's scale pinned at 1.0
             scale, rate = metrics["amp/loss_scale"], metrics["amp/skip_rate"]
             self.high_skip_windows = self.high_skip_windows + 1 if rate > cfg.max_skip_rate else 0
             if p.dynamic_scaling and scale <= cfg.min_loss_scale:
-                problems.append(_Problem("scale_floor", cfg.on_collapse.value,
-                                         f"loss scale collapsed to {scale:g} (floor precision.min_loss_scale={cfg.min_loss_scale:g}) "
-                                         f"after {metrics['amp/skipped_steps']:.0f} skipped steps"))
+                problems.append(
+                    _Problem(
+                        "scale_floor",
+                        cfg.on_collapse.value,
+                        f"loss scale collapsed to {scale:g} (floor precision.min_loss_scale={cfg.min_loss_scale:g}) "
+                        f"after {metrics['amp/skipped_steps']:.0f} skipped steps",
+                    )
+                )
             elif self.high_skip_windows >= cfg.collapse_patience:
-                problems.append(_Problem("skip_rate", cfg.on_collapse.value,
-                                         f"over {cfg.max_skip_rate:.0%} of steps skipped in each of the last {self.high_skip_windows} "
-                                         f"log windows ({rate:.0%} in the latest; precision.max_skip_rate={cfg.max_skip_rate:g}); "
-                                         f"loss scale {scale:g}{p.fixed_scale_note()}"))
+                problems.append(
+                    _Problem(
+                        "skip_rate",
+                        cfg.on_collapse.value,
+                        f"over {cfg.max_skip_rate:.0%} of steps skipped in each of the last {self.high_skip_windows} "
+                        f"log windows ({rate:.0%} in the latest; precision.max_skip_rate={cfg.max_skip_rate:g}); "
+                        f"loss scale {scale:g}{p.fixed_scale_note()}",
+                    )
+                )
         # Gradients all exactly zero while the loss is not: nothing trains (in fp16, typically underflow).
         zero = metrics.get("train/grad_norm") == 0.0 and metrics["train/loss"] > 0
         self.zero_grad_windows = self.zero_grad_windows + 1 if zero else 0
         if self.zero_grad_windows >= cfg.collapse_patience:
             scale = metrics.get("amp/loss_scale", 1.0)
-            problems.append(_Problem("zero_gradients", cfg.on_collapse.value,
-                                     f"every gradient was exactly zero at each of the last {self.zero_grad_windows} log steps "
-                                     f"while the training loss was {metrics['train/loss']:.4g}: nothing trains." + p.zero_gradient_hint(scale),
-                                     nonfinite=False))
+            problems.append(
+                _Problem(
+                    "zero_gradients",
+                    cfg.on_collapse.value,
+                    f"every gradient was exactly zero at each of the last {self.zero_grad_windows} log steps "
+                    f"while the training loss was {metrics['train/loss']:.4g}: nothing trains."
+                    + p.zero_gradient_hint(scale),
+                    nonfinite=False,
+                )
+            )
         for kind, action, text, nonfinite in problems:
             if action == "stop":
                 report = {"step": step, "diagnosis": text, "metrics": metrics}
                 # The NaN tracer names where inf/NaN first appeared: for problems made of non-finite values only.
-                trace = (self._trace(model, batches, step, text) or (self.traces[-1] if self.traces else None)) if nonfinite else None
+                trace = (
+                    (self._trace(model, batches, step, text) or (self.traces[-1] if self.traces else None))
+                    if nonfinite
+                    else None
+                )
                 if trace:
                     report["trace"] = trace
                 hint = p.stop_hint() if nonfinite else ""
-                raise NumericsError(f"step {step}: {text}." + (f" NaN tracer at step {trace['step']}: {trace['summary']}." if trace else "") + hint, report)
+                raise NumericsError(
+                    f"step {step}: {text}."
+                    + (f" NaN tracer at step {trace['step']}: {trace['summary']}." if trace else "")
+                    + hint,
+                    report,
+                )
             if kind not in self.warned:  # once per kind
                 self.warned.add(kind)
                 log.warning("step %d: %s (precision.on_collapse=warn: training goes on)", step, text)

@@ -49,7 +49,10 @@ class AdamConfig(OptimizerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas={list(self.betas)} must be two values in [0, 1)")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"betas={list(self.betas)} must be two values in [0, 1)",
+        )
         require(self.eps > 0, f"eps={self.eps} must be > 0")
 
 
@@ -135,8 +138,11 @@ class OneCycleConfig(SchedulerConfig):
         super().__post_init__()
         require(0 < self.pct_start < 1, f"pct_start={self.pct_start} must be in (0, 1)")
         require(self.div_factor > 0, f"div_factor={self.div_factor} must be > 0 (the rate starts at lr / div_factor)")
-        require(self.final_div_factor > 0,
-                f"final_div_factor={self.final_div_factor} must be > 0 (the rate ends at lr / div_factor / final_div_factor)")
+        require(
+            self.final_div_factor > 0,
+            f"final_div_factor={self.final_div_factor} must be > 0 "
+            "(the rate ends at lr / div_factor / final_div_factor)",
+        )
 
 
 def _with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, shape: Callable[[int], float]) -> LRScheduler:
@@ -158,18 +164,26 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
     """Cosine decay to min_lr_ratio * lr over the steps after warmup."""
     span = max(1, total_steps - warmup_steps)
     return _with_warmup(
-        optimizer, warmup_steps,
+        optimizer,
+        warmup_steps,
         lambda step: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, span) / span)),
     )
 
 
-def step(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, step_size: int, gamma: float) -> LRScheduler:
+def step(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, step_size: int, gamma: float
+) -> LRScheduler:
     """Multiply LR by gamma every step_size optimizer steps after warmup."""
     return _with_warmup(optimizer, warmup_steps, lambda step: gamma ** (step // step_size))
 
 
 def onecycle(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, pct_start: float, div_factor: float, final_div_factor: float
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int,
+    pct_start: float,
+    div_factor: float,
+    final_div_factor: float,
 ) -> LRScheduler:
     """torch's OneCycleLR curve peaking at the configured lr (cosine rise from lr/div_factor, cosine fall to
     lr/div_factor/final_div_factor, no momentum cycling); warmup_steps, if set, fixes the rise length.

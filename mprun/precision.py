@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Optional
+from typing import Any, Callable, ContextManager, Iterable, List, Optional
 
 import torch
 
@@ -143,8 +143,21 @@ class PrecisionConfig:
 # steps, which an fp32 baseline has none of, and all-zero gradients, which leave no fp32 baseline to compare with).
 # The sweep report compares a job with the fp32 job that differs from it only in these and the precision option;
 # the others (clipping, on_nonfinite, statistics) apply to fp32 too.
-HALF_ONLY = frozenset({"dtype", "loss_scale", "init_scale", "growth_factor", "backoff_factor", "growth_interval",
-                       "min_loss_scale", "max_skip_rate", "collapse_patience", "on_collapse", "fp32_modules"})
+HALF_ONLY = frozenset(
+    {
+        "dtype",
+        "loss_scale",
+        "init_scale",
+        "growth_factor",
+        "backoff_factor",
+        "growth_interval",
+        "min_loss_scale",
+        "max_skip_rate",
+        "collapse_patience",
+        "on_collapse",
+        "fp32_modules",
+    }
+)
 
 _AUTOCAST_DTYPE = {PrecisionName.fp16: torch.float16, PrecisionName.bf16: torch.bfloat16}
 
@@ -221,7 +234,9 @@ class Precision:
         # on_nonfinite=skip without a loss scale: a GradScaler pinned at 1.0 finds and skips non-finite steps.
         self.skip_mode = self.loss_scale is LossScale.none and cfg.on_nonfinite is NonFinite.skip
         self.dynamic_scaling = self.loss_scale is LossScale.dynamic
-        self._pinned = float(cfg.init_scale) if self.loss_scale is LossScale.static else (1.0 if self.skip_mode else None)
+        self._pinned = (
+            float(cfg.init_scale) if self.loss_scale is LossScale.static else (1.0 if self.skip_mode else None)
+        )
         self.scaler = torch.amp.GradScaler(
             device.type,
             init_scale=1.0 if self.skip_mode else cfg.init_scale,
@@ -263,11 +278,16 @@ class Precision:
         none), gradients reduced in fp32. A precision that needs a GradScaler is refused: each rank's GradScaler
         finds inf/NaN in its own shard only, so ranks would skip different steps and their replicas drift apart."""
         if self.can_skip_steps:
-            why = ("fp16 with a loss scale" if self.loss_scale is not LossScale.none
-                   else f"precision.on_nonfinite=skip ({self.name.value})")
-            fix = ("use precision=bf16 or fp32 with fsdp, or trainer.strategy=ddp for fp16"
-                   if self.loss_scale is not LossScale.none
-                   else "use precision.on_nonfinite=stop with fsdp, or trainer.strategy=ddp to skip such steps")
+            why = (
+                "fp16 with a loss scale"
+                if self.loss_scale is not LossScale.none
+                else f"precision.on_nonfinite=skip ({self.name.value})"
+            )
+            fix = (
+                "use precision=bf16 or fp32 with fsdp, or trainer.strategy=ddp for fp16"
+                if self.loss_scale is not LossScale.none
+                else "use precision.on_nonfinite=stop with fsdp, or trainer.strategy=ddp to skip such steps"
+            )
             raise ConfigError(
                 f"trainer.strategy=fsdp with {why} is not supported by mprun: skipping a step needs a grad scaler "
                 f"whose inf/NaN check all ranks agree on, which FSDP2's sharded gradients do not have; {fix}"
@@ -309,7 +329,11 @@ class Precision:
     def description(self) -> str:
         """Human-readable resolved precision, e.g. 'fp16 (dynamic loss scale)'."""
         if self.name.scales_loss:
-            return "fp16 (no loss scale)" if self.loss_scale is LossScale.none else f"fp16 ({self.loss_scale.value} loss scale)"
+            return (
+                "fp16 (no loss scale)"
+                if self.loss_scale is LossScale.none
+                else f"fp16 ({self.loss_scale.value} loss scale)"
+            )
         return self.name.value
 
     def autocast(self) -> ContextManager:
@@ -323,7 +347,10 @@ class Precision:
         self.scaler.scale(loss).backward()
 
     def step(
-        self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], want_norm: bool,
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Iterable[torch.Tensor],
+        want_norm: bool,
         inspect: Optional[Callable[[], None]] = None,
     ) -> Optional[torch.Tensor]:
         """unscale -> clip -> step -> update. Returns the grad norm, or None when nobody asked for it.
@@ -352,7 +379,8 @@ class Precision:
             self._clean.add_(1).mul_(self.applied)
         else:
             self.steps_since_overflow += 1  # nothing can overflow a step without a scaler
-        # Static scaling (and skip mode's 1.0): GradScaler cannot have growth_factor=1, so pin the scale after every update.
+        # Static scaling (and skip mode's 1.0): GradScaler cannot have growth_factor=1, so the scale is pinned after
+        # every update.
         self.scaler.update(self._pinned)
         self._window_steps += 1
         return norm
@@ -363,8 +391,10 @@ class Precision:
         try:
             per_device = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
         except (AttributeError, KeyError) as e:
-            raise RuntimeError(f"torch {torch.__version__}: GradScaler no longer keeps found_inf_per_device where "
-                               "mprun reads it; skipped-step telemetry needs updating for this torch") from e
+            raise RuntimeError(
+                f"torch {torch.__version__}: GradScaler no longer keeps found_inf_per_device where "
+                "mprun reads it; skipped-step telemetry needs updating for this torch"
+            ) from e
         return sum(per_device.values())
 
     def last_step_skipped(self) -> bool:
@@ -418,8 +448,13 @@ class Precision:
     def state_dict(self) -> dict:
         """Scaler state plus telemetry counters, for checkpoints."""
         counters = self.counters()
-        return {"name": self.name.value, "loss_scale": self.loss_scale.value, "scaler": self.scaler.state_dict(), **counters,
-                "_window": list(self._window)}
+        return {
+            "name": self.name.value,
+            "loss_scale": self.loss_scale.value,
+            "scaler": self.scaler.state_dict(),
+            **counters,
+            "_window": list(self._window),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore scaler state and counters. The scaler state carries a loss scale only from a loss-scaled run
@@ -438,10 +473,18 @@ class Precision:
             scaler = state["scaler"] if self._pinned is None else {**state["scaler"], "scale": self._pinned}
             self.scaler.load_state_dict(scaler)
         elif saved is not LossScale.none:
-            log.warning("checkpoint was %s with a loss scale; %s has none, its scale dropped", state.get("name"), self.description)
+            log.warning(
+                "checkpoint was %s with a loss scale; %s has none, its scale dropped",
+                state.get("name"),
+                self.description,
+            )
         elif self.loss_scale is not LossScale.none:
-            log.warning("checkpoint was %s without a loss scale; %s starts its scale fresh at %g",
-                        state.get("name"), self.description, self.cfg.init_scale)
+            log.warning(
+                "checkpoint was %s without a loss scale; %s starts its scale fresh at %g",
+                state.get("name"),
+                self.description,
+                self.cfg.init_scale,
+            )
         self._scale_seen = self.scale_value()
 
 

@@ -25,8 +25,14 @@ from mprun.errors import ConfigError, first_line
 if TYPE_CHECKING:
     from mprun.tracking import Store
 
-PRECISION_COLORS = {"fp32": "tab:blue", "tf32": "tab:cyan", "fp16": "tab:orange", "fp16_static": "tab:red",
-                    "fp16_unscaled": "tab:purple", "bf16": "tab:green"}
+PRECISION_COLORS = {
+    "fp32": "tab:blue",
+    "tf32": "tab:cyan",
+    "fp16": "tab:orange",
+    "fp16_static": "tab:red",
+    "fp16_unscaled": "tab:purple",
+    "bf16": "tab:green",
+}
 
 
 @dataclass
@@ -128,10 +134,17 @@ def collect(store: Store, parent_id: str, curves: bool = True) -> list[Row]:
         overrides = tags.get("mprun.overrides", "")
         asked = _option(overrides) or ""
         row = Row(
-            num=int(tags.get("mprun.sweep_job", -1)), name=run.name or run.run_id, run_id=run.run_id,
-            status=run.status, precision=tags.get("precision") or f"{asked}?",  # a job that failed before resolving it
-            requested=asked, detail=tags.get("precision_detail", ""), others=_others(overrides),
-            metrics=dict(run.metrics), error=tags.get("error", ""), mem_kind=tags.get("peak_mem_kind", ""),
+            num=int(tags.get("mprun.sweep_job", -1)),
+            name=run.name or run.run_id,
+            run_id=run.run_id,
+            status=run.status,
+            precision=tags.get("precision") or f"{asked}?",  # a job that failed before resolving it
+            requested=asked,
+            detail=tags.get("precision_detail", ""),
+            others=_others(overrides),
+            metrics=dict(run.metrics),
+            error=tags.get("error", ""),
+            mem_kind=tags.get("peak_mem_kind", ""),
         )
         if curves and run.status != "FAILED":
             row.loss_curve = store.metric_history(run.run_id, "train/loss")
@@ -156,8 +169,22 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:{spec}}{suffix}"
 
 
-COLUMNS = ["job", "run", "precision", "status", "val acc", "Δ acc vs fp32", "samples/s", "speedup", "data wait",
-           "peak MiB", "mem ratio", "skipped", "final scale", "fp16 grad underflow"]
+COLUMNS = [
+    "job",
+    "run",
+    "precision",
+    "status",
+    "val acc",
+    "Δ acc vs fp32",
+    "samples/s",
+    "speedup",
+    "data wait",
+    "peak MiB",
+    "mem ratio",
+    "skipped",
+    "final scale",
+    "fp16 grad underflow",
+]
 
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
@@ -167,19 +194,24 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
     out = []
     for r in rows:
         d = r.delta_acc()
-        out.append([
-            str(r.num), r.name, r.precision, r.mark,
-            _fmt(r.metric("final/val_acc"), ".4f"),
-            _fmt(None if d is None else 100 * d, "+.2f", " pp"),
-            _fmt(r.metric("final/samples_per_s"), ",.0f"),
-            _fmt(r.ratio("final/samples_per_s"), ".2f", "×"),
-            _fmt(r.metric("final/data_wait_frac"), ".0%"),
-            _fmt(r.metric("final/peak_mem_mib"), ",.0f"),
-            _fmt(r.ratio("final/peak_mem_mib"), ".2f", "×"),
-            _fmt(r.metric("final/skipped_steps"), ".0f"),
-            _fmt(r.metric("final/loss_scale"), "g") if can_carry_loss_scale(r.precision) else "—",
-            _fmt(r.worst_underflow(), ".1%"),
-        ])
+        out.append(
+            [
+                str(r.num),
+                r.name,
+                r.precision,
+                r.mark,
+                _fmt(r.metric("final/val_acc"), ".4f"),
+                _fmt(None if d is None else 100 * d, "+.2f", " pp"),
+                _fmt(r.metric("final/samples_per_s"), ",.0f"),
+                _fmt(r.ratio("final/samples_per_s"), ".2f", "×"),
+                _fmt(r.metric("final/data_wait_frac"), ".0%"),
+                _fmt(r.metric("final/peak_mem_mib"), ",.0f"),
+                _fmt(r.ratio("final/peak_mem_mib"), ".2f", "×"),
+                _fmt(r.metric("final/skipped_steps"), ".0f"),
+                _fmt(r.metric("final/loss_scale"), "g") if can_carry_loss_scale(r.precision) else "—",
+                _fmt(r.worst_underflow(), ".1%"),
+            ]
+        )
     return out
 
 
@@ -231,29 +263,44 @@ def notes_for(rows: list[Row]) -> list[str]:
         # fp32 jobs that could not be one: failed (before it resolved its precision, it asked for fp32), stopped,
         # diverged
         unusable = [r for r in rows if (is_baseline(r.precision) or is_baseline(r.requested)) and r.mark != "ok"]
-        notes.append("No finished fp32 job to compare with: Δ acc, speedup and memory ratio are not computed. " + (
-            f"The fp32 job {unusable[0].num} is {unusable[0].mark.strip('*')}." if unusable
-            else "Add precision=fp32 to the sweep for a baseline."))
+        notes.append(
+            "No finished fp32 job to compare with: Δ acc, speedup and memory ratio are not computed. "
+            + (
+                f"The fp32 job {unusable[0].num} is {unusable[0].mark.strip('*')}."
+                if unusable
+                else "Add precision=fp32 to the sweep for a baseline."
+            )
+        )
     else:
-        notes.append("Baseline: the finished fp32 job with the same other overrides (loss-scaler settings aside; one "
-                     "that asked for precision=fp32 before one that auto resolved to it). Speedup = samples/s ÷ "
-                     "baseline's; mem ratio = peak memory ÷ baseline's.")
+        notes.append(
+            "Baseline: the finished fp32 job with the same other overrides (loss-scaler settings aside; one "
+            "that asked for precision=fp32 before one that auto resolved to it). Speedup = samples/s ÷ "
+            "baseline's; mem ratio = peak memory ÷ baseline's."
+        )
     cpu = [r for r in rows if r.mem_kind == "process_peak_rss"]
     if cpu:
-        notes.append("CPU jobs: peak memory is the process's peak resident set during the job (libraries included), "
-                     "not tensor memory; only GPU jobs measure tensor memory.")
+        notes.append(
+            "CPU jobs: peak memory is the process's peak resident set during the job (libraries included), "
+            "not tensor memory; only GPU jobs measure tensor memory."
+        )
     if any(computes_in_half(r.precision) for r in cpu):
-        notes.append("CPU jobs in fp16/bf16: a CPU without the AMX unit for that dtype emulates it (the run logged a "
-                     "warning if so), so their speed says nothing of a GPU's; measure speed on the GPU you will train "
-                     "on.")
+        notes.append(
+            "CPU jobs in fp16/bf16: a CPU without the AMX unit for that dtype emulates it (the run logged a "
+            "warning if so), so their speed says nothing of a GPU's; measure speed on the GPU you will train "
+            "on."
+        )
     if any(not can_carry_loss_scale(r.precision) and r.worst_underflow() is not None for r in rows):
-        notes.append("fp16 grad underflow of a job that is not fp16: the share of its gradients that fp16 would flush "
-                     "to zero (what a loss scale is for); bf16 and fp32 keep them, having fp32's exponent range.")
+        notes.append(
+            "fp16 grad underflow of a job that is not fp16: the share of its gradients that fp16 would flush "
+            "to zero (what a loss scale is for); bf16 and fp32 keep them, having fp32's exponent range."
+        )
     starved = [r.name for r in rows if (r.metric("final/data_wait_frac") or 0) > INPUT_BOUND]
     if starved:
-        notes.append(f"Input-bound (waited for data more than {INPUT_BOUND:.0%} of training): {', '.join(starved)}. "
-                     "Their samples/s measure the input pipeline, so their speedup understates what the precision "
-                     "does; see the run logs' input-bound warning for what to change.")
+        notes.append(
+            f"Input-bound (waited for data more than {INPUT_BOUND:.0%} of training): {', '.join(starved)}. "
+            "Their samples/s measure the input pipeline, so their speedup understates what the precision "
+            "does; see the run logs' input-bound warning for what to change."
+        )
     bad = [r for r in rows if r.mark != "ok"]
     if bad:
         notes.append(f"{len(bad)} of {len(rows)} jobs did not finish cleanly (marked in the table).")
@@ -283,8 +330,9 @@ def plot(rows: list[Row], out_dir: Path) -> list[str]:
             nth = drawn[r.colour] = drawn.get(r.colour, -1) + 1
             ax.plot(steps, values, label=r.name, color=r.colour, alpha=0.85, linestyle=styles[nth % len(styles)])
     if ax.lines:
-        ax.set(xlabel="optimizer step", ylabel="train loss (log-window mean)", title="Training loss by job",
-               yscale="log")
+        ax.set(
+            xlabel="optimizer step", ylabel="train loss (log-window mean)", title="Training loss by job", yscale="log"
+        )
         ax.legend(fontsize="small")
         written.append(_save(fig, out_dir / "loss.png"))
     plt.close(fig)
@@ -333,9 +381,11 @@ def write(parent_id: str, rows: list[Row], out_dir: Path, interrupted: bool = Fa
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = notes_for(rows)
     if interrupted:
-        notes.append("The sweep was interrupted: jobs it had not started are not listed. To finish it, launch it again "
-                     "into its directory: the same command with hydra.sweep.dir=<its sweep dir> trainer.resume=auto "
-                     "(finished jobs keep their results, stopped ones continue, the rest start).")
+        notes.append(
+            "The sweep was interrupted: jobs it had not started are not listed. To finish it, launch it again "
+            "into its directory: the same command with hydra.sweep.dir=<its sweep dir> trainer.resume=auto "
+            "(finished jobs keep their results, stopped ones continue, the rest start)."
+        )
     report = Report(parent_id, rows, out_dir, notes)
     (out_dir / "report.md").write_text(report.markdown(plot(rows, out_dir)))
     return report
@@ -373,13 +423,16 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m mprun.report", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep", help="the sweep's parent run id, or an experiment name (its newest sweep)")
-    p.add_argument("--uri", default=os.environ.get("MLFLOW_TRACKING_URI") or default_uri("outputs"),
-                   help="tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
+    p.add_argument(
+        "--uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI") or default_uri("outputs"),
+        help="tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)",
+    )
     p.add_argument("--out", type=Path, help="directory for report.md and plots (default: outputs/reports/<parent id>)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
     args = p.parse_args(argv)
     try:
-        if args.uri.startswith("sqlite:///") and not Path(args.uri[len("sqlite:///"):]).is_file():
+        if args.uri.startswith("sqlite:///") and not Path(args.uri[len("sqlite:///") :]).is_file():
             raise ConfigError(f"no MLflow store at {args.uri}; pass --uri or set MLFLOW_TRACKING_URI")
         store = Store(args.uri)
         parent_id = find_parent(store, args.sweep)

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("mprun")
 
 
-def checkpoint_state(parts: Components, state: TrainState, cfg: DictConfig, tracker: Tracker, guard: Guard) -> dict[str, Any]:
+def checkpoint_state(
+    parts: Components, state: TrainState, cfg: DictConfig, tracker: Tracker, guard: Guard
+) -> dict[str, Any]:
     """Everything needed to continue: unwrapped model, optimizer, schedule, scaler, numerics policy, RNG,
     progress (down to the batch), config, and the tracking run to continue."""
     model_sd, optim_sd = distributed.state_dicts(unwrap(parts.module), parts.optimizer, parts.strategy)
@@ -46,37 +48,57 @@ def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig
     """Load a checkpoint into freshly built components; returns where training stands."""
     before = config.flatten(ckpt.get("config", {}))
     now = config.flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k) and not config.outcome_neutral(k)]
+    changed = [
+        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(before) | set(now))
+        if before.get(k) != now.get(k) and not config.outcome_neutral(k)
+    ]
     try:
-        distributed.load_state_dicts(unwrap(parts.module), parts.optimizer, parts.strategy, ckpt["model"], ckpt["optimizer"])
+        distributed.load_state_dicts(
+            unwrap(parts.module), parts.optimizer, parts.strategy, ckpt["model"], ckpt["optimizer"]
+        )
     except (RuntimeError, ValueError, KeyError) as e:
         # what shapes the state dicts first: the model, the optimizer, then the dataset (classes, channels, size)
         order = ("model.", "optimizer._target_", "dataset.")
         shaping = sorted(changed, key=lambda c: next((i for i, k in enumerate(order) if c.startswith(k)), len(order)))
-        why = (f"its settings differ: {'; '.join(shaping[:4])}" if before and changed
-               else "made with a different model, dataset or optimizer?")
+        why = (
+            f"its settings differ: {'; '.join(shaping[:4])}"
+            if before and changed
+            else "made with a different model, dataset or optimizer?"
+        )
         detail = " ".join(str(e).split()) or type(e).__name__  # torch's message is several lines; the keys come after
-        raise ConfigError(f"trainer.resume: checkpoint {path} does not fit this model/optimizer ({why}): "
-                          f"{detail[:300]}") from e
+        raise ConfigError(
+            f"trainer.resume: checkpoint {path} does not fit this model/optimizer ({why}): {detail[:300]}"
+        ) from e
     parts.scheduler.load_state_dict(ckpt["scheduler"])
     parts.precision.load_state_dict(ckpt["precision"])
     if changed:
-        log.warning("resuming with settings that differ from the checkpoint's (optimizer, schedule and scaler "
-                    "state come from the checkpoint): %s", "; ".join(changed[:10]))
+        log.warning(
+            "resuming with settings that differ from the checkpoint's (optimizer, schedule and scaler "
+            "state come from the checkpoint): %s",
+            "; ".join(changed[:10]),
+        )
     try:
         state = TrainState.from_dict(ckpt["progress"])
     except TypeError as e:  # a progress record of another mprun version
-        raise ConfigError(f"trainer.resume: {path} was written by an mprun (version {ckpt.get('mprun_version')}) whose "
-                          f"progress record this one cannot read ({e}); start a fresh run") from e
+        raise ConfigError(
+            f"trainer.resume: {path} was written by an mprun (version {ckpt.get('mprun_version')}) whose "
+            f"progress record this one cannot read ({e}); start a fresh run"
+        ) from e
     saved_world = int(ckpt.get("world_size", 1))
     if state.batch_in_epoch and saved_world != parts.world.size:
-        raise ConfigError(f"trainer.resume: {path} was written mid-epoch by {saved_world} rank(s); its data position "
-                          f"means nothing to {parts.world.size}. Resume with {saved_world}, or from an end-of-epoch checkpoint")
-    log.info("resuming from %s: epoch %d, step %d, batch %d of the epoch", path, state.epoch, state.step, state.batch_in_epoch)
+        raise ConfigError(
+            f"trainer.resume: {path} was written mid-epoch by {saved_world} rank(s); its data position "
+            f"means nothing to {parts.world.size}. Resume with {saved_world}, or from an end-of-epoch checkpoint"
+        )
+    log.info(
+        "resuming from %s: epoch %d, step %d, batch %d of the epoch",
+        path,
+        state.epoch,
+        state.step,
+        state.batch_in_epoch,
+    )
     return state
-
-
 
 
 def completed_summary(
@@ -88,11 +110,19 @@ def completed_summary(
     checkpoint_every_steps) has its model evaluated, so a sweeper (Optuna) still gets the run's validation score."""
     results = dict(ckpt.get("summary") or {})
     if not results:
-        val_loss, val_acc = evaluate(parts.model, parts.data.val, parts.precision, parts.device,
-                                     channels_last=trainer.channels_last, world=parts.world)
+        val_loss, val_acc = evaluate(
+            parts.model,
+            parts.data.val,
+            parts.precision,
+            parts.device,
+            channels_last=trainer.channels_last,
+            world=parts.world,
+        )
         results = {"val_acc": val_acc, "val_loss": val_loss, "epochs": state.epoch, "steps": state.step}
     results.update({k: float("nan") for k in FINAL_METRICS if results.get(k) is None})  # not measured
-    print(f"mprun: nothing to train: {path} is at epoch {state.epoch}, step {state.step}, where this configuration "
-          "ends (raise trainer.max_epochs or trainer.max_steps to train on); its run and files are left as they are",
-          flush=True)
+    print(
+        f"mprun: nothing to train: {path} is at epoch {state.epoch}, step {state.step}, where this configuration "
+        "ends (raise trainer.max_epochs or trainer.max_steps to train on); its run and files are left as they are",
+        flush=True,
+    )
     return {**results, "interrupted": None, "stop_signal": None}

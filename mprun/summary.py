@@ -45,8 +45,18 @@ def build(result: FitResult, parts: Components, state: TrainState, tracker: Trac
 
 
 # Summary numbers also logged as metrics: the MLflow UI compares runs on them, the sweep report reads them.
-FINAL_METRICS = ("val_acc", "val_loss", "train_loss", "samples_per_s", "data_wait_frac", "peak_mem_mib", "loss_scale",
-                 "skipped_steps", "train_time_s", "epoch_time_s")
+FINAL_METRICS = (
+    "val_acc",
+    "val_loss",
+    "train_loss",
+    "samples_per_s",
+    "data_wait_frac",
+    "peak_mem_mib",
+    "loss_scale",
+    "skipped_steps",
+    "train_time_s",
+    "epoch_time_s",
+)
 
 
 def final_metrics(results: Mapping[str, Any]) -> dict[str, float]:
@@ -57,6 +67,7 @@ def final_metrics(results: Mapping[str, Any]) -> dict[str, float]:
 def json_text(obj: Any) -> str:
     """Strict JSON for the files mprun writes (summary.json, diagnosis.json, nan_traces.json): a number that is NaN
     or infinite (not measured, or what went wrong) becomes null, since bare NaN breaks most JSON readers."""
+
     def strict(x: Any) -> Any:
         if isinstance(x, float) and not math.isfinite(x):
             return None
@@ -76,10 +87,16 @@ def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Op
     if s.get("interrupted"):  # numbers not measured before the stop (NaN) are printed as such
         # A sweep job continues with its sweep: the sweep command with trainer.resume=<this job's dir> would
         # resume every job of the sweep from this one's checkpoint.
-        again = (f"launch the sweep again into its directory: the same command with hydra.sweep.dir={job.sweep_dir} "
-                 "trainer.resume=auto" if job else f"run the same command with trainer.resume={run_dir}")
-        stopped = [f"stopped     by {signal.Signals(s['interrupted']).name} after step {s['steps']}, before the end: "
-                   f"{run_dir / 'checkpoints' / 'interrupted.pt'}; to continue, {again}"]
+        again = (
+            f"launch the sweep again into its directory: the same command with hydra.sweep.dir={job.sweep_dir} "
+            "trainer.resume=auto"
+            if job
+            else f"run the same command with trainer.resume={run_dir}"
+        )
+        stopped = [
+            f"stopped     by {signal.Signals(s['interrupted']).name} after step {s['steps']}, before the end: "
+            f"{run_dir / 'checkpoints' / 'interrupted.pt'}; to continue, {again}"
+        ]
     lines = [
         "",
         "── mprun summary " + "─" * 44,
@@ -90,7 +107,8 @@ def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Op
         f"peak memory {s['peak_mem_mib']:,.0f} MiB  ({mem})",
         f"precision   {s['precision_detail']}",
         _scale_line(s),
-        f"time        {s['train_time_s']:.1f} s training in all, {s['wall_time_s']:.1f} s in this process (since start), "
+        f"time        {s['train_time_s']:.1f} s training in all, "
+        f"{s['wall_time_s']:.1f} s in this process (since start), "
         f"{s['steps']} steps on {s['device']}",
         f"run dir     {run_dir}",
         *tracker.describe(),
@@ -104,7 +122,8 @@ def _throughput_line(s: Mapping[str, Any]) -> str:
     if not n:
         return "throughput  not measured (no epoch was timed in this process)"
     over = {1: "one epoch, warm-up included", 2: "the second epoch; the first (warm-up) left out"}.get(
-        n, f"median of {n - 1} epochs; the first (warm-up) left out")
+        n, f"median of {n - 1} epochs; the first (warm-up) left out"
+    )
     return f"throughput  {s['samples_per_s']:,.0f} samples/s  ({over})"
 
 
@@ -113,11 +132,11 @@ def _scale_line(s: Mapping[str, Any]) -> str:
     scaling = s.get("loss_scaling", "dynamic")
     skipped = f"skipped steps {s['skipped_steps']}"
     if scaling == "dynamic":
-        return (f"loss scale  {s['loss_scale']:g}   {skipped}   growth/backoff events {s['growth_events']}/"
-                f"{s['backoff_events']}   steps since overflow {s['steps_since_overflow']}")
+        return (
+            f"loss scale  {s['loss_scale']:g}   {skipped}   growth/backoff events {s['growth_events']}/"
+            f"{s['backoff_events']}   steps since overflow {s['steps_since_overflow']}"
+        )
     if scaling == "static":
         return f"loss scale  {s['loss_scale']:g} (static)   {skipped}"
     # No loss scale; with precision.on_nonfinite=skip a scaler pinned at 1.0 still skips non-finite steps.
     return "loss scale  none" + (f"   {skipped} (non-finite, on_nonfinite=skip)" if s["skipped_steps"] else "")
-
-

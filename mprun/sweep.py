@@ -54,8 +54,11 @@ class JobInfo:
 
     def tags(self) -> dict[str, str]:
         """Run tags linking the job to its sweep; mlflow.parentRunId nests it under the parent in the UI."""
-        tags = {"mprun.sweep_dir": str(self.sweep_dir), "mprun.sweep_job": str(self.num),
-                "mprun.overrides": " ".join(self.overrides)}
+        tags = {
+            "mprun.sweep_dir": str(self.sweep_dir),
+            "mprun.sweep_job": str(self.num),
+            "mprun.overrides": " ".join(self.overrides),
+        }
         if self.parent.get("parent_run_id"):
             tags["mlflow.parentRunId"] = self.parent["parent_run_id"]
         return tags
@@ -63,8 +66,12 @@ class JobInfo:
     def record_failure(self, error: BaseException) -> None:
         """A FAILED child run for a job that failed before it had a run of its own (e.g. bad input)."""
         if self.parent.get("parent_run_id"):
-            tracking.record_failed_run(self.parent["uri"], self.parent["experiment_id"], self.name,
-                                       {**self.tags(), "error": f"{type(error).__name__}: {error}"})
+            tracking.record_failed_run(
+                self.parent["uri"],
+                self.parent["experiment_id"],
+                self.name,
+                {**self.tags(), "error": f"{type(error).__name__}: {error}"},
+            )
 
 
 def current_job() -> JobInfo | None:
@@ -108,21 +115,33 @@ class Sweep:
             self._close_stale_children(previous)
         else:
             self.tracker.start(
-                {"sweep.overrides": spec, "sweep.params": json.dumps(params),
-                 "sweep.launcher": launcher, "sweep.sweeper": cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1]},
-                {"mprun.role": "sweep", "mprun.sweep_dir": str(self.sweep_dir),
-                 "mprun.preset": str(cfg.hydra.runtime.choices.get("experiment") or "none")},
+                {
+                    "sweep.overrides": spec,
+                    "sweep.params": json.dumps(params),
+                    "sweep.launcher": launcher,
+                    "sweep.sweeper": cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1],
+                },
+                {
+                    "mprun.role": "sweep",
+                    "mprun.sweep_dir": str(self.sweep_dir),
+                    "mprun.preset": str(cfg.hydra.runtime.choices.get("experiment") or "none"),
+                },
                 run_name=f"sweep {spec}"[:250],
             )
         # The jobs could not find the parent without its file: close it rather than leave it RUNNING.
         with self.tracker.closed_on_error():
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
-            (self.sweep_dir / SWEEP_FILE).write_text(json.dumps({
-                "parent_run_id": self.tracker.run_id,
-                "uri": self.tracker.uri,
-                "experiment_id": self.tracker.experiment_id,
-                "varied": self.varied,
-            }, indent=2))
+            (self.sweep_dir / SWEEP_FILE).write_text(
+                json.dumps(
+                    {
+                        "parent_run_id": self.tracker.run_id,
+                        "uri": self.tracker.uri,
+                        "experiment_id": self.tracker.experiment_id,
+                        "varied": self.varied,
+                    },
+                    indent=2,
+                )
+            )
         log.info("sweep %s: MLflow parent run %s", self.sweep_dir, self.tracker.run_id)
 
     def _close_stale_children(self, parent_id: str) -> None:
@@ -195,7 +214,7 @@ class SweepCallback(Callback):
             return
         try:
             _ACTIVE = Sweep(config)
-        except Exception as e:  # Hydra would turn it into a warning; say plainly what it means
+        except Exception as e:  # noqa: BLE001 - Hydra would turn it into a warning; say plainly what it means
             log.error("sweep: no MLflow parent run (%s: %s); each job still tracks itself", type(e).__name__, e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
