@@ -210,13 +210,8 @@ def priority(t: tuple[str, str, str]) -> tuple[int, int]:
     )
 
 
-SETTINGS = (
-    "batch",
-    "image",
-    "steps",
-    "warmup",
-    "rounds",
-)  # what makes two slices' cells comparable, besides GPU and torch
+# What makes two slices' cells comparable, besides GPU and torch.
+SETTINGS = ("batch", "image", "steps", "warmup", "rounds")
 
 
 def earlier(path: Path, device: str, args: argparse.Namespace) -> list[dict]:
@@ -322,9 +317,8 @@ def main() -> None:
         c["seconds"] = time.perf_counter() - began
         longest = max(longest, c["seconds"])
         cells[key(c)] = c
-        write(
-            args.out, list(cells.values()), device, args
-        )  # after every cell: a slice cut short keeps what it measured
+        # after every cell: a slice cut short keeps what it measured
+        write(args.out, list(cells.values()), device, args)
     print(write(args.out, list(cells.values()), device, args) if cells else "nothing measured")
 
 

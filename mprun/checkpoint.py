@@ -86,7 +86,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise ConfigError(f"checkpoint {path} is damaged or tampered with: record {bad} fails its CRC-32 check")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
+    except Exception as e:  # zip, pickle and unpickler errors all mean "unreadable"
         raise ConfigError(f"checkpoint {path} is unreadable (truncated, corrupt or not a checkpoint): {e}") from e
 
 

@@ -356,9 +356,8 @@ class EpochDataLoader(Batched):
         self.prefetch = prefetch_factor if self.workers > 0 else 0
         self.loader = torch.utils.data.DataLoader(
             SeededSamples(dataset, seed),
-            batch_sampler=EpochKeys(
-                self.batches
-            ),  # drawn in this process at each iter(): order, shard, skip, ragged batch
+            # drawn in this process at each iter(): order, shard, skip, ragged batch
+            batch_sampler=EpochKeys(self.batches),
             # Its own generator for the workers' base seed, which it draws at each iter(): drawn from the global RNG,
             # it would shift the training's random numbers (dropout) differently after a resume.
             generator=torch.Generator().manual_seed(seed),

@@ -1,5 +1,7 @@
-"""mprun's exception types: every error mprun explains itself derives from MprunError, which the CLI prints as one
-short line (exit 2 for a user's mistake, 1 otherwise), never a traceback. No other module defines an exception."""
+"""mprun's error types: every error mprun explains itself derives from MprunError, which the CLI prints as one short
+line (exit 2 for a user's mistake, 1 otherwise), never a traceback. No other module defines an error; the two other
+exception types are not errors: interrupts.StopNow is a stop signal (a KeyboardInterrupt), cli.JobFailed is how
+Hydra is told that a sweep job failed with an error already explained."""
 
 
 class MprunError(Exception):

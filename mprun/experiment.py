@@ -210,7 +210,7 @@ def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: Gr
                 (run_dir / "diagnosis.json").write_text(json_text(e.report))
                 tracker.log_artifact(run_dir / "diagnosis.json")
                 r.log_numerics(guard)
-        except Exception:
+        except Exception:  # the store may be what failed; the original error matters more
             log.exception("could not record the error in the tracking run")
         raise
     finally:

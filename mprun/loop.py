@@ -454,9 +454,8 @@ def fit(
             )
             clock_out()
             if train_loss is None:
-                result.interrupted = (
-                    (stop.signum or signal.SIGTERM) if stop is not None else None
-                )  # agreed stop: some rank got it
+                # an agreed stop: some rank got the signal
+                result.interrupted = (stop.signum or signal.SIGTERM) if stop is not None else None
                 break
             seconds = state.train_time_s - before
             waited = world.max(train.take())  # the hungriest rank holds the others up
@@ -493,12 +492,13 @@ def fit(
                 metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
             tracker.log_metrics(metrics, state.step)
             progress.end_epoch(running + 1, {"train_loss": result.train_loss, **metrics})
+            # not after the last epoch: the final checkpoint follows anyway
             if (
                 checkpoint is not None
                 and cfg.checkpoint_every_epochs
                 and state.epoch % cfg.checkpoint_every_epochs == 0
                 and not done
-            ):  # the final checkpoint follows anyway
+            ):
                 checkpoint(state)
             if stop is not None and world.any(stop.requested):  # arrived during the epoch's last step or evaluation
                 # After the last epoch's evaluation training is complete: the run finishes as such (the caller still

@@ -143,9 +143,8 @@ def trace_nonfinite(model: nn.Module, batch: Batch, precision: Any) -> dict[str,
                 loss = F.cross_entropy(model(x), y)
             report["loss"] = loss.item()
             model.zero_grad(set_to_none=True)
-            with (
-                warnings.catch_warnings()
-            ):  # "hook fires on outputs" for a first layer whose input needs no grad: expected
+            # "hook fires on outputs" for a first layer whose input needs no grad: expected
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 (loss * precision.scale_value()).backward()
         finally:
@@ -262,7 +261,7 @@ class Stats:
                 v.get("act_absmax"),
                 v.get("underflow"),
                 v.get("overflow"),
-            )  # a module without parameters has no gradients
+            )  # None where it was not measured: a module without parameters has no gradients
             rows.append(
                 f"| {mod} ({self.kinds.get(mod, '?')}) | {'—' if u is None else f'{100 * u:.2f}%'} | "
                 f"{'—' if o is None else f'{100 * o:.4f}%'} | {'—' if a is None else f'{a:.4g}'} | "

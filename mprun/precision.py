@@ -279,7 +279,7 @@ class Precision:
         finds inf/NaN in its own shard only, so ranks would skip different steps and their replicas drift apart."""
         if self.can_skip_steps:
             why = (
-                "fp16 with a loss scale"
+                "fp16 loss scaling"
                 if self.loss_scale is not LossScale.none
                 else f"precision.on_nonfinite=skip ({self.name.value})"
             )

@@ -4,6 +4,7 @@ checkpoint does not fit (the settings that differ). The file format itself is mp
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,9 +107,11 @@ def completed_summary(
 ) -> dict[str, Any]:
     """A resume with nothing left to train (a requeued job that had finished, `trainer.resume=auto`): nothing is
     trained, logged or rewritten, so the run's results stand (re-logging them from zero steps would record NaN).
-    Returns the results the final checkpoint carries; a checkpoint without them (one written at the last step by
-    checkpoint_every_steps) has its model evaluated, so a sweeper (Optuna) still gets the run's validation score."""
-    results = dict(ckpt.get("summary") or {})
+    Returns the results the final checkpoint carries, or else those of the summary.json beside it in its run
+    directory when that records the same step; a checkpoint with neither (one written at the last step by
+    checkpoint_every_steps, copied elsewhere) has its model evaluated, so a sweeper (Optuna) still gets the run's
+    validation score."""
+    results = dict(ckpt.get("summary") or _summary_beside(path, state))
     if not results:
         val_loss, val_acc = evaluate(
             parts.model,
@@ -126,3 +129,13 @@ def completed_summary(
         flush=True,
     )
     return {**results, "interrupted": None, "stop_signal": None}
+
+
+def _summary_beside(path: Path, state: TrainState) -> dict[str, Any]:
+    """The summary.json of the run directory a checkpoint sits in (<run dir>/checkpoints/<name>.pt), if it records
+    this checkpoint's step: final checkpoints written before they carried their results have it there."""
+    summary = path.parent.parent / "summary.json"
+    if path.parent.name != "checkpoints" or not summary.is_file():
+        return {}
+    results = json.loads(summary.read_text())
+    return results if results.get("steps") == state.step and not results.get("interrupted") else {}

@@ -178,7 +178,7 @@ def test_fsdp_units_are_blocks_not_stages(family: str, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,why", [(["precision=fp16"], "fp16 with a loss scale"),
+@pytest.mark.parametrize("precision,why", [(["precision=fp16"], "fp16 loss scaling"),
                                            (["precision=bf16", "precision.on_nonfinite=skip"], "precision.on_nonfinite=skip (bf16)")],
                          ids=["fp16", "bf16-skip"])
 def test_fsdp_refuses_a_precision_that_can_skip_steps(tmp_path: Path, precision: list[str], why: str) -> None:

@@ -437,8 +437,8 @@ def test_building_a_precision_changes_no_process_flag() -> None:
             assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", False), name
 
 
-@pytest.mark.parametrize("kw,why", [(dict(dtype=PrecisionName.fp16), "fp16 with a loss scale"),
-                                    (dict(dtype=PrecisionName.fp16, loss_scale=LossScale.static), "fp16 with a loss"),
+@pytest.mark.parametrize("kw,why", [(dict(dtype=PrecisionName.fp16), "fp16 loss scaling"),
+                                    (dict(dtype=PrecisionName.fp16, loss_scale=LossScale.static), "fp16 loss scaling"),
                                     (dict(dtype=PrecisionName.bf16, loss_scale=LossScale.none,
                                           on_nonfinite=NonFinite.skip), "precision.on_nonfinite=skip (bf16)")])
 def test_fsdp_refuses_every_precision_that_can_skip_steps(kw: dict, why: str) -> None:

@@ -222,6 +222,19 @@ def test_a_finished_checkpoint_resumed_from_anywhere_returns_the_runs_results(ma
         assert again["samples_per_s"] == first["samples_per_s"] and again["steps"] == 5
 
 
+def test_a_final_checkpoint_without_its_results_takes_them_from_its_run_directory(make_cfg, tmp_path: Path) -> None:
+    """A final.pt that carries no results (written by an mprun before checkpoints carried them) still returns the
+    run's recorded numbers from <run dir>/summary.json, not a fresh evaluation's NaN throughput."""
+    args = ("model=simple_mlp", "trainer.max_steps=5")
+    first = run(make_cfg(*args))
+    final = tmp_path / "run" / "checkpoints" / "final.pt"
+    contents = checkpoint.load(final)
+    del contents["summary"]
+    checkpoint.save(final, contents)
+    again = run(make_cfg(*args, "trainer.resume=auto"))
+    assert again["samples_per_s"] == pytest.approx(first["samples_per_s"]) and again["val_acc"] == first["val_acc"]
+
+
 def test_resuming_from_an_epochs_last_batch_times_no_empty_epoch(make_cfg, tmp_path: Path) -> None:
     """A step checkpoint at the epoch's last batch leaves nothing of that epoch to train; the resumed run used to
     time it anyway: a perf/samples_per_s of 0 at step 22 (and half the time 'waiting for data')."""
