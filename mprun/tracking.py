@@ -23,11 +23,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-
 from mprun.errors import ConfigError, TrackingLost, first_line
-from mprun.schema import Buildable
 from mprun.interrupts import deferred_signals
 from mprun.metric_writer import BatchedWriter, MetricBatch
+from mprun.schema import Buildable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +53,13 @@ class MlflowConfig(Buildable):
     # A store that cannot be reached, at start or mid-run: fail (clear error), or local (keep training,
     # log to sqlite:///<output_root>/mlflow.db, tagging the run with the intended store).
     on_unreachable: Unreachable = Unreachable.fail
+    # Metric points are buffered and written together once the oldest has waited this long (and at checkpoints and
+    # the end): what a UI shows lags by about this much, and what a kill -9 can lose. 0: a write per log step.
+    flush_every_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.flush_every_s < 0:
+            raise ConfigError(f"flush_every_s={self.flush_every_s} must be >= 0")
 
 
 @dataclass
@@ -77,6 +83,9 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue metrics for one step; written without blocking training."""
+
+    def flush(self) -> None:
+        """Write the metrics queued so far and wait for them (before a checkpoint records its step)."""
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy a file or directory into the run's artifacts."""
@@ -175,7 +184,7 @@ class Store:
         self.uri = uri
         try:
             self._client = MlflowClient(tracking_uri=uri)
-        except Exception as e:  # noqa: BLE001 - a URI MLflow cannot parse or has no driver for
+        except Exception as e:  # a URI MLflow cannot parse or has no driver for
             raise unusable(uri, str(e)) from e
 
     @classmethod
@@ -223,7 +232,7 @@ class Store:
                 if found is None:
                     raise
                 return found.experiment_id
-        except Exception as e:  # noqa: BLE001 - every backend raises its own types; all mean "cannot track"
+        except Exception as e:  # every backend raises its own types; all mean "cannot track"
             raise unusable(self.uri, str(e)) from e
 
     def find_experiment(self, name: str) -> str | None:
@@ -251,11 +260,12 @@ class Store:
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self._client.log_batch(run_id, params=items[i : i + 100])
 
-    def log_metrics(self, run_id: str, batch: MetricBatch) -> None:
-        """Record one step's metrics."""
+    def log_metrics(self, run_id: str, batches: list[MetricBatch]) -> None:
+        """Record several steps' metrics in one call: one transaction of a sqlite store, one request to a server
+        (MLflow's client splits more than 1,000 points into requests of 1,000)."""
         from mlflow.entities import Metric
 
-        metrics = [Metric(k, v, batch.timestamp_ms, batch.step) for k, v in batch.values.items()]
+        metrics = [Metric(k, v, b.timestamp_ms, b.step) for b in batches for k, v in b.values.items()]
         self._client.log_batch(run_id, metrics=metrics)
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
@@ -318,7 +328,7 @@ def record_failed_run(uri: str, experiment_id: str, run_name: str, tags: Mapping
         run_id = store.create_run(experiment_id, run_name, tags)
         store.close_run(run_id, "FAILED")
         return run_id
-    except Exception:  # noqa: BLE001 - the job's own error is what gets reported; this is best effort
+    except Exception:  # the job's own error is what gets reported; this is best effort
         log.exception("could not record the failed job in %s", uri)
         return None
 
@@ -357,11 +367,13 @@ class Failover:
 
 
 class MlflowTracker(Tracker):
-    """MLflow tracking: runs in a Store, metric batches written by a BatchedWriter (a write that fails is noticed
-    at the next log call), and a store that cannot be reached handled by the Failover policy."""
+    """MLflow tracking: runs in a Store, metric batches buffered and written in flushes by a BatchedWriter (a write
+    that fails is noticed at the next log call or flush), and a store that cannot be reached handled by the Failover
+    policy."""
 
     def __init__(self, output_root: str, uri: str | None, experiment: str, run_name: str | None,
-                 log_checkpoint: bool, on_unreachable: Unreachable = Unreachable.fail) -> None:
+                 log_checkpoint: bool, on_unreachable: Unreachable = Unreachable.fail,
+                 flush_every_s: float = 5.0) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations print a dozen INFO lines
         self.output_root = Path(output_root).absolute()
         self.run_name = run_name
@@ -369,7 +381,7 @@ class MlflowTracker(Tracker):
         self.log_checkpoint = log_checkpoint
         self.failover = Failover(on_unreachable, default_uri(output_root))
         self._started: tuple | None = None  # (params, tags, name): to reopen the run in the local store
-        self._writer = BatchedWriter()
+        self._writer = BatchedWriter(flush_every_s)
         self._dropped: list[str] = []  # metric batches a store that still answered failed to write
         self.failover.open(uri or os.environ.get("MLFLOW_TRACKING_URI") or self.failover.local_uri, self._connect)
 
@@ -402,7 +414,7 @@ class MlflowTracker(Tracker):
             try:
                 self.store.set_tags(self.run_id, {"error": f"{type(e).__name__}: {e}"})
                 self.store.close_run(self.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
+            except Exception:  # the store may be what failed; the original error matters more
                 log.exception("could not close MLflow run %s after a failed start", self.run_id)
             self.run_id = None
             raise
@@ -436,14 +448,14 @@ class MlflowTracker(Tracker):
 
     def _move(self, error: BaseException, failed: list[MetricBatch]) -> None:
         """The store failed a call and no longer answers: raise TrackingLost, or (on_unreachable=local) continue in a
-        new run in the local store, which gets the metric batches the lost store never confirmed."""
+        new run in the local store, whose buffer gets the metric batches the lost store never confirmed."""
         unsent = [*failed, *self._writer.unsent()]
         local = self.failover.move(self.uri, self.run_id, error)
         self._connect(local)
         params, tags, name = self._started or ({}, {}, None)
         self.start(params, tags, name)
         for batch in unsent:
-            self._send(batch)
+            self._writer.add(batch)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """A synchronous store call, redone on the local store if the failover moved the run there."""
@@ -451,34 +463,52 @@ class MlflowTracker(Tracker):
             return None
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - any failure of the store; the policy decides
+        except Exception as e:  # any failure of the store; the policy decides
             if self.store.answers():
                 raise  # the store answers: the call's own error
             self._move(e, [])
             return fn()  # fn reads self.store / self.run_id, which now point at the local store
 
-    def _settle(self, wait: bool) -> None:
-        """Check the background metric writes (all of them, waiting, with `wait`). A write that failed while the store
-        still answers (a locked sqlite store, a server error) loses its batch, said in the log and tagged on the run
-        at its end: one failed write must not end a training, nor keep its run from being closed. A store that no
-        longer answers gets the on_unreachable policy."""
+    def _settle(self, wait: bool) -> bool:
+        """Check the background metric writes (all of them, waiting, with `wait`); True if it queued more. A flush of
+        several steps that failed while the store still answers (a locked sqlite store, a server error) is written
+        again one step at a time; one step's write that fails so loses that step's metrics, said in the log and
+        tagged on the run at its end: one failed write must not end a training, nor keep its run from being closed.
+        A store that no longer answers gets the on_unreachable policy."""
         failed = self._writer.failed(wait)
-        for i, (batch, error) in enumerate(failed):
-            if not self.store.answers():
-                self._move(error, [b for b, _ in failed[i:]])  # raises, or re-sends them to the local store
-                return
-            self._dropped.append(f"step {batch.step}: {type(error).__name__}: {str(error)[:200]}")
+        for i, (batches, error) in enumerate(failed):
+            if not self.store.answers():  # raises, or buffers them for the local store
+                self._move(error, [b for bs, _ in failed[i:] for b in bs])
+                return True
+            if len(batches) > 1:
+                for batch in batches:
+                    self._writer.submit(self._write(), [batch])
+                continue
+            self._dropped.append(f"step {batches[0].step}: {type(error).__name__}: {str(error)[:200]}")
             log.warning("MLflow: metrics of %s were not recorded", self._dropped[-1])
+        return any(len(batches) > 1 for batches, _ in failed)
+
+    def _write(self) -> Callable[[list[MetricBatch]], None]:
+        """What writes a flush: to the store and run of now (a move to the local store changes both)."""
+        return partial(self.store.log_metrics, self.run_id)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.failover.lost:
             return
         self._settle(wait=False)
-        self._send(MetricBatch.now(metrics, step))
+        self._writer.add(MetricBatch.now(metrics, step))
+        if self._writer.due():  # off the training thread; one write of all the steps since the last
+            self._writer.flush(self._write())
 
-    def _send(self, batch: MetricBatch) -> None:
-        """Queue one metric batch for the writer thread (one sqlite write costs ~13 ms: off the training thread)."""
-        self._writer.submit(partial(self.store.log_metrics, self.run_id), batch)
+    def flush(self) -> None:
+        """Write every metric logged so far and wait: at a checkpoint (training is paused for it anyway), so that
+        the store has the metrics of every step the checkpoint covers; and at the end."""
+        for _ in range(6):  # each pass may queue more: a failed flush split into steps, a move's re-sent batches
+            if self.run_id is None or self.failover.lost:
+                return
+            self._writer.flush(self._write())
+            if not self._settle(wait=True):
+                return
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call(lambda: self.store.log_artifact(self.run_id, path, artifact_path))
@@ -491,10 +521,7 @@ class MlflowTracker(Tracker):
             return
         try:
             try:
-                for _ in range(2):  # a second pass for what a move to the local store re-sent
-                    if self.failover.lost:
-                        break
-                    self._settle(wait=True)
+                self.flush()
                 if self._dropped:
                     first = self._dropped[0]
                     self.set_tags({"mprun.metrics_not_recorded": f"{len(self._dropped)} batch(es), first {first}"})

@@ -28,20 +28,41 @@ def test_only_tracking_imports_mlflow() -> None:
 def test_the_writer_writes_in_order_and_reports_each_failure_once() -> None:
     written, gate = [], threading.Event()
 
-    def write(batch: MetricBatch) -> None:
+    def write(batches: list[MetricBatch]) -> None:
         gate.wait(10)
-        if batch.step == 2:
+        if batches[0].step == 2:
             raise OSError("database is locked")
-        written.append(batch.step)
+        written.extend(b.step for b in batches)
 
     writer = BatchedWriter()
     for step in range(1, 5):
-        writer.submit(write, MetricBatch.now({"loss": step}, step))
+        writer.submit(write, [MetricBatch.now({"loss": step}, step)])
     assert writer.failed() == []  # nothing done yet: the first write waits at the gate
     gate.set()
     (failed,) = writer.failed(wait=True)
-    assert written == [1, 3, 4] and failed[0].step == 2 and str(failed[1]) == "database is locked"
+    assert written == [1, 3, 4] and [b.step for b in failed[0]] == [2] and str(failed[1]) == "database is locked"
     assert writer.failed(wait=True) == []  # reported once
+    writer.close()
+
+
+def test_the_writer_buffers_steps_until_the_oldest_has_waited_the_interval() -> None:
+    """Each log step was its own write (a sqlite transaction, ~9 ms of CPU and the GIL taken from training); the
+    steps are written together once the oldest has waited interval_s, or when flushed."""
+    now, writes = [0.0], []
+    writer = BatchedWriter(interval_s=5.0, clock=lambda: now[0])
+    for step in (10, 20, 30):
+        now[0] += 1.0
+        writer.add(MetricBatch.now({"loss": 1.0}, step))
+        assert not writer.due()  # the oldest has waited 0, 1, 2 s
+    now[0] += 3.0
+    assert writer.due()  # the oldest (step 10) has waited 5 s
+    writer.flush(lambda batches: writes.append([b.step for b in batches]))
+    assert writer.failed(wait=True) == [] and writes == [[10, 20, 30]] and not writer.due()
+    writer.add(MetricBatch.now({"loss": 1.0}, 40))
+    assert not writer.due()  # the window starts at the oldest buffered step, not at the last flush
+    writer.flush(lambda batches: writes.append([b.step for b in batches]))
+    writer.flush(lambda batches: writes.append("an empty flush writes nothing"))
+    assert writer.failed(wait=True) == [] and writes == [[10, 20, 30], [40]]
     writer.close()
 
 
@@ -49,11 +70,85 @@ def test_the_writer_hands_back_what_a_lost_store_never_confirmed() -> None:
     gate = threading.Event()
     writer = BatchedWriter()
     for step in range(3):
-        writer.submit(lambda batch: gate.wait(10), MetricBatch.now({"loss": 1.0}, step))
-    unsent = writer.unsent()  # the first is in flight, the others are cancelled
+        writer.submit(lambda batches: gate.wait(10), [MetricBatch.now({"loss": 1.0}, step)])
+    writer.add(MetricBatch.now({"loss": 1.0}, 3))
+    unsent = writer.unsent()  # the first is in flight, the others are cancelled, the last is still buffered
     gate.set()
-    assert [b.step for b in unsent] == [0, 1, 2] and writer.failed(wait=True) == []
+    assert [b.step for b in unsent] == [0, 1, 2, 3] and writer.failed(wait=True) == []
+    writer.flush(lambda batches: pytest.fail("the buffer was handed back"))
     writer.close()
+
+
+def metric_writes(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The steps of each MLflow log_batch call that carries metrics, from now on."""
+    calls: list[list[int]] = []
+    real = MlflowClient.log_batch
+
+    def counted(self, run_id, metrics=(), *args, **kwargs):
+        if metrics:
+            calls.append(sorted({m.step for m in metrics}))
+        return real(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
+    return calls
+
+
+def test_a_run_writes_its_metrics_in_few_flushes_and_loses_none(tmp_path: Path, monkeypatch) -> None:
+    """The default run logged 23 steps in 23 writes; they are buffered, written at a flush (a checkpoint) and at the
+    end, every step and name kept."""
+    tracker = MlflowTracker(str(tmp_path), None, "mprun", None, False)
+    tracker.start({}, {})
+    writes = metric_writes(monkeypatch)
+    for step in range(10, 240, 10):
+        tracker.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1}, step)
+        if step == 120:
+            tracker.flush()  # a checkpoint: the store has every step so far
+            assert writes == [list(range(10, 130, 10))]
+            assert len(tracker.store.metric_history(tracker.run_id, "train/loss")) == 12
+    tracker.end("FINISHED")
+    assert writes == [list(range(10, 130, 10)), list(range(130, 240, 10))]
+    history = tracker.store.metric_history(tracker.run_id, "train/loss")
+    assert history == [(s, pytest.approx(1.0 / s)) for s in range(10, 240, 10)]
+    assert len(tracker.store.metric_history(tracker.run_id, "train/lr")) == 23
+
+
+def test_flush_every_s_zero_writes_each_step_at_once(tmp_path: Path, monkeypatch) -> None:
+    tracker = MlflowTracker(str(tmp_path), None, "mprun", None, False, flush_every_s=0)
+    tracker.start({}, {})
+    writes = metric_writes(monkeypatch)
+    for step in (1, 2, 3):
+        tracker.log_metrics({"train/loss": 1.0}, step)
+    tracker.end("FINISHED")
+    assert writes == [[1], [2], [3]]
+
+
+def test_a_failed_flush_is_written_again_step_by_step_losing_only_the_step_that_fails(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """A store that still answers refused a flush because of one step ('database is locked' hit it, or a value it
+    rejects): the other steps of that flush are written, and only that step is reported lost."""
+    tracker = MlflowTracker(str(tmp_path), None, "mprun", None, False)
+    tracker.start({}, {})
+    real = MlflowClient.log_batch
+
+    def refuses_step_2(self, run_id, metrics=(), *args, **kwargs):
+        if any(m.step == 2 for m in metrics):
+            raise OSError("database is locked")
+        return real(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", refuses_step_2)
+    for step in (1, 2, 3):
+        tracker.log_metrics({"train/loss": float(step)}, step)
+    tracker.end("FINISHED")
+    run = tracker.store.run(tracker.run_id)
+    assert tracker.store.metric_history(tracker.run_id, "train/loss") == [(1, 1.0), (3, 3.0)]
+    assert run.status == "FINISHED" and run.tags["mprun.metrics_not_recorded"].startswith("1 batch(es), first step 2")
+
+
+def test_flush_every_s_must_not_be_negative(make_cfg) -> None:
+    from mprun import config
+
+    with pytest.raises(ConfigError, match="flush_every_s=-1.0 must be >= 0"):
+        config.validate(make_cfg("tracking.flush_every_s=-1", tracking="mlflow"))
 
 
 def test_failover_at_the_start(tmp_path: Path) -> None:
@@ -90,8 +185,7 @@ def test_the_store_answers_what_sweeps_and_the_report_ask(tmp_path: Path) -> Non
     parent = store.create_run(experiment, "sweep", {"mprun.role": "sweep"})
     done = store.create_run(experiment, "job 0", {"mlflow.parentRunId": parent, "mprun.sweep_job": "0"})
     running = store.create_run(experiment, "job 1", {"mlflow.parentRunId": parent, "mprun.sweep_job": "1"})
-    store.log_metrics(done, MetricBatch(3, {"train/loss": 0.5}, 1000))
-    store.log_metrics(done, MetricBatch(1, {"train/loss": 0.9}, 1000))
+    store.log_metrics(done, [MetricBatch(3, {"train/loss": 0.5}, 1000), MetricBatch(1, {"train/loss": 0.9}, 1000)])
     store.close_run(done, "FINISHED")
     failed = record_failed_run(store.uri, experiment, "job 2", {"mlflow.parentRunId": parent, "error": "x" * 9000})
     assert store.newest_sweep(experiment) == parent
