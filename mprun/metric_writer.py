@@ -38,7 +38,7 @@ class MetricBatch:
 class BatchedWriter:
     """A buffer of metric batches and one writer thread; flushes are written in the order they were made."""
 
-    def __init__(self, interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval_s = interval_s
         self._clock = clock
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mprun-metrics")

@@ -373,7 +373,7 @@ class MlflowTracker(Tracker):
 
     def __init__(self, output_root: str, uri: str | None, experiment: str, run_name: str | None,
                  log_checkpoint: bool, on_unreachable: Unreachable = Unreachable.fail,
-                 flush_every_s: float = 5.0) -> None:
+                 flush_every_s: float = MlflowConfig.flush_every_s) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations print a dozen INFO lines
         self.output_root = Path(output_root).absolute()
         self.run_name = run_name

@@ -34,7 +34,7 @@ def test_the_writer_writes_in_order_and_reports_each_failure_once() -> None:
             raise OSError("database is locked")
         written.extend(b.step for b in batches)
 
-    writer = BatchedWriter()
+    writer = BatchedWriter(interval_s=5.0)
     for step in range(1, 5):
         writer.submit(write, [MetricBatch.now({"loss": step}, step)])
     assert writer.failed() == []  # nothing done yet: the first write waits at the gate
@@ -68,7 +68,7 @@ def test_the_writer_buffers_steps_until_the_oldest_has_waited_the_interval() -> 
 
 def test_the_writer_hands_back_what_a_lost_store_never_confirmed() -> None:
     gate = threading.Event()
-    writer = BatchedWriter()
+    writer = BatchedWriter(interval_s=5.0)
     for step in range(3):
         writer.submit(lambda batches: gate.wait(10), [MetricBatch.now({"loss": 1.0}, step)])
     writer.add(MetricBatch.now({"loss": 1.0}, 3))
