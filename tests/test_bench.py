@@ -1,5 +1,5 @@
 """The GPU benchmark's harness runs end to end (on the CPU, tiny): both paths train and are reported.
-No speed is asserted here: speed is the benchmark's job, on a GPU."""
+No speed is asserted here: speed is the benchmark's job, on a GPU. The scripts run as a user runs them: a process each."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,6 +21,7 @@ def gpu_step(out: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_gpu_step_harness_runs_on_cpu_and_slices_add_up(tmp_path: Path) -> None:
     proc = gpu_step(tmp_path, "--precisions", "fp32,fp16")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,6 +48,7 @@ def test_gpu_step_harness_runs_on_cpu_and_slices_add_up(tmp_path: Path) -> None:
     assert [c["precision"] for c in json.loads((tmp_path / "gpu_step.json").read_text())["cells"]] == ["fp32"]
 
 
+@pytest.mark.slow
 def test_loader_bench_runs_on_a_generated_imagefolder(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "loader.py"), "--make-imagefolder", str(tmp_path / "imgs"), "--images", "120",
@@ -66,6 +70,7 @@ def test_loader_bench_runs_on_a_generated_imagefolder(tmp_path: Path) -> None:
     assert (f"keeps up from {min(keeps_up)} workers on" if keeps_up else "does not keep up") in result["verdict"]
 
 
+@pytest.mark.slow
 def test_loader_bench_refuses_an_in_memory_dataset(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "loader.py"), "--out", str(tmp_path), "dataset=digits"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

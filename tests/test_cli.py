@@ -1,4 +1,5 @@
-"""`python -m mprun` as a user runs it: the default experiment, bad input, and Ctrl-C / SIGTERM."""
+"""`python -m mprun` as a user runs it: the default experiment, bad input, and Ctrl-C / SIGTERM. The command line's
+entry point runs in this process (run_cli_here) unless the process itself is under test (signals, a closed stdout)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import run_cli, run_statuses
+from conftest import run_cli, run_cli_here, run_statuses
+from mprun.errors import ConfigError
+from mprun.experiment import run
 
 
+@pytest.mark.slow  # 10 epochs: ~30 s of training
 def test_default_run_reaches_095(tmp_path: Path) -> None:
+    """The default experiment, as `python -m mprun` with no arguments runs it: accurate, reported, recorded."""
     started = time.perf_counter()
-    proc = run_cli(cwd=tmp_path)
+    proc = run_cli_here(cwd=tmp_path)
     wall = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     (summary_file,) = (tmp_path / "outputs").glob("*/*/summary.json")
@@ -42,7 +47,7 @@ def test_default_run_reaches_095(tmp_path: Path) -> None:
 def test_help_lists_the_groups_a_user_can_choose_and_how_to_run(tmp_path: Path) -> None:
     """--help's group list is the choices of conf/ (the schemas, which no one picks, used to be listed as
     `schema/model: ...` groups beside them); its header and footer say how to run mprun."""
-    proc = run_cli("--help", cwd=tmp_path)
+    proc = run_cli_here("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in groups.splitlines()[2:] if line}
@@ -51,6 +56,7 @@ def test_help_lists_the_groups_a_user_can_choose_and_how_to_run(tmp_path: Path) 
     assert proc.stdout.startswith("mprun: ") and "python -m mprun -m precision=fp32,fp16,bf16" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unbuffered", ["1", ""], ids=["PYTHONUNBUFFERED", "buffered"])
 def test_help_into_a_closed_pipe_exits_quietly(tmp_path: Path, unbuffered: str) -> None:
     """`mprun --help | head -1`: the reader is gone by the time the help is printed, which was a BrokenPipeError
@@ -64,6 +70,7 @@ def test_help_into_a_closed_pipe_exits_quietly(tmp_path: Path, unbuffered: str) 
     assert proc.stderr.read() == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code,ends", [(0, 141), (2, 2), (130, 130)], ids=["ok", "error", "interrupted"])
 def test_a_lost_stdout_reader_keeps_the_runs_exit_code(tmp_path: Path, code: int, ends: int) -> None:
     """`mprun ... | tee log`, then Ctrl-C: tee is gone before mprun has stopped gracefully; its exit 130 (a requeue
@@ -91,6 +98,7 @@ mprun_main()
     assert proc.stderr.read() == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_torch_imports_is_one_line(tmp_path: Path, sig: signal.Signals) -> None:
     """The imports take seconds: a Ctrl-C in them printed a traceback from inside torch, and a SIGTERM ended the
@@ -115,47 +123,87 @@ def test_a_sweep_preset_is_a_multirun_without_dash_m(tmp_path: Path) -> None:
     """Hydra ignores hydra.sweeper.params in a single run, so `experiment=amp_benchmark` quietly made one run at auto
     precision; the presets set hydra.mode=MULTIRUN, and hydra.mode=RUN still makes the one run."""
     args = ["experiment=amp_benchmark", "model=simple_mlp", "trainer.max_steps=1", "tracking=none"]
-    swept = run_cli(*args, "precision=fp32,bf16", cwd=tmp_path)
+    swept = run_cli_here(*args, "precision=fp32,bf16", cwd=tmp_path)
     assert swept.returncode == 0, swept.stderr
     assert sorted(p.name for p in tmp_path.glob("outputs/multirun/*/*/*") if p.is_dir()) == ["0", "1"]
-    single = run_cli(*args, "hydra.mode=RUN", "hydra.run.dir=outputs/one", cwd=tmp_path)
+    single = run_cli_here(*args, "hydra.mode=RUN", "hydra.run.dir=outputs/one", cwd=tmp_path)
     assert single.returncode == 0 and (tmp_path / "outputs" / "one" / "summary.json").is_file(), single.stderr
 
 
-BAD_INPUTS = [
+# Bad input that Hydra finds while composing the command line, or that mprun finds in what Hydra composed (the model's
+# name as the command line gave it): the command line's own handling, so through its entry point.
+CLI_BAD_INPUTS = [
     (["precision=fp17"], ["precision/fp17", "fp16_static", "bf16"]),
     (["trainer.max_epochs=abc"], ["trainer.max_epochs", "abc"]),
+    # Hydra suggests '+trainer.epochs=3' (which mprun rejects too): the last line names the keys trainer takes.
+    (["trainer.epochs=3"], ["epochs", "TrainerConfig", "mprun: error: trainer.epochs: unknown key; trainer takes "
+                                                       "channels_last, checkpoint_every_epochs,"]),
+    (["trainr.max_epochs=3"], ["mprun: error: trainr: unknown key; the config takes dataset, model, optimizer,"]),
+    (["tracking=none", "tracking.experiment=x"], ["mprun: error: tracking.experiment: unknown key; tracking takes no keys"]),
+    (["model=vit_b16"], ["mprun: error: model=vit_b16 model.name=vit_base_patch16_224 cannot train on dataset=digits"]),  # was model=vit_base...
+]
+
+
+def check_short_and_clear(proc, needles: list[str], cwd: Path) -> None:
+    """Exit 2, as argparse ends on a user's mistake, whether Hydra or mprun finds it; a few lines naming the problem,
+    no traceback; no MLflow run left RUNNING."""
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 16, err
+    assert "RUNNING" not in run_statuses(cwd / "outputs" / "mlflow.db")
+
+
+@pytest.mark.parametrize("args,needles", CLI_BAD_INPUTS, ids=[" ".join(a) for a, _ in CLI_BAD_INPUTS])
+def test_bad_input_on_the_command_line_is_short_clear_and_leaves_no_running_run(tmp_path: Path, args: list[str],
+                                                                                needles: list[str]) -> None:
+    """The command line's handling of a mistake in it (Hydra's message, mprun's line naming the valid keys)."""
+    check_short_and_clear(run_cli_here(*args, "trainer.max_epochs=1", cwd=tmp_path), needles, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,needles", [CLI_BAD_INPUTS[2], (["optimizer.lr=-1"], ["optimizer.lr=-1.0 must be > 0"])],
+                         ids=["hydra's", "mprun's"])
+def test_bad_input_ends_a_real_process_with_exit_2_and_one_line(tmp_path: Path, args: list[str], needles: list[str]) -> None:
+    """As a user starts it, in a process of its own: exit 2, and stderr ends in the one `mprun: error:` line, with no
+    traceback, whether Hydra finds the mistake or mprun does (a ConfigError, as the in-process tests below raise)."""
+    proc = run_cli(*args, "trainer.max_epochs=1", cwd=tmp_path)
+    check_short_and_clear(proc, needles, tmp_path)
+    assert proc.stderr.strip().splitlines()[-1].startswith("mprun: error: "), proc.stderr
+
+
+# Bad values that mprun finds before it builds anything: a ConfigError, which the command line shows as one line and
+# exit 2 (the tests above). No MLflow run is created, and no run directory.
+BAD_VALUES = [
     (["optimizer.lr=-1"], ["optimizer.lr=-1.0 must be > 0"]),
     (["trainer.grad_accum_steps=0"], ["trainer.grad_accum_steps=0 must be >= 1"]),
     (["precision=fp16", "precision.init_scale=0"], ["precision.init_scale=0.0 must be > 0"]),
     (["precision=fp16_static", "precision.init_scale=-1"], ["precision.init_scale"]),
     (["trainer.device=cuda"], ["trainer.device=cuda", "cpu or auto"]),
     (["dataset=cifar10"], ["cifar-10-batches-py", "dataset.download=true"]),
-    (["model=vit_b16"], ["model=vit_b16 model.name=vit_base_patch16_224 cannot train on dataset=digits"]),  # was model=vit_base...
     (["model=timm", "model.name=resnet5O"], ["resnet5O", "resnet50"]),
-    # Hydra suggests '+trainer.epochs=3' (which mprun rejects too): the last line names the keys trainer takes.
-    (["trainer.epochs=3"], ["epochs", "TrainerConfig", "mprun: error: trainer.epochs: unknown key; trainer takes "
-                                                       "channels_last, checkpoint_every_epochs,"]),
-    (["trainr.max_epochs=3"], ["mprun: error: trainr: unknown key; the config takes dataset, model, optimizer,"]),
-    (["tracking=none", "tracking.experiment=x"], ["mprun: error: tracking.experiment: unknown key; tracking takes no keys"]),
     (["tracking.uri=http://127.0.0.1:9"], ["127.0.0.1:9", "tracking=none"]),
     (["tracking.uri=localhost:5000"], ["cannot use MLflow tracking store localhost:5000", "tracking=none"]),  # was a traceback
     (["tracking.uri=postgresql://u:p@127.0.0.1:9/db"], ["cannot use MLflow tracking store postgresql://", "tracking=none"]),
 ]
 
 
-@pytest.mark.parametrize("args,needles", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_is_short_clear_and_leaves_no_running_run(tmp_path: Path, args: list[str], needles: list[str]) -> None:
-    proc = run_cli(*args, "trainer.max_epochs=1", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 2, proc.stderr  # a user's mistake, whether Hydra or mprun finds it (like argparse)
-    err = proc.stderr
+@pytest.mark.parametrize("args,needles", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_input_is_short_clear_and_creates_no_run(make_cfg, tmp_path: Path, monkeypatch, args: list[str],
+                                                      needles: list[str]) -> None:
+    """A ConfigError naming the key and what to do, before an MLflow run or a run directory exists."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # trainer.device=cuda on a machine without a GPU
+    with pytest.raises(ConfigError) as error:
+        run(make_cfg(*args, "trainer.max_epochs=1", tracking="mlflow"))
     for needle in needles:
-        assert needle in err, f"{needle!r} not in:\n{err}"
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) <= 16, err
-    assert "RUNNING" not in run_statuses(tmp_path / "outputs" / "mlflow.db")
+        assert needle in str(error.value), f"{needle!r} not in:\n{error.value}"
+    assert len(str(error.value).strip().splitlines()) <= 16, error.value
+    assert run_statuses(tmp_path / "outputs" / "mlflow.db") == [] and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_checkpoints_and_marks_run_killed(tmp_path: Path, sig: int, code: int) -> None:
     proc = subprocess.Popen(
@@ -182,6 +230,7 @@ def test_signal_checkpoints_and_marks_run_killed(tmp_path: Path, sig: int, code:
     assert f"trainer.resume={ckpt.parent.parent}" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_second_signal_stops_at_once_and_still_marks_killed(tmp_path: Path, sig: signal.Signals, code: int) -> None:
     # A huge model on the CPU: one step takes long enough that the second Ctrl-C arrives mid-step.
@@ -238,40 +287,37 @@ def test_a_second_signal_unwinds_with_its_own_exit_code(monkeypatch) -> None:
     assert end.value.code == 143
 
 
-def test_signals_wait_for_the_store_to_be_whole(tmp_path: Path) -> None:
+def test_signals_wait_for_the_store_to_be_whole(tmp_path: Path, monkeypatch) -> None:
     """A new sqlite store gets its tables in several migrations; a Ctrl-C in between left a store every later run
     failed on. A signal while the tracker opens the store reaches its handler once the store is whole."""
+    from mprun.tracking import MlflowTracker, Store
+
+    experiment = Store.experiment
+
+    def interrupted(self, *args):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the store is being set up
+        time.sleep(0.05)
+        return experiment(self, *args)
+
+    monkeypatch.setattr(Store, "experiment", interrupted)
     # Ctrl-C's handler as an interactive shell's job has it: a suite started with '&' from a script inherits SIGINT
     # ignored (POSIX), and Python then installs none, so the signal this test sends went nowhere.
-    script = f"""
-import os, signal, time
-signal.signal(signal.SIGINT, signal.default_int_handler)
-from mlflow import MlflowClient
-from mprun.tracking import MlflowTracker, Store
-experiment = Store.experiment
-def interrupted(self, *args):
-    os.kill(os.getpid(), signal.SIGINT)  # arrives while the store is being set up
-    time.sleep(0.05)
-    return experiment(self, *args)
-Store.experiment = interrupted
-try:
-    MlflowTracker({str(tmp_path)!r}, None, "mprun", None, False)
-except KeyboardInterrupt:
-    Store.experiment = experiment
-    client = MlflowClient("sqlite:///{tmp_path}/mlflow.db")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            MlflowTracker(str(tmp_path), None, "mprun", None, False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_experiment_by_name("mprun") is not None  # the set-up ran to its end before the signal
-    print("interrupted after set-up")
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "interrupted after set-up" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_unnamed_runs_get_distinct_names_and_run_name_prefixes_a_sweeps(tmp_path: Path) -> None:
     """MLflow names an unnamed run with Python's `random`, which the run had just seeded: every run with the
     default seed was called the same. tracking.run_name named a sweep's parent and every job alike."""
     for _ in range(2):
-        assert run_cli("model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1", cwd=tmp_path).returncode == 0
-    proc = run_cli("-m", "precision=fp32,bf16", "tracking.run_name=study", "model=simple_mlp", "trainer.max_steps=2",
+        assert run_cli_here("model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1", cwd=tmp_path).returncode == 0
+    proc = run_cli_here("-m", "precision=fp32,bf16", "tracking.run_name=study", "model=simple_mlp", "trainer.max_steps=2",
                    "trainer.max_epochs=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")

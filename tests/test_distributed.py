@@ -1,5 +1,6 @@
 """torchrun on the CPU (gloo, 2 processes): DDP equals one process with the same global batch; one
-MLflow run; checkpoint and resume under DDP; an FSDP2 (fully_shard, bf16) smoke run; clear errors."""
+MLflow run; checkpoint and resume under DDP; an FSDP2 (fully_shard, bf16) smoke run; clear errors. The set-up errors
+that need no second rank are raised in this process."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import run_cli, run_statuses
+from conftest import run_cli, run_cli_here, run_statuses
 from mprun import checkpoint
+from mprun.errors import ConfigError
+from mprun.experiment import run
 
 COMMON = ["model=simple_mlp", "scheduler=none", "trainer.max_epochs=1", "trainer.log_every_steps=1", "trainer.progress=off",
           "precision.stats_every_steps=6"]
@@ -29,7 +32,7 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process at batch 64, and DDP on 2 ranks at 32 each: the same global batch, 12 steps."""
     cwd = tmp_path_factory.mktemp("ddp")
-    single = run_cli(*COMMON, "trainer.max_steps=12", "dataset.batch_size=64", "hydra.run.dir=outputs/single", cwd=cwd)
+    single = run_cli_here(*COMMON, "trainer.max_steps=12", "dataset.batch_size=64", "hydra.run.dir=outputs/single", cwd=cwd)
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = torchrun("trainer.strategy=ddp", "trainer.max_steps=12", "dataset.batch_size=32", "hydra.run.dir=outputs/ddp", cwd=cwd)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -41,6 +44,7 @@ def _history(client: MlflowClient, strategy: str, key: str = "train/loss") -> li
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 
+@pytest.mark.slow
 def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(runs: Path) -> None:
     client = MlflowClient(f"sqlite:///{runs}/outputs/mlflow.db")
     strategies = sorted(r.data.tags["strategy"] for r in client.search_runs(["1"]))
@@ -110,6 +114,7 @@ def test_evaluate_leaves_a_shards_padding_out() -> None:
     assert acc == pytest.approx((logits.argmax(1) == y[mine]).double().mean().item())
 
 
+@pytest.mark.slow
 def test_ddp_checkpoint_and_resume(runs: Path) -> None:
     first = torchrun("trainer.strategy=ddp", "trainer.max_steps=6", "dataset.batch_size=32", "hydra.run.dir=outputs/ddp_a", cwd=runs)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -123,23 +128,32 @@ def test_ddp_checkpoint_and_resume(runs: Path) -> None:
         torch.testing.assert_close(resumed["model"][k], v, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])  # fused SGD has no DTensor kernel: it failed on its first step
-def test_fsdp2_bf16_smoke_run_checkpoints_full_tensors(tmp_path: Path, optimizer: str) -> None:
-    proc = torchrun("trainer.strategy=fsdp", "precision=bf16", "trainer.max_steps=4", "dataset.batch_size=32",
-                    f"optimizer={optimizer}", "hydra.run.dir=outputs/fsdp", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    state = checkpoint.load(tmp_path / "outputs" / "fsdp" / "checkpoints" / "final.pt")
+def check_fsdp_run(cwd: Path) -> None:
+    """The run's checkpoint holds whole fp32 tensors, not a rank's shard (nor bf16 copies); one run, recorded by rank 0."""
+    state = checkpoint.load(cwd / "outputs" / "fsdp" / "checkpoints" / "final.pt")
     assert state["model"]["1.weight"].shape == (256, 64) and state["model"]["1.weight"].dtype == torch.float32
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = MlflowClient(f"sqlite:///{cwd}/outputs/mlflow.db")
     (run,) = client.search_runs(["1"])
     assert run.info.status == "FINISHED" and run.data.tags["strategy"] == "fsdp x2"
 
 
+@pytest.mark.slow
+def test_fsdp2_bf16_smoke_run_checkpoints_full_tensors(tmp_path: Path) -> None:
+    """bf16 parameters in compute, with SGD: fused SGD has no DTensor kernel, and it failed on its first step. (AdamW,
+    the default, trains under FSDP in the statistics test below.)"""
+    proc = torchrun("trainer.strategy=fsdp", "precision=bf16", "trainer.max_steps=4", "dataset.batch_size=32",
+                    "optimizer=sgd", "hydra.run.dir=outputs/fsdp", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_fsdp_run(tmp_path)
+
+
+@pytest.mark.slow
 def test_fsdp2_statistics_count_every_shard_of_every_gradient(runs: Path, tmp_path: Path) -> None:
     """Under FSDP a gradient is a DTensor holding this rank's shard: statistics crashed on it (DTensor has no tolist)."""
     proc = torchrun("trainer.strategy=fsdp", "precision=fp32", "trainer.max_steps=6", "dataset.batch_size=32",
                     "hydra.run.dir=outputs/fsdp", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    check_fsdp_run(tmp_path)  # with AdamW (the default optimizer)
     fsdp = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     single = MlflowClient(f"sqlite:///{runs}/outputs/mlflow.db")
     for key in ("numerics/underflow/1", "numerics/underflow/3", "numerics/underflow/5"):
@@ -148,9 +162,14 @@ def test_fsdp2_statistics_count_every_shard_of_every_gradient(runs: Path, tmp_pa
         assert shards == pytest.approx(whole, abs=1e-3), key
 
 
-def test_ddp_without_torchrun_is_a_clear_error(tmp_path: Path) -> None:
-    proc = run_cli("trainer.strategy=ddp", "trainer.max_steps=1", cwd=tmp_path)
-    assert proc.returncode == 2 and "needs torchrun" in proc.stderr and "Traceback" not in proc.stderr
+def test_ddp_without_torchrun_is_a_clear_error(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """A plain `python -m mprun trainer.strategy=ddp` (no torchrun, no submitit tasks): a user's mistake, before any
+    tracking run (the command line shows a ConfigError as one line and exit 2)."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp needs torchrun"):
+        run(make_cfg("trainer.strategy=ddp", "trainer.max_steps=1", tracking="mlflow"))
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize("family,name", [("timm", "vit_base_patch16_224"), ("timm", "convnext_base"),
@@ -177,21 +196,42 @@ def test_fsdp_units_are_blocks_not_stages(family: str, name: str) -> None:
         assert sorted(names[id(u)] for u in units if names[id(u)].startswith("blocks.")) == sorted(f"blocks.{i}" for i in range(12))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("precision,why", [(["precision=fp16"], "fp16 loss scaling"),
-                                           (["precision=bf16", "precision.on_nonfinite=skip"], "precision.on_nonfinite=skip (bf16)")],
-                         ids=["fp16", "bf16-skip"])
-def test_fsdp_refuses_a_precision_that_can_skip_steps(tmp_path: Path, precision: list[str], why: str) -> None:
+                                           (["precision=bf16", "precision.on_nonfinite=skip"],
+                                            "precision.on_nonfinite=skip \\(bf16\\)")], ids=["fp16", "bf16-skip"])
+def test_fsdp_refuses_a_precision_that_can_skip_steps(make_cfg, monkeypatch, precision: list[str], why: str) -> None:
+    """Found when the model is sharded, so inside a process group: here a one-rank gloo group, as torchrun's
+    environment sets it up. The error leaves the group (a rank that stays in it hangs the others)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:  # a free port for the group's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=f"^trainer.strategy=fsdp with {why} is not supported"):
+        run(make_cfg("trainer.strategy=fsdp", *precision, "trainer.max_steps=1", *COMMON))
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_fsdp_refuses_bf16_with_on_nonfinite_skip_on_every_rank(tmp_path: Path) -> None:
     """Each rank's GradScaler sees only its own gradient shards, so ranks could skip different steps: a precision that
     needs one (fp16's loss scale, or bf16 with on_nonfinite=skip, whose scaler was enabled under FSDP2) is refused on
     every rank before training, with no run left open."""
-    proc = torchrun("trainer.strategy=fsdp", *precision, "trainer.max_steps=1", cwd=tmp_path)
+    proc = torchrun("trainer.strategy=fsdp", "precision=bf16", "precision.on_nonfinite=skip", "trainer.max_steps=1",
+                    cwd=tmp_path)
+    why = "precision.on_nonfinite=skip (bf16)"
     assert proc.returncode != 0
     assert f"mprun: error: trainer.strategy=fsdp with {why} is not supported by mprun" in proc.stderr
     assert 'File "' + str(Path(checkpoint.__file__).parent) not in proc.stderr  # torchrun's own report only
     assert run_statuses(tmp_path / "outputs" / "mlflow.db") == []
 
 
+@pytest.mark.slow
 def test_a_sweep_job_can_be_a_multi_process_ddp_job_through_submitit(tmp_path: Path) -> None:
     # The same path as hydra/launcher=slurm_multigpu, on this machine: submitit starts 2 tasks per job.
     env = {"OMP_NUM_THREADS": "1"}

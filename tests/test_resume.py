@@ -55,18 +55,16 @@ def test_resume_in_process_mid_epoch_equals_uninterrupted(make_cfg, tmp_path: Pa
     assert resumed["steps"] == full["steps"] == 44
 
 
-def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
-    """A real process gets a real SIGTERM mid-epoch; `trainer.resume=auto` in its run directory continues it."""
+@pytest.mark.slow
+def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, tmp_path: Path) -> None:
+    """A real process gets a real SIGTERM mid-epoch; `trainer.resume=auto` in its run directory continues it. The
+    uninterrupted run and the resumption need no process of their own: they run here, into the same store."""
     args = ["trainer.max_epochs=3", "trainer.progress=log", "trainer.log_every_steps=5"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
 
-    def mprun(*extra: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "mprun", *args, *extra], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    straight = mprun("hydra.run.dir=outputs/straight")
-    assert straight.wait(timeout=300) == 0, straight.stdout.read()[-2000:]
-    cut = mprun("hydra.run.dir=outputs/cut")
+    run(make_cfg(*args, f"paths.run_dir={tmp_path}/outputs/straight", tracking="mlflow"))
+    cut = subprocess.Popen([sys.executable, "-m", "mprun", *args, "hydra.run.dir=outputs/cut"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in cut.stdout:  # into the second epoch, then a few steps more
             if "epoch 1/" in line:
@@ -79,8 +77,7 @@ def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: 
     assert cut.returncode == 143, out[-2000:]
     stopped = checkpoint.load(tmp_path / "outputs" / "cut" / "checkpoints" / "interrupted.pt")["progress"]
     assert 22 <= stopped["step"] < 66
-    again = mprun("hydra.run.dir=outputs/cut", "trainer.resume=auto")
-    assert again.wait(timeout=300) == 0, again.stdout.read()[-2000:]
+    run(make_cfg(*args, f"paths.run_dir={tmp_path}/outputs/cut", "trainer.resume=auto", tracking="mlflow"))
 
     a = checkpoint.load(tmp_path / "outputs" / "straight" / "checkpoints" / "final.pt")
     b = checkpoint.load(tmp_path / "outputs" / "cut" / "checkpoints" / "final.pt")
@@ -387,6 +384,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_write_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.pt"
     for delay in (0.05, 0.13, 0.31, 0.47, 0.7):

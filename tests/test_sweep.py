@@ -1,4 +1,6 @@
-"""Multiruns as users run them: MLflow parent/child runs, parallel launchers, the report, the presets."""
+"""Multiruns as users run them: MLflow parent/child runs, parallel launchers, the report, the presets. Sweeps run in
+this process through the command line's entry point (Hydra's basic launcher runs the jobs here too), except those of
+the process-based launchers and those that are sent a signal."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from conftest import run_cli, run_statuses
+from conftest import run_cli, run_cli_here, run_statuses
 from mprun import report
 from mprun.cli import CONFIG_DIR
 from mprun.tracking import RecordedRun, Store
@@ -34,10 +36,11 @@ def sweep_runs(cwd: Path) -> tuple:
     return parent, sorted(children, key=lambda r: int(r.data.tags["mprun.sweep_job"]))
 
 
-@pytest.mark.parametrize("n_jobs", [4, 4, 2], ids=["4-workers-a", "4-workers-b", "2-workers-reused"])
+@pytest.mark.slow
+@pytest.mark.parametrize("n_jobs", [4, 2], ids=["4-workers-at-once", "2-workers-reused"])
 def test_joblib_sweep_on_a_fresh_store_nests_every_job(tmp_path: Path, n_jobs: int) -> None:
-    # 4 jobs start at once on a store that does not exist yet (sqlite's first-open race), and with
-    # 2 workers each worker runs two jobs in turn (module state must not leak from one to the next).
+    """4 jobs start at once on a store that does not exist yet (sqlite's first-open race), and with
+    2 workers each worker runs two jobs in turn (module state must not leak from one to the next)."""
     proc = run_cli("-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}",
                    "optimizer.lr=1e-3,3e-3", "trainer.log_every_steps=1,2", *TINY[:3], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,7 +65,7 @@ def test_joblib_sweep_on_a_fresh_store_nests_every_job(tmp_path: Path, n_jobs: i
 def precision_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real 6-job sweep (precision x lr), shared by the report tests."""
     cwd = tmp_path_factory.mktemp("sweep")
-    proc = run_cli("-m", "precision=fp32,fp16,bf16", "optimizer.lr=1e-3,3e-3", *TINY, cwd=cwd)
+    proc = run_cli_here("-m", "precision=fp32,fp16,bf16", "optimizer.lr=1e-3,3e-3", *TINY, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mprun sweep report" in proc.stdout
     return cwd
@@ -96,19 +99,21 @@ def test_report_numbers_are_the_child_runs_metrics(precision_sweep: Path) -> Non
     assert "report/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
 
-def test_report_on_demand_by_experiment_name_or_parent_id(precision_sweep: Path) -> None:
+def test_report_on_demand_by_experiment_name_or_parent_id(precision_sweep: Path, monkeypatch, capsys) -> None:
+    """`python -m mprun.report <experiment name | parent run id>` in the sweep's launch directory: the default
+    store; a name that is neither is a user's mistake, exit 2 as in argparse and mprun (it was 1)."""
     parent, _ = sweep_runs(precision_sweep)
+    monkeypatch.chdir(precision_sweep)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for what in ("mprun", parent.info.run_id):
-        proc = subprocess.run([sys.executable, "-m", "mprun.report", what, "--no-log"], cwd=precision_sweep,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "precision=fp16,optimizer.lr=0.003" in proc.stdout
+        report.main([what, "--no-log"])
+        assert "precision=fp16,optimizer.lr=0.003" in capsys.readouterr().out
     assert (precision_sweep / "outputs" / "reports" / parent.info.run_id / "report.md").is_file()
-    bad = subprocess.run([sys.executable, "-m", "mprun.report", "no-such-thing"], cwd=precision_sweep,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2  # a user's mistake, as in argparse and mprun (it was 1)
-    assert bad.stderr.startswith("python -m mprun.report: error: 'no-such-thing' is neither a run id nor an experiment name")
-    assert "Traceback" not in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        report.main(["no-such-thing"])
+    assert bad.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "python -m mprun.report: error: 'no-such-thing' is neither a run id nor an experiment name")
 
 
 def _row(num: int, precision: str, status: str = "FINISHED", **metrics: float) -> report.Row:
@@ -198,13 +203,13 @@ def test_diverged_job_is_marked(tmp_path: Path) -> None:
 
 def test_an_unwritable_sweep_dir_leaves_no_parent_running(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("not a directory")
-    proc = run_cli("-m", "precision=fp32,bf16", f"hydra.sweep.dir={tmp_path}/a_file/sweep", *TINY, cwd=tmp_path)
+    proc = run_cli_here("-m", "precision=fp32,bf16", f"hydra.sweep.dir={tmp_path}/a_file/sweep", *TINY, cwd=tmp_path)
     assert proc.returncode != 0
     assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["FAILED"]  # the parent, closed
 
 
 def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:
-    proc = run_cli("-m", "optimizer.lr=-1,1e-3", "precision=fp32,bf16", *TINY, cwd=tmp_path)
+    proc = run_cli_here("-m", "optimizer.lr=-1,1e-3", "precision=fp32,bf16", *TINY, cwd=tmp_path)
     assert proc.returncode != 0  # the sweep says it had a failure...
     # ...in one line naming the first failed job, not a traceback
     assert "mprun: error: optimizer.lr=-1.0 must be > 0 (job 0: optimizer.lr=-1,precision=fp32)" in proc.stderr
@@ -224,7 +229,7 @@ def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:
 
 def test_a_sweep_value_hydra_rejects_closes_the_parent_failed(tmp_path: Path) -> None:
     """Hydra checks each job's overrides after the parent run is open; it used to be closed FINISHED with 0 jobs."""
-    proc = run_cli("-m", "precision=fp32,fp17", *TINY, cwd=tmp_path)
+    proc = run_cli_here("-m", "precision=fp32,fp17", *TINY, cwd=tmp_path)
     assert proc.returncode != 0 and "fp17" in proc.stderr
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "FAILED" and "ended before its jobs ran" in parent.data.tags["error"]
@@ -236,9 +241,9 @@ def test_a_requeued_sweep_continues_its_parent_and_leaves_finished_jobs_alone(tm
     """The same sweep launched again into its directory with trainer.resume=auto (a requeue): one parent run, the
     finished jobs untouched (no second set of children, no NaN results), the report still lists every job."""
     args = ["-m", "precision=fp32,bf16", "hydra.sweep.dir=outputs/sw", "trainer.resume=auto", *TINY]
-    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    assert run_cli_here(*args, cwd=tmp_path).returncode == 0
     first_parent, first_children = sweep_runs(tmp_path)
-    again = run_cli(*args, cwd=tmp_path)
+    again = run_cli_here(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("mprun: nothing to train") == 2
     parent, children = sweep_runs(tmp_path)  # asserts a single parent
@@ -254,12 +259,12 @@ def test_a_requeued_sweep_closes_the_runs_its_killed_launch_left_running(tmp_pat
     import shutil
 
     args = ["-m", "precision=fp32,bf16", "hydra.sweep.dir=outputs/sw", "trainer.resume=auto", *TINY]
-    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    assert run_cli_here(*args, cwd=tmp_path).returncode == 0
     _, (killed, _) = sweep_runs(tmp_path)
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     client.update_run(killed.info.run_id, status="RUNNING")  # as kill -9 leaves it...
     shutil.rmtree(tmp_path / "outputs" / "sw" / "0" / "checkpoints")  # ...before any checkpoint
-    again = run_cli(*args, cwd=tmp_path)
+    again = run_cli_here(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     parent, children = sweep_runs(tmp_path)
     stale = client.get_run(killed.info.run_id)
@@ -285,6 +290,7 @@ def signal_sweep(cwd: Path, args: list[str], when: str, sig: int, inherit_ignore
     return proc.returncode, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,inherit_ignored", [(signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["SIGTERM", "SIGINT-inherited-ignored"])
 def test_a_signal_between_jobs_closes_the_parent_killed(tmp_path: Path, sig: int, inherit_ignored: bool) -> None:
@@ -323,6 +329,7 @@ def test_a_signal_while_the_report_is_built_closes_the_parent_killed(monkeypatch
     assert ended == ["KILLED"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> None:
     code, out = signal_sweep(tmp_path, ["precision=fp32,bf16", "model=simple_mlp", "trainer.max_epochs=100000"],
                              "epoch 1/", signal.SIGINT)
@@ -337,6 +344,7 @@ def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> Non
             f"hydra.sweep.dir={parent.data.tags['mprun.sweep_dir']} trainer.resume=auto") in out
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_the_sweep(tmp_path: Path) -> None:
     proc = run_cli("-m", "hydra/launcher=submitit_local", "precision=fp32,bf16", *TINY, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -366,7 +374,7 @@ def test_every_experiment_preset_runs(tmp_path: Path, preset: str) -> None:
     shrink = ["trainer.max_epochs=1", "trainer.max_steps=2"]
     # amp_benchmark's resnet18 under CPU-emulated bf16 takes ~16 s per step here: shrink the model too.
     extra = {"lr_search": ["hydra.sweeper.n_trials=2"], "amp_benchmark": ["model=simple_mlp"]}.get(preset, [])
-    proc = run_cli("-m", f"experiment={preset}", *shrink, *extra, cwd=tmp_path)
+    proc = run_cli_here("-m", f"experiment={preset}", *shrink, *extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "FINISHED"

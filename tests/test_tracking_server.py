@@ -1,4 +1,4 @@
-"""Against a real `mlflow server` on 127.0.0.1 (a random free port), started and stopped here."""
+"""Against a real `mlflow server` on 127.0.0.1 (a random free port), started and stopped here; and a dead one."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 from mlflow import MlflowClient
 
-from conftest import run_cli
+from conftest import run_cli_here
 
 MLFLOW = [sys.executable, "-m", "mlflow"]  # not bin/mlflow: a --target install (the GPU machine's) has no scripts
 # Two trainings share the CI machine's 2 cores in one test: one thread each, or they slow each other ~25x.
@@ -54,9 +54,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_runs_metrics_and_artifacts_arrive(server: tuple[str, subprocess.Popen], tmp_path: Path) -> None:
     uri, _ = server
-    proc = run_cli(f"tracking.uri={uri}", "model=simple_mlp", "trainer.max_epochs=2", cwd=tmp_path)
+    proc = run_cli_here(f"tracking.uri={uri}", "model=simple_mlp", "trainer.max_epochs=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -68,6 +69,7 @@ def test_runs_metrics_and_artifacts_arrive(server: tuple[str, subprocess.Popen],
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing fell back to the local store
 
 
+@pytest.mark.slow
 def test_a_server_that_dies_mid_run_stops_or_falls_back_per_option(server: tuple[str, subprocess.Popen], tmp_path: Path) -> None:
     uri, server_proc = server
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | ONE_THREAD
@@ -104,7 +106,7 @@ def test_a_server_that_dies_mid_run_stops_or_falls_back_per_option(server: tuple
 
 def test_unreachable_at_start_with_local_option_trains_and_logs_locally(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    proc = run_cli(f"tracking.uri={dead}", "tracking.on_unreachable=local", "model=simple_mlp",
+    proc = run_cli_here(f"tracking.uri={dead}", "tracking.on_unreachable=local", "model=simple_mlp",
                    "trainer.max_steps=3", "trainer.max_epochs=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tracking.on_unreachable=local: logging to sqlite" in proc.stdout + proc.stderr
