@@ -45,9 +45,26 @@ def start_server(root: Path) -> tuple[str, subprocess.Popen]:
     """A local `mlflow server` on 127.0.0.1 with a sqlite backend, as tests/test_tracking_server.py starts one."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/server.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        cwd=root,
+        stdout=open(root / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     uri, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
     while True:
@@ -74,8 +91,12 @@ def run_once(arm: str, workdir: Path, n: int, uri: str | None, env: dict[str, st
     summary = json.loads((run_dir / "summary.json").read_text())
     # CPU seconds of the whole process (all threads): what tracking costs, less disturbed by the machine's load
     cpu_s = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
-    return {"samples_per_s": summary["samples_per_s"], "process_wall_s": wall, "process_cpu_s": cpu_s,
-            "run_wall_s": summary["wall_time_s"]}
+    return {
+        "samples_per_s": summary["samples_per_s"],
+        "process_wall_s": wall,
+        "process_cpu_s": cpu_s,
+        "run_wall_s": summary["wall_time_s"],
+    }
 
 
 def bootstrap(values: list[float], draws: int = 10000, seed: int = 0) -> tuple[float, float]:
@@ -89,8 +110,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=at_least(1), default=5)
     ap.add_argument("--arms", default="none,sqlite,server", help="comma-separated, from " + ",".join(ARMS))
-    ap.add_argument("--before", type=Path, help="another checkout of mprun: its arms (name@before) run in the same "
-                    "rounds, each compared with its own tracking=none")
+    ap.add_argument(
+        "--before",
+        type=Path,
+        help="another checkout of mprun: its arms (name@before) run in the same "
+        "rounds, each compared with its own tracking=none",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tracking_overhead.json")
     ap.add_argument("overrides", nargs="*", help="more overrides for every run (default: none: the default run)")
     args = ap.parse_args()
@@ -100,8 +125,10 @@ def main() -> None:
     srcs = {"": ROOT} | ({"@before": args.before.resolve()} if args.before else {})
     arms = [arm + suffix for suffix in srcs for arm in arms]
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    envs = {suffix: base | {"PYTHONPATH": os.pathsep.join(filter(None, [str(src), base.get("PYTHONPATH")]))}
-            for suffix, src in srcs.items()}
+    envs = {
+        suffix: base | {"PYTHONPATH": os.pathsep.join(filter(None, [str(src), base.get("PYTHONPATH")]))}
+        for suffix, src in srcs.items()
+    }
     root = Path(tempfile.mkdtemp(prefix="tracking_overhead_"))
     workdirs = {arm: root / arm.replace("@", "-") for arm in arms}
     for d in workdirs.values():
@@ -111,14 +138,25 @@ def main() -> None:
     rounds: list[dict[str, dict]] = []
     try:
         for r in range(args.rounds):
-            order = arms[r % len(arms):] + arms[: r % len(arms)]
-            rounds.append({arm: run_once(arm, workdirs[arm], r, uri, envs[arm[len(arm.split("@")[0]):]],
-                                         args.overrides) for arm in order})
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{a} {rounds[-1][a]['samples_per_s']:.0f}/s {rounds[-1][a]['process_wall_s']:.1f}s "
-                f"{rounds[-1][a]['process_cpu_s']:.1f} CPU s" for a in arms), flush=True)
-            result = summarize(rounds, arms, load_before, {suffix or "(this checkout)": str(src)
-                                                           for suffix, src in srcs.items()})
+            order = arms[r % len(arms) :] + arms[: r % len(arms)]
+            rounds.append(
+                {
+                    arm: run_once(arm, workdirs[arm], r, uri, envs[arm[len(arm.split("@")[0]) :]], args.overrides)
+                    for arm in order
+                }
+            )
+            print(
+                f"round {r + 1}/{args.rounds}: "
+                + ", ".join(
+                    f"{a} {rounds[-1][a]['samples_per_s']:.0f}/s {rounds[-1][a]['process_wall_s']:.1f}s "
+                    f"{rounds[-1][a]['process_cpu_s']:.1f} CPU s"
+                    for a in arms
+                ),
+                flush=True,
+            )
+            result = summarize(
+                rounds, arms, load_before, {suffix or "(this checkout)": str(src) for suffix, src in srcs.items()}
+            )
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")  # after every round: a stopped bench keeps them
     except KeyboardInterrupt:
@@ -135,8 +173,10 @@ def main() -> None:
     print(f"\n{'arm':15s} {'samples/s':>10s} {'ratio to none [95% CI]':>26s} {'process wall s':>15s} {'CPU s':>6s}")
     for arm, a in result["arms"].items():
         low, high = a["ratio_ci95"]
-        print(f"{arm:15s} {a['samples_per_s_median']:10.0f} {a['ratio_median']:8.3f} [{low:.3f}, {high:.3f}]"
-              f"{'':6s} {a['process_wall_s_median']:11.1f} {a['process_cpu_s_median']:7.1f}")
+        print(
+            f"{arm:15s} {a['samples_per_s_median']:10.0f} {a['ratio_median']:8.3f} [{low:.3f}, {high:.3f}]"
+            f"{'':6s} {a['process_wall_s_median']:11.1f} {a['process_cpu_s_median']:7.1f}"
+        )
     print(f"\nwritten to {args.out}; runs in {root}")
 
 
@@ -153,12 +193,13 @@ def summarize(rounds: list[dict[str, dict]], arms: list[str], load_before: tuple
         "arms": {},
     }
     for arm in arms:
-        none = "none" + arm[len(arm.split("@")[0]):]  # the same checkout's tracking=none
+        none = "none" + arm[len(arm.split("@")[0]) :]  # the same checkout's tracking=none
         ratios = [rd[arm]["samples_per_s"] / rd[none]["samples_per_s"] for rd in rounds]
         low, high = bootstrap(ratios)
         result["arms"][arm] = {
             "samples_per_s_median": statistics.median(rd[arm]["samples_per_s"] for rd in rounds),
-            "ratio_median": statistics.median(ratios), "ratio_ci95": [low, high],
+            "ratio_median": statistics.median(ratios),
+            "ratio_ci95": [low, high],
             "ratio_min_max": [min(ratios), max(ratios)],
             "process_wall_s_median": statistics.median(rd[arm]["process_wall_s"] for rd in rounds),
             "process_cpu_s_median": statistics.median(rd[arm]["process_cpu_s"] for rd in rounds),

@@ -80,8 +80,9 @@ class BatchedWriter:
         not yet written: buffered, queued, or still in flight."""
         for f, _ in self._pending:
             f.cancel()
-        unsent = [b for f, bs in self._pending if f.cancelled() or not f.done() or f.exception() is not None
-                  for b in bs]
+        unsent = [
+            b for f, bs in self._pending if f.cancelled() or not f.done() or f.exception() is not None for b in bs
+        ]
         unsent += self._buffer
         self._pending, self._buffer = [], []
         return unsent

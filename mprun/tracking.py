@@ -114,8 +114,10 @@ class NullTracker(Tracker):
 def unusable(uri: str, why: str) -> ConfigError:
     """The error for a tracking store that cannot be used."""
     why = first_line(why, "unknown error")
-    return ConfigError(f"cannot use MLflow tracking store {uri}: {why[:300]}. "
-                       "Fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=none")
+    return ConfigError(
+        f"cannot use MLflow tracking store {uri}: {why[:300]}. "
+        "Fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=none"
+    )
 
 
 def is_remote(uri: str) -> bool:
@@ -170,8 +172,15 @@ class RecordedRun:
 def _recorded(run: Any) -> RecordedRun:
     """An mlflow Run as a RecordedRun."""
     info = run.info
-    return RecordedRun(info.run_id, info.run_name or "", info.status, info.start_time or 0, dict(run.data.tags),
-                       dict(run.data.metrics), info.lifecycle_stage == "deleted")
+    return RecordedRun(
+        info.run_id,
+        info.run_name or "",
+        info.status,
+        info.start_time or 0,
+        dict(run.data.tags),
+        dict(run.data.metrics),
+        info.lifecycle_stage == "deleted",
+    )
 
 
 class Store:
@@ -311,8 +320,9 @@ class Store:
 
     def newest_sweep(self, experiment_id: str) -> str | None:
         """The id of the newest sweep parent run (tagged mprun.role=sweep) in the experiment; None if it has none."""
-        runs = self._client.search_runs([experiment_id], "tags.`mprun.role` = 'sweep'",
-                                        order_by=["attributes.start_time DESC"], max_results=1)
+        runs = self._client.search_runs(
+            [experiment_id], "tags.`mprun.role` = 'sweep'", order_by=["attributes.start_time DESC"], max_results=1
+        )
         return runs[0].info.run_id if runs else None
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -359,8 +369,10 @@ class Failover:
         lost = f"MLflow store {uri} stopped accepting writes mid-run ({type(error).__name__}: {str(error)[:200]})"
         if self.policy is Unreachable.fail or self.intended:
             self.lost = True
-            raise TrackingLost(f"{lost}. Resume from the run's last checkpoint with trainer.resume=<run dir>, "
-                               "or set tracking.on_unreachable=local to keep training and log locally") from error
+            raise TrackingLost(
+                f"{lost}. Resume from the run's last checkpoint with trainer.resume=<run dir>, "
+                "or set tracking.on_unreachable=local to keep training and log locally"
+            ) from error
         log.warning("%s\ntracking.on_unreachable=local: continuing in a new run in %s", lost, self.local_uri)
         self.intended = f"{uri} run {run_id}"
         return self.local_uri
@@ -371,9 +383,16 @@ class MlflowTracker(Tracker):
     that fails is noticed at the next log call or flush), and a store that cannot be reached handled by the Failover
     policy."""
 
-    def __init__(self, output_root: str, uri: str | None, experiment: str, run_name: str | None,
-                 log_checkpoint: bool, on_unreachable: Unreachable = Unreachable.fail,
-                 flush_every_s: float = MlflowConfig.flush_every_s) -> None:
+    def __init__(
+        self,
+        output_root: str,
+        uri: str | None,
+        experiment: str,
+        run_name: str | None,
+        log_checkpoint: bool,
+        on_unreachable: Unreachable = Unreachable.fail,
+        flush_every_s: float = MlflowConfig.flush_every_s,
+    ) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations print a dozen INFO lines
         self.output_root = Path(output_root).absolute()
         self.run_name = run_name
@@ -429,8 +448,13 @@ class MlflowTracker(Tracker):
             return False
         later = int(run.tags.get(CHECKPOINT_STEP_TAG, -1))
         if later > step:  # continuing would log a second history over the steps the run has already recorded
-            log.warning("MLflow run %s has gone on past this checkpoint (step %d) to one at step %d, so the resume "
-                        "branches from it into a new run (tagged mprun.resumed_from_run)", run_id, step, later)
+            log.warning(
+                "MLflow run %s has gone on past this checkpoint (step %d) to one at step %d, so the resume "
+                "branches from it into a new run (tagged mprun.resumed_from_run)",
+                run_id,
+                step,
+                later,
+            )
             return False
         self.run_id = run_id
         self.store.reopen(run_id)
@@ -530,8 +554,12 @@ class MlflowTracker(Tracker):
         finally:
             self._writer.close()
             if self.failover.lost:
-                log.error("MLflow run %s in %s could not be closed: it stays RUNNING there until closed by hand "
-                          "(MlflowClient(uri).set_terminated(run_id, 'FAILED'))", self.run_id, self.uri)
+                log.error(
+                    "MLflow run %s in %s could not be closed: it stays RUNNING there until closed by hand "
+                    "(MlflowClient(uri).set_terminated(run_id, 'FAILED'))",
+                    self.run_id,
+                    self.uri,
+                )
 
     def describe(self) -> list[str]:
         ui = Path(sys.executable).with_name("mlflow")

@@ -32,8 +32,11 @@ config.register()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: starts processes of its own (signals, kill -9, torchrun, launchers, a "
-                                       "server) or takes over ~10 s; `pytest -m 'not slow'` leaves these out")
+    config.addinivalue_line(
+        "markers",
+        "slow: starts processes of its own (signals, kill -9, torchrun, launchers, a "
+        "server) or takes over ~10 s; `pytest -m 'not slow'` leaves these out",
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """The GPU benchmark's harness runs end to end (on the CPU, tiny): both paths train and are reported.
-No speed is asserted here: speed is the benchmark's job, on a GPU. The scripts run as a user runs them: a process each."""
+No speed is asserted here: speed is the benchmark's job, on a GPU. The scripts run as a user runs them: a process
+each."""
 
 from __future__ import annotations
 
@@ -15,9 +16,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def gpu_step(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_step.py"), "--device", "cpu", "--models", "simple_cnn", "--modes", "eager",
-         "--image", "16", "--batch", "8", "--steps", "2", "--warmup", "1", "--rounds", "2", "--out", str(out), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_step.py"),
+            "--device",
+            "cpu",
+            "--models",
+            "simple_cnn",
+            "--modes",
+            "eager",
+            "--image",
+            "16",
+            "--batch",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -41,7 +66,12 @@ def test_gpu_step_harness_runs_on_cpu_and_slices_add_up(tmp_path: Path) -> None:
     # The same command again finishes the slice.
     proc = gpu_step(tmp_path, "--precisions", "fp32,tf32,bf16")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [c["precision"] for c in json.loads((tmp_path / "gpu_step.json").read_text())["cells"]] == ["fp32", "tf32", "fp16", "bf16"]
+    assert [c["precision"] for c in json.loads((tmp_path / "gpu_step.json").read_text())["cells"]] == [
+        "fp32",
+        "tf32",
+        "fp16",
+        "bf16",
+    ]
     # Other settings measure other things: the earlier cells are not merged with them.
     proc = gpu_step(tmp_path, "--precisions", "fp32", "--steps", "3")
     assert proc.returncode == 0 and "not merged" in proc.stdout, proc.stderr[-3000:]
@@ -51,11 +81,35 @@ def test_gpu_step_harness_runs_on_cpu_and_slices_add_up(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_loader_bench_runs_on_a_generated_imagefolder(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "loader.py"), "--make-imagefolder", str(tmp_path / "imgs"), "--images", "120",
-         "--classes", "3", "--size", "48x32", "--workers", "0,1", "--warmup", "1", "--steps", "4", "--out", str(tmp_path),
-         "dataset=imagefolder", f"dataset.root={tmp_path / 'imgs'}", "dataset.image_size=16", "dataset.batch_size=4",
-         "model=simple_cnn"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "loader.py"),
+            "--make-imagefolder",
+            str(tmp_path / "imgs"),
+            "--images",
+            "120",
+            "--classes",
+            "3",
+            "--size",
+            "48x32",
+            "--workers",
+            "0,1",
+            "--warmup",
+            "1",
+            "--steps",
+            "4",
+            "--out",
+            str(tmp_path),
+            "dataset=imagefolder",
+            f"dataset.root={tmp_path / 'imgs'}",
+            "dataset.image_size=16",
+            "dataset.batch_size=4",
+            "model=simple_cnn",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "imgs" / "val").rglob("*.jpg"))) == 12  # every 10th image of each class
@@ -72,6 +126,11 @@ def test_loader_bench_runs_on_a_generated_imagefolder(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_loader_bench_refuses_an_in_memory_dataset(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "loader.py"), "--out", str(tmp_path), "dataset=digits"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "loader.py"), "--out", str(tmp_path), "dataset=digits"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "measures datasets read from disk" in proc.stderr

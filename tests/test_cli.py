@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli, run_cli_here, run_statuses
 from mlflow import MlflowClient
 
-from conftest import run_cli, run_cli_here, run_statuses
 from mprun.errors import ConfigError
 from mprun.experiment import run
 
@@ -52,7 +52,9 @@ def test_help_lists_the_groups_a_user_can_choose_and_how_to_run(tmp_path: Path) 
     groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in groups.splitlines()[2:] if line}
     conf = Path(__file__).parents[1] / "conf"
-    assert listed == {d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in conf.iterdir() if d.is_dir() and d.name != "hydra"}
+    assert listed == {
+        d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in conf.iterdir() if d.is_dir() and d.name != "hydra"
+    }
     assert proc.stdout.startswith("mprun: ") and "python -m mprun -m precision=fp32,fp16,bf16" in proc.stdout
 
 
@@ -63,8 +65,14 @@ def test_help_into_a_closed_pipe_exits_quietly(tmp_path: Path, unbuffered: str) 
     traceback; now the exit code of a process SIGPIPE ended (141) and nothing on stderr. Buffered, the help is only
     written (and the error raised) when Python flushes stdout at exit; unbuffered, in Hydra's print."""
     env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
-    proc = subprocess.Popen([sys.executable, "-m", "mprun", "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mprun", "--help"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     proc.stdout.close()  # before the imports are done, so the help's print always finds the pipe closed
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
     assert proc.stderr.read() == ""
@@ -91,8 +99,14 @@ sys.modules["mprun.cli"] = types.SimpleNamespace(main=main)
 from mprun.__main__ import main as mprun_main
 mprun_main()
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": ""})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": ""},
+    )
     proc.stdout.close()
     assert proc.wait(timeout=120) == ends
     assert proc.stderr.read() == ""
@@ -136,11 +150,23 @@ CLI_BAD_INPUTS = [
     (["precision=fp17"], ["precision/fp17", "fp16_static", "bf16"]),
     (["trainer.max_epochs=abc"], ["trainer.max_epochs", "abc"]),
     # Hydra suggests '+trainer.epochs=3' (which mprun rejects too): the last line names the keys trainer takes.
-    (["trainer.epochs=3"], ["epochs", "TrainerConfig", "mprun: error: trainer.epochs: unknown key; trainer takes "
-                                                       "channels_last, checkpoint_every_epochs,"]),
+    (
+        ["trainer.epochs=3"],
+        [
+            "epochs",
+            "TrainerConfig",
+            "mprun: error: trainer.epochs: unknown key; trainer takes channels_last, checkpoint_every_epochs,",
+        ],
+    ),
     (["trainr.max_epochs=3"], ["mprun: error: trainr: unknown key; the config takes dataset, model, optimizer,"]),
-    (["tracking=none", "tracking.experiment=x"], ["mprun: error: tracking.experiment: unknown key; tracking takes no keys"]),
-    (["model=vit_b16"], ["mprun: error: model=vit_b16 model.name=vit_base_patch16_224 cannot train on dataset=digits"]),  # was model=vit_base...
+    (
+        ["tracking=none", "tracking.experiment=x"],
+        ["mprun: error: tracking.experiment: unknown key; tracking takes no keys"],
+    ),
+    (
+        ["model=vit_b16"],
+        ["mprun: error: model=vit_b16 model.name=vit_base_patch16_224 cannot train on dataset=digits"],
+    ),  # was model=vit_base...
 ]
 
 
@@ -157,16 +183,22 @@ def check_short_and_clear(proc, needles: list[str], cwd: Path) -> None:
 
 
 @pytest.mark.parametrize("args,needles", CLI_BAD_INPUTS, ids=[" ".join(a) for a, _ in CLI_BAD_INPUTS])
-def test_bad_input_on_the_command_line_is_short_clear_and_leaves_no_running_run(tmp_path: Path, args: list[str],
-                                                                                needles: list[str]) -> None:
+def test_bad_input_on_the_command_line_is_short_clear_and_leaves_no_running_run(
+    tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
     """The command line's handling of a mistake in it (Hydra's message, mprun's line naming the valid keys)."""
     check_short_and_clear(run_cli_here(*args, "trainer.max_epochs=1", cwd=tmp_path), needles, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,needles", [CLI_BAD_INPUTS[2], (["optimizer.lr=-1"], ["optimizer.lr=-1.0 must be > 0"])],
-                         ids=["hydra's", "mprun's"])
-def test_bad_input_ends_a_real_process_with_exit_2_and_one_line(tmp_path: Path, args: list[str], needles: list[str]) -> None:
+@pytest.mark.parametrize(
+    "args,needles",
+    [CLI_BAD_INPUTS[2], (["optimizer.lr=-1"], ["optimizer.lr=-1.0 must be > 0"])],
+    ids=["hydra's", "mprun's"],
+)
+def test_bad_input_ends_a_real_process_with_exit_2_and_one_line(
+    tmp_path: Path, args: list[str], needles: list[str]
+) -> None:
     """As a user starts it, in a process of its own: exit 2, and stderr ends in the one `mprun: error:` line, with no
     traceback, whether Hydra finds the mistake or mprun does (a ConfigError, as the in-process tests below raise)."""
     proc = run_cli(*args, "trainer.max_epochs=1", cwd=tmp_path)
@@ -185,14 +217,21 @@ BAD_VALUES = [
     (["dataset=cifar10"], ["cifar-10-batches-py", "dataset.download=true"]),
     (["model=timm", "model.name=resnet5O"], ["resnet5O", "resnet50"]),
     (["tracking.uri=http://127.0.0.1:9"], ["127.0.0.1:9", "tracking=none"]),
-    (["tracking.uri=localhost:5000"], ["cannot use MLflow tracking store localhost:5000", "tracking=none"]),  # was a traceback
-    (["tracking.uri=postgresql://u:p@127.0.0.1:9/db"], ["cannot use MLflow tracking store postgresql://", "tracking=none"]),
+    (
+        ["tracking.uri=localhost:5000"],
+        ["cannot use MLflow tracking store localhost:5000", "tracking=none"],
+    ),  # was a traceback
+    (
+        ["tracking.uri=postgresql://u:p@127.0.0.1:9/db"],
+        ["cannot use MLflow tracking store postgresql://", "tracking=none"],
+    ),
 ]
 
 
 @pytest.mark.parametrize("args,needles", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
-def test_bad_input_is_short_clear_and_creates_no_run(make_cfg, tmp_path: Path, monkeypatch, args: list[str],
-                                                      needles: list[str]) -> None:
+def test_bad_input_is_short_clear_and_creates_no_run(
+    make_cfg, tmp_path: Path, monkeypatch, args: list[str], needles: list[str]
+) -> None:
     """A ConfigError naming the key and what to do, before an MLflow run or a run directory exists."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # trainer.device=cuda on a machine without a GPU
     with pytest.raises(ConfigError) as error:
@@ -208,7 +247,10 @@ def test_bad_input_is_short_clear_and_creates_no_run(make_cfg, tmp_path: Path, m
 def test_signal_checkpoints_and_marks_run_killed(tmp_path: Path, sig: int, code: int) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mprun", "trainer.max_epochs=100000", "trainer.progress=log"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         for line in proc.stdout:  # wait until training is really under way
@@ -235,9 +277,21 @@ def test_signal_checkpoints_and_marks_run_killed(tmp_path: Path, sig: int, code:
 def test_second_signal_stops_at_once_and_still_marks_killed(tmp_path: Path, sig: signal.Signals, code: int) -> None:
     # A huge model on the CPU: one step takes long enough that the second Ctrl-C arrives mid-step.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mprun", "model=simple_mlp", "model.hidden=4096", "model.depth=12",
-         "trainer.max_epochs=100000", "trainer.progress=log", "trainer.log_every_steps=1"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mprun",
+            "model=simple_mlp",
+            "model.hidden=4096",
+            "model.depth=12",
+            "trainer.max_epochs=100000",
+            "trainer.progress=log",
+            "trainer.log_every_steps=1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         for line in proc.stdout:
@@ -316,15 +370,27 @@ def test_unnamed_runs_get_distinct_names_and_run_name_prefixes_a_sweeps(tmp_path
     """MLflow names an unnamed run with Python's `random`, which the run had just seeded: every run with the
     default seed was called the same. tracking.run_name named a sweep's parent and every job alike."""
     for _ in range(2):
-        assert run_cli_here("model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1", cwd=tmp_path).returncode == 0
-    proc = run_cli_here("-m", "precision=fp32,bf16", "tracking.run_name=study", "model=simple_mlp", "trainer.max_steps=2",
-                   "trainer.max_epochs=1", cwd=tmp_path)
+        assert (
+            run_cli_here("model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1", cwd=tmp_path).returncode
+            == 0
+        )
+    proc = run_cli_here(
+        "-m",
+        "precision=fp32,bf16",
+        "tracking.run_name=study",
+        "model=simple_mlp",
+        "trainer.max_steps=2",
+        "trainer.max_epochs=1",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     names = sorted(r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()]))
     singles = [n for n in names if not n.startswith("study")]
     assert len(singles) == 2 and singles[0] != singles[1], names
     assert [n for n in names if n.startswith("study")] == [
-        "study: precision=bf16", "study: precision=fp32", "study: sweep precision=fp32,bf16 tracking.run_name=study "
-        "model=simple_mlp trainer.max_steps=2 trainer.max_epochs=1"]
-
+        "study: precision=bf16",
+        "study: precision=fp32",
+        "study: sweep precision=fp32,bf16 tracking.run_name=study "
+        "model=simple_mlp trainer.max_steps=2 trainer.max_epochs=1",
+    ]

@@ -53,16 +53,26 @@ def test_every_mprun_exception_type_is_defined_in_errors() -> None:
                 defined[node.name] = path.name
     # interrupts.StopNow is a KeyboardInterrupt (a signal, not an error); cli.JobFailed is Hydra's way to end a job.
     assert {k: v for k, v in defined.items() if v != "errors.py" and k != "JobFailed"} == {}
-    assert all(issubclass(getattr(errors, k), errors.MprunError) for k, v in defined.items() if v == "errors.py"
-               and k != "MprunError")
+    assert all(
+        issubclass(getattr(errors, k), errors.MprunError)
+        for k, v in defined.items()
+        if v == "errors.py" and k != "MprunError"
+    )
 
 
 def test_no_precision_name_is_compared_outside_precision() -> None:
     """Other modules ask the Precision object (can_skip_steps, fsdp_policy, stop_hint, ...) instead."""
-    pattern = re.compile(r"""\.name\.value\s*[!=]=|[!=]=\s*["'](fp16|bf16|fp32|tf32)["']|["'](fp16|bf16|fp32|tf32)["']\s*[!=]=|"""
-                         r"""in \(["'](fp16|bf16)""")
-    offenders = [f"{p.name}:{i}: {line.strip()}" for p in SOURCES if p.name != "precision.py"
-                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    pattern = re.compile(
+        r"""\.name\.value\s*[!=]=|[!=]=\s*["'](fp16|bf16|fp32|tf32)["']|["'](fp16|bf16|fp32|tf32)["']\s*[!=]=|"""
+        r"""in \(["'](fp16|bf16)"""
+    )
+    offenders = [
+        f"{p.name}:{i}: {line.strip()}"
+        for p in SOURCES
+        if p.name != "precision.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert offenders == []
 
 

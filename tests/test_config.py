@@ -20,7 +20,8 @@ REQUIRED = {
 }
 OPTIONS = [
     (group.name, option.stem)
-    for group in sorted(CONF.iterdir()) if group.is_dir()
+    for group in sorted(CONF.iterdir())
+    if group.is_dir()
     for option in sorted(group.glob("*.yaml"))
 ]
 
@@ -69,11 +70,17 @@ def test_unknown_key_fails_at_compose(make_cfg) -> None:
     assert "not in 'TrainerConfig'" in str(e.value.__cause__)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key; trainer takes channels_last, "),
-    (["+seed=1"], "seed: unknown key; the config takes dataset, model, "),
-    (["model=simple_mlp", "+model.kwargs.bias=false"], "model.kwargs: unknown key; model takes depth, grad_scale, hidden"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key; trainer takes channels_last, "),
+        (["+seed=1"], "seed: unknown key; the config takes dataset, model, "),
+        (
+            ["model=simple_mlp", "+model.kwargs.bias=false"],
+            "model.kwargs: unknown key; model takes depth, grad_scale, hidden",
+        ),
+    ],
+)
 def test_a_key_added_with_plus_that_no_schema_has_is_an_error(make_cfg, overrides: list[str], message: str) -> None:
     """`+key=value` adds a key the schema lacks, and converting to the dataclass dropped it silently (a typo'd
     +trainer.max_epoch=3 trained the default 10 epochs; +model.kwargs on simple_mlp ended in a TypeError)."""
@@ -143,9 +150,12 @@ def test_an_option_states_only_what_differs_from_what_it_extends(group: str, opt
 
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             extended = compose("config", overrides=[f"{group}={base}"])[group]
-    restated = [k for k, v in body.items()
-                if not OmegaConf.is_missing(extended, k) and OmegaConf.to_container(OmegaConf.create({"v": extended[k]}),
-                                                                                     enum_to_str=True)["v"] == v]
+    restated = [
+        k
+        for k, v in body.items()
+        if not OmegaConf.is_missing(extended, k)
+        and OmegaConf.to_container(OmegaConf.create({"v": extended[k]}), enum_to_str=True)["v"] == v
+    ]
     assert not restated, f"conf/{group}/{option}.yaml restates {restated}: the schema (or {base}) already says so"
 
 

@@ -11,30 +11,56 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, run_cli_here, run_statuses
 from mlflow import MlflowClient
 
-from conftest import run_cli, run_cli_here, run_statuses
 from mprun import checkpoint
 from mprun.errors import ConfigError
 from mprun.experiment import run
 
-COMMON = ["model=simple_mlp", "scheduler=none", "trainer.max_epochs=1", "trainer.log_every_steps=1", "trainer.progress=off",
-          "precision.stats_every_steps=6"]
+COMMON = [
+    "model=simple_mlp",
+    "scheduler=none",
+    "trainer.max_epochs=1",
+    "trainer.log_every_steps=1",
+    "trainer.progress=off",
+    "precision.stats_every_steps=6",
+]
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "mprun", *COMMON, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "mprun",
+            *COMMON,
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process at batch 64, and DDP on 2 ranks at 32 each: the same global batch, 12 steps."""
     cwd = tmp_path_factory.mktemp("ddp")
-    single = run_cli_here(*COMMON, "trainer.max_steps=12", "dataset.batch_size=64", "hydra.run.dir=outputs/single", cwd=cwd)
+    single = run_cli_here(
+        *COMMON, "trainer.max_steps=12", "dataset.batch_size=64", "hydra.run.dir=outputs/single", cwd=cwd
+    )
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = torchrun("trainer.strategy=ddp", "trainer.max_steps=12", "dataset.batch_size=32", "hydra.run.dir=outputs/ddp", cwd=cwd)
+    ddp = torchrun(
+        "trainer.strategy=ddp", "trainer.max_steps=12", "dataset.batch_size=32", "hydra.run.dir=outputs/ddp", cwd=cwd
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     return cwd
 
@@ -56,7 +82,9 @@ def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(
     # ranks give the single process's figures.
     assert _history(client, "ddp x2", "val/acc") == _history(client, "single x1", "val/acc")
     # fp16 statistics name the user's modules, not DDP's wrapper ("module")
-    assert len(_history(client, "ddp x2", "numerics/underflow/1")) == 2 and not _history(client, "ddp x2", "numerics/underflow/module")
+    assert len(_history(client, "ddp x2", "numerics/underflow/1")) == 2 and not _history(
+        client, "ddp x2", "numerics/underflow/module"
+    )
     assert "| 1 (Linear) |" in (runs / "outputs" / "ddp" / "numerics" / "stats.md").read_text()  # was '| 1 (?) |'
     assert _history(client, "ddp x2", "val/loss") == pytest.approx(_history(client, "single x1", "val/loss"), abs=1e-5)
 
@@ -72,7 +100,9 @@ def test_evaluation_shards_cover_every_sample_once_in_as_many_full_batches_on_ev
         loader.shard(rank, world)
         assert {len(b) for _, b in loader} == {3}  # one shape: a compiled model compiles evaluation once
         labels = torch.cat([b for _, b in loader]).tolist()
-        files = EpochDataLoader(torch.utils.data.TensorDataset(x, y), 3, "0", 2, shuffle=False, seed=0, device=torch.device("cpu"))
+        files = EpochDataLoader(
+            torch.utils.data.TensorDataset(x, y), 3, "0", 2, shuffle=False, seed=0, device=torch.device("cpu")
+        )
         files.shard(rank, world)
         assert torch.cat([b for _, b in files]).tolist() == labels  # the DataLoader path takes the same batches
         lengths |= {len(loader), len(files)}
@@ -87,7 +117,9 @@ def test_both_loaders_keep_a_ranks_only_batch_when_its_share_is_smaller_than_a_b
 
     x, y = torch.arange(100.0)[:, None], torch.arange(100)
     tensors = TensorLoader(x, y, 64, shuffle=True, seed=3)
-    files = EpochDataLoader(torch.utils.data.TensorDataset(x, y), 64, "0", 2, shuffle=True, seed=3, device=torch.device("cpu"))
+    files = EpochDataLoader(
+        torch.utils.data.TensorDataset(x, y), 64, "0", 2, shuffle=True, seed=3, device=torch.device("cpu")
+    )
     for loader in (tensors, files):
         loader.shard(1, 2)
         loader.set_epoch(2)
@@ -116,10 +148,18 @@ def test_evaluate_leaves_a_shards_padding_out() -> None:
 
 @pytest.mark.slow
 def test_ddp_checkpoint_and_resume(runs: Path) -> None:
-    first = torchrun("trainer.strategy=ddp", "trainer.max_steps=6", "dataset.batch_size=32", "hydra.run.dir=outputs/ddp_a", cwd=runs)
+    first = torchrun(
+        "trainer.strategy=ddp", "trainer.max_steps=6", "dataset.batch_size=32", "hydra.run.dir=outputs/ddp_a", cwd=runs
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    rest = torchrun("trainer.strategy=ddp", "trainer.max_steps=12", "dataset.batch_size=32", "hydra.run.dir=outputs/ddp_b",
-                    f"trainer.resume={runs}/outputs/ddp_a", cwd=runs)
+    rest = torchrun(
+        "trainer.strategy=ddp",
+        "trainer.max_steps=12",
+        "dataset.batch_size=32",
+        "hydra.run.dir=outputs/ddp_b",
+        f"trainer.resume={runs}/outputs/ddp_a",
+        cwd=runs,
+    )
     assert rest.returncode == 0, rest.stderr[-3000:]
     resumed = checkpoint.load(runs / "outputs" / "ddp_b" / "checkpoints" / "final.pt")
     single = checkpoint.load(runs / "outputs" / "single" / "checkpoints" / "final.pt")
@@ -129,7 +169,8 @@ def test_ddp_checkpoint_and_resume(runs: Path) -> None:
 
 
 def check_fsdp_run(cwd: Path) -> None:
-    """The run's checkpoint holds whole fp32 tensors, not a rank's shard (nor bf16 copies); one run, recorded by rank 0."""
+    """The run's checkpoint holds whole fp32 tensors, not a rank's shard (nor bf16 copies); one run, recorded by
+    rank 0."""
     state = checkpoint.load(cwd / "outputs" / "fsdp" / "checkpoints" / "final.pt")
     assert state["model"]["1.weight"].shape == (256, 64) and state["model"]["1.weight"].dtype == torch.float32
     client = MlflowClient(f"sqlite:///{cwd}/outputs/mlflow.db")
@@ -141,17 +182,31 @@ def check_fsdp_run(cwd: Path) -> None:
 def test_fsdp2_bf16_smoke_run_checkpoints_full_tensors(tmp_path: Path) -> None:
     """bf16 parameters in compute, with SGD: fused SGD has no DTensor kernel, and it failed on its first step. (AdamW,
     the default, trains under FSDP in the statistics test below.)"""
-    proc = torchrun("trainer.strategy=fsdp", "precision=bf16", "trainer.max_steps=4", "dataset.batch_size=32",
-                    "optimizer=sgd", "hydra.run.dir=outputs/fsdp", cwd=tmp_path)
+    proc = torchrun(
+        "trainer.strategy=fsdp",
+        "precision=bf16",
+        "trainer.max_steps=4",
+        "dataset.batch_size=32",
+        "optimizer=sgd",
+        "hydra.run.dir=outputs/fsdp",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_fsdp_run(tmp_path)
 
 
 @pytest.mark.slow
 def test_fsdp2_statistics_count_every_shard_of_every_gradient(runs: Path, tmp_path: Path) -> None:
-    """Under FSDP a gradient is a DTensor holding this rank's shard: statistics crashed on it (DTensor has no tolist)."""
-    proc = torchrun("trainer.strategy=fsdp", "precision=fp32", "trainer.max_steps=6", "dataset.batch_size=32",
-                    "hydra.run.dir=outputs/fsdp", cwd=tmp_path)
+    """Under FSDP a gradient is a DTensor holding this rank's shard: statistics must count it (DTensor has no
+    tolist)."""
+    proc = torchrun(
+        "trainer.strategy=fsdp",
+        "precision=fp32",
+        "trainer.max_steps=6",
+        "dataset.batch_size=32",
+        "hydra.run.dir=outputs/fsdp",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_fsdp_run(tmp_path)  # with AdamW (the default optimizer)
     fsdp = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
@@ -172,9 +227,16 @@ def test_ddp_without_torchrun_is_a_clear_error(make_cfg, tmp_path: Path, monkeyp
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
-@pytest.mark.parametrize("family,name", [("timm", "vit_base_patch16_224"), ("timm", "convnext_base"),
-                                         ("timm", "swin_base_patch4_window7_224"), ("torchvision", "vit_b_16"),
-                                         ("torchvision", "resnet50")])
+@pytest.mark.parametrize(
+    "family,name",
+    [
+        ("timm", "vit_base_patch16_224"),
+        ("timm", "convnext_base"),
+        ("timm", "swin_base_patch4_window7_224"),
+        ("torchvision", "vit_b_16"),
+        ("torchvision", "resnet50"),
+    ],
+)
 def test_fsdp_units_are_blocks_not_stages(family: str, name: str) -> None:
     """A timm ViT keeps its 12 transformer blocks in one Sequential (85.1M of 85.8M parameters); ConvNeXt and Swin
     stages and torchvision's ViT encoder hold 65-98%. Sharded whole, nearly all of it was gathered at once. No unit
@@ -193,12 +255,19 @@ def test_fsdp_units_are_blocks_not_stages(family: str, name: str) -> None:
     assert all(id(m) not in unit_ids for u in units for m in u.modules() if m is not u)  # none inside another
     if name == "vit_base_patch16_224":
         names = {id(m): n for n, m in model.named_modules()}
-        assert sorted(names[id(u)] for u in units if names[id(u)].startswith("blocks.")) == sorted(f"blocks.{i}" for i in range(12))
+        assert sorted(names[id(u)] for u in units if names[id(u)].startswith("blocks.")) == sorted(
+            f"blocks.{i}" for i in range(12)
+        )
 
 
-@pytest.mark.parametrize("precision,why", [(["precision=fp16"], "fp16 loss scaling"),
-                                           (["precision=bf16", "precision.on_nonfinite=skip"],
-                                            "precision.on_nonfinite=skip \\(bf16\\)")], ids=["fp16", "bf16-skip"])
+@pytest.mark.parametrize(
+    "precision,why",
+    [
+        (["precision=fp16"], "fp16 loss scaling"),
+        (["precision=bf16", "precision.on_nonfinite=skip"], "precision.on_nonfinite=skip \\(bf16\\)"),
+    ],
+    ids=["fp16", "bf16-skip"],
+)
 def test_fsdp_refuses_a_precision_that_can_skip_steps(make_cfg, monkeypatch, precision: list[str], why: str) -> None:
     """Found when the model is sharded, so inside a process group: here a one-rank gloo group, as torchrun's
     environment sets it up. The error leaves the group (a rank that stays in it hangs the others)."""
@@ -209,8 +278,13 @@ def test_fsdp_refuses_a_precision_that_can_skip_steps(make_cfg, monkeypatch, pre
     with socket.socket() as s:  # a free port for the group's store
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
+    for var, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }.items():
         monkeypatch.setenv(var, value)
     with pytest.raises(ConfigError, match=f"^trainer.strategy=fsdp with {why} is not supported"):
         run(make_cfg("trainer.strategy=fsdp", *precision, "trainer.max_steps=1", *COMMON))
@@ -222,8 +296,9 @@ def test_fsdp_refuses_bf16_with_on_nonfinite_skip_on_every_rank(tmp_path: Path) 
     """Each rank's GradScaler sees only its own gradient shards, so ranks could skip different steps: a precision that
     needs one (fp16's loss scale, or bf16 with on_nonfinite=skip, whose scaler was enabled under FSDP2) is refused on
     every rank before training, with no run left open."""
-    proc = torchrun("trainer.strategy=fsdp", "precision=bf16", "precision.on_nonfinite=skip", "trainer.max_steps=1",
-                    cwd=tmp_path)
+    proc = torchrun(
+        "trainer.strategy=fsdp", "precision=bf16", "precision.on_nonfinite=skip", "trainer.max_steps=1", cwd=tmp_path
+    )
     why = "precision.on_nonfinite=skip (bf16)"
     assert proc.returncode != 0
     assert f"mprun: error: trainer.strategy=fsdp with {why} is not supported by mprun" in proc.stderr
@@ -235,8 +310,17 @@ def test_fsdp_refuses_bf16_with_on_nonfinite_skip_on_every_rank(tmp_path: Path) 
 def test_a_sweep_job_can_be_a_multi_process_ddp_job_through_submitit(tmp_path: Path) -> None:
     # The same path as hydra/launcher=slurm_multigpu, on this machine: submitit starts 2 tasks per job.
     env = {"OMP_NUM_THREADS": "1"}
-    proc = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "trainer.strategy=ddp",
-                   *COMMON, "trainer.max_steps=4", "dataset.batch_size=32", cwd=tmp_path, env=env)
+    proc = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        "trainer.strategy=ddp",
+        *COMMON,
+        "trainer.max_steps=4",
+        "dataset.batch_size=32",
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = client.search_runs(["1"])
@@ -251,7 +335,9 @@ def test_slurm_multigpu_preset_composes(tmp_path: Path) -> None:
     from mprun.cli import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm_multigpu", "trainer.strategy=ddp"], return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=["hydra/launcher=slurm_multigpu", "trainer.strategy=ddp"], return_hydra_config=True
+        )
     assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.trainer.strategy.value == "ddp"
 
@@ -277,7 +363,14 @@ def test_peak_memory_is_the_fullest_ranks() -> None:
     model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fp32 = Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu"))
-    run = Training(model=model, data=data, optimizer=opt, scheduler=constant(opt, total_steps=2, warmup_steps=0),
-                   precision=fp32, device=torch.device("cpu"), world=AnotherRankIsFuller())
+    run = Training(
+        model=model,
+        data=data,
+        optimizer=opt,
+        scheduler=constant(opt, total_steps=2, warmup_steps=0),
+        precision=fp32,
+        device=torch.device("cpu"),
+        world=AnotherRankIsFuller(),
+    )
     result = fit(run, TrainerConfig(max_epochs=1, progress=ProgressMode.off), Tracker())
     assert result.peak_mem_mib == 1e7

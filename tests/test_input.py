@@ -20,7 +20,7 @@ class Slow:
         self.n, self.delay = n, delay
 
     def __iter__(self):
-        for i in range(self.n):
+        for _ in range(self.n):
             time.sleep(self.delay)
             yield torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)
 
@@ -54,8 +54,15 @@ def test_auto_workers_is_the_default_and_says_so(make_cfg, tmp_path, monkeypatch
             (tmp_path / "imgs" / split / cls).mkdir(parents=True)
             for i in range(3):
                 Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / "imgs" / split / cls / f"{i}.png")
-    summary = run(make_cfg("dataset=imagefolder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=16",
-                           "dataset.batch_size=2", "trainer.max_epochs=1"))
+    summary = run(
+        make_cfg(
+            "dataset=imagefolder",
+            f"dataset.root={tmp_path}/imgs",
+            "dataset.image_size=16",
+            "dataset.batch_size=2",
+            "trainer.max_epochs=1",
+        )
+    )
     assert "DataLoader, 2 workers (auto), prefetch 2 each" in summary["input"]
 
 
@@ -91,7 +98,9 @@ def test_a_fed_run_waits_little_and_does_not_warn(make_cfg, caplog) -> None:
     assert not [r for r in caplog.records if "input-bound" in r.getMessage()]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a GPU (bench/gpu_session.sh checks runs this)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="pinned memory needs a GPU (bench/gpu_session.sh checks runs this)"
+)
 def test_host_side_synthetic_batches_are_pinned(make_cfg) -> None:
     """dataset.on_device=false keeps synthetic data pinned on the host; each batch taken from it must be pinned too
     (index_select alone allocates pageable memory), so the non_blocking copy to the GPU overlaps."""
@@ -101,4 +110,3 @@ def test_host_side_synthetic_batches_are_pinned(make_cfg) -> None:
     data = build.dataset(cfg, 0, torch.device("cuda"))
     for x, y in (*data.train, *data.val):
         assert x.is_pinned() and y.is_pinned() and x.device.type == "cpu"
-

@@ -14,10 +14,10 @@ from torch import nn
 
 from mprun.data import DataBundle, TensorLoader
 from mprun.distributed import SINGLE
-from mprun.hardware import math_flags_restored, set_math_flags
-from mprun.loop import Training, TrainerConfig, TrainState, train_epoch, train_step
-from mprun.optim import constant, implementation, prepare
 from mprun.errors import ConfigError
+from mprun.hardware import math_flags_restored, set_math_flags
+from mprun.loop import TrainerConfig, Training, TrainState, train_epoch, train_step
+from mprun.optim import constant, implementation, prepare
 from mprun.precision import LossScale, NonFinite, Precision, PrecisionConfig, PrecisionName, resolve
 from mprun.progress import Progress
 from mprun.tracking import Tracker
@@ -54,8 +54,9 @@ class InfOnSteps(nn.Module):
 
 def training(model: nn.Module, opt: torch.optim.Optimizer, sched, precision: Precision) -> Training:
     """The loop's built objects for a model on DEVICE; the data comes as the loader train_epoch is given."""
-    return Training(model=model, data=None, optimizer=opt, scheduler=sched, precision=precision, device=DEVICE,
-                    world=SINGLE)
+    return Training(
+        model=model, data=None, optimizer=opt, scheduler=sched, precision=precision, device=DEVICE, world=SINGLE
+    )
 
 
 def run_epoch(model: nn.Module, precision: Precision, steps: int, log_every: int = 1):
@@ -67,13 +68,20 @@ def run_epoch(model: nn.Module, precision: Precision, steps: int, log_every: int
     state = TrainState()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_epoch(training(model, opt, sched, precision), TensorLoader(x, y, 8, shuffle=True), cfg, state,
-                    tracker=Tracker(), progress=Progress(1, steps, enabled=False))
+        train_epoch(
+            training(model, opt, sched, precision),
+            TensorLoader(x, y, 8, shuffle=True),
+            cfg,
+            state,
+            tracker=Tracker(),
+            progress=Progress(1, steps, enabled=False),
+        )
     return sched, state, caught
 
 
 class NanLogitsOnSteps(InfOnSteps):
-    """Its logits (so its loss) are NaN on chosen (0-based) steps, its weight gradient inf on others; keeps its logits."""
+    """Its logits (so its loss) are NaN on chosen (0-based) steps, its weight gradient inf on others; keeps its
+    logits."""
 
     def __init__(self, nan_steps: set[int], inf_grad_steps: set[int] = frozenset()):
         super().__init__(set(inf_grad_steps))
@@ -98,8 +106,14 @@ def epoch_on(model: nn.Module, precision: Precision, x: torch.Tensor, y: torch.T
     opt = torch.optim.SGD(model.parameters(), lr=0.1, **implementation())
     tracker = Recorder()
     run = training(model, opt, constant(opt, total_steps=6, warmup_steps=0), precision)
-    mean = train_epoch(run, TensorLoader(x, y, 8, shuffle=False), TrainerConfig(log_every_steps=2), TrainState(),
-                       tracker=tracker, progress=Progress(1, 6, enabled=False))
+    mean = train_epoch(
+        run,
+        TensorLoader(x, y, 8, shuffle=False),
+        TrainerConfig(log_every_steps=2),
+        TrainState(),
+        tracker=tracker,
+        progress=Progress(1, 6, enabled=False),
+    )
     return mean, [m["train/loss"] for m in tracker.logged]
 
 
@@ -111,17 +125,30 @@ def test_a_skipped_steps_nan_loss_stays_out_of_the_loss_means() -> None:
     model, precision = NanLogitsOnSteps({1}), fp16(init_scale=1024.0)
     mean, logged = epoch_on(model, precision, x, y)
     assert precision.counters()["skipped_steps"] == 1
-    loss = [torch.nn.functional.cross_entropy(logits.float(), y[8 * i:8 * i + 8]).item() for i, logits in enumerate(model.seen)]
-    assert logged == pytest.approx([loss[0], (loss[2] + loss[3]) / 2, (loss[4] + loss[5]) / 2], rel=1e-5)  # step 1 left out
+    loss = [
+        torch.nn.functional.cross_entropy(logits.float(), y[8 * i : 8 * i + 8]).item()
+        for i, logits in enumerate(model.seen)
+    ]
+    assert logged == pytest.approx(
+        [loss[0], (loss[2] + loss[3]) / 2, (loss[4] + loss[5]) / 2], rel=1e-5
+    )  # step 1 left out
     assert mean == pytest.approx((loss[0] + sum(loss[2:])) / 5, rel=1e-5)
     # A step skipped for a gradient overflow has a finite loss: it counts as usual.
     model, precision = NanLogitsOnSteps(set(), inf_grad_steps={1}), fp16(init_scale=1024.0)
     mean, logged = epoch_on(model, precision, x, y)
     assert precision.counters()["skipped_steps"] == 1
-    loss = [torch.nn.functional.cross_entropy(logits.float(), y[8 * i:8 * i + 8]).item() for i, logits in enumerate(model.seen)]
-    assert logged == pytest.approx([sum(loss[i:i + 2]) / 2 for i in (0, 2, 4)], rel=1e-5) and mean == pytest.approx(sum(loss) / 6, rel=1e-5)
+    loss = [
+        torch.nn.functional.cross_entropy(logits.float(), y[8 * i : 8 * i + 8]).item()
+        for i, logits in enumerate(model.seen)
+    ]
+    assert logged == pytest.approx([sum(loss[i : i + 2]) / 2 for i in (0, 2, 4)], rel=1e-5) and mean == pytest.approx(
+        sum(loss) / 6, rel=1e-5
+    )
     # Without a scaler nothing skips the step: its NaN loss stays visible (numerics.Guard stops the run on it).
-    model, precision = NanLogitsOnSteps({1}), Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), DEVICE)
+    model, precision = (
+        NanLogitsOnSteps({1}),
+        Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), DEVICE),
+    )
     mean, logged = epoch_on(model, precision, x, y)
     assert torch.isnan(torch.tensor([mean, logged[0]])).all()
 
@@ -160,7 +187,9 @@ def test_static_scaling_skips_but_never_moves() -> None:
     assert sched.last_epoch == 4
 
 
-@pytest.mark.parametrize("saved", [dict(loss_scale=LossScale.dynamic), dict(loss_scale=LossScale.static, init_scale=8.0)])
+@pytest.mark.parametrize(
+    "saved", [dict(loss_scale=LossScale.dynamic), dict(loss_scale=LossScale.static, init_scale=8.0)]
+)
 def test_a_resumed_static_scale_is_the_configured_one(saved: dict) -> None:
     # A dynamic run's reached scale (65536 here), or an old fixed scale, is not what the resumed run asked for.
     resumed = fp16(loss_scale=LossScale.static, init_scale=128.0)
@@ -185,8 +214,11 @@ def test_unscaled_fp16_step_with_inf_is_taken() -> None:
 
 def test_clipping_sees_unscaled_gradients() -> None:
     torch.manual_seed(0)
-    model, x, y = on_device(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), torch.randn(32, 16) * 10,
-                            torch.randint(0, 4, (32,)))
+    model, x, y = on_device(
+        nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)),
+        torch.randn(32, 16) * 10,
+        torch.randint(0, 4, (32,)),
+    )
     ref = copy.deepcopy(model)
     max_norm = 0.05
 
@@ -221,8 +253,9 @@ def test_clip_by_value_sees_unscaled_gradients() -> None:
 
 def test_gradient_accumulation_equals_one_big_batch() -> None:
     torch.manual_seed(0)
-    model, x, y = on_device(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)), torch.randn(16, 6),
-                            torch.randint(0, 3, (16,)))
+    model, x, y = on_device(
+        nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)), torch.randn(16, 6), torch.randint(0, 3, (16,))
+    )
     big = copy.deepcopy(model)
     fp32 = Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), DEVICE)
     opt_a = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -245,8 +278,9 @@ def test_auto_is_bf16_on_a_cpu_with_amx(monkeypatch) -> None:
     assert resolve(PrecisionName.auto, CPU)[0] is PrecisionName.bf16
 
 
-@pytest.mark.parametrize("units,emulated", [(set(), ["bf16", "fp16"]), ({"amx_bf16"}, ["fp16"]),
-                                            ({"amx_bf16", "amx_fp16"}, [])])
+@pytest.mark.parametrize(
+    "units,emulated", [(set(), ["bf16", "fp16"]), ({"amx_bf16"}, ["fp16"]), ({"amx_bf16", "amx_fp16"}, [])]
+)
 def test_half_precision_the_cpu_has_no_amx_unit_for_warns(monkeypatch, caplog, units: set, emulated: list) -> None:
     # Sapphire Rapids has AMX-BF16 but no AMX-FP16: fp16 autocast there is emulated like on any other CPU.
     monkeypatch.setattr("mprun.hardware.cpu_amx_units", lambda: units)
@@ -275,14 +309,22 @@ def test_tf32_flags_are_set_every_run(name: str, matmul: bool, cudnn: bool, left
 def _tf32_state() -> tuple:
     """Every TF32 setting a caller could look at: the legacy flags (None where torch refuses to read them) and, on
     torch >= 2.9, each backend's own."""
+
     def read(flag):
         try:
             return flag()
         except RuntimeError:  # torch's answer to a mix of its legacy and new TF32 APIs
             return None
+
     b = torch.backends
-    legacy = (read(torch.get_float32_matmul_precision), read(lambda: b.cuda.matmul.allow_tf32), read(lambda: b.cudnn.allow_tf32))
-    return legacy + tuple(getattr(k, "fp32_precision", None) for k in (b.cuda.matmul, b.mkldnn.matmul, b.cudnn.conv, b.cudnn.rnn))
+    legacy = (
+        read(torch.get_float32_matmul_precision),
+        read(lambda: b.cuda.matmul.allow_tf32),
+        read(lambda: b.cudnn.allow_tf32),
+    )
+    return legacy + tuple(
+        getattr(k, "fp32_precision", None) for k in (b.cuda.matmul, b.mkldnn.matmul, b.cudnn.conv, b.cudnn.rnn)
+    )
 
 
 @pytest.mark.parametrize("caller", ["legacy", "set_float32_matmul_precision", "per_backend"])
@@ -317,8 +359,9 @@ def test_the_cpus_amx_units_are_read_from_its_flags(monkeypatch) -> None:
     import mprun.hardware
 
     monkeypatch.setattr(mprun.hardware.platform, "system", lambda: "Linux")
-    monkeypatch.setattr(mprun.hardware, "open", lambda *a, **k: io.StringIO("flags : fpu amx_bf16 amx_tile amx_fp16\n"),
-                        raising=False)
+    monkeypatch.setattr(
+        mprun.hardware, "open", lambda *a, **k: io.StringIO("flags : fpu amx_bf16 amx_tile amx_fp16\n"), raising=False
+    )
     assert mprun.hardware.cpu_amx_units() == {"amx_bf16", "amx_fp16"}  # the file used to be read once per unit
 
 
@@ -355,12 +398,20 @@ def test_counters_round_trip_through_the_checkpoint_state() -> None:
     run_epoch(InfOnSteps({1}), precision, steps=5)
     restored = fp16(init_scale=1024.0, growth_interval=2)
     restored.load_state_dict(precision.state_dict())
-    assert restored.counters() == precision.counters() == {
-        "skipped_steps": 1, "steps_since_overflow": 3, "growth_events": 1, "backoff_events": 1}
+    assert (
+        restored.counters()
+        == precision.counters()
+        == {"skipped_steps": 1, "steps_since_overflow": 3, "growth_events": 1, "backoff_events": 1}
+    )
     assert restored.scale_value() == precision.scale_value()
     # and the restored object goes on counting from there: one more skip, one more backoff
     run_epoch(InfOnSteps({0}), restored, steps=1)
-    assert restored.counters() == {"skipped_steps": 2, "steps_since_overflow": 0, "growth_events": 1, "backoff_events": 2}
+    assert restored.counters() == {
+        "skipped_steps": 2,
+        "steps_since_overflow": 0,
+        "growth_events": 1,
+        "backoff_events": 2,
+    }
 
 
 def test_a_loss_scaled_step_reads_nothing_back_to_the_host(monkeypatch) -> None:
@@ -388,8 +439,10 @@ def test_fused_sgd_momentum_survives_a_skipped_first_step() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(16, 4, device=DEVICE), torch.randint(0, 3, (16,), device=DEVICE)
     results = []
-    for build in (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),  # the unfused reference
-                  lambda ps: prepare(torch.optim.SGD(ps, lr=0.1, momentum=0.9, **implementation()))):
+    for build in (
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),  # the unfused reference
+        lambda ps: prepare(torch.optim.SGD(ps, lr=0.1, momentum=0.9, **implementation())),
+    ):
         torch.manual_seed(1)
         model = InfOnSteps({0})
         opt, precision = build(list(model.parameters())), fp16(init_scale=1024.0)
@@ -406,10 +459,12 @@ def test_fused_sgd_momentum_survives_a_skipped_first_step() -> None:
 def test_growth_events_follow_the_scalers_own_factor_after_a_resume() -> None:
     precision = fp16(init_scale=1024.0, growth_interval=2)  # growth_factor 2
     run_epoch(InfOnSteps(set()), precision, steps=1)
-    resumed = fp16(init_scale=1024.0, growth_interval=2, growth_factor=4.0)  # the config changed; the scaler's state wins
+    resumed = fp16(
+        init_scale=1024.0, growth_interval=2, growth_factor=4.0
+    )  # the config changed; the scaler's state wins
     resumed.load_state_dict(precision.state_dict())
     run_epoch(InfOnSteps(set()), resumed, steps=3, log_every=1000)
-    assert resumed.scale_value() == 1024.0 * 2 ** 2  # grew twice, by the checkpoint's factor 2
+    assert resumed.scale_value() == 1024.0 * 2**2  # grew twice, by the checkpoint's factor 2
     assert resumed.counters()["growth_events"] == 2
 
 
@@ -417,7 +472,10 @@ def test_cpu_descriptions_say_what_runs() -> None:
     """Unscaled fp16 reads 'no loss scale' (it read 'none loss scale'); tf32 on a CPU says it is plain fp32; an int
     init_scale from the Python API pins a static scale (update() needs a float)."""
     cpu = torch.device("cpu")
-    assert Precision(PrecisionConfig(dtype=PrecisionName.fp16, loss_scale=LossScale.none), cpu).description == "fp16 (no loss scale)"
+    assert (
+        Precision(PrecisionConfig(dtype=PrecisionName.fp16, loss_scale=LossScale.none), cpu).description
+        == "fp16 (no loss scale)"
+    )
     assert "plain fp32" in Precision(PrecisionConfig(dtype=PrecisionName.tf32, loss_scale=LossScale.none), cpu).reason
     p = Precision(PrecisionConfig(dtype=PrecisionName.fp16, loss_scale=LossScale.static, init_scale=128), cpu)
     w = torch.nn.Parameter(torch.ones(2))
@@ -437,10 +495,17 @@ def test_building_a_precision_changes_no_process_flag() -> None:
             assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", False), name
 
 
-@pytest.mark.parametrize("kw,why", [(dict(dtype=PrecisionName.fp16), "fp16 loss scaling"),
-                                    (dict(dtype=PrecisionName.fp16, loss_scale=LossScale.static), "fp16 loss scaling"),
-                                    (dict(dtype=PrecisionName.bf16, loss_scale=LossScale.none,
-                                          on_nonfinite=NonFinite.skip), "precision.on_nonfinite=skip (bf16)")])
+@pytest.mark.parametrize(
+    "kw,why",
+    [
+        (dict(dtype=PrecisionName.fp16), "fp16 loss scaling"),
+        (dict(dtype=PrecisionName.fp16, loss_scale=LossScale.static), "fp16 loss scaling"),
+        (
+            dict(dtype=PrecisionName.bf16, loss_scale=LossScale.none, on_nonfinite=NonFinite.skip),
+            "precision.on_nonfinite=skip (bf16)",
+        ),
+    ],
+)
 def test_fsdp_refuses_every_precision_that_can_skip_steps(kw: dict, why: str) -> None:
     """bf16 with on_nonfinite=skip enabled a GradScaler under FSDP2 whose found-inf no rank agreed on."""
     p = Precision(PrecisionConfig(**kw), CPU)

@@ -24,12 +24,29 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_periodic_checkpoints_keep_the_last_k(make_cfg, tmp_path: Path) -> None:
-    run(make_cfg("trainer.checkpoint_every_steps=2", "trainer.keep_last=2", "trainer.max_steps=9",
-                 "trainer.max_epochs=1", "model=simple_mlp"))
+    run(
+        make_cfg(
+            "trainer.checkpoint_every_steps=2",
+            "trainer.keep_last=2",
+            "trainer.max_steps=9",
+            "trainer.max_epochs=1",
+            "model=simple_mlp",
+        )
+    )
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["final.pt", "step-000000006.pt", "step-000000008.pt"]
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "step-000000008.pt")
-    assert {"model", "optimizer", "scheduler", "precision", "rng", "progress", "config", "mprun_version", "tracking"} <= set(state)
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "precision",
+        "rng",
+        "progress",
+        "config",
+        "mprun_version",
+        "tracking",
+    } <= set(state)
     assert state["progress"]["step"] == 8 and state["progress"]["batch_in_epoch"] == 8
     assert {"python", "numpy", "torch"} <= set(state["rng"])
 
@@ -63,8 +80,14 @@ def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
 
     run(make_cfg(*args, f"paths.run_dir={tmp_path}/outputs/straight", tracking="mlflow"))
-    cut = subprocess.Popen([sys.executable, "-m", "mprun", *args, "hydra.run.dir=outputs/cut"], cwd=tmp_path, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cut = subprocess.Popen(
+        [sys.executable, "-m", "mprun", *args, "hydra.run.dir=outputs/cut"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in cut.stdout:  # into the second epoch, then a few steps more
             if "epoch 1/" in line:
@@ -83,15 +106,28 @@ def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, 
     b = checkpoint.load(tmp_path / "outputs" / "cut" / "checkpoints" / "final.pt")
     assert not (tmp_path / "outputs" / "cut" / "checkpoints" / "interrupted.pt").exists()  # final.pt replaced it
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values())
+    )
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}  # the cut run was continued, not duplicated
     (cut_run,) = [r for r in runs if r.data.tags.get("mprun.resumes") == "1"]
     (straight_run,) = [r for r in runs if r is not cut_run]
     assert cut_run.data.tags["mprun.resume_1_step"] == str(stopped["step"])
-    for key in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc", "final/val_acc", "final/train_loss"):
-        hist = [sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)) for r in (straight_run, cut_run)]
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "val/loss",
+        "val/acc",
+        "final/val_acc",
+        "final/train_loss",
+    ):
+        hist = [
+            sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, key))
+            for r in (straight_run, cut_run)
+        ]
         assert hist[0] == hist[1], key
 
 
@@ -108,11 +144,25 @@ def test_an_augmented_imagefolder_run_resumes_exactly_with_any_number_of_workers
             for i in range(6):
                 pixels = torch.randint(0, 256, (24, 24, 3), generator=gen, dtype=torch.uint8).numpy()
                 Image.fromarray(pixels).save(tmp_path / "imgs" / split / cls / f"{i}.png")
-    common = ["dataset=imagefolder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=16", "dataset.batch_size=4",
-              "model=simple_cnn", "scheduler=none", "trainer.max_epochs=2"]  # 3 steps an epoch
+    common = [
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path}/imgs",
+        "dataset.image_size=16",
+        "dataset.batch_size=4",
+        "model=simple_cnn",
+        "scheduler=none",
+        "trainer.max_epochs=2",
+    ]  # 3 steps an epoch
     run(make_cfg(*common, "dataset.num_workers=0", "paths.run_dir=" + str(tmp_path / "full")))
     run(make_cfg(*common, "dataset.num_workers=2", "trainer.max_steps=4", "paths.run_dir=" + str(tmp_path / "part")))
-    run(make_cfg(*common, "dataset.num_workers=2", f"trainer.resume={tmp_path / 'part'}", "paths.run_dir=" + str(tmp_path / "rest")))
+    run(
+        make_cfg(
+            *common,
+            "dataset.num_workers=2",
+            f"trainer.resume={tmp_path / 'part'}",
+            "paths.run_dir=" + str(tmp_path / "rest"),
+        )
+    )
     a = checkpoint.load(tmp_path / "full" / "checkpoints" / "final.pt")["model"]
     b = checkpoint.load(tmp_path / "rest" / "checkpoints" / "final.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -140,8 +190,10 @@ def test_a_resumed_runs_speed_medians_leave_out_the_same_warm_up_epoch(make_cfg,
     run(make_cfg(*common, "trainer.max_steps=10", tracking="mlflow"))  # 10 of the first epoch's 22 steps
     rest = run(make_cfg(*common, f"trainer.resume={tmp_path / 'run'}", tracking="mlflow"))
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
-    times, rates = ({m.step: m.value for m in client.get_metric_history(rest["mlflow_run_id"], f"perf/{k}")}
-                    for k in ("epoch_time_s", "samples_per_s"))
+    times, rates = (
+        {m.step: m.value for m in client.get_metric_history(rest["mlflow_run_id"], f"perf/{k}")}
+        for k in ("epoch_time_s", "samples_per_s")
+    )
     assert sorted(times) == [44, 66, 88] and sorted(rates) == [10, 22, 44, 66, 88] and rest["timed_epochs"] == 4
     assert rest["epoch_time_s"] == statistics.median(times[s] for s in (44, 66, 88))
     assert rest["samples_per_s"] == statistics.median(rates[s] for s in (44, 66, 88))
@@ -160,8 +212,13 @@ def test_a_failed_run_resumed_to_the_end_is_not_reported_failed(make_cfg, tmp_pa
             raise RuntimeError("crash")
         return real(*args, **kwargs)
 
-    common = ["model=simple_mlp", "trainer.max_epochs=1", "trainer.max_steps=12", "trainer.checkpoint_every_steps=5",
-              "trainer.resume=auto"]
+    common = [
+        "model=simple_mlp",
+        "trainer.max_epochs=1",
+        "trainer.max_steps=12",
+        "trainer.checkpoint_every_steps=5",
+        "trainer.resume=auto",
+    ]
     monkeypatch.setattr(loop, "train_step", crashing)
     with pytest.raises(RuntimeError, match="crash"):
         run(make_cfg(*common, tracking="mlflow"))
@@ -180,8 +237,16 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(make_cfg) -> None:
 def test_a_progress_record_from_before_the_loss_step_counts_is_read() -> None:
     from mprun.loop import TrainState
 
-    old = {"epoch": 1, "step": 30, "samples": 1920, "batch_in_epoch": 8, "epoch_loss_sum": 4.0, "epoch_steps": 8,
-           "logged_loss_sum": 2.5, "window_steps": 3}
+    old = {
+        "epoch": 1,
+        "step": 30,
+        "samples": 1920,
+        "batch_in_epoch": 8,
+        "epoch_loss_sum": 4.0,
+        "epoch_steps": 8,
+        "logged_loss_sum": 2.5,
+        "window_steps": 3,
+    }
     state = TrainState.from_dict(old)
     assert (state.epoch_loss_steps, state.logged_loss_steps, state.step) == (8.0, 5.0, 30)
 
@@ -235,14 +300,21 @@ def test_a_final_checkpoint_without_its_results_takes_them_from_its_run_director
 def test_resuming_from_an_epochs_last_batch_times_no_empty_epoch(make_cfg, tmp_path: Path) -> None:
     """A step checkpoint at the epoch's last batch leaves nothing of that epoch to train; the resumed run used to
     time it anyway: a perf/samples_per_s of 0 at step 22 (and half the time 'waiting for data')."""
-    common = ["model=simple_mlp", "trainer.max_epochs=2", "trainer.checkpoint_every_steps=22",  # 22 batches an epoch
-              "trainer.checkpoint_every_epochs=0"]
+    common = [
+        "model=simple_mlp",
+        "trainer.max_epochs=2",
+        "trainer.checkpoint_every_steps=22",  # 22 batches an epoch
+        "trainer.checkpoint_every_epochs=0",
+    ]
     run(make_cfg(*common, "trainer.max_steps=30", "paths.run_dir=" + str(tmp_path / "part")))
     at_end = tmp_path / "part" / "checkpoints" / "step-000000022.pt"
     assert checkpoint.load(at_end)["progress"]["batch_in_epoch"] == 22
-    summary = run(make_cfg(*common, f"trainer.resume={at_end}", "paths.run_dir=" + str(tmp_path / "rest"), tracking="mlflow"))
-    rates = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_metric_history(summary["mlflow_run_id"],
-                                                                                          "perf/samples_per_s")
+    summary = run(
+        make_cfg(*common, f"trainer.resume={at_end}", "paths.run_dir=" + str(tmp_path / "rest"), tracking="mlflow")
+    )
+    rates = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_metric_history(
+        summary["mlflow_run_id"], "perf/samples_per_s"
+    )
     assert [m.step for m in rates] == [44] and rates[0].value > 0 and summary["samples_per_s"] == rates[0].value
     # (No assertion on the input-bound warning: this tiny MLP can wait for its in-memory batches >10% of an epoch
     # on a loaded machine, a true warning, so asserting its absence made this test flaky.)
@@ -306,7 +378,9 @@ def test_a_signal_once_training_is_done_finishes_the_run(make_cfg, tmp_path: Pat
     assert r.info.status == "FINISHED" and r.data.metrics["final/val_acc"] == summary["val_acc"]
 
 
-@pytest.mark.parametrize("spec,needle", [("/nonexistent/x.pt", "no such file or directory"), ("{tmp}", "no checkpoint")])
+@pytest.mark.parametrize(
+    "spec,needle", [("/nonexistent/x.pt", "no such file or directory"), ("{tmp}", "no checkpoint")]
+)
 def test_resume_from_nothing_is_a_clear_error(make_cfg, tmp_path: Path, spec: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         run(make_cfg(f"trainer.resume={spec.format(tmp=tmp_path)}", "trainer.max_steps=2"))
@@ -315,18 +389,35 @@ def test_resume_from_nothing_is_a_clear_error(make_cfg, tmp_path: Path, spec: st
 def test_resume_into_another_model_is_a_clear_error(make_cfg, tmp_path: Path) -> None:
     run(make_cfg("model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1"))
     with pytest.raises(ConfigError, match="does not fit this model") as error:  # 4 more differences in the dataset
-        run(make_cfg("model=simple_cnn", "dataset=synthetic", "dataset.shape=[1,8,8]", f"trainer.resume={tmp_path / 'run'}",
-                     "paths.run_dir=" + str(tmp_path / "b")))
+        run(
+            make_cfg(
+                "model=simple_cnn",
+                "dataset=synthetic",
+                "dataset.shape=[1,8,8]",
+                f"trainer.resume={tmp_path / 'run'}",
+                "paths.run_dir=" + str(tmp_path / "b"),
+            )
+        )
     # what differs, the model first, and torch's detail past its first line (which ended in a colon, the keys cut off)
-    assert "its settings differ: model._target_: 'mprun.models.SimpleMLP' -> 'mprun.models.SimpleCNN'" in str(error.value)
+    assert "its settings differ: model._target_: 'mprun.models.SimpleMLP' -> 'mprun.models.SimpleCNN'" in str(
+        error.value
+    )
     assert "Missing key(s) in state_dict:" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_fp16_checkpoint_resumed_in_bf16_drops_the_scaler_with_a_warning(make_cfg, tmp_path: Path, caplog) -> None:
     run(make_cfg("precision=fp16", "model=simple_mlp", "trainer.max_steps=3", "trainer.max_epochs=2"))
     with caplog.at_level(logging.WARNING):
-        summary = run(make_cfg("precision=bf16", "model=simple_mlp", "trainer.max_steps=5", "trainer.max_epochs=2",
-                               f"trainer.resume={tmp_path / 'run'}", "paths.run_dir=" + str(tmp_path / "b")))
+        summary = run(
+            make_cfg(
+                "precision=bf16",
+                "model=simple_mlp",
+                "trainer.max_steps=5",
+                "trainer.max_epochs=2",
+                f"trainer.resume={tmp_path / 'run'}",
+                "paths.run_dir=" + str(tmp_path / "b"),
+            )
+        )
     assert "its scale dropped" in caplog.text and "precision.dtype: 'fp16' -> 'bf16'" in caplog.text
     assert summary["steps"] == 5 and summary["loss_scale"] == 1.0
 
@@ -334,11 +425,27 @@ def test_fp16_checkpoint_resumed_in_bf16_drops_the_scaler_with_a_warning(make_cf
 def test_a_skip_mode_checkpoint_resumed_in_fp16_starts_the_loss_scale_fresh(make_cfg, tmp_path: Path, caplog) -> None:
     """on_nonfinite=skip keeps a GradScaler pinned at 1.0 to detect bad steps; that 1.0 is no loss scale. Loaded into
     fp16 it made the resumed run's scale 1.0, which the collapse check stopped at once."""
-    run(make_cfg("precision=fp32", "precision.loss_scale=none", "precision.on_nonfinite=skip", "model=simple_mlp",
-                 "trainer.max_steps=3", "trainer.max_epochs=2"))
+    run(
+        make_cfg(
+            "precision=fp32",
+            "precision.loss_scale=none",
+            "precision.on_nonfinite=skip",
+            "model=simple_mlp",
+            "trainer.max_steps=3",
+            "trainer.max_epochs=2",
+        )
+    )
     with caplog.at_level(logging.WARNING):
-        summary = run(make_cfg("precision=fp16", "model=simple_mlp", "trainer.max_steps=25", "trainer.max_epochs=2",
-                               f"trainer.resume={tmp_path / 'run'}", "paths.run_dir=" + str(tmp_path / "b")))
+        summary = run(
+            make_cfg(
+                "precision=fp16",
+                "model=simple_mlp",
+                "trainer.max_steps=25",
+                "trainer.max_epochs=2",
+                f"trainer.resume={tmp_path / 'run'}",
+                "paths.run_dir=" + str(tmp_path / "b"),
+            )
+        )
     assert "starts its scale fresh at 65536" in caplog.text
     assert summary["steps"] == 25 and summary["loss_scale"] >= 1024  # 65536, less a few backoffs
 
@@ -388,8 +495,7 @@ WRITER = textwrap.dedent("""
 def test_kill_9_during_a_write_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.pt"
     for delay in (0.05, 0.13, 0.31, 0.47, 0.7):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
-                                cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert proc.stdout.readline()  # one complete write exists
         time.sleep(delay)  # then die somewhere in a later write
         proc.send_signal(signal.SIGKILL)

@@ -16,8 +16,13 @@ from mprun.errors import ConfigError
 from mprun.experiment import run
 
 SHORT = ["trainer.max_steps=3", "trainer.max_epochs=1", "trainer.log_every_steps=1"]
-TINY_IMAGES = ["dataset=synthetic", "dataset.shape=[3,32,32]", "dataset.num_samples=8",
-               "dataset.val_samples=4", "dataset.batch_size=4"]
+TINY_IMAGES = [
+    "dataset=synthetic",
+    "dataset.shape=[3,32,32]",
+    "dataset.num_samples=8",
+    "dataset.val_samples=4",
+    "dataset.batch_size=4",
+]
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp32", "tf32", "fp16", "fp16_static", "bf16"])
@@ -31,8 +36,10 @@ def test_every_precision_trains(make_cfg, precision: str, capsys) -> None:
         assert summary["loss_scale"] == 128.0
     # The summary's loss-scale line says what the scaler did, and that there was none without one.
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("loss scale")]
-    scale_line = {"fp16": "loss scale  65536   skipped steps 0   growth/backoff events 0/0   steps since overflow 3",
-                  "fp16_static": "loss scale  128 (static)   skipped steps 0"}.get(precision, "loss scale  none")
+    scale_line = {
+        "fp16": "loss scale  65536   skipped steps 0   growth/backoff events 0/0   steps since overflow 3",
+        "fp16_static": "loss scale  128 (static)   skipped steps 0",
+    }.get(precision, "loss scale  none")
     assert line == scale_line
 
 
@@ -43,28 +50,46 @@ def test_fp16_without_scaling_trains(make_cfg) -> None:
 
 @pytest.mark.parametrize(
     "model",
-    [["model=simple_mlp"], ["model=simple_cnn"], ["model=resnet18"], ["model=resnet50"],
-     ["model=vit_b16"], ["model=timm", "model.name=convnext_atto"],
-     ["model=timm", "model.name=levit_128s"],  # takes img_size without a patch_embed.img_size: was rejected at 32x32
-     ["model=torchvision", "model.name=resnet18"],
-     ["model=torchvision", "model.name=vit_b_16"]],
+    [
+        ["model=simple_mlp"],
+        ["model=simple_cnn"],
+        ["model=resnet18"],
+        ["model=resnet50"],
+        ["model=vit_b16"],
+        ["model=timm", "model.name=convnext_atto"],
+        ["model=timm", "model.name=levit_128s"],  # takes img_size without a patch_embed.img_size: was rejected at 32x32
+        ["model=torchvision", "model.name=resnet18"],
+        ["model=torchvision", "model.name=vit_b_16"],
+    ],
     ids=lambda m: m[-1].split("=")[-1],
 )
 def test_models_adapt_to_the_dataset(make_cfg, model: list[str]) -> None:
     # 3x32x32 synthetic images, 7 classes: each model must adapt channels, size and classes.
-    summary = run(make_cfg(*model, *TINY_IMAGES, "dataset.num_classes=7", "trainer.max_steps=1", "trainer.max_epochs=1"))
+    summary = run(
+        make_cfg(*model, *TINY_IMAGES, "dataset.num_classes=7", "trainer.max_steps=1", "trainer.max_epochs=1")
+    )
     assert summary["steps"] == 1
 
 
-ONE_CHANNEL_IMAGES = ["dataset=synthetic", "dataset.shape=[1,32,32]", "dataset.num_samples=8", "dataset.val_samples=4",
-                      "dataset.batch_size=4"]  # convnext shrinks 8x8 digits to nothing
+ONE_CHANNEL_IMAGES = [
+    "dataset=synthetic",
+    "dataset.shape=[1,32,32]",
+    "dataset.num_samples=8",
+    "dataset.val_samples=4",
+    "dataset.batch_size=4",
+]  # convnext shrinks 8x8 digits to nothing
 
 
-@pytest.mark.parametrize("model,data", [(["model=torchvision", "model.name=resnet18"], []),  # digits: 1x8x8
-                                        (["model=resnet18"], []),
-                                        (["model=timm", "model.name=convnext_atto"], ONE_CHANNEL_IMAGES),
-                                        (["model=simple_cnn"], [])],
-                         ids=["torchvision-resnet18", "timm-resnet18", "timm-convnext_atto", "simple_cnn"])
+@pytest.mark.parametrize(
+    "model,data",
+    [
+        (["model=torchvision", "model.name=resnet18"], []),  # digits: 1x8x8
+        (["model=resnet18"], []),
+        (["model=timm", "model.name=convnext_atto"], ONE_CHANNEL_IMAGES),
+        (["model=simple_cnn"], []),
+    ],
+    ids=["torchvision-resnet18", "timm-resnet18", "timm-convnext_atto", "simple_cnn"],
+)
 def test_models_adapt_input_channels(make_cfg, tmp_path: Path, model: list[str], data: list[str]) -> None:
     """On 1-channel images the model trained takes 1 channel: torchvision's first conv is rebuilt for it, timm and
     mprun's own models are built for it (the first convolution's weight in the checkpoint is [out, 1, kh, kw])."""
@@ -79,19 +104,28 @@ def test_model_dataset_mismatch_is_a_clear_error(make_cfg) -> None:
         run(make_cfg("model=vit_b16", *SHORT))
 
 
-@pytest.mark.parametrize("overrides", [["dataset.batch_size=1"],
-                                       ["dataset=synthetic", "dataset.shape=[1,8,8]", "dataset.num_samples=1"]],
-                         ids=["batch_size=1", "a one-sample training set"])  # it passed the check, then failed mid-run
+@pytest.mark.parametrize(
+    "overrides",
+    [["dataset.batch_size=1"], ["dataset=synthetic", "dataset.shape=[1,8,8]", "dataset.num_samples=1"]],
+    ids=["batch_size=1", "a one-sample training set"],
+)  # it passed the check, then failed mid-run
 def test_a_batch_of_one_under_batchnorm_is_a_clear_error(make_cfg, overrides: list[str]) -> None:
     # resnet18 shrinks 8x8 inputs to 1x1 before its last BatchNorms: one value per channel in training.
-    with pytest.raises(ConfigError, match=r"resnet18 cannot train on dataset=\w+ .* in batches of 1 \(dataset.batch_size"):
+    with pytest.raises(
+        ConfigError, match=r"resnet18 cannot train on dataset=\w+ .* in batches of 1 \(dataset.batch_size"
+    ):
         run(make_cfg("model=resnet18", *overrides, *SHORT))
 
 
-@pytest.mark.parametrize("overrides,key", [(["model=resnet18", "+model.kwargs.num_classes=5"], "num_classes"),
-                                           (["model=resnet18", "+model.kwargs.in_chans=3"], "in_chans"),
-                                           (["model=torchvision", "model.name=resnet18", "+model.kwargs.num_classes=5"], "num_classes"),
-                                           (["model=torchvision", "model.name=resnet18", "+model.kwargs.in_chans=3"], "in_chans")])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["model=resnet18", "+model.kwargs.num_classes=5"], "num_classes"),
+        (["model=resnet18", "+model.kwargs.in_chans=3"], "in_chans"),
+        (["model=torchvision", "model.name=resnet18", "+model.kwargs.num_classes=5"], "num_classes"),
+        (["model=torchvision", "model.name=resnet18", "+model.kwargs.in_chans=3"], "in_chans"),
+    ],
+)
 def test_model_kwargs_that_mprun_sets_are_a_clear_error(make_cfg, overrides: list[str], key: str) -> None:
     """They ended in a TypeError traceback: "got multiple values for keyword argument 'num_classes'"."""
     with pytest.raises(ConfigError, match=rf"model.kwargs.{key} is set by mprun \(the dataset's"):
@@ -99,8 +133,16 @@ def test_model_kwargs_that_mprun_sets_are_a_clear_error(make_cfg, overrides: lis
 
 
 def test_a_model_with_auxiliary_outputs_is_a_clear_error_and_the_fix_works(make_cfg) -> None:
-    googlenet = ["model=torchvision", "model.name=googlenet", *TINY_IMAGES, "trainer.max_steps=1", "trainer.max_epochs=1"]
-    with pytest.raises(ConfigError, match=r"googlenet returns GoogLeNetOutputs in training.*\+model.kwargs.aux_logits=false"):
+    googlenet = [
+        "model=torchvision",
+        "model.name=googlenet",
+        *TINY_IMAGES,
+        "trainer.max_steps=1",
+        "trainer.max_epochs=1",
+    ]
+    with pytest.raises(
+        ConfigError, match=r"googlenet returns GoogLeNetOutputs in training.*\+model.kwargs.aux_logits=false"
+    ):
         run(make_cfg(*googlenet))
     assert run(make_cfg(*googlenet, "+model.kwargs.aux_logits=false"))["steps"] == 1
 
@@ -136,8 +178,15 @@ def test_a_failed_metric_write_loses_that_batch_not_the_run(make_cfg, tmp_path: 
         return real(self, run_id, metrics, *args, **kwargs)
 
     monkeypatch.setattr(Client, "log_batch", flaky)
-    summary = run(make_cfg("model=simple_mlp", "trainer.max_steps=10", "trainer.max_epochs=1", "trainer.log_every_steps=5",
-                           tracking="mlflow"))
+    summary = run(
+        make_cfg(
+            "model=simple_mlp",
+            "trainer.max_steps=10",
+            "trainer.max_epochs=1",
+            "trainer.log_every_steps=5",
+            tracking="mlflow",
+        )
+    )
     r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
     assert r.info.status == "FINISHED" and r.data.metrics["final/val_acc"] == summary["val_acc"]
     assert "step 5: MlflowException" in r.data.tags["mprun.metrics_not_recorded"]
@@ -168,10 +217,22 @@ def test_train_lr_is_the_rate_each_step_used(make_cfg, tmp_path: Path) -> None:
     showed the full rate)."""
     from mprun.optim import cosine
 
-    summary = run(make_cfg("model=simple_mlp", "optimizer=sgd", "optimizer.lr=0.1", "scheduler=cosine",
-                           "scheduler.warmup_steps=2", "trainer.max_steps=6", "trainer.max_epochs=1",
-                           "trainer.log_every_steps=1", tracking="mlflow"))
-    history = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_metric_history(summary["mlflow_run_id"], "train/lr")
+    summary = run(
+        make_cfg(
+            "model=simple_mlp",
+            "optimizer=sgd",
+            "optimizer.lr=0.1",
+            "scheduler=cosine",
+            "scheduler.warmup_steps=2",
+            "trainer.max_steps=6",
+            "trainer.max_epochs=1",
+            "trainer.log_every_steps=1",
+            tracking="mlflow",
+        )
+    )
+    history = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_metric_history(
+        summary["mlflow_run_id"], "train/lr"
+    )
     sched = cosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), 6, 2, 0.0)
     used = []
     for _ in range(6):
@@ -193,11 +254,15 @@ def test_cosine_warmup_schedule(make_cfg) -> None:
         opt.step()
         sched.step()
     assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])  # 2 warmup steps, linear
-    assert lrs[2] == pytest.approx(1.0) and lrs[3] < 1.0 and lrs[-1] < 0.2  # the peak for one step, then down toward 0.1
+    assert (
+        lrs[2] == pytest.approx(1.0) and lrs[3] < 1.0 and lrs[-1] < 0.2
+    )  # the peak for one step, then down toward 0.1
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
 
 
-@pytest.mark.parametrize("total,warmup,pct_start", [(12, 0, 0.3), (40, 5, 0.3), (7, 0, 0.25), (2, 0, 0.3), (10, 1, 0.3)])
+@pytest.mark.parametrize(
+    "total,warmup,pct_start", [(12, 0, 0.3), (40, 5, 0.3), (7, 0, 0.25), (2, 0, 0.3), (10, 1, 0.3)]
+)
 def test_onecycle_follows_torchs_curve(total: int, warmup: int, pct_start: float) -> None:
     from mprun.optim import onecycle
 
@@ -217,17 +282,33 @@ def test_onecycle_follows_torchs_curve(total: int, warmup: int, pct_start: float
     if pct * total == 1:  # torch divides 0 by 0 there (its rise ends at step 0); ours peaks at once
         assert ours[0] == pytest.approx(0.5)
         return
-    theirs = lrs(torch.optim.lr_scheduler.OneCycleLR(sgd(), max_lr=0.5, total_steps=total, pct_start=pct, div_factor=25.0,
-                                                     final_div_factor=1e4, cycle_momentum=False))
+    theirs = lrs(
+        torch.optim.lr_scheduler.OneCycleLR(
+            sgd(),
+            max_lr=0.5,
+            total_steps=total,
+            pct_start=pct,
+            div_factor=25.0,
+            final_div_factor=1e4,
+            cycle_momentum=False,
+        )
+    )
     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
 
 
 def test_a_onecycle_run_resumes_with_a_longer_max_steps(make_cfg, tmp_path: Path) -> None:
-    """OneCycleLR's saved state fixed the old length ("Tried to step 11 times"); the schedule now rebuilds from the config."""
+    """OneCycleLR's saved state fixes the old length ("Tried to step 11 times"): the schedule is rebuilt from the
+    config."""
     common = ["model=simple_mlp", "scheduler=onecycle", "trainer.max_epochs=1"]
     run(make_cfg(*common, "trainer.max_steps=10", "paths.run_dir=" + str(tmp_path / "part")))
-    resumed = run(make_cfg(*common, "trainer.max_steps=20", f"trainer.resume={tmp_path / 'part'}",
-                           "paths.run_dir=" + str(tmp_path / "rest")))
+    resumed = run(
+        make_cfg(
+            *common,
+            "trainer.max_steps=20",
+            f"trainer.resume={tmp_path / 'part'}",
+            "paths.run_dir=" + str(tmp_path / "rest"),
+        )
+    )
     assert resumed["steps"] == 20
 
 
@@ -245,8 +326,16 @@ def test_imagefolder_dataset(make_cfg, tmp_path: Path) -> None:
             d.mkdir(parents=True)
             for i in range(4):
                 Image.new("RGB", (40, 30), color).save(d / f"{i}.png")
-    summary = run(make_cfg("dataset=imagefolder", f"dataset.root={tmp_path}/imgs", "dataset.image_size=32",
-                           "dataset.batch_size=4", "dataset.num_workers=0", *SHORT))
+    summary = run(
+        make_cfg(
+            "dataset=imagefolder",
+            f"dataset.root={tmp_path}/imgs",
+            "dataset.image_size=32",
+            "dataset.batch_size=4",
+            "dataset.num_workers=0",
+            *SHORT,
+        )
+    )
     assert summary["steps"] == 2
 
 
@@ -271,12 +360,15 @@ def math_flags() -> tuple[str, bool, bool]:
     return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
 
 
-@pytest.mark.parametrize("precision,benchmark,inside", [("tf32", True, ("high", True, True)),
-                                                        ("fp32", False, ("highest", False, False))])
-def test_a_run_sets_its_math_flags_and_gives_the_caller_back_its_own(make_cfg, monkeypatch, precision: str,
-                                                                      benchmark: bool, inside: tuple) -> None:
+@pytest.mark.parametrize(
+    "precision,benchmark,inside", [("tf32", True, ("high", True, True)), ("fp32", False, ("highest", False, False))]
+)
+def test_a_run_sets_its_math_flags_and_gives_the_caller_back_its_own(
+    make_cfg, monkeypatch, precision: str, benchmark: bool, inside: tuple
+) -> None:
     # Process-global flags: an earlier job's (or the caller's) must not leak into a run, nor the run's out of it.
     import mprun.experiment
+
     seen, fit = [], mprun.experiment.fit
     monkeypatch.setattr("mprun.experiment.fit", lambda *a, **k: (seen.append(math_flags()), fit(*a, **k))[1])
     defaults = math_flags()
@@ -284,8 +376,14 @@ def test_a_run_sets_its_math_flags_and_gives_the_caller_back_its_own(make_cfg, m
     torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = not inside[1], not benchmark
     caller = math_flags()
     try:
-        run(make_cfg(f"precision={precision}", "trainer.channels_last=true",
-                     f"trainer.cudnn_benchmark={str(benchmark).lower()}", *SHORT))
+        run(
+            make_cfg(
+                f"precision={precision}",
+                "trainer.channels_last=true",
+                f"trainer.cudnn_benchmark={str(benchmark).lower()}",
+                *SHORT,
+            )
+        )
         assert seen == [inside]
         assert math_flags() == caller
     finally:
@@ -294,14 +392,25 @@ def test_a_run_sets_its_math_flags_and_gives_the_caller_back_its_own(make_cfg, m
 
 
 def test_compiled_run_checkpoints_the_plain_module_and_collects_statistics(make_cfg, tmp_path: Path) -> None:
-    run(make_cfg("model=simple_mlp", "trainer.compile=true", "precision.stats_every_steps=2", "trainer.max_steps=2",
-                 "trainer.max_epochs=1"))
+    run(
+        make_cfg(
+            "model=simple_mlp",
+            "trainer.compile=true",
+            "precision.stats_every_steps=2",
+            "trainer.max_steps=2",
+            "trainer.max_epochs=1",
+        )
+    )
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "final.pt")
     assert not any(k.startswith("_orig_mod.") for k in state["model"])
     # Compiled code skips forward hooks added after compilation; the statistics step ran eagerly, so every
     # top-level module has its activation maximum, and those with parameters their gradient figures.
     table = (tmp_path / "run" / "numerics" / "stats.md").read_text().splitlines()
-    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.split("|")[1:-1]] for line in table if line.startswith("| ")) if r[0] != "module"}
+    rows = {
+        r[0]: r[1:]
+        for r in ([c.strip() for c in line.split("|")[1:-1]] for line in table if line.startswith("| "))
+        if r[0] != "module"
+    }
     assert list(rows) == ["0 (Flatten)", "1 (Linear)", "2 (ReLU)", "3 (Linear)", "4 (ReLU)", "5 (Linear)"]
     assert all(r[2] != "—" for r in rows.values())
     assert rows["1 (Linear)"][0].endswith("%") and rows["0 (Flatten)"][0] == "—"  # no parameters, so no gradients
@@ -327,9 +436,23 @@ def test_mlflow_run_records_params_tags_metrics_artifacts(make_cfg, tmp_path: Pa
     for tag in ("git_commit", "host", "device", "torch_version", "cuda_version", "precision"):
         assert tag in r.data.tags, tag
     assert r.data.tags["precision"] == "fp16"
-    expected = {"train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc", "perf/samples_per_s",
-                "perf/epoch_time_s", "perf/peak_mem_mib", "perf/data_wait_frac", "amp/loss_scale", "amp/skipped_steps", "amp/skip_rate",
-                "amp/steps_since_overflow", "amp/growth_events", "amp/backoff_events"}
+    expected = {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "val/loss",
+        "val/acc",
+        "perf/samples_per_s",
+        "perf/epoch_time_s",
+        "perf/peak_mem_mib",
+        "perf/data_wait_frac",
+        "amp/loss_scale",
+        "amp/skipped_steps",
+        "amp/skip_rate",
+        "amp/steps_since_overflow",
+        "amp/growth_events",
+        "amp/backoff_events",
+    }
     assert expected <= set(r.data.metrics)
     assert len(client.get_metric_history(r.info.run_id, "val/acc")) == 2  # one per epoch
     assert r.data.metrics["val/acc"] == pytest.approx(summary["val_acc"])
@@ -384,18 +507,27 @@ def test_a_run_shorter_than_one_log_window_logs_its_training_metrics(make_cfg, t
     assert loss.value == pytest.approx(summary["train_loss"])  # the window is the whole (partial) epoch
 
 
-@pytest.mark.parametrize("epochs,said", [(1, "(one epoch, warm-up included)"),
-                                         (2, "(the second epoch; the first (warm-up) left out)"),
-                                         (3, "(median of 2 epochs; the first (warm-up) left out)")])
+@pytest.mark.parametrize(
+    "epochs,said",
+    [
+        (1, "(one epoch, warm-up included)"),
+        (2, "(the second epoch; the first (warm-up) left out)"),
+        (3, "(median of 2 epochs; the first (warm-up) left out)"),
+    ],
+)
 def test_per_epoch_speed_figures_share_one_median_and_say_which(make_cfg, tmp_path: Path, capsys, epochs, said) -> None:
     """final/epoch_time_s used to be the median over every epoch, warm-up included, beside a samples/s without it; and
     a one-epoch run's summary said its throughput was a median over epochs with the first one excluded."""
     summary = run(make_cfg("model=simple_mlp", f"trainer.max_epochs={epochs}", tracking="mlflow"))
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
-    history = {key: [m.value for m in client.get_metric_history(summary["mlflow_run_id"], f"perf/{key}")]
-               for key in ("epoch_time_s", "samples_per_s", "data_wait_frac")}
+    history = {
+        key: [m.value for m in client.get_metric_history(summary["mlflow_run_id"], f"perf/{key}")]
+        for key in ("epoch_time_s", "samples_per_s", "data_wait_frac")
+    }
     for key, values in history.items():
-        assert len(values) == epochs and summary[key] == pytest.approx(statistics.median(values[-(epochs - 1 or 1):])), key
+        assert len(values) == epochs and summary[key] == pytest.approx(
+            statistics.median(values[-(epochs - 1 or 1) :])
+        ), key
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("throughput")]
     assert line.endswith(f"samples/s  {said}")
 
@@ -404,7 +536,9 @@ def test_an_epoch_cut_short_by_max_steps_has_a_rate_but_no_epoch_time(make_cfg, 
     """max_steps=30 at 22 batches an epoch: the 8-batch second pass became final/epoch_time_s."""
     summary = run(make_cfg("model=simple_mlp", "trainer.max_epochs=2", "trainer.max_steps=30", tracking="mlflow"))
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
-    times, rates = (client.get_metric_history(summary["mlflow_run_id"], f"perf/{k}") for k in ("epoch_time_s", "samples_per_s"))
+    times, rates = (
+        client.get_metric_history(summary["mlflow_run_id"], f"perf/{k}") for k in ("epoch_time_s", "samples_per_s")
+    )
     assert [m.step for m in times] == [22] and [m.step for m in rates] == [22, 30]
     assert summary["epoch_time_s"] == times[0].value and summary["timed_epochs"] == 2
 
@@ -418,8 +552,9 @@ def test_step_checkpoint_writes_are_not_timed_as_training(make_cfg, monkeypatch)
         return real(self, name, state)
 
     monkeypatch.setattr(checkpoint.Checkpoints, "save", slow)
-    summary = run(make_cfg("model=simple_mlp", "trainer.max_steps=10", "trainer.max_epochs=1",
-                           "trainer.checkpoint_every_steps=4"))
+    summary = run(
+        make_cfg("model=simple_mlp", "trainer.max_steps=10", "trainer.max_epochs=1", "trainer.checkpoint_every_steps=4")
+    )
     assert summary["train_time_s"] < 3.0  # 10 steps of a small MLP: well under 2 s even on a busy machine; was over 6 s
     assert summary["wall_time_s"] > 6.0  # the writes did happen
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli, run_cli_here, run_statuses
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from conftest import run_cli, run_cli_here, run_statuses
 from mprun import report
 from mprun.cli import CONFIG_DIR
 from mprun.tracking import RecordedRun, Store
@@ -41,15 +40,23 @@ def sweep_runs(cwd: Path) -> tuple:
 def test_joblib_sweep_on_a_fresh_store_nests_every_job(tmp_path: Path, n_jobs: int) -> None:
     """4 jobs start at once on a store that does not exist yet (sqlite's first-open race), and with
     2 workers each worker runs two jobs in turn (module state must not leak from one to the next)."""
-    proc = run_cli("-m", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}",
-                   "optimizer.lr=1e-3,3e-3", "trainer.log_every_steps=1,2", *TINY[:3], cwd=tmp_path)
+    proc = run_cli(
+        "-m",
+        "hydra/launcher=joblib",
+        f"hydra.launcher.n_jobs={n_jobs}",
+        "optimizer.lr=1e-3,3e-3",
+        "trainer.log_every_steps=1,2",
+        *TINY[:3],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "FINISHED"
     assert [c.info.status for c in children] == ["FINISHED"] * 4
     assert [c.data.tags["mprun.sweep_job"] for c in children] == ["0", "1", "2", "3"]
     assert {c.info.run_name for c in children} == {
-        f"optimizer.lr={lr},trainer.log_every_steps={n}" for lr in ("0.001", "0.003") for n in (1, 2)}
+        f"optimizer.lr={lr},trainer.log_every_steps={n}" for lr in ("0.001", "0.003") for n in (1, 2)
+    }
     sweep_dir = Path(parent.data.tags["mprun.sweep_dir"])
     assert all(c.data.tags["mprun.sweep_dir"] == str(sweep_dir) for c in children)
     assert (sweep_dir / "report" / "report.md").is_file()
@@ -113,22 +120,46 @@ def test_report_on_demand_by_experiment_name_or_parent_id(precision_sweep: Path,
         report.main(["no-such-thing"])
     assert bad.value.code == 2
     assert capsys.readouterr().err.startswith(
-        "python -m mprun.report: error: 'no-such-thing' is neither a run id nor an experiment name")
+        "python -m mprun.report: error: 'no-such-thing' is neither a run id nor an experiment name"
+    )
 
 
 def _row(num: int, precision: str, status: str = "FINISHED", **metrics: float) -> report.Row:
-    return report.Row(num, f"precision={precision}", f"r{num}", status, precision, precision, "", ("optimizer.lr=0.1",),
-                      {f"final/{k}": v for k, v in metrics.items()})
+    return report.Row(
+        num,
+        f"precision={precision}",
+        f"r{num}",
+        status,
+        precision,
+        precision,
+        "",
+        ("optimizer.lr=0.1",),
+        {f"final/{k}": v for k, v in metrics.items()},
+    )
 
 
 def test_every_loss_curve_is_drawn_apart(tmp_path: Path, monkeypatch) -> None:
     """fp16, fp16_static and fp16_unscaled all resolve to fp16: they were drawn in one colour and one line style."""
     drawn = {}
-    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.setdefault(path.name, [
-        (line.get_color(), line.get_linestyle()) for line in fig.axes[0].lines]) and path.name)
+    monkeypatch.setattr(
+        report,
+        "_save",
+        lambda fig, path: (
+            drawn.setdefault(path.name, [(line.get_color(), line.get_linestyle()) for line in fig.axes[0].lines])
+            and path.name
+        ),
+    )
     rows = []
-    for num, (option, resolved) in enumerate([("fp16", "fp16"), ("fp16_static", "fp16"), ("fp16_unscaled", "fp16"),
-                                              ("bf16", "bf16"), ("auto", "bf16"), ("fp32", "fp32")]):
+    for num, (option, resolved) in enumerate(
+        [
+            ("fp16", "fp16"),
+            ("fp16_static", "fp16"),
+            ("fp16_unscaled", "fp16"),
+            ("bf16", "bf16"),
+            ("auto", "bf16"),
+            ("fp32", "fp32"),
+        ]
+    ):
         row = _row(num, resolved)
         row.requested, row.loss_curve = option, [(1, 2.0), (2, 1.0)]
         rows.append(row)
@@ -148,19 +179,23 @@ def test_the_baseline_shares_clipping_and_prefers_an_explicit_fp32() -> None:
         tags = {"mprun.sweep_job": str(num), "mprun.overrides": overrides, "precision": resolved}
         return RecordedRun(f"r{num}", overrides, "FINISHED", num, tags, {"final/val_acc": 0.5, "final/train_loss": 0.1})
 
-    runs = [child(0, "precision=auto precision.grad_clip_norm=0.1", "fp32"),
-            child(1, "precision=fp32 precision.grad_clip_norm=0.1", "fp32"),
-            child(2, "precision=fp16 precision.grad_clip_norm=0.1 precision.init_scale=128", "fp16"),
-            child(3, "precision=fp32 precision.grad_clip_norm=10", "fp32"),
-            child(4, "precision=fp16 precision.grad_clip_norm=10 trainer.resume=auto", "fp16")]  # a requeued job
+    runs = [
+        child(0, "precision=auto precision.grad_clip_norm=0.1", "fp32"),
+        child(1, "precision=fp32 precision.grad_clip_norm=0.1", "fp32"),
+        child(2, "precision=fp16 precision.grad_clip_norm=0.1 precision.init_scale=128", "fp16"),
+        child(3, "precision=fp32 precision.grad_clip_norm=10", "fp32"),
+        child(4, "precision=fp16 precision.grad_clip_norm=10 trainer.resume=auto", "fp16"),
+    ]  # a requeued job
     rows = report.collect(NS(children=lambda parent_id: runs), "parent", curves=False)
     assert [r.baseline.num for r in rows] == [1, 1, 1, 3, 3]
 
 
 def test_report_without_an_fp32_baseline_says_so_instead_of_dividing(tmp_path: Path) -> None:
-    rows = [_row(0, "fp16", val_acc=0.9, samples_per_s=100.0, peak_mem_mib=10.0, skipped_steps=2, loss_scale=512.0),
-            _row(1, "bf16", val_acc=0.8, samples_per_s=120.0, peak_mem_mib=9.0, skipped_steps=0, loss_scale=1.0),
-            _row(2, "fp32", status="FAILED")]
+    rows = [
+        _row(0, "fp16", val_acc=0.9, samples_per_s=100.0, peak_mem_mib=10.0, skipped_steps=2, loss_scale=512.0),
+        _row(1, "bf16", val_acc=0.8, samples_per_s=120.0, peak_mem_mib=9.0, skipped_steps=0, loss_scale=1.0),
+        _row(2, "fp32", status="FAILED"),
+    ]
     notes = [n for n in report.notes_for(rows) if n.startswith("No finished fp32 job")]
     assert notes and notes[0].endswith("The fp32 job 2 is FAILED.")  # it said "Add precision=fp32 to the sweep"
     assert [n for n in report.notes_for(rows[:2]) if n.endswith("Add precision=fp32 to the sweep for a baseline.")]
@@ -175,8 +210,10 @@ def test_report_without_an_fp32_baseline_says_so_instead_of_dividing(tmp_path: P
 
 
 def test_input_bound_jobs_are_named_in_the_notes() -> None:
-    rows = [_row(0, "fp32", val_acc=0.9, samples_per_s=100.0, peak_mem_mib=10.0, data_wait_frac=0.02),
-            _row(1, "bf16", val_acc=0.9, samples_per_s=105.0, peak_mem_mib=9.0, data_wait_frac=0.6)]
+    rows = [
+        _row(0, "fp32", val_acc=0.9, samples_per_s=100.0, peak_mem_mib=10.0, data_wait_frac=0.02),
+        _row(1, "bf16", val_acc=0.9, samples_per_s=105.0, peak_mem_mib=9.0, data_wait_frac=0.6),
+    ]
     rows[1].baseline = rows[0]
     assert [c[8] for c in report.table_rows(rows)] == ["2%", "60%"]
     starved = [n for n in report.notes_for(rows) if n.startswith("Input-bound")]
@@ -194,8 +231,10 @@ def test_cpu_half_precision_and_hypothetical_underflow_are_explained_in_the_note
 
 
 def test_diverged_job_is_marked(tmp_path: Path) -> None:
-    rows = [_row(0, "fp32", val_acc=0.9, train_loss=0.1, samples_per_s=1.0, peak_mem_mib=1.0),
-            _row(1, "fp16", val_acc=0.1, train_loss=float("nan"), samples_per_s=2.0, peak_mem_mib=1.0)]
+    rows = [
+        _row(0, "fp32", val_acc=0.9, train_loss=0.1, samples_per_s=1.0, peak_mem_mib=1.0),
+        _row(1, "fp16", val_acc=0.1, train_loss=float("nan"), samples_per_s=2.0, peak_mem_mib=1.0),
+    ]
     rows[1].baseline = rows[0]
     assert report.table_rows(rows)[1][3] == "**DIVERGED**"
     assert report.table_rows(rows)[1][7] == "2.00×"
@@ -216,8 +255,12 @@ def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     parent, children = sweep_runs(tmp_path)  # ...after every other job ran
     status = {c.info.run_name: c.info.status for c in children}
-    assert status == {"optimizer.lr=-1,precision=fp32": "FAILED", "optimizer.lr=-1,precision=bf16": "FAILED",
-                      "optimizer.lr=0.001,precision=fp32": "FINISHED", "optimizer.lr=0.001,precision=bf16": "FINISHED"}
+    assert status == {
+        "optimizer.lr=-1,precision=fp32": "FAILED",
+        "optimizer.lr=-1,precision=bf16": "FAILED",
+        "optimizer.lr=0.001,precision=fp32": "FINISHED",
+        "optimizer.lr=0.001,precision=bf16": "FINISHED",
+    }
     failed = [c for c in children if c.info.status == "FAILED"]
     assert all("optimizer.lr=-1.0 must be > 0" in c.data.tags["error"] for c in failed)
     assert parent.info.status == "FAILED" and "error" not in parent.data.tags  # the failed jobs say why
@@ -249,7 +292,9 @@ def test_a_requeued_sweep_continues_its_parent_and_leaves_finished_jobs_alone(tm
     parent, children = sweep_runs(tmp_path)  # asserts a single parent
     assert parent.info.run_id == first_parent.info.run_id and parent.info.status == "FINISHED"
     assert [c.info.run_id for c in children] == [c.info.run_id for c in first_children]
-    assert [c.data.metrics["final/val_acc"] for c in children] == [c.data.metrics["final/val_acc"] for c in first_children]
+    assert [c.data.metrics["final/val_acc"] for c in children] == [
+        c.data.metrics["final/val_acc"] for c in first_children
+    ]
     assert (tmp_path / "outputs" / "sw" / "report" / "report.md").read_text().count("| ok |") == 2
 
 
@@ -277,8 +322,14 @@ def signal_sweep(cwd: Path, args: list[str], when: str, sig: int, inherit_ignore
     """Start `python -m mprun -m ARGS`, send `sig` once a line containing `when` appears: (exit code, output).
     inherit_ignored: start it with `sig` ignored, as a shell script's `cmd &` starts a job with SIGINT."""
     ignore = (lambda: signal.signal(sig, signal.SIG_IGN)) if inherit_ignored else None
-    proc = subprocess.Popen([sys.executable, "-m", "mprun", "-m", *args, "trainer.progress=log"],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ignore)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mprun", "-m", *args, "trainer.progress=log"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=ignore,
+    )
     try:
         for line in proc.stdout:
             if when in line:
@@ -291,16 +342,28 @@ def signal_sweep(cwd: Path, args: list[str], when: str, sig: int, inherit_ignore
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,inherit_ignored", [(signal.SIGTERM, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM", "SIGINT-inherited-ignored"])
+@pytest.mark.parametrize(
+    "sig,inherit_ignored", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["SIGTERM", "SIGINT-inherited-ignored"]
+)
 def test_a_signal_between_jobs_closes_the_parent_killed(tmp_path: Path, sig: int, inherit_ignored: bool) -> None:
     """A signal outside a job's training (here while the second job is being set up: Hydra announces it, then mprun
     imports timm for the sweep's first timm model, ~5 s, and builds) unwinds as an interrupt. SIGTERM used to end the
     process at once with the parent RUNNING (later: exit 143 without a word); a SIGINT that a script's `mprun &`
     started ignored went unheard until training installed its handlers, so set-up ran on."""
-    code, out = signal_sweep(tmp_path, ["model=simple_mlp,resnet18", "trainer.max_epochs=1", "trainer.max_steps=4",
-                                        "dataset=synthetic", "dataset.shape=[3,16,16]", "dataset.num_samples=16"],
-                             "#1 : model=resnet18", sig, inherit_ignored)
+    code, out = signal_sweep(
+        tmp_path,
+        [
+            "model=simple_mlp,resnet18",
+            "trainer.max_epochs=1",
+            "trainer.max_steps=4",
+            "dataset=synthetic",
+            "dataset.shape=[3,16,16]",
+            "dataset.num_samples=16",
+        ],
+        "#1 : model=resnet18",
+        sig,
+        inherit_ignored,
+    )
     assert code == 128 + sig, out[-2000:]
     assert out.rstrip().endswith(f"mprun: interrupted ({signal.Signals(sig).name})"), out[-2000:]
     parent, children = sweep_runs(tmp_path)
@@ -331,8 +394,9 @@ def test_a_signal_while_the_report_is_built_closes_the_parent_killed(monkeypatch
 
 @pytest.mark.slow
 def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> None:
-    code, out = signal_sweep(tmp_path, ["precision=fp32,bf16", "model=simple_mlp", "trainer.max_epochs=100000"],
-                             "epoch 1/", signal.SIGINT)
+    code, out = signal_sweep(
+        tmp_path, ["precision=fp32,bf16", "model=simple_mlp", "trainer.max_epochs=100000"], "epoch 1/", signal.SIGINT
+    )
     assert code == 130, out[-2000:]
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "KILLED"
@@ -340,8 +404,10 @@ def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> Non
     assert "The sweep was interrupted: jobs it had not started are not listed" in out  # "1 of 1 jobs" said no more
     # The stopped job's summary says how to continue: the sweep, not `trainer.resume=<job dir>`, which would resume
     # every job of the sweep from this one's checkpoint.
-    assert (f"to continue, launch the sweep again into its directory: the same command with "
-            f"hydra.sweep.dir={parent.data.tags['mprun.sweep_dir']} trainer.resume=auto") in out
+    assert (
+        f"to continue, launch the sweep again into its directory: the same command with "
+        f"hydra.sweep.dir={parent.data.tags['mprun.sweep_dir']} trainer.resume=auto"
+    ) in out
 
 
 @pytest.mark.slow
@@ -355,7 +421,9 @@ def test_submitit_local_launcher_runs_the_sweep(tmp_path: Path) -> None:
 
 def test_slurm_preset_composes_onto_submitit(tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.gpus_per_node == 1 and launcher.partition == "gpu" and launcher.tasks_per_node == 1

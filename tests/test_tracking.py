@@ -122,8 +122,9 @@ def test_flush_every_s_zero_writes_each_step_at_once(tmp_path: Path, monkeypatch
     assert writes == [[1], [2], [3]]
 
 
-def test_a_failed_flush_is_written_again_step_by_step_losing_only_the_step_that_fails(tmp_path: Path,
-                                                                                     monkeypatch) -> None:
+def test_a_failed_flush_is_written_again_step_by_step_losing_only_the_step_that_fails(
+    tmp_path: Path, monkeypatch
+) -> None:
     """A store that still answers refused a flush because of one step ('database is locked' hit it, or a value it
     rejects): the other steps of that flush are written, and only that step is reported lost."""
     tracker = MlflowTracker(str(tmp_path), None, "mprun", None, False)
@@ -205,13 +206,24 @@ def test_closing_a_sweep_searches_its_runs_once(tmp_path: Path, monkeypatch: pyt
     """Sweep.close searched the store for the sweep's runs twice: once to see whether any job was recorded, then
     again to build the report."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep",
-                                           "precision=fp32"], return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep", "precision=fp32"],
+            return_hydra_config=True,
+        )
     parent = sweep.Sweep(cfg)
     for num, precision in enumerate(("fp32", "bf16")):
         job = MlflowTracker(cfg.paths.output_root, None, "mprun", None, False)
-        job.start({}, {"mlflow.parentRunId": parent.tracker.run_id, "mprun.sweep_job": str(num),
-                       "mprun.overrides": f"precision={precision}", "precision": precision}, f"precision={precision}")
+        job.start(
+            {},
+            {
+                "mlflow.parentRunId": parent.tracker.run_id,
+                "mprun.sweep_job": str(num),
+                "mprun.overrides": f"precision={precision}",
+                "precision": precision,
+            },
+            f"precision={precision}",
+        )
         job.log_metrics({"train/loss": 1.0, "final/val_acc": 0.5, "final/train_loss": 1.0}, 1)
         job.end("FINISHED")
     searches = []

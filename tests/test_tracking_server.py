@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import run_cli_here
+from mlflow import MlflowClient
 
 MLFLOW = [sys.executable, "-m", "mlflow"]  # not bin/mlflow: a --target install (the GPU machine's) has no scripts
 # Two trainings share the CI machine's 2 cores in one test: one thread each, or they slow each other ~25x.
@@ -33,9 +32,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
     root = tmp_path_factory.mktemp("server")
     port = free_port()
     proc = subprocess.Popen(
-        [*MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            *MLFLOW,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/server.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        cwd=root,
+        stdout=open(root / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -70,14 +84,33 @@ def test_runs_metrics_and_artifacts_arrive(server: tuple[str, subprocess.Popen],
 
 
 @pytest.mark.slow
-def test_a_server_that_dies_mid_run_stops_or_falls_back_per_option(server: tuple[str, subprocess.Popen], tmp_path: Path) -> None:
+def test_a_server_that_dies_mid_run_stops_or_falls_back_per_option(
+    server: tuple[str, subprocess.Popen], tmp_path: Path
+) -> None:
     uri, server_proc = server
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | ONE_THREAD
-    args = [sys.executable, "-m", "mprun", f"tracking.uri={uri}", "model=simple_mlp", "trainer.max_epochs=30",
-            "trainer.progress=log", "trainer.log_every_steps=2"]
-    runs = {policy: subprocess.Popen([*args, f"tracking.on_unreachable={policy}"], cwd=tmp_path / policy, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for policy in ("fail", "local") if (tmp_path / policy).mkdir() is None}
+    args = [
+        sys.executable,
+        "-m",
+        "mprun",
+        f"tracking.uri={uri}",
+        "model=simple_mlp",
+        "trainer.max_epochs=30",
+        "trainer.progress=log",
+        "trainer.log_every_steps=2",
+    ]
+    runs = {
+        policy: subprocess.Popen(
+            [*args, f"tracking.on_unreachable={policy}"],
+            cwd=tmp_path / policy,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for policy in ("fail", "local")
+        if (tmp_path / policy).mkdir() is None
+    }
     try:
         for proc in runs.values():
             for line in proc.stdout:
@@ -93,7 +126,9 @@ def test_a_server_that_dies_mid_run_stops_or_falls_back_per_option(server: tuple
     assert runs["fail"].returncode == 1, failed[-3000:]
     assert "mprun: error: MLflow store " + uri in failed and "stopped accepting writes mid-run" in failed
     assert "tracking.on_unreachable=local" in failed and "Traceback" not in failed
-    assert list((tmp_path / "fail" / "outputs").glob("*/*/checkpoints/step-*.pt")), "the last epoch checkpoint is there to resume from"
+    assert list((tmp_path / "fail" / "outputs").glob("*/*/checkpoints/step-*.pt")), (
+        "the last epoch checkpoint is there to resume from"
+    )
 
     assert runs["local"].returncode == 0, outputs["local"][-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/local/outputs/mlflow.db")
@@ -106,8 +141,14 @@ def test_a_server_that_dies_mid_run_stops_or_falls_back_per_option(server: tuple
 
 def test_unreachable_at_start_with_local_option_trains_and_logs_locally(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    proc = run_cli_here(f"tracking.uri={dead}", "tracking.on_unreachable=local", "model=simple_mlp",
-                   "trainer.max_steps=3", "trainer.max_epochs=1", cwd=tmp_path)
+    proc = run_cli_here(
+        f"tracking.uri={dead}",
+        "tracking.on_unreachable=local",
+        "model=simple_mlp",
+        "trainer.max_steps=3",
+        "trainer.max_epochs=1",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tracking.on_unreachable=local: logging to sqlite" in proc.stdout + proc.stderr
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
