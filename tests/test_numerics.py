@@ -265,6 +265,7 @@ def _story(make_cfg, tmp_path: Path, precision: str) -> tuple[dict, dict]:
     return summary, r.data.metrics
 
 
+@pytest.mark.slow  # three runs of 4 epochs
 def test_loss_scaling_story(make_cfg, tmp_path: Path, caplog) -> None:
     unscaled, m_unscaled = _story(make_cfg, tmp_path, "fp16_unscaled")
     assert caplog.text.count("nothing trains") == 1 and "Without a loss scale fp16 flushes gradients" in caplog.text

@@ -58,6 +58,7 @@ def test_epoch_checkpoints_by_default(make_cfg, tmp_path: Path) -> None:
     assert names == ["final.pt", "step-000000022.pt", "step-000000044.pt"]
 
 
+@pytest.mark.slow  # three runs, 88 steps of the CNN
 def test_resume_in_process_mid_epoch_equals_uninterrupted(make_cfg, tmp_path: Path) -> None:
     # A constant LR: a schedule spans the planned steps, which max_steps changes.
     common = ["model=simple_cnn", "scheduler=none", "trainer.max_epochs=2", "trainer.log_every_steps=5"]
@@ -330,6 +331,7 @@ def test_resuming_a_run_deleted_in_mlflow_starts_a_new_one(make_cfg, tmp_path: P
     assert client.get_run(again["mlflow_run_id"]).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # three tracked runs
 def test_resuming_an_old_checkpoint_again_branches_into_a_new_run(make_cfg, tmp_path: Path) -> None:
     """The same `trainer.resume=<dir>` run twice: the second resume used to reopen the run the first one had
     finished and log steps 31..44 into it a second time. It branches into a new run now; the first is untouched."""

@@ -36,27 +36,19 @@ def sweep_runs(cwd: Path) -> tuple:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_jobs", [4, 2], ids=["4-workers-at-once", "2-workers-reused"])
-def test_joblib_sweep_on_a_fresh_store_nests_every_job(tmp_path: Path, n_jobs: int) -> None:
-    """4 jobs start at once on a store that does not exist yet (sqlite's first-open race), and with
-    2 workers each worker runs two jobs in turn (module state must not leak from one to the next)."""
-    proc = run_cli(
-        "-m",
-        "hydra/launcher=joblib",
-        f"hydra.launcher.n_jobs={n_jobs}",
-        "optimizer.lr=1e-3,3e-3",
-        "trainer.log_every_steps=1,2",
-        *TINY[:3],
-        cwd=tmp_path,
-    )
+def test_joblib_sweep_on_a_fresh_store_nests_every_job(tmp_path: Path) -> None:
+    """8 jobs on 4 joblib workers: the first 4 start at once on a store that does not exist yet (sqlite's first-open
+    race), and the workers are reused, so at least one runs a job after another (module state must not leak from one
+    to the next)."""
+    proc = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
+                   "optimizer.lr=1e-3,3e-3", "trainer.log_every_steps=1,2,3,4", *TINY[:3], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "FINISHED"
-    assert [c.info.status for c in children] == ["FINISHED"] * 4
-    assert [c.data.tags["mprun.sweep_job"] for c in children] == ["0", "1", "2", "3"]
+    assert [c.info.status for c in children] == ["FINISHED"] * 8
+    assert [c.data.tags["mprun.sweep_job"] for c in children] == [str(n) for n in range(8)]
     assert {c.info.run_name for c in children} == {
-        f"optimizer.lr={lr},trainer.log_every_steps={n}" for lr in ("0.001", "0.003") for n in (1, 2)
-    }
+        f"optimizer.lr={lr},trainer.log_every_steps={n}" for lr in ("0.001", "0.003") for n in (1, 2, 3, 4)}
     sweep_dir = Path(parent.data.tags["mprun.sweep_dir"])
     assert all(c.data.tags["mprun.sweep_dir"] == str(sweep_dir) for c in children)
     assert (sweep_dir / "report" / "report.md").is_file()
@@ -78,6 +70,7 @@ def precision_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cwd
 
 
+@pytest.mark.slow  # the shared 6-job sweep
 def test_report_numbers_are_the_child_runs_metrics(precision_sweep: Path) -> None:
     parent, children = sweep_runs(precision_sweep)
     assert parent.info.status == "FINISHED" and len(children) == 6
@@ -106,6 +99,7 @@ def test_report_numbers_are_the_child_runs_metrics(precision_sweep: Path) -> Non
     assert "report/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
 
+@pytest.mark.slow  # the shared 6-job sweep
 def test_report_on_demand_by_experiment_name_or_parent_id(precision_sweep: Path, monkeypatch, capsys) -> None:
     """`python -m mprun.report <experiment name | parent run id>` in the sweep's launch directory: the default
     store; a name that is neither is a user's mistake, exit 2 as in argparse and mprun (it was 1)."""
@@ -437,7 +431,8 @@ PRESETS = {
 }
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p == "lr_sweep" else p  # its 5 jobs: slow
+                                    for p in PRESETS])
 def test_every_experiment_preset_runs(tmp_path: Path, preset: str) -> None:
     shrink = ["trainer.max_epochs=1", "trainer.max_steps=2"]
     # amp_benchmark's resnet18 under CPU-emulated bf16 takes ~16 s per step here: shrink the model too.
