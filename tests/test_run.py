@@ -50,12 +50,17 @@ def test_fp16_without_scaling_trains(make_cfg) -> None:
 
 @pytest.mark.parametrize(
     "model",
-    [["model=simple_mlp"], ["model=simple_cnn"], ["model=resnet18"], ["model=resnet50"],
-     pytest.param(["model=vit_b16"], marks=pytest.mark.slow),  # 86M parameters: ~1 GB of checkpoint
-     ["model=timm", "model.name=convnext_atto"],
-     ["model=timm", "model.name=levit_128s"],  # takes img_size without a patch_embed.img_size: was rejected at 32x32
-     ["model=torchvision", "model.name=resnet18"],
-     pytest.param(["model=torchvision", "model.name=vit_b_16"], marks=pytest.mark.slow)],
+    [
+        ["model=simple_mlp"],
+        ["model=simple_cnn"],
+        ["model=resnet18"],
+        ["model=resnet50"],
+        pytest.param(["model=vit_b16"], marks=pytest.mark.slow),  # 86M parameters: ~1 GB of checkpoint
+        ["model=timm", "model.name=convnext_atto"],
+        ["model=timm", "model.name=levit_128s"],  # takes img_size without a patch_embed.img_size: was rejected at 32x32
+        ["model=torchvision", "model.name=resnet18"],
+        pytest.param(["model=torchvision", "model.name=vit_b_16"], marks=pytest.mark.slow),
+    ],
     ids=lambda m: m[-1].split("=")[-1],
 )
 def test_models_adapt_to_the_dataset(make_cfg, model: list[str]) -> None:
@@ -422,8 +427,11 @@ def test_final_checkpoint_contents(make_cfg, tmp_path: Path) -> None:
 
 def test_mlflow_run_records_params_tags_metrics_artifacts(make_cfg, tmp_path: Path) -> None:
     # simple_mlp: the default CNN's two epochs in CPU-emulated fp16 took ~30 s, and nothing here depends on the model
-    summary = run(make_cfg("model=simple_mlp", "precision=fp16", "trainer.max_epochs=2", "trainer.log_every_steps=5",
-                           tracking="mlflow"))
+    summary = run(
+        make_cfg(
+            "model=simple_mlp", "precision=fp16", "trainer.max_epochs=2", "trainer.log_every_steps=5", tracking="mlflow"
+        )
+    )
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     r = client.get_run(summary["mlflow_run_id"])
     assert r.info.status == "FINISHED"

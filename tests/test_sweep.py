@@ -40,15 +40,23 @@ def test_joblib_sweep_on_a_fresh_store_nests_every_job(tmp_path: Path) -> None:
     """8 jobs on 4 joblib workers: the first 4 start at once on a store that does not exist yet (sqlite's first-open
     race), and the workers are reused, so at least one runs a job after another (module state must not leak from one
     to the next)."""
-    proc = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
-                   "optimizer.lr=1e-3,3e-3", "trainer.log_every_steps=1,2,3,4", *TINY[:3], cwd=tmp_path)
+    proc = run_cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=4",
+        "optimizer.lr=1e-3,3e-3",
+        "trainer.log_every_steps=1,2,3,4",
+        *TINY[:3],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "FINISHED"
     assert [c.info.status for c in children] == ["FINISHED"] * 8
     assert [c.data.tags["mprun.sweep_job"] for c in children] == [str(n) for n in range(8)]
     assert {c.info.run_name for c in children} == {
-        f"optimizer.lr={lr},trainer.log_every_steps={n}" for lr in ("0.001", "0.003") for n in (1, 2, 3, 4)}
+        f"optimizer.lr={lr},trainer.log_every_steps={n}" for lr in ("0.001", "0.003") for n in (1, 2, 3, 4)
+    }
     sweep_dir = Path(parent.data.tags["mprun.sweep_dir"])
     assert all(c.data.tags["mprun.sweep_dir"] == str(sweep_dir) for c in children)
     assert (sweep_dir / "report" / "report.md").is_file()
@@ -431,8 +439,13 @@ PRESETS = {
 }
 
 
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p == "lr_sweep" else p  # its 5 jobs: slow
-                                    for p in PRESETS])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        pytest.param(p, marks=pytest.mark.slow) if p == "lr_sweep" else p  # its 5 jobs: slow
+        for p in PRESETS
+    ],
+)
 def test_every_experiment_preset_runs(tmp_path: Path, preset: str) -> None:
     shrink = ["trainer.max_epochs=1", "trainer.max_steps=2"]
     # amp_benchmark's resnet18 under CPU-emulated bf16 takes ~16 s per step here: shrink the model too.
