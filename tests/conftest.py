@@ -32,6 +32,16 @@ config.register()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist runs the suite on one worker per core (addopts: -n auto). Each worker and the processes its tests
+    # start get their share of the cores: torch's default of one thread per core, in every worker, oversubscribes
+    # them, and OpenMP threads that wait on each other for a core can make a step many times slower.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
     config.addinivalue_line(
         "markers",
         "slow: starts processes of its own (signals, kill -9, torchrun, launchers, a "
