@@ -20,7 +20,7 @@ from mprun.errors import ConfigError, first_line
 
 # Settings that change where and how a run is recorded or continued, not what it computes: a resume may change them
 # without a warning, and the sweep report pairs a job with its fp32 baseline whatever they are.
-OUTCOME_NEUTRAL = ("paths", "trainer.resume", "trainer.progress", "tracking", "hydra")
+OUTCOME_NEUTRAL = ("paths", "trainer.resume", "trainer.progress", "tracking", "report", "hydra")
 
 
 def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -49,6 +49,17 @@ class PathsConfig:
 
 
 @dataclass
+class ReportConfig:
+    """How a sweep's report judges its precisions (mprun.report, mprun.groups)."""
+
+    tolerance_pp: float = 0.0  # accuracy vs fp32 (percentage points) a precision may lose and still be recommended
+
+    def __post_init__(self) -> None:
+        if not self.tolerance_pp >= 0:
+            raise ConfigError(f"tolerance_pp: must be >= 0 (percentage points), got {self.tolerance_pp}")
+
+
+@dataclass
 class Config:
     model: Any = MISSING
     dataset: Any = MISSING
@@ -58,6 +69,7 @@ class Config:
     trainer: loop.TrainerConfig = MISSING
     tracking: Any = MISSING
     paths: PathsConfig = MISSING
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
 
 
 # Schemas are root configs, not config groups: a group is a choice on the command line, and --help lists every

@@ -1,13 +1,15 @@
-"""The precision comparison report of a sweep: one row per job, compared with its fp32 baseline.
+"""The precision comparison report of a sweep: the recommendation, one row per precision (its seeds together), and
+one row per job.
 
 Written at the end of every tracked multirun (into <sweep dir>/report/ and the parent run's
 artifacts), or on demand:
 
-    python -m mprun.report <parent run id | experiment name> [--uri URI] [--out DIR]
+    python -m mprun.report <parent run id | experiment name> [--uri URI] [--out DIR] [--tolerance-pp PP]
 
 A job's baseline is the FINISHED fp32 job with the same other overrides: all but the precision option and
-the settings that change nothing in fp32 (the loss scaler's, fp32_modules; precision.HALF_ONLY). Rows are read
-back from the tracking store (tracking.Store), so the report shows what was recorded, nothing else.
+the settings that change nothing in fp32 (the loss scaler's, fp32_modules; precision.HALF_ONLY). Jobs that differ
+only in trainer.seed form a group, compared with its fp32 group (mprun.groups). Rows are read back from the tracking
+store (tracking.Store), so the report shows what was recorded, nothing else.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mprun import groups as grouping
 from mprun.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
@@ -57,11 +61,6 @@ class Row:
     def metric(self, key: str) -> float | None:
         value = self.metrics.get(key)
         return None if value is None else float(value)
-
-    @property
-    def colour(self) -> str:
-        """Its precision option's colour in the plots (auto, or the default, by what it resolved to)."""
-        return PRECISION_COLORS.get(self.requested) or PRECISION_COLORS.get(self.precision, "tab:gray")
 
     @property
     def diverged(self) -> bool:
@@ -215,8 +214,78 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
     return out
 
 
+GROUP_COLUMNS = [
+    "precision",
+    "seeds",
+    "val acc (mean ± sd)",
+    "Δ acc vs fp32 (95% CI)",
+    "verdict",
+    "samples/s (median, min–max)",
+    "speedup",
+    "peak MiB",
+    "mem ratio",
+    "skipped",
+]
+
+
+def _spread(values: list[float], spec: str) -> str:
+    """'7,355 (6,100–8,400)': the median, with the range when there are several values."""
+    if not values:
+        return "—"
+    middle = f"{statistics.median(values):{spec}}"
+    low, high = f"{min(values):{spec}}", f"{max(values):{spec}}"
+    return middle if low == high else f"{middle} ({low}–{high})"
+
+
+def group_columns(groups: list[grouping.Group]) -> list[str]:
+    """GROUP_COLUMNS, with a setting column first when the sweep varied more than precision and seed."""
+    return (["setting"] if any(grouping.setting(g, groups) for g in groups) else []) + GROUP_COLUMNS
+
+
+def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
+    """The group table's cells, one list per group."""
+    out = []
+    for g in groups:
+        accs = g.values(grouping.ACC)
+        acc = "—"
+        if accs:
+            acc = f"{statistics.fmean(accs):.4f}" + (f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
+        seeds = str(len(g.used))
+        if g.left_out:
+            seeds += " (left out: " + ", ".join(f"job {r.num} {r.mark.strip('*')}" for r in g.left_out) + ")"
+        cells = [
+            g.label,
+            seeds,
+            acc,
+            g.delta_text(),
+            g.verdict,
+            _spread(g.values(grouping.THROUGHPUT), ",.0f"),
+            _fmt(g.ratio(grouping.THROUGHPUT), ".2f", "×"),
+            _fmt(g.median(grouping.MEMORY), ",.0f"),
+            _fmt(g.ratio(grouping.MEMORY), ".2f", "×"),
+            _spread(g.values(grouping.SKIPPED), ".0f"),
+        ]
+        out.append(
+            ([grouping.setting(g, groups) or "—"] if any(grouping.setting(h, groups) for h in groups) else []) + cells
+        )
+    return out
+
+
 def _clip(line: str, width: int) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _table(columns: list[str], cells: list[list[str]]) -> list[str]:
+    """A markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+
+
+def _aligned(columns: list[str], cells: list[list[str]]) -> list[str]:
+    """A table as aligned plain text."""
+    rows = [columns, *cells]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 @dataclass
@@ -225,13 +294,27 @@ class Report:
     rows: list[Row]
     out_dir: Path
     notes: list[str]
+    groups: list[grouping.Group] = field(default_factory=list)
+
+    @property
+    def seeded(self) -> bool:
+        """Whether some group has several jobs (seeds): then the group table says more than the job table."""
+        return any(len(g.rows) > 1 for g in self.groups)
+
+    def recommendation(self) -> list[str]:
+        return grouping.recommendation(self.groups)
+
+    def tags(self) -> dict[str, str]:
+        """What the parent run gets, to be read in the MLflow UI without opening the report."""
+        return {"mprun.recommendation": " | ".join(self.recommendation())[:5000], **grouping.tags(self.groups)}
 
     def markdown(self, plots: list[str]) -> str:
         lines = [f"# Precision comparison: sweep {self.parent_id}", ""]
+        lines += [f"**{line}**" for line in self.recommendation()] + [""]
+        lines += ["## By precision (seeds together)", ""]
+        lines += _table(group_columns(self.groups), group_rows(self.groups)) + [""]
         lines += [f"- {n}" for n in self.notes] + [""]
-        lines.append("| " + " | ".join(COLUMNS) + " |")
-        lines.append("|" + "---|" * len(COLUMNS))
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in table_rows(self.rows)]
+        lines += ["## By job", ""] + _table(COLUMNS, table_rows(self.rows))
         failed = [r for r in self.rows if r.failure]
         if failed:
             lines += ["", "## Failed jobs", ""] + [f"- job {r.num} `{r.name}`: {r.failure}" for r in failed]
@@ -239,20 +322,23 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def console(self) -> str:
-        """The table as aligned plain text, for the end of a multirun."""
-        cells = [COLUMNS] + table_rows(self.rows)
-        widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+        """The table as aligned plain text, for the end of a multirun: by precision when seeds were swept (the job
+        table is in report.md), else by job."""
         text = ["", "── mprun sweep report " + "─" * 40]
-        text += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+        if self.seeded:
+            text += _aligned(group_columns(self.groups), group_rows(self.groups))
+        else:
+            text += _aligned(COLUMNS, table_rows(self.rows))
         text += self.notes
         failed = [r for r in self.rows if r.failure]
         text += [f"failed      job {r.num} {r.name}: {_clip(first_line(r.failure), 160)}" for r in failed]
+        text += [f"recommend   {line}" for line in self.recommendation()]
         text += [f"report      {self.out_dir / 'report.md'}"]
         return "\n".join(text)
 
 
-def notes_for(rows: list[Row]) -> list[str]:
-    """The caveats a reader needs before reading the numbers."""
+def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> list[str]:
+    """The caveats a reader needs before reading the numbers (groups: the rows' groups, if made already)."""
     from mprun.loop import INPUT_BOUND  # the threshold the runs warned at (imports torch: here, not at start-up)
     from mprun.precision import can_carry_loss_scale, computes_in_half, is_baseline
 
@@ -283,12 +369,23 @@ def notes_for(rows: list[Row]) -> list[str]:
             "CPU jobs: peak memory is the process's peak resident set during the job (libraries included), "
             "not tensor memory; only GPU jobs measure tensor memory."
         )
-    if any(computes_in_half(r.precision) for r in cpu):
+    groups = grouping.group(rows) if groups is None else groups
+    if any(len(g.rows) > 1 for g in groups):
         notes.append(
-            "CPU jobs in fp16/bf16: a CPU without the AMX unit for that dtype emulates it (the run logged a "
-            "warning if so), so their speed says nothing of a GPU's; measure speed on the GPU you will train "
-            "on."
+            "By precision: the jobs that differ only in trainer.seed. val acc is their mean ± sample sd over the "
+            "finished jobs; Δ acc is the difference from the fp32 group's mean with a 95% Welch t interval; "
+            "'within noise' when that interval contains 0. Throughput and memory are medians over the seeds, "
+            "speedup and mem ratio medians over the fp32 group's."
         )
+    for g in groups:  # measured here, not assumed from the CPU's flags: some CPUs run bf16 faster than fp32
+        speedup = g.ratio(grouping.THROUGHPUT)
+        on_cpu = any(r.mem_kind == "process_peak_rss" for r in g.used)
+        if computes_in_half(g.precision) and speedup is not None and speedup < 1 and on_cpu:
+            notes.append(
+                f"On this CPU, {g.label} ran at {speedup:.2f}× fp32's throughput (measured in this sweep): the CPU "
+                "has no fast path for that dtype, so its speed here says nothing of a GPU's; measure speed on the "
+                "GPU you will train on."
+            )
     if any(not can_carry_loss_scale(r.precision) and r.worst_underflow() is not None for r in rows):
         notes.append(
             "fp16 grad underflow of a job that is not fp16: the share of its gradients that fp16 would flush "
@@ -313,8 +410,26 @@ def _save(fig: Any, path: Path) -> str:
     return path.name
 
 
-def plot(rows: list[Row], out_dir: Path) -> list[str]:
-    """loss.png, loss_scale.png (fp16 jobs) and perf.png; returns the file names written."""
+def _colour(g: grouping.Group) -> str:
+    """Its precision option's colour (auto, or the default, by what it resolved to)."""
+    return PRECISION_COLORS.get(g.option) or PRECISION_COLORS.get(g.precision, "tab:gray")
+
+
+def _name(g: grouping.Group, groups: list[grouping.Group]) -> str:
+    return " ".join(filter(None, (g.label, grouping.setting(g, groups))))
+
+
+def _mean_curve(rows: list[Row]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps, mean, min and max of the rows' loss curves, at the steps they all logged."""
+    curves = [dict(r.loss_curve) for r in rows if r.loss_curve]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    values = [[c[s] for c in curves] for s in steps]
+    return steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def plot(groups: list[grouping.Group], out_dir: Path) -> list[str]:
+    """loss.png (a mean curve per group, its seeds' range as a band), loss_scale.png (fp16 jobs) and perf.png (medians,
+    with the seeds' range as error bars); returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,20 +439,27 @@ def plot(rows: list[Row], out_dir: Path) -> list[str]:
     styles = ["-", "--", ":", "-."]
     drawn: dict[str, int] = {}  # colour -> lines drawn in it: colour says the precision option, each line its own style
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in rows:
-        if r.loss_curve:
-            steps, values = zip(*r.loss_curve, strict=True)
-            nth = drawn[r.colour] = drawn.get(r.colour, -1) + 1
-            ax.plot(steps, values, label=r.name, color=r.colour, alpha=0.85, linestyle=styles[nth % len(styles)])
+    for g in groups:
+        steps, mean, low, high = _mean_curve([r for r in g.rows if r.status != "FAILED"])
+        if steps:
+            nth = drawn[_colour(g)] = drawn.get(_colour(g), -1) + 1
+            n = len([r for r in g.rows if r.loss_curve])
+            label = _name(g, groups) + (f" (mean of {n})" if n > 1 else "")
+            ax.plot(steps, mean, label=label, color=_colour(g), alpha=0.85, linestyle=styles[nth % len(styles)])
+            if n > 1:
+                ax.fill_between(steps, low, high, color=_colour(g), alpha=0.15, linewidth=0)
     if ax.lines:
         ax.set(
-            xlabel="optimizer step", ylabel="train loss (log-window mean)", title="Training loss by job", yscale="log"
+            xlabel="optimizer step",
+            ylabel="train loss (log-window mean)",
+            title="Training loss by precision",
+            yscale="log",
         )
         ax.legend(fontsize="small")
         written.append(_save(fig, out_dir / "loss.png"))
     plt.close(fig)
 
-    scaled = [r for r in rows if r.scale_curve]
+    scaled = [r for g in groups for r in g.rows if r.scale_curve]
     if scaled:
         fig, ax = plt.subplots(figsize=(8, 4))
         for r in scaled:
@@ -348,18 +470,22 @@ def plot(rows: list[Row], out_dir: Path) -> list[str]:
         written.append(_save(fig, out_dir / "loss_scale.png"))
         plt.close(fig)
 
-    done = [r for r in rows if r.metric("final/samples_per_s") is not None]
+    done = [g for g in groups if g.values(grouping.THROUGHPUT)]
     if done:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.5 * len(done) + 2))
-        names = [r.name for r in done]
-        colors = [r.colour for r in done]
-        left.barh(names, [r.metric("final/samples_per_s") for r in done], color=colors)
-        left.set(xlabel="samples/s", title="Throughput")
-        right.barh(names, [r.metric("final/peak_mem_mib") or 0 for r in done], color=colors)
-        right.set(xlabel="MiB", title="Peak memory")
-        right.set_yticklabels([])
-        for axis in (left, right):
+        names = [_name(g, groups) for g in done]
+        colors = [_colour(g) for g in done]
+        for axis, key, title, unit in (
+            (left, grouping.THROUGHPUT, "Throughput", "samples/s"),
+            (right, grouping.MEMORY, "Peak memory", "MiB"),
+        ):
+            medians = [g.median(key) or 0 for g in done]
+            spans = [g.values(key) or [0.0] for g in done]
+            errors = [[m - min(v) for m, v in zip(medians, spans)], [max(v) - m for m, v in zip(medians, spans)]]
+            axis.barh(names, medians, color=colors, xerr=errors, capsize=3)
+            axis.set(xlabel=f"{unit} (median; bars: min–max over seeds)", title=title)
             axis.invert_yaxis()
+        right.set_yticklabels([])
         written.append(_save(fig, out_dir / "perf.png"))
         plt.close(fig)
     return written
@@ -374,31 +500,35 @@ def close_running(store: Store, rows: list[Row]) -> None:
             row.status = "KILLED"  # as the store now has it (a RUNNING row is no baseline either way)
 
 
-def write(parent_id: str, rows: list[Row], out_dir: Path, interrupted: bool = False) -> Report:
+def write(
+    parent_id: str, rows: list[Row], out_dir: Path, interrupted: bool = False, tolerance_pp: float = 0.0
+) -> Report:
     """report.md with its plots in out_dir, for the collected rows of sweep parent_id (`interrupted`: the sweep was
-    stopped, which its notes say, with how to finish it)."""
+    stopped, which its notes say, with how to finish it; `tolerance_pp`: the accuracy a precision may lose, in
+    percentage points, and still be recommended)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    notes = notes_for(rows)
+    groups = grouping.group(rows, tolerance_pp / 100)
+    notes = notes_for(rows, groups)
     if interrupted:
         notes.append(
             "The sweep was interrupted: jobs it had not started are not listed. To finish it, launch it again "
             "into its directory: the same command with hydra.sweep.dir=<its sweep dir> trainer.resume=auto "
             "(finished jobs keep their results, stopped ones continue, the rest start)."
         )
-    report = Report(parent_id, rows, out_dir, notes)
-    (out_dir / "report.md").write_text(report.markdown(plot(rows, out_dir)))
+    report = Report(parent_id, rows, out_dir, notes, groups)
+    (out_dir / "report.md").write_text(report.markdown(plot(groups, out_dir)))
     return report
 
 
-def build(store: Store, parent_id: str, out_dir: Path, stop_running: bool = False) -> Report:
+def build(store: Store, parent_id: str, out_dir: Path, stop_running: bool = False, tolerance_pp: float = 0.0) -> Report:
     """Collect the children of parent_id and write report.md with its plots into out_dir.
 
     stop_running: mark children still RUNNING as KILLED first (the sweep was interrupted)."""
     rows = collect(store, parent_id)
     if stop_running:
         close_running(store, rows)
-    return write(parent_id, rows, out_dir, interrupted=stop_running)
+    return write(parent_id, rows, out_dir, interrupted=stop_running, tolerance_pp=tolerance_pp)
 
 
 def find_parent(store: Store, what: str) -> str:
@@ -429,7 +559,14 @@ def main(argv: list[str] | None = None) -> None:
         help="tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)",
     )
     p.add_argument("--out", type=Path, help="directory for report.md and plots (default: outputs/reports/<parent id>)")
-    p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    p.add_argument(
+        "--tolerance-pp",
+        type=float,
+        default=0.0,
+        help="accuracy (percentage points) a precision may lose against fp32 and still be recommended (default 0: "
+        "only within noise)",
+    )
+    p.add_argument("--no-log", action="store_true", help="do not log the report and its verdicts to the parent run")
     args = p.parse_args(argv)
     try:
         if args.uri.startswith("sqlite:///") and not Path(args.uri[len("sqlite:///") :]).is_file():
@@ -438,9 +575,14 @@ def main(argv: list[str] | None = None) -> None:
         parent_id = find_parent(store, args.sweep)
     except ConfigError as e:  # a user's mistake exits 2, as argparse's own and mprun's do
         p.exit(2, f"{p.prog}: error: {e}\n")
-    report = build(store, parent_id, args.out or Path("outputs") / "reports" / parent_id)
+    if args.tolerance_pp < 0:
+        p.exit(2, f"{p.prog}: error: --tolerance-pp must be >= 0, got {args.tolerance_pp}\n")
+    report = build(
+        store, parent_id, args.out or Path("outputs") / "reports" / parent_id, tolerance_pp=args.tolerance_pp
+    )
     if not args.no_log:
         store.log_artifact(parent_id, report.out_dir, "report")
+        store.set_tags(parent_id, report.tags())
     print(report.console())
 
 

@@ -176,9 +176,16 @@ class Sweep:
             if rows:
                 if interrupted:
                     report.close_running(self.tracker.store, rows)
-                rep = report.write(self.tracker.run_id, rows, self.sweep_dir / "report", interrupted=interrupted)
+                rep = report.write(
+                    self.tracker.run_id,
+                    rows,
+                    self.sweep_dir / "report",
+                    interrupted=interrupted,
+                    tolerance_pp=self.cfg.report.tolerance_pp,
+                )
                 jobs, unfinished = len(rows), sum(row.status != "FINISHED" for row in rows)
                 self.tracker.log_artifact(rep.out_dir, "report")
+                self.tracker.set_tags(rep.tags())
                 print(rep.console(), flush=True)
             if not interrupted:
                 status = "FAILED" if unfinished or not completed else "FINISHED"

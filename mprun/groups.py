@@ -1,0 +1,233 @@
+"""Jobs that differ only in their seed, taken together: "does accuracy hold?" asked of a precision, not of one run.
+
+A sweep over `trainer.seed` runs each setting several times. The jobs of one precision option and one setting of
+everything else (the seed aside) form a group. A group is compared with the fp32 group of the same setting: the
+difference of their mean validation accuracies, with a 95% Welch t interval (unequal variances; t quantile at
+Welch-Satterthwaite degrees of freedom). The verdict says whether that interval rules out "no difference"; the
+recommendation picks the fastest precision whose accuracy held. One seed per side gives no interval: the verdict
+says so rather than guess.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mprun.report import Row
+
+SEED = "trainer.seed"
+ACC = "final/val_acc"  # the headline metric: a fraction, shown in percentage points
+THROUGHPUT = "final/samples_per_s"
+MEMORY = "final/peak_mem_mib"
+SKIPPED = "final/skipped_steps"
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Delta:
+    """mean(group) - mean(baseline), and the half-width of its 95% interval (None: a side has a single value)."""
+
+    mean: float
+    half: float | None
+
+    @property
+    def low(self) -> float:
+        return self.mean - (self.half or 0.0)
+
+    @property
+    def high(self) -> float:
+        return self.mean + (self.half or 0.0)
+
+
+def welch(values: list[float], base: list[float]) -> Delta:
+    """The difference of means with its Welch t interval at CONFIDENCE."""
+    diff = statistics.fmean(values) - statistics.fmean(base)
+    if len(values) < 2 or len(base) < 2:
+        return Delta(diff, None)
+    va, vb = statistics.variance(values) / len(values), statistics.variance(base) / len(base)
+    if va + vb == 0:  # both sides identical within themselves (a deterministic CPU run repeated): no spread to test
+        return Delta(diff, 0.0)
+    df = (va + vb) ** 2 / (va**2 / (len(values) - 1) + vb**2 / (len(base) - 1))
+    from scipy.stats import t  # only when a report is built
+
+    return Delta(diff, float(t.ppf(0.5 + CONFIDENCE / 2, df)) * math.sqrt(va + vb))
+
+
+def verdict(delta: Delta, n: int, n_base: int, tolerance: float) -> str:
+    """'within noise' when the interval holds 0, else 'better' or 'worse' (or 'worse, within tolerance' when even its
+    low end is within `tolerance` of the baseline); with fewer than 3 seeds on a side, says so."""
+    if delta.half is None:
+        return "one seed: cannot tell noise from effect"
+    if delta.low <= 0 <= delta.high:
+        said = "within noise"
+    elif delta.low > 0:
+        said = "better"
+    elif tolerance > 0 and delta.low >= -tolerance:
+        said = f"worse, within the {100 * tolerance:g} pp tolerance"
+    else:
+        said = "worse"
+    fewest = min(n, n_base)
+    return said if fewest >= 3 else f"{said} (only {fewest} seeds: a rough interval)"
+
+
+def held(said: str) -> bool:
+    """Whether a verdict lets its precision be recommended: its accuracy is not shown to be worse than fp32's."""
+    return said.startswith(("within noise", "better", "worse, within"))
+
+
+@dataclass
+class Group:
+    """The jobs of one precision option and one setting of the other overrides, the seed aside."""
+
+    option: str  # the precision option asked for (or the resolved precision if none was)
+    context: tuple[str, ...]  # the other overrides, seed aside: what its fp32 baseline group shares
+    rows: list[Row] = field(default_factory=list)
+    baseline: Group | None = None
+    tolerance: float = 0.0  # accuracy (a fraction) a precision may lose and still be recommended (report.tolerance_pp)
+
+    @property
+    def precision(self) -> str:
+        """What its jobs ran as (auto resolved), from a job that got that far."""
+        resolved = [r.precision for r in self.rows if not r.precision.endswith("?")]
+        return resolved[0] if resolved else self.rows[0].precision
+
+    @property
+    def label(self) -> str:
+        if self.option == "auto" and self.precision != "auto":
+            return f"auto→{self.precision}"
+        return self.option
+
+    @property
+    def used(self) -> list[Row]:
+        """The jobs its statistics are over: finished, with a finite loss and an accuracy."""
+        return [r for r in self.rows if r.mark == "ok" and r.metric(ACC) is not None]
+
+    @property
+    def left_out(self) -> list[Row]:
+        used = self.used
+        return [r for r in self.rows if r not in used]
+
+    def values(self, key: str) -> list[float]:
+        return [v for v in (r.metric(key) for r in self.used) if v is not None and math.isfinite(v)]
+
+    def median(self, key: str) -> float | None:
+        values = self.values(key)
+        return statistics.median(values) if values else None
+
+    def ratio(self, key: str) -> float | None:
+        """Its median of a metric over its baseline's."""
+        if self.baseline is None:
+            return None
+        mine, base = self.median(key), self.baseline.median(key)
+        return mine / base if mine is not None and base else None
+
+    def delta(self) -> Delta | None:
+        if self.baseline is None or self.baseline is self or not self.values(ACC) or not self.baseline.values(ACC):
+            return None
+        return welch(self.values(ACC), self.baseline.values(ACC))
+
+    @property
+    def verdict(self) -> str:
+        if self.baseline is self:
+            return "baseline"
+        delta = self.delta()
+        if delta is None:
+            return "no fp32 group to compare with" if self.used else "no finished job"
+        return verdict(delta, len(self.values(ACC)), len(self.baseline.values(ACC)), self.tolerance)
+
+    def delta_text(self) -> str:
+        """'-0.09 ± 0.30 pp' (the interval's half-width), or '-0.09 pp' without one."""
+        delta = self.delta()
+        if delta is None:
+            return "—"
+        spread = "" if delta.half is None else f" ± {100 * delta.half:.2f}"
+        return f"{100 * delta.mean:+.2f}{spread} pp".replace("-", "−")
+
+    def summary(self) -> str:
+        """One line for the parent run's verdict/<precision> tag."""
+        speedup, n, accs = self.ratio(THROUGHPUT), len(self.used), self.values(ACC)
+        seeds = f"{n} seed{'s' * (n != 1)}"
+        if self.baseline is self:
+            spread = f" ± {100 * statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+            return f"baseline: val acc {100 * statistics.fmean(accs):.2f}{spread} %, {seeds}"
+        speed = "" if speedup is None else f", {speedup:.2f}× fp32's throughput"
+        return f"{self.verdict}: Δacc {self.delta_text()}{speed}, {seeds}"
+
+
+def setting(g: Group, groups: list[Group]) -> str:
+    """What sets g's setting apart from the other groups' (the overrides not common to all): "" if all share one."""
+    common = set.intersection(*(set(h.context) for h in groups))
+    return " ".join(o for o in g.context if o not in common)
+
+
+def _context(others: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(o for o in others if o.split("=", 1)[0].lstrip("+~") != SEED)
+
+
+def group(rows: list[Row], tolerance: float = 0.0) -> list[Group]:
+    """The rows' groups, in the order of their first jobs, each linked to the fp32 group of its setting: the one that
+    asked for fp32 before one that auto resolved to it."""
+    from mprun.precision import is_baseline
+
+    groups: dict[tuple[str, tuple[str, ...]], Group] = {}
+    for r in rows:
+        key = (r.requested or r.precision, _context(r.others))
+        groups.setdefault(key, Group(key[0], key[1], tolerance=tolerance)).rows.append(r)
+    baselines: dict[tuple[str, ...], Group] = {}
+    for g in groups.values():
+        if is_baseline(g.precision) and g.used:
+            held_one = baselines.get(g.context)
+            if held_one is None or (not is_baseline(held_one.option) and is_baseline(g.option)):
+                baselines[g.context] = g
+    for g in groups.values():
+        g.baseline = baselines.get(g.context)
+    return list(groups.values())
+
+
+def recommendation(groups: list[Group]) -> list[str]:
+    """One line per setting: the fastest precision whose accuracy held against fp32, or why fp32 stays."""
+    lines = []
+    contexts = list(dict.fromkeys(g.context for g in groups))
+    for context in contexts:
+        mine = [g for g in groups if g.context == context]
+        where = f"{setting(mine[0], groups)}: " if len(contexts) > 1 else ""
+        base = mine[0].baseline
+        if base is None:
+            lines.append(f"{where}no recommendation: no finished fp32 job to compare with (add precision=fp32)")
+            continue
+        others = [g for g in mine if g is not base]
+        faster = [g for g in others if held(g.verdict) and (g.ratio(THROUGHPUT) or 0) > 1]
+        if faster:
+            best = max(faster, key=lambda g: g.ratio(THROUGHPUT) or 0)
+            memory = best.ratio(MEMORY)
+            lines.append(
+                f"{where}pick {best.label}: {best.ratio(THROUGHPUT):.2f}× fp32's throughput"
+                + ("" if memory is None else f", {memory:.2f}× memory")
+                + f", Δacc {best.delta_text()} ({best.verdict}, {len(best.used)} seeds)"
+            )
+            continue
+        why = []
+        for g in others:
+            if held(g.verdict):
+                why.append(f"{g.label} held its accuracy but ran at {g.ratio(THROUGHPUT) or 0:.2f}× fp32's throughput")
+            elif g.verdict.startswith("one seed"):
+                why.append(f"{g.label} has one seed: sweep {SEED}=1,2,3 to tell noise from effect")
+            elif g.used:
+                why.append(f"{g.label} is {g.verdict} (Δacc {g.delta_text()})")
+            else:
+                why.append(f"{g.label} has no finished job")
+        lines.append(f"{where}keep {base.label}: " + ("; ".join(why) or "nothing else was run"))
+    return lines
+
+
+def tags(groups: list[Group]) -> dict[str, str]:
+    """verdict/<precision> (and /<setting> when the sweep varied more than precision and seed) for the parent run."""
+    out = {}
+    for g in groups:
+        key = "/".join(filter(None, ("verdict", g.label, setting(g, groups))))
+        out[re.sub(r"[^\w\-. :/]", "_", key)[:250]] = g.summary()
+    return out
