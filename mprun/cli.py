@@ -7,6 +7,7 @@ import time
 STARTED = time.perf_counter()  # wall time in the summary counts from here: imports included
 
 import logging  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -22,6 +23,7 @@ log = logging.getLogger("mprun")
 config.register()
 # Absolute, so Hydra reads it as a directory: under `python -m` a relative path is taken as a module.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+LOG_FILE = "mprun.log"  # Hydra's job log in the run directory (hydra.job.name=mprun)
 
 
 class JobFailed(CompactHydraException):
@@ -43,6 +45,7 @@ def _main(cfg: DictConfig) -> float:
             log.error("%s", message)
             raise JobFailed(f"{message} (job {job.num}: {job.name})") from e
         print(message, file=sys.stderr, flush=True)
+        _leave_a_record(message, bad_input=isinstance(e, ConfigError), output_root=Path(cfg.paths.output_root))
         sys.exit(2 if isinstance(e, ConfigError) else 1)  # a user's mistake exits 2, like argparse
     if summary["stop_signal"]:
         if not summary["interrupted"]:
@@ -54,6 +57,35 @@ def _main(cfg: DictConfig) -> float:
             )
         sys.exit(128 + summary["stop_signal"])  # the shell convention: 130 for SIGINT, 143 for SIGTERM
     return summary["val_acc"]
+
+
+def _leave_a_record(message: str, bad_input: bool, output_root: Path) -> None:
+    """After a failed run: a run directory that holds only what Hydra put there before mprun ran (`.hydra/`, the
+    log) is bad input's leftover, and goes, with the date directory above it if that is left empty; any other keeps
+    its log, which now ends with the error."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    files = [LOG_FILE] if (run_dir / LOG_FILE).is_file() else []
+    if bad_input and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", *files}:
+        for handler in logging.getLogger().handlers[:]:  # Hydra's handler of the log about to go
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        parent = run_dir.parent
+        while parent.is_relative_to(output_root.absolute()) and parent != output_root.absolute():
+            try:
+                parent.rmdir()  # only if empty
+            except OSError:
+                break
+            parent = parent.parent
+        return
+    from mprun.summary import write_to_log_file
+
+    write_to_log_file(message, logging.ERROR)  # the file only: the console has had it
 
 
 def main() -> None:

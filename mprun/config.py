@@ -8,12 +8,13 @@ __post_init__ when `validate` converts the config to dataclass instances, before
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from mprun import data, loop, models, optim, precision, tracking
 from mprun.errors import ConfigError, first_line
@@ -106,10 +107,33 @@ def register() -> None:
         cs.store(name=name, node=node)
 
 
+def _initials(key: str) -> str:
+    return "".join(word[:1] for word in key.split("_"))
+
+
+def _likely(key: str, keys: list[str]) -> str | None:
+    """The key a typo most likely meant: a close spelling (difflib), an abbreviation either way (learning_rate for
+    lr, wd for weight_decay), or one that starts the other."""
+    close = difflib.get_close_matches(key, keys, n=1)
+    if close:
+        return close[0]
+    for matches in (
+        lambda k: _initials(key) == k or _initials(k) == key,
+        lambda k: len(min(k, key, key=len)) >= 3 and (k.startswith(key) or key.startswith(k)),
+    ):
+        found = [k for k in keys if matches(k)]
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
 def _unknown_key(where: str, key: str, allowed: Any) -> str:
-    """'trainer.epochs: unknown key; trainer takes channels_last, ...' (where: 'trainer.', or '' at the top)."""
+    """'trainer.epoch: unknown key; did you mean trainer.epochs? trainer takes channels_last, ...' (where:
+    'trainer.', or '' at the top)."""
     keys = sorted(str(k) for k in allowed if not str(k).startswith("_"))
-    return f"{where}{key}: unknown key; {where.rstrip('.') or 'the config'} takes {', '.join(keys) or 'no keys'}"
+    likely = _likely(key, keys)
+    hint = f"did you mean {where}{likely}? " if likely else ""
+    return f"{where}{key}: unknown key; {hint}{where.rstrip('.') or 'the config'} takes {', '.join(keys) or 'no keys'}"
 
 
 def _known(keys: Any, allowed: Any, where: str) -> None:
@@ -143,6 +167,9 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
             checked[group] = OmegaConf.to_object(cfg[group])
         except ConfigError as e:
             raise ConfigError(f"{group}.{e}") from None
+        except MissingMandatoryValue as e:  # OmegaConf names the schema class and the bare key
+            key = e.full_key if e.full_key.startswith(f"{group}.") else f"{group}.{e.full_key}"
+            raise ConfigError(f"{key}: missing mandatory value; set it on the command line ({key}=...)") from None
         except OmegaConfBaseException as e:
             raise ConfigError(f"{group}: {first_line(e)}") from None
         _known(cfg[group].keys(), [f.name for f in dataclasses.fields(checked[group])], f"{group}.")

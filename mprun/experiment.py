@@ -45,12 +45,13 @@ def _git_commit() -> str:
 
 def run_tags(parts: Components) -> dict[str, str]:
     """Where and how this run ran: what makes two runs' numbers comparable or not."""
+    cuda = {"cuda_version": str(torch.version.cuda)} if parts.device.type == "cuda" else {}  # a CPU run has none
     return {
         "git_commit": _git_commit(),
         "host": socket.gethostname(),
         "device": hardware.device_name(parts.device),
         "torch_version": torch.__version__,
-        "cuda_version": str(torch.version.cuda),
+        **cuda,
         "precision": parts.precision.name.value,
         "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
         "mprun_version": mprun.__version__,

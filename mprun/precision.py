@@ -231,6 +231,14 @@ class Precision:
         self.name, self.reason = resolve(cfg.dtype, device)
         self.autocast_dtype = _AUTOCAST_DTYPE.get(self.name)
         self.loss_scale = cfg.loss_scale if self.name.scales_loss else LossScale.none
+        if cfg.dtype is PrecisionName.auto and cfg.loss_scale is LossScale.static and not self.name.scales_loss:
+            # Not an error, as precision=fp32 with it is: auto's pick depends on the machine, and the same command
+            # is fp16 with that scale on a Volta GPU. The default (dynamic) goes unsaid.
+            log.warning(
+                "precision.loss_scale=static dropped: auto resolved to %s (%s), which has no loss scale",
+                self.name.value,
+                self.reason,
+            )
         # on_nonfinite=skip without a loss scale: a GradScaler pinned at 1.0 finds and skips non-finite steps.
         self.skip_mode = self.loss_scale is LossScale.none and cfg.on_nonfinite is NonFinite.skip
         self.dynamic_scaling = self.loss_scale is LossScale.dynamic
@@ -327,13 +335,15 @@ class Precision:
 
     @property
     def description(self) -> str:
-        """Human-readable resolved precision, e.g. 'fp16 (dynamic loss scale)'."""
+        """Human-readable resolved precision, e.g. 'fp16 (dynamic loss scale)', 'fp16 (static loss scale 128)': a
+        fixed scale is precision.init_scale, which only fp16_static sets (128); loss_scale=static on fp16 keeps the
+        dynamic scaler's starting 65536, so the scale in force is named."""
         if self.name.scales_loss:
-            return (
-                "fp16 (no loss scale)"
-                if self.loss_scale is LossScale.none
-                else f"fp16 ({self.loss_scale.value} loss scale)"
-            )
+            if self.loss_scale is LossScale.none:
+                return "fp16 (no loss scale)"
+            if self.loss_scale is LossScale.static:
+                return f"fp16 (static loss scale {self.cfg.init_scale:g})"
+            return f"fp16 ({self.loss_scale.value} loss scale)"
         return self.name.value
 
     def autocast(self) -> ContextManager:

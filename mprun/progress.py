@@ -9,8 +9,18 @@ from typing import Any, Mapping
 log = logging.getLogger("mprun")
 
 
+def _label(key: str) -> str:
+    """val/loss -> val_loss, perf/samples_per_s -> samples_per_s: distinct names, as a user would type them."""
+    return key.removeprefix("perf/").replace("/", "_")
+
+
+def _number(value: float) -> str:
+    """4 significant digits, but 10,250 rather than 1.025e+04."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def _fmt(values: Mapping[str, float]) -> str:
-    return "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items())
+    return "  ".join(f"{_label(k)}={_number(v)}" for k, v in values.items())
 
 
 class Progress:

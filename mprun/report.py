@@ -327,8 +327,8 @@ class Report:
         text = ["", "── mprun sweep report " + "─" * 40]
         if self.seeded:
             text += _aligned(group_columns(self.groups), group_rows(self.groups))
-        else:
-            text += _aligned(COLUMNS, table_rows(self.rows))
+        else:  # a status as a word, not markdown's **KILLED**
+            text += _aligned(COLUMNS, [[c.strip("*") for c in cells] for cells in table_rows(self.rows)])
         text += self.notes
         failed = [r for r in self.rows if r.failure]
         text += [f"failed      job {r.num} {r.name}: {_clip(first_line(r.failure), 160)}" for r in failed]
@@ -400,7 +400,9 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
         )
     bad = [r for r in rows if r.mark != "ok"]
     if bad:
-        notes.append(f"{len(bad)} of {len(rows)} jobs did not finish cleanly (marked in the table).")
+        # Of those recorded: an interrupted sweep's unstarted jobs have no run ("1 of 1 jobs" in a 3-job sweep).
+        started = f"the {len(rows)} job{'s' * (len(rows) != 1)} that started"
+        notes.append(f"{len(bad)} of {started} did not finish cleanly (marked in the table).")
     return notes
 
 

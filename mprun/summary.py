@@ -4,6 +4,7 @@ printed on stdout."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 from pathlib import Path
@@ -80,8 +81,33 @@ def json_text(obj: Any) -> str:
     return json.dumps(strict(obj), indent=2, default=str, allow_nan=False)
 
 
+def write_to_log_file(text: str, level: int = logging.INFO) -> None:
+    """text into the run's log file (Hydra's mprun.log), not the console: for what the console already shows."""
+    record = logging.getLogger("mprun").makeRecord("mprun", level, __file__, 0, text, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def job_line(s: Mapping[str, Any], run_dir: Path, job: JobInfo) -> str:
+    """A finished sweep job in one line: the sweep's report has the table."""
+    return (
+        f"job {job.num} {job.name}: val/acc {s['val_acc']:.4f}  {s['samples_per_s']:,.0f} samples/s  "
+        f"{s['peak_mem_mib']:,.0f} MiB  {s['precision_detail'].split(':')[0]}  skipped {s['skipped_steps']}  "
+        f"{s['train_time_s']:.1f} s  ({run_dir})"
+    )
+
+
 def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Optional[JobInfo]) -> None:
-    """Human-readable closing block on stdout."""
+    """Human-readable closing block on stdout, and in the run's log; a sweep job that finished gets one line (its
+    block is in its log)."""
+    block = summary_block(s, run_dir, tracker, job)
+    write_to_log_file(block)
+    print(job_line(s, run_dir, job) if job is not None and not s.get("interrupted") else block, flush=True)
+
+
+def summary_block(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Optional[JobInfo]) -> str:
+    """The closing block: results, precision, time, where things are."""
     mem = "GPU tensors, peak allocated" if s["peak_mem_kind"] == "cuda_max_allocated" else "process peak RSS"
     stopped = []
     if s.get("interrupted"):  # numbers not measured before the stop (NaN) are printed as such
@@ -113,7 +139,7 @@ def print_summary(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Op
         f"run dir     {run_dir}",
         *tracker.describe(),
     ]
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
 
 
 def _throughput_line(s: Mapping[str, Any]) -> str:

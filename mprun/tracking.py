@@ -60,6 +60,8 @@ class MlflowConfig(Buildable):
     def __post_init__(self) -> None:
         if self.flush_every_s < 0:
             raise ConfigError(f"flush_every_s={self.flush_every_s} must be >= 0")
+        if not (self.experiment or "").strip():  # MLflow's own error for it blamed the store
+            raise ConfigError("experiment: must name an MLflow experiment (default: mprun), got an empty name")
 
 
 @dataclass

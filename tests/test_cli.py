@@ -137,7 +137,7 @@ def test_a_sweep_preset_is_a_multirun_without_dash_m(tmp_path: Path) -> None:
     """Hydra ignores hydra.sweeper.params in a single run, so `experiment=amp_benchmark` quietly made one run at auto
     precision; the presets set hydra.mode=MULTIRUN, and hydra.mode=RUN still makes the one run."""
     args = ["experiment=amp_benchmark", "model=simple_mlp", "trainer.max_steps=1", "tracking=none"]
-    swept = run_cli_here(*args, "precision=fp32,bf16", cwd=tmp_path)
+    swept = run_cli_here(*args, "precision=fp32,bf16", "trainer.seed=0", cwd=tmp_path)  # one seed
     assert swept.returncode == 0, swept.stderr
     assert sorted(p.name for p in tmp_path.glob("outputs/multirun/*/*/*") if p.is_dir()) == ["0", "1"]
     single = run_cli_here(*args, "hydra.mode=RUN", "hydra.run.dir=outputs/one", cwd=tmp_path)
@@ -155,10 +155,16 @@ CLI_BAD_INPUTS = [
         [
             "epochs",
             "TrainerConfig",
-            "mprun: error: trainer.epochs: unknown key; trainer takes channels_last, checkpoint_every_epochs,",
+            "mprun: error: trainer.epochs: unknown key; did you mean trainer.max_epochs? trainer takes channels_last,",
         ],
     ),
-    (["trainr.max_epochs=3"], ["mprun: error: trainr: unknown key; the config takes dataset, model, optimizer,"]),
+    (["trainr.max_epochs=3"], ["mprun: error: trainr: unknown key; did you mean trainer? the config takes dataset,"]),
+    # A typo gets the key it most likely meant: a close spelling, or an abbreviation either way.
+    (
+        ["optimizer.learning_rate=0.1"],
+        ["mprun: error: optimizer.learning_rate: unknown key; did you mean optimizer.lr?"],
+    ),
+    (["optimizer.wd=0.1"], ["mprun: error: optimizer.wd: unknown key; did you mean optimizer.weight_decay?"]),
     (
         ["tracking=none", "tracking.experiment=x"],
         ["mprun: error: tracking.experiment: unknown key; tracking takes no keys"],
@@ -225,6 +231,11 @@ BAD_VALUES = [
         ["tracking.uri=postgresql://u:p@127.0.0.1:9/db"],
         ["cannot use MLflow tracking store postgresql://", "tracking=none"],
     ),
+    # It blamed the store ("Fix tracking.uri").
+    (["tracking.experiment="], ["tracking.experiment: must name an MLflow experiment (default: mprun)"]),
+    # "Structured config of type `ImageFolderConfig` has missing mandatory value: root": the key as typed.
+    (["dataset=imagefolder"], ["dataset.root: missing mandatory value; set it on the command line (dataset.root=...)"]),
+    (["model=timm"], ["model.name: missing mandatory value"]),
 ]
 
 
@@ -394,3 +405,25 @@ def test_unnamed_runs_get_distinct_names_and_run_name_prefixes_a_sweeps(tmp_path
         "study: sweep precision=fp32,bf16 tracking.run_name=study "
         "model=simple_mlp trainer.max_steps=2 trainer.max_epochs=1",
     ]
+
+
+def test_bad_input_leaves_no_run_directory_and_a_failed_run_leaves_its_error_in_the_log(tmp_path: Path) -> None:
+    """Hydra creates the run directory (.hydra/, an empty mprun.log) before mprun sees the config: after an hour of
+    typos, most run directories were such leftovers. A run that fails later keeps its directory, and its log now
+    ends with the error the console showed."""
+    bad = run_cli_here("optimizer.lr=-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "optimizer.lr=-1.0 must be > 0" in bad.stderr
+    assert not [p for p in (tmp_path / "outputs").rglob("*")], "no run directory, no date directory"
+    stopped = run_cli_here(
+        "model=simple_mlp",
+        "model.grad_scale=1e30",  # overflows fp16 at any scale: the loss scale collapses, a NumericsError
+        "precision=fp16",
+        "precision.collapse_patience=100",
+        "trainer.log_every_steps=5",
+        "tracking=none",
+        "trainer.progress=off",
+        cwd=tmp_path,
+    )
+    assert stopped.returncode == 1 and "mprun: stopped: step 20: loss scale collapsed" in stopped.stderr
+    (log,) = (tmp_path / "outputs").rglob("mprun.log")
+    assert log.read_text().splitlines()[-1].endswith(stopped.stderr.strip().splitlines()[-1])

@@ -73,7 +73,7 @@ def test_unknown_key_fails_at_compose(make_cfg) -> None:
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key; trainer takes channels_last, "),
+        (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key; did you mean trainer.max_epochs? trainer takes "),
         (["+seed=1"], "seed: unknown key; the config takes dataset, model, "),
         (
             ["model=simple_mlp", "+model.kwargs.bias=false"],

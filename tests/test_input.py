@@ -110,3 +110,19 @@ def test_host_side_synthetic_batches_are_pinned(make_cfg) -> None:
     data = build.dataset(cfg, 0, torch.device("cuda"))
     for x, y in (*data.train, *data.val):
         assert x.is_pinned() and y.is_pinned() and x.device.type == "cpu"
+
+
+def test_a_batch_larger_than_the_training_split_is_capped_with_one_warning(make_cfg, caplog) -> None:
+    """batch_size=100000 on digits was accepted: validation was padded to 100,000 samples (4.7 GB, 19 s)."""
+    from mprun import build
+    from mprun.config import validate
+
+    cfg = make_cfg("dataset.batch_size=100000")
+    validate(cfg)
+    with caplog.at_level("WARNING", logger="mprun.data"):
+        data = build.dataset(cfg, 0, torch.device("cpu"))
+    assert caplog.messages == [
+        "dataset.batch_size=100000 is larger than the training split (1438 samples): each pass is one batch of 1438"
+    ]
+    assert len(data.train) == 1 and data.train.smallest_batch() == 1438
+    assert len(data.val) == 1 and sum(len(y) for _, y in data.val) == 359  # no padding past the split

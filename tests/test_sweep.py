@@ -281,6 +281,9 @@ def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:
     assert parent.info.status == "FAILED" and "error" not in parent.data.tags  # the failed jobs say why
     md = (Path(parent.data.tags["mprun.sweep_dir"]) / "report" / "report.md").read_text()
     assert md.count("**FAILED**") == 2 and "## Failed jobs" in md
+    table = proc.stdout[proc.stdout.index("mprun sweep report") :]
+    assert "**" not in table  # markdown's bold is for report.md, not a terminal
+    assert "2 of the 4 jobs that started did not finish cleanly" in table
     failed_lines = [line for line in proc.stdout.splitlines() if line.startswith("failed      job ")]
     assert len(failed_lines) == 2 and all("optimizer.lr=-1.0 must be > 0" in line for line in failed_lines)
 
@@ -417,7 +420,8 @@ def test_ctrl_c_ends_the_sweep_with_parent_and_job_killed(tmp_path: Path) -> Non
     parent, children = sweep_runs(tmp_path)
     assert parent.info.status == "KILLED"
     assert [c.info.status for c in children] == ["KILLED"]  # the second job never started
-    assert "The sweep was interrupted: jobs it had not started are not listed" in out  # "1 of 1 jobs" said no more
+    assert "The sweep was interrupted: jobs it had not started are not listed" in out
+    assert "1 of the 1 job that started did not finish cleanly" in out and "**KILLED**" not in out  # "1 of 1 jobs"
     # The stopped job's summary says how to continue: the sweep, not `trainer.resume=<job dir>`, which would resume
     # every job of the sweep from this one's checkpoint.
     assert (
@@ -591,3 +595,11 @@ def test_a_seeded_sweep_reports_one_row_per_precision_and_a_recommendation(tmp_p
     assert tags["verdict/bf16"].endswith(", 3 seeds") and tags["verdict/fp32"].startswith("baseline: val acc ")
     md = (Path(tags["mprun.sweep_dir"]) / "report" / "report.md").read_text()
     assert "## By precision (seeds together)" in md and "## By job" in md and "Welch t interval" in md
+    # Each job says one line on the console (its 13-line summary block goes to its log), the report the rest.
+    jobs = [line for line in proc.stdout.splitlines() if line.startswith("job ")]
+    assert [line.split(":")[0] for line in jobs] == [
+        f"job {n} precision={p},trainer.seed={s}"
+        for n, (p, s) in enumerate((p, s) for p in ("fp32", "bf16") for s in (1, 2, 3))
+    ]
+    assert "── mprun summary" not in proc.stdout
+    assert "── mprun summary" in (Path(tags["mprun.sweep_dir"]) / "0" / "mprun.log").read_text()
