@@ -63,17 +63,21 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     data.train.shard(world.rank, world.size)
     data.val.shard(world.rank, world.size)  # each rank evaluates its share; evaluate() sums over ranks
     model_name = _model_label(cfg)
-    try:
-        module: nn.Module = instantiate(cfg.model, _convert_="all")(
-            in_chans=data.in_chans, image_size=data.image_size, num_classes=data.num_classes
+    served = checked["model"].TASKS
+    if data.task.name not in served:
+        raise ConfigError(
+            f"{model_name} cannot serve dataset={data.name}: the dataset is a {data.task.name} task and the model "
+            f"serves {', '.join(served)} (language models: model=gpt; image classifiers: model=simple_cnn, "
+            "resnet18, ...)"
         )
+    inputs = data.model_inputs()
+    try:
+        module: nn.Module = instantiate(cfg.model, _convert_="all")(**inputs)
     except ConfigError:
         raise
     except (AssertionError, ValueError, RuntimeError) as e:  # e.g. a ViT patch larger than the image
-        raise ConfigError(
-            f"{model_name} cannot be built for dataset={data.name} "
-            f"({data.in_chans}x{data.image_size[0]}x{data.image_size[1]}, {data.num_classes} classes): {e}"
-        ) from e
+        given = ", ".join(f"{k}={v}" for k, v in inputs.items())
+        raise ConfigError(f"{model_name} cannot be built for dataset={data.name} ({given}): {e}") from e
     # Model transforms before moving/compiling: fp32 islands run outside autocast.
     fp32_modules = (
         numerics.keep_fp32(module, precision.cfg.fp32_modules, device.type) if precision.cfg.fp32_modules else []
@@ -81,7 +85,13 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
     module = module.to(device, memory_format=memory_format)
     models.check_fits(
-        module, data.example().to(device), data.train.smallest_batch(), data.num_classes, model_name, data.name
+        module,
+        data.example().to(device),
+        data.train.smallest_batch(),
+        data.num_classes,
+        model_name,
+        data.name,
+        task=data.task,
     )
     # DDP wraps the module; FSDP2 shards it in place (before the optimizer sees its parameters).
     wrapped = distributed.wrap(module, trainer.strategy, device, precision, fp32_modules)

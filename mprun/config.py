@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from mprun import data, loop, models, optim, precision, tracking
+from mprun import data, gpt, loop, models, optim, precision, text, tracking
 from mprun.errors import ConfigError, first_line
 
 # Settings that change where and how a run is recorded or continued, not what it computes: a resume may change them
@@ -81,10 +81,12 @@ SCHEMAS: dict[str, type] = {
     "model_simple_cnn_schema": models.SimpleCNNConfig,
     "model_timm_schema": models.TimmModelConfig,
     "model_torchvision_schema": models.TorchvisionModelConfig,
+    "model_gpt_schema": gpt.GPTConfig,
     "dataset_digits_schema": data.DigitsConfig,
     "dataset_synthetic_schema": data.SyntheticConfig,
     "dataset_torchvision_schema": data.VisionConfig,
     "dataset_imagefolder_schema": data.ImageFolderConfig,
+    "dataset_pycode_schema": text.PyCodeConfig,
     "optimizer_sgd_schema": optim.SGDConfig,
     "optimizer_adam_schema": optim.AdamConfig,
     "optimizer_adamw_schema": optim.AdamWConfig,

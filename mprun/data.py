@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, List, Protocol
+from typing import Any, Iterator, List, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from omegaconf import MISSING
 
 from mprun.errors import ConfigError, require
 from mprun.schema import Buildable
+from mprun.tasks import CLASSIFICATION, Task
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,17 @@ class DataBundle:
     val: Loader
     in_chans: int
     image_size: tuple[int, int]
-    num_classes: int
+    num_classes: int  # a language model's: its vocabulary (the classes of each next-token prediction)
+    task: Task = CLASSIFICATION
+    context: int = 0  # a language model's window length (dataset.block_size)
+    source: dict[str, str] = field(default_factory=dict)  # what the data was made from, recorded as params
+
+    def model_inputs(self) -> dict[str, Any]:
+        """What a model is built for: an image classifier's input channels, image size and classes; a language
+        model's vocabulary and context length (image_size's first entry)."""
+        if self.task.name == CLASSIFICATION.name:
+            return {"in_chans": self.in_chans, "image_size": self.image_size, "num_classes": self.num_classes}
+        return {"vocab_size": self.num_classes, "context": self.context}
 
     def example(self) -> torch.Tensor:
         """Two input samples, for checking that a model fits."""

@@ -53,6 +53,8 @@ def run_tags(parts: Components) -> dict[str, str]:
         "torch_version": torch.__version__,
         **cuda,
         "precision": parts.precision.name.value,
+        "task": parts.data.task.name,
+        "mprun.headline": f"val_{parts.data.task.headline}",  # what a sweep report judges the run on
         "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
         "mprun_version": mprun.__version__,
         "fp32_modules": ",".join(parts.fp32_modules) or "none",
@@ -132,7 +134,7 @@ def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dic
     previous_run = resumed["tracking"]["run_id"] if resumed and "tracking" in resumed else ""
     if previous_run:  # kept by a new run too, when the old one cannot be continued
         tags.update({"mprun.resumed_from_run": previous_run, "mprun.resumed_from_step": str(state.step)})
-    guard = numerics.Guard(p)
+    guard = numerics.Guard(p, r.parts.data.task)
     if resumed:
         guard.load_state_dict(resumed.get("numerics", {}))
         checkpoint.restore_rng(resumed["rng"])  # last: building the model and data drew random numbers
@@ -141,6 +143,7 @@ def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dic
     with GracefulStop() as stop:
         if not (previous_run and r.tracker.resume(previous_run, state.step)):
             params = config.flatten(OmegaConf.to_container(r.cfg, resolve=True, enum_to_str=True))
+            params.update(r.parts.data.source)  # what the data was made from (a corpus's Python and digest)
             r.tracker.start(params, tags, r.job.name if r.job else None)
         return _train_and_close(r, state, guard, stop)
 

@@ -20,11 +20,42 @@ if TYPE_CHECKING:
     from mprun.report import Row
 
 SEED = "trainer.seed"
-ACC = "final/val_acc"  # the headline metric: a fraction, shown in percentage points
 THROUGHPUT = "final/samples_per_s"
 MEMORY = "final/peak_mem_mib"
 SKIPPED = "final/skipped_steps"
 CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The metric a group is judged on: its task's (the run's mprun.headline tag), and how it reads."""
+
+    name: str  # the summary's key: val_acc, val_bpb, val_loss
+    higher_is_better: bool
+    scale: float  # shown as value x scale: a fraction in percentage points
+    unit: str
+    digits: int
+
+    @property
+    def key(self) -> str:
+        return f"final/{self.name}"
+
+    @property
+    def label(self) -> str:
+        return self.name.replace("_", " ")
+
+    def show(self, value: float, sign: bool = False) -> str:
+        return f"{self.scale * value:{'+' if sign else ''}.{self.digits}f}"
+
+
+HEADLINES = {
+    h.name: h
+    for h in (
+        Headline("val_acc", True, 100.0, "pp", 2),
+        Headline("val_bpb", False, 1.0, "bits", 3),
+        Headline("val_loss", False, 1.0, "nats", 3),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -57,17 +88,19 @@ def welch(values: list[float], base: list[float]) -> Delta:
     return Delta(diff, float(t.ppf(0.5 + CONFIDENCE / 2, df)) * math.sqrt(va + vb))
 
 
-def verdict(delta: Delta, n: int, n_base: int, tolerance: float) -> str:
-    """'within noise' when the interval holds 0, else 'better' or 'worse' (or 'worse, within tolerance' when even its
-    low end is within `tolerance` of the baseline); with fewer than 3 seeds on a side, says so."""
+def verdict(delta: Delta, n: int, n_base: int, tolerance: float, headline: Headline = HEADLINES["val_acc"]) -> str:
+    """'within noise' when the interval holds 0, else 'better' or 'worse' by the headline's direction (or 'worse,
+    within tolerance' when even its worse end is within `tolerance`, in the headline's shown unit); with fewer than 3
+    seeds on a side, says so."""
     if delta.half is None:
         return "one seed: cannot tell noise from effect"
-    if delta.low <= 0 <= delta.high:
+    gain = delta if headline.higher_is_better else Delta(-delta.mean, delta.half)
+    if gain.low <= 0 <= gain.high:
         said = "within noise"
-    elif delta.low > 0:
+    elif gain.low > 0:
         said = "better"
-    elif tolerance > 0 and delta.low >= -tolerance:
-        said = f"worse, within the {100 * tolerance:g} pp tolerance"
+    elif tolerance > 0 and gain.low * headline.scale >= -tolerance:
+        said = f"worse, within the {tolerance:g} {headline.unit} tolerance"
     else:
         said = "worse"
     fewest = min(n, n_base)
@@ -87,7 +120,7 @@ class Group:
     context: tuple[str, ...]  # the other overrides, seed aside: what its fp32 baseline group shares
     rows: list[Row] = field(default_factory=list)
     baseline: Group | None = None
-    tolerance: float = 0.0  # accuracy (a fraction) a precision may lose and still be recommended (report.tolerance_pp)
+    tolerance: float = 0.0  # what a precision may lose, in the headline's shown unit, and be recommended
 
     @property
     def precision(self) -> str:
@@ -102,9 +135,13 @@ class Group:
         return self.option
 
     @property
+    def headline(self) -> Headline:
+        return HEADLINES.get(self.rows[0].headline, HEADLINES["val_acc"])
+
+    @property
     def used(self) -> list[Row]:
-        """The jobs its statistics are over: finished, with a finite loss and an accuracy."""
-        return [r for r in self.rows if r.mark == "ok" and r.metric(ACC) is not None]
+        """The jobs its statistics are over: finished, with a finite loss and a headline metric."""
+        return [r for r in self.rows if r.mark == "ok" and r.metric(self.headline.key) is not None]
 
     @property
     def left_out(self) -> list[Row]:
@@ -126,9 +163,10 @@ class Group:
         return mine / base if mine is not None and base else None
 
     def delta(self) -> Delta | None:
-        if self.baseline is None or self.baseline is self or not self.values(ACC) or not self.baseline.values(ACC):
+        key = self.headline.key
+        if self.baseline is None or self.baseline is self or not self.values(key) or not self.baseline.values(key):
             return None
-        return welch(self.values(ACC), self.baseline.values(ACC))
+        return welch(self.values(key), self.baseline.values(key))
 
     @property
     def verdict(self) -> str:
@@ -137,25 +175,33 @@ class Group:
         delta = self.delta()
         if delta is None:
             return "no fp32 group to compare with" if self.used else "no finished job"
-        return verdict(delta, len(self.values(ACC)), len(self.baseline.values(ACC)), self.tolerance)
+        key = self.headline.key
+        return verdict(delta, len(self.values(key)), len(self.baseline.values(key)), self.tolerance, self.headline)
+
+    @property
+    def delta_name(self) -> str:
+        """Δacc, Δbpb."""
+        return "Δ" + self.headline.name.removeprefix("val_")
 
     def delta_text(self) -> str:
-        """'-0.09 ± 0.30 pp' (the interval's half-width), or '-0.09 pp' without one."""
-        delta = self.delta()
+        """'-0.09 ± 0.30 pp' (the interval's half-width), or '-0.09 pp' without one; bits or nats for a language
+        model."""
+        delta, h = self.delta(), self.headline
         if delta is None:
             return "—"
-        spread = "" if delta.half is None else f" ± {100 * delta.half:.2f}"
-        return f"{100 * delta.mean:+.2f}{spread} pp".replace("-", "−")
+        spread = "" if delta.half is None else f" ± {h.show(delta.half)}"
+        return f"{h.show(delta.mean, sign=True)}{spread} {h.unit}".replace("-", "−")
 
     def summary(self) -> str:
         """One line for the parent run's verdict/<precision> tag."""
-        speedup, n, accs = self.ratio(THROUGHPUT), len(self.used), self.values(ACC)
+        h = self.headline
+        speedup, n, values = self.ratio(THROUGHPUT), len(self.used), self.values(h.key)
         seeds = f"{n} seed{'s' * (n != 1)}"
         if self.baseline is self:
-            spread = f" ± {100 * statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-            return f"baseline: val acc {100 * statistics.fmean(accs):.2f}{spread} %, {seeds}"
+            spread = f" ± {h.show(statistics.stdev(values))}" if len(values) > 1 else ""
+            return f"baseline: {h.label} {h.show(statistics.fmean(values))}{spread}, {seeds}"
         speed = "" if speedup is None else f", {speedup:.2f}× fp32's throughput"
-        return f"{self.verdict}: Δacc {self.delta_text()}{speed}, {seeds}"
+        return f"{self.verdict}: {self.delta_name} {self.delta_text()}{speed}, {seeds}"
 
 
 def setting(g: Group, groups: list[Group]) -> str:
@@ -207,7 +253,7 @@ def recommendation(groups: list[Group]) -> list[str]:
             lines.append(
                 f"{where}pick {best.label}: {best.ratio(THROUGHPUT):.2f}× fp32's throughput"
                 + ("" if memory is None else f", {memory:.2f}× memory")
-                + f", Δacc {best.delta_text()} ({best.verdict}, {len(best.used)} seeds)"
+                + f", {best.delta_name} {best.delta_text()} ({best.verdict}, {len(best.used)} seeds)"
             )
             continue
         why = []
@@ -217,7 +263,7 @@ def recommendation(groups: list[Group]) -> list[str]:
             elif g.verdict.startswith("one seed"):
                 why.append(f"{g.label} has one seed: sweep {SEED}=1,2,3 to tell noise from effect")
             elif g.used:
-                why.append(f"{g.label} is {g.verdict} (Δacc {g.delta_text()})")
+                why.append(f"{g.label} is {g.verdict} ({g.delta_name} {g.delta_text()})")
             else:
                 why.append(f"{g.label} has no finished job")
         lines.append(f"{where}keep {base.label}: " + ("; ".join(why) or "nothing else was run"))

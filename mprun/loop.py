@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mprun import numerics
@@ -33,6 +32,7 @@ from mprun.hardware import DeviceName
 from mprun.interrupts import GracefulStop
 from mprun.precision import Precision
 from mprun.progress import Progress
+from mprun.tasks import CLASSIFICATION, Task
 from mprun.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ class Training:
 class FitResult:
     val_loss: float = float("nan")
     val_acc: float = float("nan")
+    val_extra: dict[str, float] = field(default_factory=dict)  # the task's other val metrics (ppl, bpb), by name
     train_loss: float = float("nan")
     samples_per_s: float = float("nan")
     peak_mem_mib: float = 0.0
@@ -232,9 +233,10 @@ def train_step(
     *,
     want_norm: bool,
     stats: Optional[dict] = None,
+    task: Task = CLASSIFICATION,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Forward/backward over the micro-batches, then one optimizer step: (mean loss, grad norm or None).
-    With `stats` (a dict), also record activation maxima and fp16 gradient under/overflow into it."""
+    """Forward/backward over the micro-batches, then one optimizer step: (mean loss, grad norm or None); the task
+    says what the loss is. With `stats` (a dict), also record activation maxima and fp16 gradient under/overflow."""
     total = torch.zeros((), device=micro_batches[0][0].device)
     plain = user_module(model)  # hooks and statistics see the user's module names, not DDP's or compile's wrapper
     if stats is not None:
@@ -250,7 +252,7 @@ def train_step(
             else contextlib.nullcontext()
         )
         with precision.autocast(), watch, accumulate:
-            loss = F.cross_entropy(model(x), y)
+            loss = task.loss(model(x), y)
         # Averaging over micro-batches makes the accumulated gradient equal one big batch's. The loss
         # scale must not change between micro-batches, which holds because update() runs only in step().
         precision.backward(loss / len(micro_batches))
@@ -310,7 +312,9 @@ def train_epoch(
         micro = [_to_device(b, device, cfg.channels_last) for b in micro]
         at_log_step = (state.step + 1) % cfg.log_every_steps == 0 or state.step + 1 == last_step
         stats = {} if guard is not None and guard.stats_due(state.step + 1) else None
-        loss, norm = train_step(model, micro, optimizer, precision, want_norm=at_log_step, stats=stats)
+        loss, norm = train_step(
+            model, micro, optimizer, precision, want_norm=at_log_step, stats=stats, task=run.data.task
+        )
         lr = scheduler.get_last_lr()[0]  # the rate this step used (a host float): logged, not the next step's
         # Every attempted step advances the schedule, skipped or not, as in a torch.amp loop: holding it
         # for skipped steps would mean reading each step's outcome on the host (a sync per step).
@@ -368,13 +372,13 @@ def evaluate(
     *,
     channels_last: bool = False,
     world: World = SINGLE,
-) -> tuple[float, float]:
-    """Validation (loss, accuracy) under the run's autocast. Each rank evaluates its share of the set (the loader
-    is sharded); one host sync and one all-reduce at the end."""
+    task: Task = CLASSIFICATION,
+) -> dict[str, float]:
+    """The task's validation metrics (loss, acc, and a language model's ppl and bpb) under the run's autocast. Each
+    rank evaluates its share of the set (the loader is sharded); one host sync and one all-reduce at the end."""
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.float64)
-    real = left = loader.real_samples()  # past these, the share is padding (every rank runs as many batches)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # the task's [loss sum, correct, targets]
+    left = loader.real_samples()  # past these, the share is padding (every rank runs as many batches)
     with torch.no_grad():
         for batch in loader:
             x, y = _to_device(batch, device, channels_last)
@@ -382,12 +386,10 @@ def evaluate(
                 logits = model(x)
             keep = min(len(y), left)  # the padding sits at the end of the share
             logits, y, left = logits[:keep], y[:keep], left - keep
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            correct += (logits.argmax(dim=1) == y).sum()
+            if keep:
+                sums += task.sums(logits, y)
     model.train()
-    loss, right = torch.stack([loss_sum, correct]).tolist()  # the sync
-    loss, right, seen = world.sum([loss, right, float(real)])
-    return loss / max(1.0, seen), right / max(1.0, seen)
+    return task.metrics(*world.sum(sums.tolist()))  # the sync
 
 
 def _warn_input_bound(frac: float, loader: Loader, rate: float) -> None:
@@ -486,10 +488,19 @@ def fit(
                 _warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
                 warned = True
             if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or done:
-                result.val_loss, result.val_acc = evaluate(
-                    run.model, data.val, run.precision, device, channels_last=cfg.channels_last, world=world
+                val = evaluate(
+                    run.model,
+                    data.val,
+                    run.precision,
+                    device,
+                    channels_last=cfg.channels_last,
+                    world=world,
+                    task=data.task,
                 )
+                result.val_loss, result.val_acc = val.pop("loss"), val.pop("acc")
+                result.val_extra = val
                 metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
+                metrics.update({f"val/{k}": v for k, v in val.items()})
             tracker.log_metrics(metrics, state.step)
             progress.end_epoch(running + 1, {"train_loss": result.train_loss, **metrics})
             # not after the last epoch: the final checkpoint follows anyway

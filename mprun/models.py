@@ -16,11 +16,15 @@ from torch import nn
 
 from mprun.errors import ConfigError, first_line, require
 from mprun.schema import Buildable
+from mprun.tasks import CLASSIFICATION, Task
 
 
 @dataclass
 class ModelConfig(Buildable):
-    """A model: built with the dataset's in_chans, image_size and num_classes."""
+    """A model: built with what its dataset's DataBundle.model_inputs() gives (an image classifier: in_chans,
+    image_size and num_classes)."""
+
+    TASKS = ("classification",)  # the tasks (mprun.tasks) it can serve; a class attribute, not a setting
 
 
 @dataclass
@@ -230,7 +234,14 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
 
 
 def check_fits(
-    model: nn.Module, example: torch.Tensor, smallest_batch: int, num_classes: int, model_name: str, dataset_name: str
+    model: nn.Module,
+    example: torch.Tensor,
+    smallest_batch: int,
+    num_classes: int,
+    model_name: str,
+    dataset_name: str,
+    *,
+    task: Task = CLASSIFICATION,
 ) -> None:
     """Run one tiny forward pass in training mode, as the first step will, so that a model/dataset/batch
     mismatch fails now, naming them (model_name as the command line does: `model=vit_b16 model.name=...`), not
@@ -267,7 +278,9 @@ def check_fits(
         "(torchvision googlenet "
         "and inception_v3: +model.kwargs.aux_logits=false)",
     )
+    expected = task.output_shape(example, num_classes)
     require(
-        tuple(out.shape) == (example.shape[0], num_classes),
-        f"{model_name} outputs shape {tuple(out.shape[1:])}, dataset={dataset_name} has {num_classes} classes",
+        tuple(out.shape) == expected,
+        f"{model_name} outputs shape {tuple(out.shape[1:])}, dataset={dataset_name} needs {expected[1:]} "
+        f"({num_classes} {'classes' if task.name == 'classification' else 'tokens'})",
     )

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
 from mprun.data import Batch
 from mprun.errors import ConfigError, NumericsError
+from mprun.tasks import CLASSIFICATION, Task
 
 log = logging.getLogger(__name__)
 FP16_MAX = 65504.0
@@ -97,7 +97,7 @@ def _nonfinite(value: Any) -> bool:
     return any(t.is_floating_point() and not torch.isfinite(t).all() for t in _tensors(value))
 
 
-def trace_nonfinite(model: nn.Module, batch: Batch, precision: Any) -> dict[str, Any]:
+def trace_nonfinite(model: nn.Module, batch: Batch, precision: Any, task: Task = CLASSIFICATION) -> dict[str, Any]:
     """Re-run one batch forward and backward with hooks on every module; report the first module whose
     output (forward) or input gradient (backward, in the order backward reaches them) is non-finite.
 
@@ -140,7 +140,7 @@ def trace_nonfinite(model: nn.Module, batch: Batch, precision: Any) -> dict[str,
         handles += [m.register_full_backward_hook(on_backward) for m in model.modules() if not list(m.children())]
         try:
             with precision.autocast():
-                loss = F.cross_entropy(model(x), y)
+                loss = task.loss(model(x), y)
             report["loss"] = loss.item()
             model.zero_grad(set_to_none=True)
             # "hook fires on outputs" for a first layer whose input needs no grad: expected
@@ -286,8 +286,9 @@ class Guard:
     Stops are raised as NumericsError (the run ends FAILED with the diagnosis); warnings are logged
     once per kind. Everything here runs at log steps on numbers already synced, so it adds no sync."""
 
-    def __init__(self, precision: Any) -> None:
+    def __init__(self, precision: Any, task: Task = CLASSIFICATION) -> None:
         self.precision = precision
+        self.task = task  # what the tracer's re-run computes as the loss
         self.cfg = precision.cfg
         self.high_skip_windows = 0
         self.zero_grad_windows = 0  # log steps in a row whose gradients were all exactly zero
@@ -324,7 +325,7 @@ class Guard:
         if not self._tracing():
             return None
         for batch in batches:
-            found = trace_nonfinite(model, batch, self.precision)
+            found = trace_nonfinite(model, batch, self.precision, self.task)
             if found["forward"] or found["backward"] or found["nonfinite_params"]:
                 break
         report = {"step": step, "why": why, **found}

@@ -54,6 +54,7 @@ class Row:
     metrics: dict[str, float]
     error: str = ""
     mem_kind: str = ""  # cuda_max_allocated, or process_peak_rss on the CPU
+    headline: str = "val_acc"  # what its task is judged on (mprun.groups.HEADLINES): val_bpb for a byte-level LM
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     scale_curve: list[tuple[int, float]] = field(default_factory=list)
     baseline: Row | None = None
@@ -144,6 +145,7 @@ def collect(store: Store, parent_id: str, curves: bool = True) -> list[Row]:
             metrics=dict(run.metrics),
             error=tags.get("error", ""),
             mem_kind=tags.get("peak_mem_kind", ""),
+            headline=tags.get("mprun.headline", "val_acc"),
         )
         if curves and run.status != "FAILED":
             row.loss_curve = store.metric_history(run.run_id, "train/loss")
@@ -217,8 +219,8 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
 GROUP_COLUMNS = [
     "precision",
     "seeds",
-    "val acc (mean ± sd)",
-    "Δ acc vs fp32 (95% CI)",
+    "{label} (mean ± sd)",
+    "Δ {short} vs fp32 (95% CI)",
     "verdict",
     "samples/s (median, min–max)",
     "speedup",
@@ -239,17 +241,19 @@ def _spread(values: list[float], spec: str) -> str:
 
 def group_columns(groups: list[grouping.Group]) -> list[str]:
     """GROUP_COLUMNS, with a setting column first when the sweep varied more than precision and seed."""
-    return (["setting"] if any(grouping.setting(g, groups) for g in groups) else []) + GROUP_COLUMNS
+    h = groups[0].headline if groups else grouping.HEADLINES["val_acc"]
+    named = [c.format(label=h.label, short=h.name.removeprefix("val_")) for c in GROUP_COLUMNS]  # val acc, Δ acc
+    return (["setting"] if any(grouping.setting(g, groups) for g in groups) else []) + named
 
 
 def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
     """The group table's cells, one list per group."""
     out = []
     for g in groups:
-        accs = g.values(grouping.ACC)
+        values = g.values(g.headline.key)
         acc = "—"
-        if accs:
-            acc = f"{statistics.fmean(accs):.4f}" + (f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
+        if values:
+            acc = f"{statistics.fmean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
         seeds = str(len(g.used))
         if g.left_out:
             seeds += " (left out: " + ", ".join(f"job {r.num} {r.mark.strip('*')}" for r in g.left_out) + ")"
@@ -510,7 +514,7 @@ def write(
     percentage points, and still be recommended)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = grouping.group(rows, tolerance_pp / 100)
+    groups = grouping.group(rows, tolerance_pp)
     notes = notes_for(rows, groups)
     if interrupted:
         notes.append(
@@ -565,8 +569,8 @@ def main(argv: list[str] | None = None) -> None:
         "--tolerance-pp",
         type=float,
         default=0.0,
-        help="accuracy (percentage points) a precision may lose against fp32 and still be recommended (default 0: "
-        "only within noise)",
+        help="what a precision may lose against fp32 and still be recommended, in the headline's unit: percentage "
+        "points of accuracy, bits per byte for a language model (default 0: only within noise)",
     )
     p.add_argument("--no-log", action="store_true", help="do not log the report and its verdicts to the parent run")
     args = p.parse_args(argv)

@@ -113,15 +113,16 @@ def completed_summary(
     validation score."""
     results = dict(ckpt.get("summary") or _summary_beside(path, state))
     if not results:
-        val_loss, val_acc = evaluate(
+        val = evaluate(
             parts.model,
             parts.data.val,
             parts.precision,
             parts.device,
             channels_last=trainer.channels_last,
             world=parts.world,
+            task=parts.data.task,
         )
-        results = {"val_acc": val_acc, "val_loss": val_loss, "epochs": state.epoch, "steps": state.step}
+        results = {**{f"val_{k}": v for k, v in val.items()}, "epochs": state.epoch, "steps": state.step}
     results.update({k: float("nan") for k in FINAL_METRICS if results.get(k) is None})  # not measured
     print(
         f"mprun: nothing to train: {path} is at epoch {state.epoch}, step {state.step}, where this configuration "

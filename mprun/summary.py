@@ -20,9 +20,13 @@ if TYPE_CHECKING:
 
 def build(result: FitResult, parts: Components, state: TrainState, tracker: Tracker, wall_s: float) -> dict[str, Any]:
     """The end-of-run numbers, as written to summary.json."""
+    block = parts.data.context
     return {
+        "task": parts.data.task.name,
         "val_acc": result.val_acc,
         "val_loss": result.val_loss,
+        **{f"val_{k}": v for k, v in result.val_extra.items()},  # a language model's ppl, bpb
+        "tokens_per_s": result.samples_per_s * block if block else None,
         "train_loss": result.train_loss,
         "samples_per_s": result.samples_per_s,
         "data_wait_frac": result.data_wait_frac,
@@ -62,7 +66,8 @@ FINAL_METRICS = (
 
 def final_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     """The summary numbers logged as final/* metrics."""
-    return {f"final/{k}": float(results[k]) for k in FINAL_METRICS}
+    extra = ("val_ppl", "val_bpb", "tokens_per_s")  # a language model's
+    return {f"final/{k}": float(results[k]) for k in (*FINAL_METRICS, *extra) if results.get(k) is not None}
 
 
 def json_text(obj: Any) -> str:
@@ -91,8 +96,9 @@ def write_to_log_file(text: str, level: int = logging.INFO) -> None:
 
 def job_line(s: Mapping[str, Any], run_dir: Path, job: JobInfo) -> str:
     """A finished sweep job in one line: the sweep's report has the table."""
+    headline = " ".join(_val_line(s).split("(")[0].split())  # val/acc 0.9916, val/bpb 3.421
     return (
-        f"job {job.num} {job.name}: val/acc {s['val_acc']:.4f}  {s['samples_per_s']:,.0f} samples/s  "
+        f"job {job.num} {job.name}: {headline}  {s['samples_per_s']:,.0f} samples/s  "
         f"{s['peak_mem_mib']:,.0f} MiB  {s['precision_detail'].split(':')[0]}  skipped {s['skipped_steps']}  "
         f"{s['train_time_s']:.1f} s  ({run_dir})"
     )
@@ -127,7 +133,7 @@ def summary_block(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Op
         "",
         "── mprun summary " + "─" * 44,
         *stopped,
-        f"val/acc     {s['val_acc']:.4f}   (val/loss {s['val_loss']:.4f})",
+        _val_line(s),
         _throughput_line(s),
         f"input       waited for data {s['data_wait_frac']:.0%} of training time  ({s['input']})",
         f"peak memory {s['peak_mem_mib']:,.0f} MiB  ({mem})",
@@ -142,6 +148,16 @@ def summary_block(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Op
     return "\n".join(lines)
 
 
+def _val_line(s: Mapping[str, Any]) -> str:
+    """The summary's validation line: a language model's bits per byte (or perplexity) first."""
+    detail = f"(val/loss {s['val_loss']:.4f} nats/token, next-token acc {s['val_acc']:.4f})"
+    if "val_bpb" in s:
+        return f"val/bpb     {s['val_bpb']:.3f}   {detail}"
+    if "val_ppl" in s:
+        return f"val/ppl     {s['val_ppl']:.2f}   {detail}"
+    return f"val/acc     {s['val_acc']:.4f}   (val/loss {s['val_loss']:.4f})"
+
+
 def _throughput_line(s: Mapping[str, Any]) -> str:
     """The summary's throughput line, saying which epochs its median is over."""
     n = s.get("timed_epochs", 0)
@@ -150,7 +166,8 @@ def _throughput_line(s: Mapping[str, Any]) -> str:
     over = {1: "one epoch, warm-up included", 2: "the second epoch; the first (warm-up) left out"}.get(
         n, f"median of {n - 1} epochs; the first (warm-up) left out"
     )
-    return f"throughput  {s['samples_per_s']:,.0f} samples/s  ({over})"
+    tokens = f" = {s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else ""
+    return f"throughput  {s['samples_per_s']:,.0f} samples/s{tokens}  ({over})"
 
 
 def _scale_line(s: Mapping[str, Any]) -> str:

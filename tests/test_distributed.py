@@ -138,7 +138,8 @@ def test_evaluate_leaves_a_shards_padding_out() -> None:
     loader = TensorLoader(x, y, batch_size=2, shuffle=False)
     loader.shard(1, 3)  # samples 1, 4, 7, then sample 0 again: padding up to whole batches of 2
     fp32 = Precision(PrecisionConfig(dtype=PrecisionName.fp32, loss_scale=LossScale.none), torch.device("cpu"))
-    loss, acc = evaluate(model, loader, fp32, torch.device("cpu"))
+    val = evaluate(model, loader, fp32, torch.device("cpu"))
+    loss, acc = val["loss"], val["acc"]
     mine = torch.tensor([1, 4, 7])
     with torch.no_grad():
         logits = model(x[mine])

@@ -53,9 +53,11 @@ class InfOnSteps(nn.Module):
 
 
 def training(model: nn.Module, opt: torch.optim.Optimizer, sched, precision: Precision) -> Training:
-    """The loop's built objects for a model on DEVICE; the data comes as the loader train_epoch is given."""
+    """The loop's built objects for a model on DEVICE; the batches come from the loader train_epoch is given, the
+    task (classification) from the bundle."""
+    data = DataBundle("test", None, None, 1, (4, 1), 3)
     return Training(
-        model=model, data=None, optimizer=opt, scheduler=sched, precision=precision, device=DEVICE, world=SINGLE
+        model=model, data=data, optimizer=opt, scheduler=sched, precision=precision, device=DEVICE, world=SINGLE
     )
 
 

@@ -507,7 +507,7 @@ def test_verdicts_on_made_up_numbers() -> None:
     assert verdict_of(fp32) == "within noise"
     assert verdict_of([0.9800, 0.9810, 0.9790]) == "worse"
     assert verdict_of([0.9990, 0.9995, 0.9992]) == "better"
-    assert verdict_of([0.9800, 0.9810, 0.9790], tolerance=0.02) == "worse, within the 2 pp tolerance"
+    assert verdict_of([0.9800, 0.9810, 0.9790], tolerance=2.0) == "worse, within the 2 pp tolerance"
     assert verdict_of([0.99]) == "one seed: cannot tell noise from effect"
     assert verdict_of([0.9916, 0.9944]) == "within noise (only 2 seeds: a rough interval)"
 
@@ -603,3 +603,24 @@ def test_a_seeded_sweep_reports_one_row_per_precision_and_a_recommendation(tmp_p
     ]
     assert "── mprun summary" not in proc.stdout
     assert "── mprun summary" in (Path(tags["mprun.sweep_dir"]) / "0" / "mprun.log").read_text()
+
+
+def test_a_language_model_group_is_judged_on_bits_per_byte_where_lower_is_better() -> None:
+    """A run's mprun.headline tag says what its task is judged on: val_bpb, lower better, in bits."""
+    from mprun import groups
+
+    def lm(precision: str, bpbs: list[float], speed: float) -> list:
+        rows = _seeded(precision, [0.5] * len(bpbs), speed)
+        for row, bpb in zip(rows, bpbs):
+            row.headline, row.metrics["final/val_bpb"] = "val_bpb", bpb
+        return rows
+
+    fp32 = lm("fp32", [3.40, 3.42, 3.41], 100.0)
+    made = groups.group(fp32 + lm("bf16", [3.30, 3.31, 3.29], 150.0) + lm("fp16", [3.60, 3.61, 3.62], 160.0))
+    assert [g.verdict for g in made] == ["baseline", "better", "worse"]  # fewer bits is better
+    assert made[1].delta_text().startswith("−0.110 ± ") and made[1].delta_text().endswith(" bits")
+    [line] = groups.recommendation(made)
+    assert line.startswith("pick bf16: 1.50× fp32's throughput, 1.00× memory, Δbpb −0.110 ± ")
+    from mprun import report
+
+    assert report.group_columns(made)[2:4] == ["val bpb (mean ± sd)", "Δ bpb vs fp32 (95% CI)"]

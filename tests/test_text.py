@@ -1,0 +1,99 @@
+"""Language models: model=gpt on dataset=pycode (the standard library's source as bytes), through the same loop,
+precision options, tracking and resume as the image classifiers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mprun import checkpoint
+from mprun.errors import ConfigError
+from mprun.experiment import run
+from mprun.tasks import BYTE_LANGUAGE_MODEL, CLASSIFICATION
+
+# A GPT small enough for a few CPU steps: 1 block, 32 wide, windows of 16 bytes.
+TINY_LM = [
+    "dataset=pycode",
+    "model=gpt",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=16",
+    "dataset.block_size=16",
+    "dataset.batch_size=16",
+    "dataset.windows_per_epoch=128",
+    "dataset.val_windows=64",
+    "scheduler=none",
+    "trainer.log_every_steps=4",
+]
+
+
+def test_a_gpt_learns_bytes_of_python_and_reports_bits_per_byte(make_cfg, tmp_path: Path) -> None:
+    """The task owns the loss and the metrics: val/loss in nats per byte, val/bpb = loss / ln 2, val/ppl, next-byte
+    accuracy; tokens/s beside samples/s (a sample is a window); the corpus's Python and digest as params."""
+    summary = run(make_cfg(*TINY_LM, "trainer.max_epochs=3", tracking="mlflow"))
+    assert summary["task"] == "language_model"
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2))
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
+    assert summary["val_bpb"] < 7.0  # below a uniform guess over 256 bytes (8 bits): it learned something
+    assert summary["tokens_per_s"] == pytest.approx(16 * summary["samples_per_s"])
+    r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
+    assert {"val/bpb", "val/ppl", "val/loss", "val/acc", "final/val_bpb", "final/tokens_per_s"} <= set(r.data.metrics)
+    assert r.data.params["corpus.python"] and len(r.data.params["corpus.sha256"]) == 16
+
+
+def test_the_tasks_loss_and_metrics() -> None:
+    logits = torch.randn(2, 5, 7)
+    target = torch.randint(0, 7, (2, 5))
+    loss = BYTE_LANGUAGE_MODEL.loss(logits, target)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits.reshape(10, 7), target.reshape(10)).item())
+    loss_sum, correct, count = BYTE_LANGUAGE_MODEL.sums(logits, target).tolist()
+    assert count == 10 and loss_sum == pytest.approx(10 * loss.item(), rel=1e-6)
+    metrics = BYTE_LANGUAGE_MODEL.metrics(loss_sum, correct, count)
+    assert metrics["bpb"] == pytest.approx(loss.item() / math.log(2), rel=1e-6)
+    assert CLASSIFICATION.output_shape(torch.zeros(4, 3, 8, 8), 10) == (4, 10)
+    assert BYTE_LANGUAGE_MODEL.output_shape(torch.zeros(4, 16, dtype=torch.long), 256) == (4, 16, 256)
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["model=gpt"], "GPT cannot serve dataset=digits: the dataset is a classification task"),
+        (["dataset=pycode", "model=simple_cnn"], "cannot serve dataset=pycode: the dataset is a language_model task"),
+        (
+            ["dataset=pycode", "model=gpt", "dataset.block_size=256"],
+            "dataset.block_size=256 is longer than model.block_size=128",
+        ),
+        (["dataset=pycode", "model=gpt", "model.n_embd=100", "model.n_head=3"], "n_embd=100 must be divisible by"),
+    ],
+    ids=["gpt on images", "cnn on text", "window past the positions", "heads"],
+)
+def test_a_model_and_dataset_that_do_not_fit_are_a_clear_error(make_cfg, tmp_path: Path, overrides, needle) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        run(make_cfg(*overrides, "trainer.max_epochs=1", tracking="mlflow"))
+    assert not (tmp_path / "run").exists() or not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_language_model_resumed_mid_epoch_ends_bit_identical(make_cfg, tmp_path: Path) -> None:
+    """Training windows are drawn by (seed, epoch): a run stopped mid-epoch and resumed sees the same bytes."""
+    full = run(make_cfg(*TINY_LM, "trainer.max_epochs=2", f"paths.run_dir={tmp_path / 'full'}"))
+    run(make_cfg(*TINY_LM, "trainer.max_epochs=2", "trainer.max_steps=5", f"paths.run_dir={tmp_path / 'part'}"))
+    resumed = run(
+        make_cfg(*TINY_LM, "trainer.max_epochs=2", f"trainer.resume={tmp_path / 'part'}", f"paths.run_dir={tmp_path}/r")
+    )
+    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "final.pt")["model"]
+    b = checkpoint.load(tmp_path / "r" / "checkpoints" / "final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["val_bpb"] == full["val_bpb"] and resumed["steps"] == full["steps"] == 16
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_language_models_match_fp32_within_a_twentieth_of_a_bit(make_cfg, precision: str) -> None:
+    """Same seed, same steps: autocast's val bpb within 0.05 bits of fp32's on the CPU."""
+    base = run(make_cfg(*TINY_LM, "trainer.max_epochs=2", "precision=fp32"))
+    half = run(make_cfg(*TINY_LM, "trainer.max_epochs=2", f"precision={precision}"))
+    assert abs(half["val_bpb"] - base["val_bpb"]) < 0.05, (half["val_bpb"], base["val_bpb"])
