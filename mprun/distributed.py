@@ -129,7 +129,9 @@ def fsdp_units(module: nn.Module, largest: float = 0.1) -> list[nn.Module]:
     """The blocks FSDP shards one by one (each gathered only while it runs): the top-level children, except that a
     child holding more than `largest` of the model's parameters is split into its own children, recursively. A
     ViT's `blocks`, a ConvNeXt or Swin stage, torchvision's ViT encoder each held 65-98% of the model: sharded
-    whole, nearly all of it was gathered at once, and FSDP saved no memory. Leftover parameters stay with the root."""
+    whole, nearly all of it was gathered at once, and FSDP saved no memory. Leftover parameters stay with the root,
+    and so do blocks that share a parameter with another block (a language model's token embedding and its tied
+    output layer): FSDP2 manages each parameter in one group only."""
 
     def size(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -144,7 +146,11 @@ def fsdp_units(module: nn.Module, largest: float = 0.1) -> list[nn.Module]:
                 units.append(child)
 
     split(module)
-    return units
+    owners: dict[int, int] = {}  # parameter -> how many units hold it
+    for unit in units:
+        for p in unit.parameters():
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [u for u in units if all(owners[id(p)] == 1 for p in u.parameters())]
 
 
 def state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy) -> tuple[dict, dict]:

@@ -197,6 +197,28 @@ def test_fsdp2_bf16_smoke_run_checkpoints_full_tensors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_fsdp2_trains_a_gpt_with_tied_embeddings_and_checkpoints_whole_tensors(tmp_path: Path) -> None:
+    """A language model under FSDP2: blocks sharded one by one, the tied embedding and output layer in the root."""
+    proc = torchrun(
+        "trainer.strategy=fsdp",
+        "dataset=pycode",
+        "model=gpt",
+        "model.n_layer=2",
+        "dataset.windows_per_epoch=256",
+        "trainer.max_steps=4",
+        "hydra.run.dir=outputs/fsdp",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = checkpoint.load(tmp_path / "outputs" / "fsdp" / "checkpoints" / "final.pt")["model"]
+    assert state["wte.weight"].shape == (256, 128) and torch.equal(state["wte.weight"], state["lm_head.weight"])
+    (run,) = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").search_runs(["1"])
+    assert (
+        run.info.status == "FINISHED" and run.data.tags["strategy"] == "fsdp x2" and "final/val_bpb" in run.data.metrics
+    )
+
+
+@pytest.mark.slow
 def test_fsdp2_statistics_count_every_shard_of_every_gradient(runs: Path, tmp_path: Path) -> None:
     """Under FSDP a gradient is a DTensor holding this rank's shard: statistics must count it (DTensor has no
     tolist)."""
@@ -259,6 +281,20 @@ def test_fsdp_units_are_blocks_not_stages(family: str, name: str) -> None:
         assert sorted(names[id(u)] for u in units if names[id(u)].startswith("blocks.")) == sorted(
             f"blocks.{i}" for i in range(12)
         )
+
+
+def test_fsdp_shards_a_gpt_per_block_and_keeps_tied_embeddings_with_the_root() -> None:
+    """FSDP2 manages a parameter in one group only: the token embedding and the output layer that shares its weight
+    were sharded as two units, and fully_shard refused the second ("shared with a parameter already managed")."""
+    from mprun.distributed import fsdp_units
+    from mprun.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(256, 64, n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    names = {id(m): n for n, m in model.named_modules()}
+    units = [names[id(u)] for u in fsdp_units(model)]
+    assert [u for u in units if u.startswith("h.")] == [f"h.{i}" for i in range(12)]
+    assert "wte" not in units and "lm_head" not in units  # tied: the root's
 
 
 @pytest.mark.parametrize(

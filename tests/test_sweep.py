@@ -451,6 +451,7 @@ def test_slurm_preset_composes_onto_submitit(tmp_path: Path) -> None:
 
 PRESETS = {
     "amp_benchmark": [f"precision={p},trainer.seed={s}" for p in ("fp32", "fp16", "bf16") for s in (1, 2, 3)],
+    "lm_precision": [f"precision={p},trainer.seed={s}" for p in ("fp32", "fp16", "bf16") for s in (1, 2, 3)],
     "loss_scaling": ["precision=fp16", "precision=fp16_static", "precision=fp16_unscaled", "precision=bf16"],
     "lr_sweep": [f"optimizer.lr={lr}" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")],
     "lr_search": None,  # Optuna picks the values
@@ -460,14 +461,18 @@ PRESETS = {
 @pytest.mark.parametrize(
     "preset",
     [
-        pytest.param(p, marks=pytest.mark.slow) if p == "lr_sweep" else p  # its 5 jobs: slow
+        pytest.param(p, marks=pytest.mark.slow) if p in ("lr_sweep", "lm_precision") else p  # 5 and 9 jobs: slow
         for p in PRESETS
     ],
 )
 def test_every_experiment_preset_runs(tmp_path: Path, preset: str) -> None:
     shrink = ["trainer.max_epochs=1", "trainer.max_steps=2"]
     # amp_benchmark's resnet18 under CPU-emulated bf16 takes ~16 s per step here: shrink the model too.
-    extra = {"lr_search": ["hydra.sweeper.n_trials=2"], "amp_benchmark": ["model=simple_mlp"]}.get(preset, [])
+    extra = {
+        "lr_search": ["hydra.sweeper.n_trials=2"],
+        "amp_benchmark": ["model=simple_mlp"],
+        "lm_precision": ["model.n_layer=1", "dataset.val_windows=32"],
+    }.get(preset, [])
     proc = run_cli_here("-m", f"experiment={preset}", *shrink, *extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent, children = sweep_runs(tmp_path)
