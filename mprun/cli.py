@@ -7,13 +7,16 @@ import time
 STARTED = time.perf_counter()  # wall time in the summary counts from here: imports included
 
 import logging  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.errors import CompactHydraException, ConfigCompositionException, OverrideParseException  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from mprun import config, sweep  # noqa: E402
@@ -29,6 +32,45 @@ LOG_FILE = "mprun.log"  # Hydra's job log in the run directory (hydra.job.name=m
 class JobFailed(CompactHydraException):
     """A sweep job's failure that mprun has explained. Hydra still marks the job failed, runs the other jobs and
     ends the multirun with exit code 1, but prints this message where it would print a traceback."""
+
+
+def _creatable(path: Path) -> str:
+    """Why `path` cannot be created as a directory ("" if it can): its nearest existing ancestor must be a writable
+    directory."""
+    path = path.absolute()
+    if path.is_dir():
+        return "" if os.access(path, os.W_OK) else f"{path} is not writable"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is not a directory"
+            return "" if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
+    return ""
+
+
+class OutputDirCheck(Callback):
+    """Hydra callback (conf/config.yaml: hydra.callbacks.mprun_output_dir): the run's or sweep's directory can be
+    created, checked before Hydra creates it (before mprun's task runs), whose OSError came out as a traceback. Hydra
+    turns an exception from a callback into a warning and goes on, so a bad directory ends the process here: one
+    line, exit 2, before a sweep's parent run exists."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "sweep")
+
+    @staticmethod
+    def _check(where: str, what: str) -> None:
+        why = _creatable(Path(str(where)))
+        if why:
+            print(
+                f"mprun: error: cannot create the {what} directory {where}: {why}; set hydra.{what}.dir, or "
+                "paths.output_root, to a writable place",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

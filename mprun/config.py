@@ -46,7 +46,7 @@ class PathsConfig:
     root_dir: str = "."
     data_dir: str = MISSING
     output_root: str = MISSING  # run dirs, sweeps and the default MLflow store live here
-    run_dir: str = MISSING  # this run's directory (Hydra's output dir)
+    run_dir: Optional[str] = MISSING  # this run's directory (Hydra's output dir); null under --cfg, which runs nothing
 
 
 @dataclass

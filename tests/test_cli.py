@@ -427,3 +427,27 @@ def test_bad_input_leaves_no_run_directory_and_a_failed_run_leaves_its_error_in_
     assert stopped.returncode == 1 and "mprun: stopped: step 20: loss scale collapsed" in stopped.stderr
     (log,) = (tmp_path / "outputs").rglob("mprun.log")
     assert log.read_text().splitlines()[-1].endswith(stopped.stderr.strip().splitlines()[-1])
+
+
+def test_cfg_resolve_prints_the_config_without_a_traceback(tmp_path: Path) -> None:
+    """`--cfg job --resolve` ended in 47 lines of InterpolationValidationError: paths.run_dir is Hydra's output dir,
+    which a command that runs nothing does not have."""
+    shown = run_cli_here("--cfg", "job", "--resolve", cwd=tmp_path)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert "run_dir: null" in shown.stdout and "output_root: ./outputs" in shown.stdout
+
+
+@pytest.mark.parametrize(
+    "args,what",
+    [(["hydra.run.dir=/dev/null/x"], "run"), (["-m", "paths.output_root=/dev/null/o"], "sweep")],
+    ids=["run", "sweep"],
+)
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path: Path, args: list[str], what: str) -> None:
+    """Hydra creates the directory before mprun runs, and its OSError came out as a traceback."""
+    ended = run_cli_here(*args, "trainer.max_steps=1", cwd=tmp_path)
+    assert ended.returncode == 2 and "Traceback" not in ended.stderr, ended.stderr
+    assert (
+        ended.stderr.strip().splitlines()[-1].startswith(f"mprun: error: cannot create the {what} directory /dev/null/")
+        and "/dev/null is not a directory" in ended.stderr
+    )
+    assert not (tmp_path / "outputs").exists()
