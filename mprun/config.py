@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -102,11 +103,19 @@ SCHEMAS: dict[str, type] = {
 }
 
 
+def resumed_run_dir(resume: Any, default: str) -> str:
+    """hydra.run.dir (conf/config.yaml): the run directory trainer.resume names, so that a resumed run goes on where
+    it was (its interrupted.pt and its final.pt in one place); else `default`, a new timestamped directory."""
+    path = Path(str(resume)) if resume and resume != "auto" else None
+    return str(path) if path is not None and (path / ".hydra").is_dir() else default
+
+
 def register() -> None:
-    """Put every schema in Hydra's ConfigStore (idempotent)."""
+    """Put every schema in Hydra's ConfigStore, and mprun's resolvers in OmegaConf (idempotent)."""
     cs = ConfigStore.instance()
     for name, node in SCHEMAS.items():
         cs.store(name=name, node=node)
+    OmegaConf.register_new_resolver("mprun_run_dir", resumed_run_dir, replace=True)
 
 
 def _initials(key: str) -> str:

@@ -15,6 +15,7 @@ import pytest
 from conftest import run_cli, run_cli_here, run_statuses
 from mlflow import MlflowClient
 
+from mprun import checkpoint
 from mprun.errors import ConfigError
 from mprun.experiment import run
 
@@ -451,3 +452,18 @@ def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path: Path, args: 
         and "/dev/null is not a directory" in ended.stderr
     )
     assert not (tmp_path / "outputs").exists()
+
+
+def test_resuming_a_run_directory_continues_in_it(tmp_path: Path) -> None:
+    """trainer.resume=<run dir> resumed into a new timestamped directory: interrupted.pt stayed in the old one and
+    final.pt landed in the new one, for one MLflow run. Now the run goes on in its own directory."""
+    first = run_cli_here("trainer.max_steps=5", "tracking=none", "trainer.progress=off", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    again = run_cli_here(
+        "trainer.max_steps=10", f"trainer.resume={run_dir}", "tracking=none", "trainer.progress=off", cwd=tmp_path
+    )
+    assert again.returncode == 0, again.stderr
+    assert list((tmp_path / "outputs").glob("*/*")) == [run_dir]
+    assert checkpoint.load(run_dir / "checkpoints" / "final.pt")["progress"]["step"] == 10
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 10

@@ -258,8 +258,8 @@ def test_diverged_job_is_marked(tmp_path: Path) -> None:
 def test_an_unwritable_sweep_dir_leaves_no_parent_running(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("not a directory")
     proc = run_cli_here("-m", "precision=fp32,bf16", f"hydra.sweep.dir={tmp_path}/a_file/sweep", *TINY, cwd=tmp_path)
-    assert proc.returncode != 0
-    assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["FAILED"]  # the parent, closed
+    assert proc.returncode == 2 and "cannot create the sweep directory" in proc.stderr
+    assert run_statuses(tmp_path / "outputs" / "mlflow.db") == []  # found before the parent run opened
 
 
 def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:
