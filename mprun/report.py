@@ -553,6 +553,16 @@ def find_parent(store: Store, what: str) -> str:
     return what
 
 
+def default_out(store: Store, parent_id: str) -> Path:
+    """Where the report goes by default: next to the sweep it reports on (<sweep dir>/report, which the sweep itself
+    wrote at its end), when that directory is on this machine; else outputs/reports/<parent id>."""
+    run = store.run(parent_id)
+    where = run.tags.get("mprun.sweep_dir") if run is not None else None
+    if where and Path(where).is_dir():
+        return Path(where) / "report"
+    return Path("outputs") / "reports" / parent_id
+
+
 def main(argv: list[str] | None = None) -> None:
     """python -m mprun.report <parent run id | experiment name>"""
     from mprun.tracking import Store, default_uri
@@ -564,7 +574,12 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("MLFLOW_TRACKING_URI") or default_uri("outputs"),
         help="tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)",
     )
-    p.add_argument("--out", type=Path, help="directory for report.md and plots (default: outputs/reports/<parent id>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="directory for report.md and plots (default: the sweep's own <sweep dir>/report when it is on this "
+        "machine, else outputs/reports/<parent id>)",
+    )
     p.add_argument(
         "--tolerance-pp",
         type=float,
@@ -583,9 +598,7 @@ def main(argv: list[str] | None = None) -> None:
         p.exit(2, f"{p.prog}: error: {e}\n")
     if args.tolerance_pp < 0:
         p.exit(2, f"{p.prog}: error: --tolerance-pp must be >= 0, got {args.tolerance_pp}\n")
-    report = build(
-        store, parent_id, args.out or Path("outputs") / "reports" / parent_id, tolerance_pp=args.tolerance_pp
-    )
+    report = build(store, parent_id, args.out or default_out(store, parent_id), tolerance_pp=args.tolerance_pp)
     if not args.no_log:
         store.log_artifact(parent_id, report.out_dir, "report")
         store.set_tags(parent_id, report.tags())

@@ -114,10 +114,14 @@ def test_report_on_demand_by_experiment_name_or_parent_id(precision_sweep: Path,
     parent, _ = sweep_runs(precision_sweep)
     monkeypatch.chdir(precision_sweep)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sweep_report = Path(parent.data.tags["mprun.sweep_dir"]) / "report" / "report.md"
     for what in ("mprun", parent.info.run_id):
+        sweep_report.unlink()
         report.main([what, "--no-log"])
-        assert "precision=fp16,optimizer.lr=0.003" in capsys.readouterr().out
-    assert (precision_sweep / "outputs" / "reports" / parent.info.run_id / "report.md").is_file()
+        out = capsys.readouterr().out
+        assert "precision=fp16,optimizer.lr=0.003" in out
+        # Next to the sweep it reports on (it went to outputs/reports/<id>, wherever the command ran), and said.
+        assert sweep_report.is_file() and f"report      {sweep_report}" in out
     with pytest.raises(SystemExit) as bad:
         report.main(["no-such-thing"])
     assert bad.value.code == 2
