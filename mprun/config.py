@@ -37,6 +37,17 @@ def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def logged_params(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """The MLflow params of a run: the resolved config, flattened, less what differs between runs without being a
+    choice (paths.*: every run's directory) and Hydra's plumbing (_target_, _partial_). The whole config stays the
+    run's config_resolved.yaml artifact."""
+    return {
+        k: v
+        for k, v in flatten(resolved).items()
+        if not k.startswith("paths.") and k.rsplit(".", 1)[-1] not in ("_target_", "_partial_")
+    }
+
+
 def outcome_neutral(key: str) -> bool:
     """Whether a config key (or override key) is one of OUTCOME_NEUTRAL or under one."""
     return any(key == k or key.startswith(k + ".") for k in OUTCOME_NEUTRAL)

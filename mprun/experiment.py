@@ -142,7 +142,7 @@ def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dic
     # in between stops training gracefully instead of killing the process with the run RUNNING.
     with GracefulStop() as stop:
         if not (previous_run and r.tracker.resume(previous_run, state.step)):
-            params = config.flatten(OmegaConf.to_container(r.cfg, resolve=True, enum_to_str=True))
+            params = config.logged_params(OmegaConf.to_container(r.cfg, resolve=True, enum_to_str=True))
             params.update(r.parts.data.source)  # what the data was made from (a corpus's Python and digest)
             r.tracker.start(params, tags, r.job.name if r.job else None)
         return _train_and_close(r, state, guard, stop)

@@ -37,6 +37,13 @@ T = TypeVar("T")
 CHECKPOINT_STEP_TAG = "mprun.checkpoint_step"
 
 
+# MLflow's UI (3.x) opens an experiment by its kind: without one it inferred GenAI and showed an empty traces
+# overview. The UI reads this experiment tag; custom_model_development is its kind for model training (read from
+# the UI bundle of mlflow 3.17.2: the tag key "mlflow.experimentKind", CUSTOM_MODEL_DEVELOPMENT).
+KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
 class Unreachable(Enum):
     fail = "fail"  # stop with a clear error (before training; or mid-run, when the server goes away)
     local = "local"  # keep training and log to the local sqlite store instead
@@ -233,11 +240,13 @@ class Store:
         try:
             found = self._client.get_experiment_by_name(name)
             if found is not None:
+                if KIND_TAG not in found.tags:  # one made before mprun set it, or by hand: a kind said by nobody
+                    self._client.set_experiment_tag(found.experiment_id, KIND_TAG, TRAINING_KIND)
                 return found.experiment_id
             # A local store keeps artifacts beside it, not in ./mlruns of whatever the cwd is.
             location = local_artifacts.as_uri() if self.uri.startswith("sqlite:") else None
             try:
-                return self._client.create_experiment(name, artifact_location=location)
+                return self._client.create_experiment(name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND})
             except MlflowException:
                 found = self._client.get_experiment_by_name(name)  # created meanwhile by a parallel job
                 if found is None:

@@ -439,6 +439,11 @@ def test_mlflow_run_records_params_tags_metrics_artifacts(make_cfg, tmp_path: Pa
     assert r.data.params["precision.dtype"] == "fp16"
     assert r.data.params["optimizer.lr"] == "0.003"
     assert r.data.params["trainer.max_epochs"] == "2"
+    # What a user varies, not every run's own directory or Hydra's plumbing: those made every run "differ" in the
+    # compare view. The whole config is the config_resolved.yaml artifact.
+    assert not [k for k in r.data.params if k.startswith("paths.") or k.endswith(("._target_", "._partial_"))]
+    # Opened in the UI as model training (MLflow 3's UI inferred GenAI for an experiment without a kind).
+    assert client.get_experiment(r.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     for tag in ("git_commit", "host", "device", "torch_version", "precision"):
         assert tag in r.data.tags, tag
     assert "cuda_version" not in r.data.tags  # a CPU run: it said "None" (or the CUDA torch was built with)

@@ -232,3 +232,20 @@ def test_closing_a_sweep_searches_its_runs_once(tmp_path: Path, monkeypatch: pyt
     assert parent.close(interrupted=False) == 0
     assert len(searches) == 1, searches
     assert (tmp_path / "sweep" / "report" / "report.md").read_text().count("| ok |") == 2
+
+
+def test_an_experiment_made_without_a_kind_is_marked_as_model_training(tmp_path: Path) -> None:
+    """An experiment created before (or outside) mprun has no mlflow.experimentKind; MLflow 3's UI then guesses, and
+    guessed GenAI. A kind someone set is left alone."""
+    from mlflow import MlflowClient
+
+    from mprun.tracking import Store
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    plain = client.create_experiment("plain")
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("plain", "chosen"):
+        Store.open(uri, name, tmp_path / "artifacts")
+    assert client.get_experiment(plain).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
