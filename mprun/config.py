@@ -99,6 +99,7 @@ SCHEMAS: dict[str, type] = {
     "dataset_torchvision_schema": data.VisionConfig,
     "dataset_imagefolder_schema": data.ImageFolderConfig,
     "dataset_pycode_schema": text.PyCodeConfig,
+    "dataset_textfile_schema": text.TextFileConfig,
     "optimizer_sgd_schema": optim.SGDConfig,
     "optimizer_adam_schema": optim.AdamConfig,
     "optimizer_adamw_schema": optim.AdamWConfig,

@@ -18,14 +18,16 @@ import os
 import platform
 import sysconfig
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from omegaconf import MISSING
 
 from mprun.data import Batch, Batched, DataBundle, DatasetConfig, EpochBatches
 from mprun.errors import ConfigError, require
-from mprun.tasks import BYTE_LANGUAGE_MODEL
+from mprun.tasks import BYTE_LANGUAGE_MODEL, LANGUAGE_MODEL
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
@@ -51,6 +53,23 @@ class PyCodeConfig(WindowsConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.val_every_nth_file >= 2, f"val_every_nth_file={self.val_every_nth_file} must be >= 2")
+
+
+class Level(Enum):
+    bytes = "bytes"  # 256 tokens, one per byte: val/bpb is the loss in bits
+    chars = "chars"  # one token per distinct character of the text (nanoGPT's shakespeare_char)
+
+
+@dataclass
+class TextFileConfig(WindowsConfig):
+    _target_: str = "mprun.text.textfile"
+    path: str = MISSING  # a UTF-8 text file, or a directory of *.txt files (read in sorted order)
+    level: Level = Level.bytes
+    val_fraction: float = 0.1  # the text's last tenth is validation
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0 < self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in (0, 1)")
 
 
 class WindowLoader(Batched):
@@ -132,5 +151,67 @@ def pycode(
             "corpus.files": str(len(files)),
             "corpus.bytes": str(len(train) + len(val)),
             "corpus.sha256": digest.hexdigest()[:16],
+        },
+    )
+
+
+def _read_text(path: str) -> tuple[str, list[Path]]:
+    """The UTF-8 text at `path` (a file, or a directory's *.txt files in sorted order), and the files read."""
+    where = Path(path).expanduser()
+    files = sorted(where.rglob("*.txt")) if where.is_dir() else [where]
+    if not where.exists() or not files:
+        raise ConfigError(
+            f"dataset.path={path}: {'no *.txt files in that directory' if where.exists() else 'no such file'}"
+        )
+    parts = []
+    for file in files:
+        data = file.read_bytes()
+        try:
+            parts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"dataset.path={path}: {file} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    return "".join(parts), files
+
+
+def textfile(
+    *,
+    batch_size: int,
+    block_size: int,
+    windows_per_epoch: int,
+    val_windows: int,
+    path: str,
+    level: Level,
+    val_fraction: float,
+    seed: int,
+    device: torch.device,
+) -> DataBundle:
+    """A user's own text as a language-modelling corpus: bytes (val/bpb), or characters (a vocabulary of the text's
+    own characters). The end of the text is validation."""
+    text, files = _read_text(path)
+    if level is Level.bytes:
+        tokens, vocab, task = (
+            torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8),
+            256,
+            BYTE_LANGUAGE_MODEL,
+        )
+    else:
+        chars = sorted(set(text))
+        index = {c: i for i, c in enumerate(chars)}
+        tokens = torch.tensor([index[c] for c in text], dtype=torch.int32)
+        vocab, task = len(chars), LANGUAGE_MODEL
+    cut = int(len(tokens) * (1 - val_fraction))
+    return DataBundle(
+        "textfile",
+        WindowLoader(tokens[:cut].to(device), block_size, windows_per_epoch, batch_size, True, seed),
+        WindowLoader(tokens[cut:].to(device), block_size, val_windows, batch_size, False),
+        1,
+        (1, block_size),
+        vocab,
+        task=task,
+        context=block_size,
+        source={
+            "corpus.files": str(len(files)),
+            "corpus.tokens": str(len(tokens)),
+            "corpus.sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16],
         },
     )

@@ -4,6 +4,7 @@ precision options, tracking and resume as the image classifiers."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,31 @@ def test_half_precision_language_models_match_fp32_within_a_twentieth_of_a_bit(m
     base = run(make_cfg(*TINY_LM, "trainer.max_epochs=2", "precision=fp32"))
     half = run(make_cfg(*TINY_LM, "trainer.max_epochs=2", f"precision={precision}"))
     assert abs(half["val_bpb"] - base["val_bpb"]) < 0.05, (half["val_bpb"], base["val_bpb"])
+
+
+def test_a_users_own_text_file_trains_at_the_byte_or_character_level(make_cfg, tmp_path: Path) -> None:
+    """dataset=textfile: any UTF-8 text; chars gives a vocabulary of the text's own characters (and no bpb)."""
+    text = tmp_path / "book.txt"
+    text.write_text("the quick brown fox jumps over the lazy dög. " * 400, encoding="utf-8")
+    common = [
+        o for o in TINY_LM if not o.startswith("dataset=")
+    ]  # the GPT and window settings, on this file instead of pycode
+    chars = run(
+        make_cfg("dataset=textfile", f"dataset.path={text}", "dataset.level=chars", *common, "trainer.max_epochs=3")
+    )
+    assert "val_bpb" not in chars and chars["val_acc"] > 0.5  # 30 distinct characters, a repeated sentence
+    raw = run(make_cfg("dataset=textfile", f"dataset.path={tmp_path}", *common, "trainer.max_epochs=1"))
+    assert raw["val_bpb"] == pytest.approx(raw["val_loss"] / math.log(2))  # bytes: ö is two tokens
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [(None, "no such file"), (b"\xff\xfe not text", "is not UTF-8 text (byte 0: invalid start byte)")],
+    ids=["missing", "not utf-8"],
+)
+def test_a_text_file_that_is_missing_or_not_utf8_is_a_clear_error(make_cfg, tmp_path: Path, content, needle) -> None:
+    path = tmp_path / "book.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        run(make_cfg("dataset=textfile", f"dataset.path={path}", "model=gpt", "trainer.max_epochs=1"))
