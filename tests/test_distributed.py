@@ -89,6 +89,21 @@ def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(
     assert _history(client, "ddp x2", "val/loss") == pytest.approx(_history(client, "single x1", "val/loss"), abs=1e-5)
 
 
+@pytest.mark.slow
+def test_a_language_model_under_ddp_matches_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
+    """2 gloo ranks at 16 windows each train the GPT as one process does at 32: the same windows, the same losses."""
+    lm = ["dataset=pycode", "model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+          "dataset.block_size=16", "model.block_size=16", "dataset.val_windows=64", "trainer.max_steps=6"]  # fmt: skip
+    single = run_cli_here(*COMMON, *lm, "dataset.batch_size=32", "hydra.run.dir=outputs/single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun(*lm, "trainer.strategy=ddp", "dataset.batch_size=16", "hydra.run.dir=outputs/ddp", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    one, two = _history(client, "single x1"), _history(client, "ddp x2")
+    assert len(one) == len(two) == 6 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+    assert _history(client, "ddp x2", "val/bpb") == pytest.approx(_history(client, "single x1", "val/bpb"), abs=1e-5)
+
+
 @pytest.mark.parametrize("world", [2, 3, 4, 16])
 def test_evaluation_shards_cover_every_sample_once_in_as_many_full_batches_on_every_rank(world: int) -> None:
     from mprun.data import EpochDataLoader, TensorLoader
