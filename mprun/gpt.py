@@ -28,12 +28,22 @@ class GPTConfig(ModelConfig):
     block_size: int = 128  # the positions the model has: the longest window it can read
     dropout: float = 0.0
     bias: bool = False  # biases in the linear layers and LayerNorms (GPT-2 has them; most recent models do not)
+    # The fp16-overflow experiment (experiment=fp16_overflow): block ff_gain_block's feed-forward hidden activations
+    # are multiplied by ff_gain, and its output divided by it. In exact arithmetic the model is the same (GELU of a
+    # large input is the input); in float16 activations past 65504 are inf, as in T5's feed-forward layers.
+    ff_gain: float = 1.0
+    ff_gain_block: int = 0
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_embd", "block_size"):
             require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
         require(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        require(self.ff_gain > 0, f"ff_gain={self.ff_gain} must be > 0")
+        require(
+            0 <= self.ff_gain_block < self.n_layer,
+            f"ff_gain_block={self.ff_gain_block} must name a block, 0 to n_layer-1={self.n_layer - 1}",
+        )
 
 
 class CausalSelfAttention(nn.Module):
@@ -54,25 +64,40 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, length, width)))
 
 
+class Gain(nn.Module):
+    """x * gain, as a module of its own: the NaN tracer and the activation statistics name it."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool) -> None:
+    def __init__(self, n_embd: int, dropout: float, bias: bool, gain: float = 1.0) -> None:
         super().__init__()
         self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.gain = Gain(gain) if gain != 1.0 else None  # the fp16-overflow experiment's knob (GPTConfig.ff_gain)
         self.act = nn.GELU()
         self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
+        hidden = self.fc(x)
+        if self.gain is None:
+            return self.dropout(self.proj(self.act(hidden)))
+        return self.dropout(self.proj(self.act(self.gain(hidden))) / self.gain.gain)
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, ff_gain: float = 1.0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
+        self.mlp = MLP(n_embd, dropout, bias, ff_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -93,6 +118,8 @@ class GPT(nn.Module):
         block_size: int = 128,
         dropout: float = 0.0,
         bias: bool = False,
+        ff_gain: float = 1.0,
+        ff_gain_block: int = 0,
     ) -> None:
         super().__init__()
         if context > block_size:
@@ -103,7 +130,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.h = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
+        self.h = nn.ModuleList(
+            Block(n_embd, n_head, dropout, bias, ff_gain if i == ff_gain_block else 1.0) for i in range(n_layer)
+        )
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix reads tokens in and writes them out

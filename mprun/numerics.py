@@ -5,8 +5,8 @@
   run (or warn) with a diagnosis instead of training on with a useless model.
 - The NaN tracer re-runs the offending batch with hooks and names the first module whose output or
   gradient went non-finite, with its dtype and input ranges.
-- Underflow/overflow statistics: per top-level module, the share of gradient elements that are zero
-  or inf in float16 at the current scale, and the largest activation against float16's 65504.
+- Underflow/overflow statistics: per top-level module (a ModuleList: per block), the share of gradient elements
+  that are zero or inf in float16 at the current scale, and the largest activation against float16's 65504.
 """
 
 from __future__ import annotations
@@ -182,13 +182,26 @@ def describe_trace(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- underflow / overflow statistics
 
 
-def _group(name: str) -> str:
-    return name.split(".", 1)[0]
+def stat_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules statistics are kept for: the top-level children, except that a container without a forward of
+    its own (a ModuleList or ModuleDict: a transformer's blocks) stands for its children (h.0, h.1, ...)."""
+    units = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            units += [(f"{name}.{n}", m) for n, m in child.named_children()]
+        else:
+            units.append((name, child))
+    return units
+
+
+def _group(name: str, units: list[str]) -> str:
+    """A parameter's unit (stat_units): the longest unit name it sits under."""
+    return max((u for u in units if name.startswith(f"{u}.")), key=len, default=name.split(".", 1)[0])
 
 
 @contextlib.contextmanager
 def watch_activations(model: nn.Module, into: dict[str, float]) -> Iterator[None]:
-    """Record each top-level module's largest |output| during the forward passes inside the block."""
+    """Record each unit's (stat_units) largest |output| during the forward passes inside the block."""
 
     def hook(name: str):
         def record(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -198,7 +211,7 @@ def watch_activations(model: nn.Module, into: dict[str, float]) -> Iterator[None
 
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_children()]
+    handles = [m.register_forward_hook(hook(n)) for n, m in stat_units(model)]
     try:
         yield
     finally:
@@ -207,12 +220,13 @@ def watch_activations(model: nn.Module, into: dict[str, float]) -> Iterator[None
 
 
 def gradient_stats(model: nn.Module, scale: float) -> dict[str, dict[str, float]]:
-    """Per top-level module: share of gradient elements that are 0 (underflow) or inf (overflow) once multiplied
+    """Per unit (stat_units): share of gradient elements that are 0 (underflow) or inf (overflow) once multiplied
     by the loss scale and cast to float16, rounding as the cast rounds (2**-25 and below flush to 0, from 65520
     up to inf). Exact zeros (dead ReLUs) count as underflow too. Reads unscaled gradients; one sync in all.
     Under FSDP each rank holds a shard of every gradient (a DTensor): shards are counted, then summed over ranks."""
     counts: dict[str, torch.Tensor] = {}  # per group: [underflow, overflow, elements] on the device
     mesh = None
+    units = [n for n, _ in stat_units(model)]
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
@@ -221,7 +235,7 @@ def gradient_stats(model: nn.Module, scale: float) -> dict[str, dict[str, float]
             mesh, grad = grad.device_mesh, grad.to_local()
         h = (grad.float() * scale).half()
         c = torch.stack([(h == 0).sum(), torch.isinf(h).sum(), torch.tensor(h.numel(), device=h.device)])
-        group = _group(name)
+        group = _group(name, units)
         counts[group] = counts[group] + c if group in counts else c
     if not counts:
         return {}
@@ -236,10 +250,10 @@ class Stats:
     """Collected statistics over a run: the latest values per module, for the end-of-run table."""
 
     latest: dict[str, dict[str, float]] = field(default_factory=dict)
-    kinds: dict[str, str] = field(default_factory=dict)  # top-level module name -> its class, for the table
+    kinds: dict[str, str] = field(default_factory=dict)  # unit name (stat_units) -> its class, for the table
 
     def metrics(self, grads: dict[str, dict[str, float]], acts: dict[str, float], model: nn.Module) -> dict[str, float]:
-        self.kinds = self.kinds or {name: type(m).__name__ for name, m in model.named_children()}
+        self.kinds = self.kinds or {name: type(m).__name__ for name, m in stat_units(model)}
         out = {}
         for mod, a in acts.items():  # first: every top-level module, in the order the forward pass ran them
             self.latest.setdefault(mod, {})["act_absmax"] = a

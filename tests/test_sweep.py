@@ -456,6 +456,9 @@ def test_slurm_preset_composes_onto_submitit(tmp_path: Path) -> None:
 PRESETS = {
     "amp_benchmark": [f"precision={p},trainer.seed={s}" for p in ("fp32", "fp16", "bf16") for s in (1, 2, 3)],
     "lm_precision": [f"precision={p},trainer.seed={s}" for p in ("fp32", "fp16", "bf16") for s in (1, 2, 3)],
+    "fp16_overflow": [
+        f"precision={p},precision.fp32_modules={m}" for p in ("fp32", "fp16", "bf16") for m in ("[]", "[h.1.mlp]")
+    ],
     "loss_scaling": ["precision=fp16", "precision=fp16_static", "precision=fp16_unscaled", "precision=bf16"],
     "lr_sweep": [f"optimizer.lr={lr}" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")],
     "lr_search": None,  # Optuna picks the values
@@ -465,7 +468,7 @@ PRESETS = {
 @pytest.mark.parametrize(
     "preset",
     [
-        pytest.param(p, marks=pytest.mark.slow) if p in ("lr_sweep", "lm_precision") else p  # 5 and 9 jobs: slow
+        pytest.param(p, marks=pytest.mark.slow) if p in ("lr_sweep", "lm_precision", "fp16_overflow") else p
         for p in PRESETS
     ],
 )
@@ -476,6 +479,7 @@ def test_every_experiment_preset_runs(tmp_path: Path, preset: str) -> None:
         "lr_search": ["hydra.sweeper.n_trials=2"],
         "amp_benchmark": ["model=simple_mlp"],
         "lm_precision": ["model.n_layer=1", "dataset.val_windows=32"],
+        "fp16_overflow": ["model.n_layer=2", "dataset.val_windows=32"],
     }.get(preset, [])
     proc = run_cli_here("-m", f"experiment={preset}", *shrink, *extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -126,3 +126,16 @@ def test_a_text_file_that_is_missing_or_not_utf8_is_a_clear_error(make_cfg, tmp_
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=re.escape(needle)):
         run(make_cfg("dataset=textfile", f"dataset.path={path}", "model=gpt", "trainer.max_epochs=1"))
+
+
+def test_an_fp16_overflow_in_a_feed_forward_is_caught_named_and_fixed(make_cfg) -> None:
+    """The transformer numerics story: block 1's feed-forward activations past 65504 are inf in fp16; the loss
+    scale collapses and the run stops with the NaN tracer naming the module. Keeping it in fp32, or bf16, trains."""
+    from mprun.errors import NumericsError
+
+    story = [*TINY_LM, "model.n_layer=2", "model.ff_gain=1e5", "model.ff_gain_block=1", "trainer.max_epochs=4"]
+    with pytest.raises(NumericsError, match=r"first non-finite output in forward: h\.1\.mlp\.gain \(Gain, float16"):
+        run(make_cfg(*story, "precision=fp16"))
+    kept = run(make_cfg(*story, "precision=fp16", "precision.fp32_modules=[h.1.mlp]"))
+    assert kept["skipped_steps"] <= 1 and math.isfinite(kept["val_loss"])  # at most the first step's scale probe
+    assert math.isfinite(run(make_cfg(*story, "precision=bf16"))["val_loss"])
