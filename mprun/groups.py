@@ -117,7 +117,8 @@ class Group:
     """The jobs of one precision option and one setting of the other overrides, the seed aside."""
 
     option: str  # the precision option asked for (or the resolved precision if none was)
-    context: tuple[str, ...]  # the other overrides, seed aside: what its fp32 baseline group shares
+    own: tuple[str, ...]  # its jobs' overrides but the precision option and the seed: what makes it this group
+    context: tuple[str, ...]  # those of them that change fp32 runs too: what its fp32 baseline group shares
     rows: list[Row] = field(default_factory=list)
     baseline: Group | None = None
     tolerance: float = 0.0  # what a precision may lose, in the headline's shown unit, and be recommended
@@ -133,6 +134,11 @@ class Group:
         if self.option == "auto" and self.precision != "auto":
             return f"auto→{self.precision}"
         return self.option
+
+    @property
+    def name(self) -> str:
+        """Its label and what sets it apart from its fp32 baseline's setting: fp16 precision.fp32_modules=[h.1.mlp]."""
+        return " ".join([self.label, *(o for o in self.own if o not in self.context)])
 
     @property
     def headline(self) -> Headline:
@@ -206,12 +212,16 @@ class Group:
 
 def setting(g: Group, groups: list[Group]) -> str:
     """What sets g's setting apart from the other groups' (the overrides not common to all): "" if all share one."""
-    common = set.intersection(*(set(h.context) for h in groups))
-    return " ".join(o for o in g.context if o not in common)
+    return _apart(g.own, [h.own for h in groups])
 
 
-def _context(others: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(o for o in others if o.split("=", 1)[0].lstrip("+~") != SEED)
+def _apart(mine: tuple[str, ...], all_of: list[tuple[str, ...]]) -> str:
+    common = set.intersection(*(set(a) for a in all_of))
+    return " ".join(o for o in mine if o not in common)
+
+
+def _no_seed(overrides: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != SEED)
 
 
 def group(rows: list[Row], tolerance: float = 0.0) -> list[Group]:
@@ -221,8 +231,9 @@ def group(rows: list[Row], tolerance: float = 0.0) -> list[Group]:
 
     groups: dict[tuple[str, tuple[str, ...]], Group] = {}
     for r in rows:
-        key = (r.requested or r.precision, _context(r.others))
-        groups.setdefault(key, Group(key[0], key[1], tolerance=tolerance)).rows.append(r)
+        own = _no_seed(r.setting if r.setting is not None else r.others)
+        key = (r.requested or r.precision, own)
+        groups.setdefault(key, Group(key[0], own, _no_seed(r.others), tolerance=tolerance)).rows.append(r)
     baselines: dict[tuple[str, ...], Group] = {}
     for g in groups.values():
         if is_baseline(g.precision) and g.used:
@@ -236,22 +247,24 @@ def group(rows: list[Row], tolerance: float = 0.0) -> list[Group]:
 
 def recommendation(groups: list[Group]) -> list[str]:
     """One line per setting: the fastest precision whose accuracy held against fp32, or why fp32 stays."""
+    from mprun.precision import is_baseline
+
     lines = []
     contexts = list(dict.fromkeys(g.context for g in groups))
     for context in contexts:
         mine = [g for g in groups if g.context == context]
-        where = f"{setting(mine[0], groups)}: " if len(contexts) > 1 else ""
+        where = f"{_apart(context, contexts)}: " if len(contexts) > 1 else ""
         base = mine[0].baseline
         if base is None:
             lines.append(f"{where}no recommendation: no finished fp32 job to compare with (add precision=fp32)")
             continue
-        others = [g for g in mine if g is not base]
+        others = [g for g in mine if not is_baseline(g.precision)]  # fp32 is what they are measured against
         faster = [g for g in others if held(g.verdict) and (g.ratio(THROUGHPUT) or 0) > 1]
         if faster:
             best = max(faster, key=lambda g: g.ratio(THROUGHPUT) or 0)
             memory = best.ratio(MEMORY)
             lines.append(
-                f"{where}pick {best.label}: {best.ratio(THROUGHPUT):.2f}× fp32's throughput"
+                f"{where}pick {best.name}: {best.ratio(THROUGHPUT):.2f}× fp32's throughput"
                 + ("" if memory is None else f", {memory:.2f}× memory")
                 + f", {best.delta_name} {best.delta_text()} ({best.verdict}, {len(best.used)} seeds)"
             )
@@ -259,13 +272,13 @@ def recommendation(groups: list[Group]) -> list[str]:
         why = []
         for g in others:
             if held(g.verdict):
-                why.append(f"{g.label} held its accuracy but ran at {g.ratio(THROUGHPUT) or 0:.2f}× fp32's throughput")
+                why.append(f"{g.name} held its accuracy but ran at {g.ratio(THROUGHPUT) or 0:.2f}× fp32's throughput")
             elif g.verdict.startswith("one seed"):
-                why.append(f"{g.label} has one seed: sweep {SEED}=1,2,3 to tell noise from effect")
+                why.append(f"{g.name} has one seed: sweep {SEED}=1,2,3 to tell noise from effect")
             elif g.used:
-                why.append(f"{g.label} is {g.verdict} ({g.delta_name} {g.delta_text()})")
+                why.append(f"{g.name} is {g.verdict} ({g.delta_name} {g.delta_text()})")
             else:
-                why.append(f"{g.label} has no finished job")
+                why.append(f"{g.name} has no finished job")
         lines.append(f"{where}keep {base.label}: " + ("; ".join(why) or "nothing else was run"))
     return lines
 

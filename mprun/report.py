@@ -55,6 +55,7 @@ class Row:
     error: str = ""
     mem_kind: str = ""  # cuda_max_allocated, or process_peak_rss on the CPU
     headline: str = "val_acc"  # what its task is judged on (mprun.groups.HEADLINES): val_bpb for a byte-level LM
+    setting: tuple[str, ...] | None = None  # its overrides but the precision option (others keeps fewer); None: others
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     scale_curve: list[tuple[int, float]] = field(default_factory=list)
     baseline: Row | None = None
@@ -113,6 +114,18 @@ def _others(overrides: str) -> tuple[str, ...]:
     return tuple(sorted(o for o in overrides.split() if compared(o)))
 
 
+def _own(overrides: str) -> tuple[str, ...]:
+    """A job's overrides but its precision option and the settings that change no outcome: what, with the option,
+    makes its group (the seed aside, which mprun.groups takes out)."""
+    from mprun.config import outcome_neutral
+
+    def kept(o: str) -> bool:
+        name = o.split("=", 1)[0].lstrip("+~")
+        return name != "precision" and not outcome_neutral(name)
+
+    return tuple(sorted(o for o in overrides.split() if kept(o)))
+
+
 def _option(overrides: str) -> str | None:
     """The precision option a job asked for (precision=...), if its overrides name one."""
     picked = [o.split("=", 1)[1] for o in overrides.split() if o.lstrip("+~").startswith("precision=")]
@@ -146,6 +159,7 @@ def collect(store: Store, parent_id: str, curves: bool = True) -> list[Row]:
             error=tags.get("error", ""),
             mem_kind=tags.get("peak_mem_kind", ""),
             headline=tags.get("mprun.headline", "val_acc"),
+            setting=_own(overrides),
         )
         if curves and run.status != "FAILED":
             row.loss_curve = store.metric_history(run.run_id, "train/loss")
@@ -341,6 +355,9 @@ class Report:
         return "\n".join(text)
 
 
+SLOW = 0.8  # a CPU half precision below this share of fp32's throughput is noted as having no fast path
+
+
 def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> list[str]:
     """The caveats a reader needs before reading the numbers (groups: the rows' groups, if made already)."""
     from mprun.loop import INPUT_BOUND  # the threshold the runs warned at (imports torch: here, not at start-up)
@@ -381,12 +398,21 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
             "'within noise' when that interval contains 0. Throughput and memory are medians over the seeds, "
             "speedup and mem ratio medians over the fp32 group's."
         )
-    for g in groups:  # measured here, not assumed from the CPU's flags: some CPUs run bf16 faster than fp32
+    # Measured here, not assumed from the CPU's flags (some CPUs run bf16 faster than fp32): a half precision whose
+    # every group ran clearly slower than fp32 (under SLOW: not the few percent runs differ by anyway).
+    fastest: dict[str, float] = {}
+    for g in groups:
         speedup = g.ratio(grouping.THROUGHPUT)
-        on_cpu = any(r.mem_kind == "process_peak_rss" for r in g.used)
-        if computes_in_half(g.precision) and speedup is not None and speedup < 1 and on_cpu:
+        if (
+            computes_in_half(g.precision)
+            and speedup is not None
+            and any(r.mem_kind == "process_peak_rss" for r in g.used)
+        ):
+            fastest[g.precision] = max(speedup, fastest.get(g.precision, 0.0))
+    for name, speedup in fastest.items():
+        if speedup < SLOW:
             notes.append(
-                f"On this CPU, {g.label} ran at {speedup:.2f}× fp32's throughput (measured in this sweep): the CPU "
+                f"On this CPU, {name} ran at {speedup:.2f}× fp32's throughput (measured in this sweep): the CPU "
                 "has no fast path for that dtype, so its speed here says nothing of a GPU's; measure speed on the "
                 "GPU you will train on."
             )

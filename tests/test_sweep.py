@@ -637,3 +637,28 @@ def test_a_language_model_group_is_judged_on_bits_per_byte_where_lower_is_better
     from mprun import report
 
     assert report.group_columns(made)[2:4] == ["val bpb (mean ± sd)", "Δ bpb vs fp32 (95% CI)"]
+
+
+def test_precision_settings_that_change_nothing_in_fp32_split_groups_but_share_the_fp32_baseline() -> None:
+    """precision.fp32_modules changes fp16 and bf16 runs, not fp32: fp16 with and without it are two groups, each
+    judged against fp32 (they were one 'two-seed' group); an fp32 job with it is never the pick."""
+    from mprun import groups
+
+    rows = []
+    for modules in ("[]", "[h.1.mlp]"):
+        for precision, speed in (("fp32", 100.0), ("fp16", 150.0)):
+            made = _seeded(precision, [0.99, 0.98, 0.99], speed if modules == "[]" else speed * 1.1)
+            for r in made:
+                r.setting = (f"precision.fp32_modules={modules}", r.others[0])  # the seed; others keep neither
+                r.others = (r.others[0],)
+            rows += made
+    made = groups.group(rows)
+    assert [(g.label, g.own, len(g.rows)) for g in made] == [
+        ("fp32", ("precision.fp32_modules=[]",), 3),
+        ("fp16", ("precision.fp32_modules=[]",), 3),
+        ("fp32", ("precision.fp32_modules=[h.1.mlp]",), 3),
+        ("fp16", ("precision.fp32_modules=[h.1.mlp]",), 3),
+    ]
+    assert {id(g.baseline) for g in made} == {id(made[0])}
+    [line] = groups.recommendation(made)
+    assert line.startswith("pick fp16 precision.fp32_modules=[h.1.mlp]: 1.65× fp32's throughput")
