@@ -25,7 +25,7 @@ class GPTConfig(ModelConfig):
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 128  # the positions the model has: the longest window it can read
+    block_size: int = 64  # the positions the model has: the longest window it can read (pycode's default)
     dropout: float = 0.0
     bias: bool = False  # biases in the linear layers and LayerNorms (GPT-2 has them; most recent models do not)
     # The fp16-overflow experiment (experiment=fp16_overflow): block ff_gain_block's feed-forward hidden activations
@@ -115,7 +115,7 @@ class GPT(nn.Module):
         n_layer: int = 4,
         n_head: int = 4,
         n_embd: int = 128,
-        block_size: int = 128,
+        block_size: int = 64,
         dropout: float = 0.0,
         bias: bool = False,
         ff_gain: float = 1.0,

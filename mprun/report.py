@@ -263,7 +263,8 @@ def group_columns(groups: list[grouping.Group]) -> list[str]:
 def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
     """The group table's cells, one list per group."""
     out = []
-    for g in groups:
+    settings = [grouping.setting(g, groups) for g in groups]
+    for g, setting in zip(groups, settings):
         values = g.values(g.headline.key)
         acc = "—"
         if values:
@@ -283,9 +284,7 @@ def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
             _fmt(g.ratio(grouping.MEMORY), ".2f", "×"),
             _spread(g.values(grouping.SKIPPED), ".0f"),
         ]
-        out.append(
-            ([grouping.setting(g, groups) or "—"] if any(grouping.setting(h, groups) for h in groups) else []) + cells
-        )
+        out.append(([setting or "—"] if any(settings) else []) + cells)
     return out
 
 

@@ -17,6 +17,7 @@ REQUIRED = {
     ("model", "timm"): ["model.name=resnet18"],
     ("model", "torchvision"): ["model.name=resnet18"],
     ("dataset", "imagefolder"): ["dataset.root=/nonexistent"],
+    ("dataset", "textfile"): ["dataset.path=/nonexistent.txt"],
 }
 OPTIONS = [
     (group.name, option.stem)

@@ -67,7 +67,7 @@ def test_the_tasks_loss_and_metrics() -> None:
         (["dataset=pycode", "model=simple_cnn"], "cannot serve dataset=pycode: the dataset is a language_model task"),
         (
             ["dataset=pycode", "model=gpt", "dataset.block_size=256"],
-            "dataset.block_size=256 is longer than model.block_size=128",
+            "dataset.block_size=256 is longer than model.block_size=64",
         ),
         (["dataset=pycode", "model=gpt", "model.n_embd=100", "model.n_head=3"], "n_embd=100 must be divisible by"),
     ],
