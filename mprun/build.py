@@ -63,13 +63,6 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     data.train.shard(world.rank, world.size)
     data.val.shard(world.rank, world.size)  # each rank evaluates its share; evaluate() sums over ranks
     model_name = _model_label(cfg)
-    served = checked["model"].TASKS
-    if data.task.name not in served:
-        raise ConfigError(
-            f"{model_name} cannot serve dataset={data.name}: the dataset is a {data.task.name} task and the model "
-            f"serves {', '.join(served)} (language models: model=gpt; image classifiers: model=simple_cnn, "
-            "resnet18, ...)"
-        )
     inputs = data.model_inputs()
     try:
         module: nn.Module = instantiate(cfg.model, _convert_="all")(**inputs)
@@ -113,6 +106,19 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
         fp32_modules=fp32_modules,
         strategy=trainer.strategy,
     )
+
+
+def check_task(cfg: DictConfig, checked: dict[str, Any]) -> None:
+    """The model can serve the dataset's task: checked from their configs, before the store is reached or the data
+    read."""
+    task, served = checked["dataset"].TASK, checked["model"].TASKS
+    if task not in served:
+        chosen = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() else None
+        data = chosen or cfg.dataset.get("_target_", "?").rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"{_model_label(cfg)} cannot serve dataset={data}: the dataset is a {task} task and the model serves "
+            f"{', '.join(served)} (language models: model=gpt; image classifiers: model=simple_cnn, resnet18, ...)"
+        )
 
 
 def _model_label(cfg: DictConfig) -> str:

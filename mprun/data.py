@@ -32,6 +32,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class DatasetConfig(Buildable):
+    TASK = "classification"  # what its DataBundle's task is (mprun.tasks); a class attribute, not a setting
     batch_size: int = 64
 
     def __post_init__(self) -> None:

@@ -99,6 +99,7 @@ def _run(cfg: DictConfig, started: float, job: Optional[JobInfo]) -> dict[str, A
     run_dir = Path(cfg.paths.run_dir).absolute()
     try:
         checked = config.validate(cfg)
+        build.check_task(cfg, checked)
         trainer = checked["trainer"]
         world = distributed.start(trainer.strategy, trainer.device.value != "cpu" and torch.cuda.is_available())
         # Only rank 0 tracks. The store is reached now, so a bad URI fails before any data or model work.

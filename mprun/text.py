@@ -34,6 +34,7 @@ SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__
 
 @dataclass
 class WindowsConfig(DatasetConfig):
+    TASK = "language_model"
     batch_size: int = 32
     block_size: int = 64  # bytes a model reads per window (its context)
     windows_per_epoch: int = 2048  # training windows drawn per epoch: what "an epoch" means for a corpus
