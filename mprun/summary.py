@@ -66,7 +66,8 @@ FINAL_METRICS = (
 
 def final_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     """The summary numbers logged as final/* metrics."""
-    extra = ("val_ppl", "val_bpb", "tokens_per_s")  # a language model's
+    # And whatever else the task measured (a language model's val_ppl, val_bpb) and tokens_per_s, where there are.
+    extra = [k for k in results if k.startswith("val_") and k not in FINAL_METRICS] + ["tokens_per_s"]
     return {f"final/{k}": float(results[k]) for k in (*FINAL_METRICS, *extra) if results.get(k) is not None}
 
 
@@ -96,9 +97,8 @@ def write_to_log_file(text: str, level: int = logging.INFO) -> None:
 
 def job_line(s: Mapping[str, Any], run_dir: Path, job: JobInfo) -> str:
     """A finished sweep job in one line: the sweep's report has the table."""
-    headline = " ".join(_val_line(s).split("(")[0].split())  # val/acc 0.9916, val/bpb 3.421
     return (
-        f"job {job.num} {job.name}: {headline}  {s['samples_per_s']:,.0f} samples/s  "
+        f"job {job.num} {job.name}: {' '.join(_headline(s))}  {s['samples_per_s']:,.0f} samples/s  "
         f"{s['peak_mem_mib']:,.0f} MiB  {s['precision_detail'].split(':')[0]}  skipped {s['skipped_steps']}  "
         f"{s['train_time_s']:.1f} s  ({run_dir})"
     )
@@ -148,14 +148,22 @@ def summary_block(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Op
     return "\n".join(lines)
 
 
-def _val_line(s: Mapping[str, Any]) -> str:
-    """The summary's validation line: a language model's bits per byte (or perplexity) first."""
-    detail = f"(val/loss {s['val_loss']:.4f} nats/token, next-token acc {s['val_acc']:.4f})"
+def _headline(s: Mapping[str, Any]) -> tuple[str, str]:
+    """The run's headline validation figure: ('val/acc', '0.9916'); a language model's bits per byte (or
+    perplexity)."""
     if "val_bpb" in s:
-        return f"val/bpb     {s['val_bpb']:.3f}   {detail}"
+        return "val/bpb", f"{s['val_bpb']:.3f}"
     if "val_ppl" in s:
-        return f"val/ppl     {s['val_ppl']:.2f}   {detail}"
-    return f"val/acc     {s['val_acc']:.4f}   (val/loss {s['val_loss']:.4f})"
+        return "val/ppl", f"{s['val_ppl']:.2f}"
+    return "val/acc", f"{s['val_acc']:.4f}"
+
+
+def _val_line(s: Mapping[str, Any]) -> str:
+    """The summary's validation line: the headline, then the loss (and a language model's next-token accuracy)."""
+    name, value = _headline(s)
+    if name == "val/acc":
+        return f"val/acc     {value}   (val/loss {s['val_loss']:.4f})"
+    return f"{name:<12}{value}   (val/loss {s['val_loss']:.4f} nats/token, next-token acc {s['val_acc']:.4f})"
 
 
 def _throughput_line(s: Mapping[str, Any]) -> str:
