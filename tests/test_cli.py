@@ -287,15 +287,17 @@ def test_signal_checkpoints_and_marks_run_killed(tmp_path: Path, sig: int, code:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_second_signal_stops_at_once_and_still_marks_killed(tmp_path: Path, sig: signal.Signals, code: int) -> None:
-    # A huge model on the CPU: one step takes long enough that the second Ctrl-C arrives mid-step.
+    # Long steps on the CPU, so that the second Ctrl-C arrives mid-step: a wide batch through a 12.6M-parameter MLP
+    # (its checkpoint is 150 MB; 200M parameters at the default batch took as long and wrote 2 GB twice).
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "mprun",
             "model=simple_mlp",
-            "model.hidden=4096",
+            "model.hidden=1024",
             "model.depth=12",
+            "dataset.batch_size=1024",
             "trainer.max_epochs=100000",
             "trainer.progress=log",
             "trainer.log_every_steps=1",
