@@ -12,7 +12,9 @@ in one process; CUDA events time each round after warm-up, the median round coun
     python bench/gpu_step.py --device cpu --models simple_cnn --image 32 --batch 8 --steps 2 --rounds 1  # harness check
 
 Matrix: resnet50 (batch 256, channels_last) and vit_b16 (batch 128) x fp32, tf32, fp16, bf16 x eager,
-compiled, the cells the targets need first. Writes <out>/gpu_step.json and gpu_step.md after every cell, so
+compiled, the cells the targets need first; `--models gpt2_small` (batch 16 windows of --block 1024 bytes of
+dataset=pycode, on the device) adds the language-model cells, with tokens/s and MFU (mprun.hardware's peak table).
+Writes <out>/gpu_step.json and gpu_step.md after every cell, so
 a slice cut short keeps what it measured; cells measured earlier on the same device and torch version are
 kept and not measured again (--redo does), so the same command run again finishes a slice, and slices run
 in separate calls add up to one table. A path whose weights end non-finite is flagged.
@@ -34,8 +36,27 @@ import torch
 import torch.nn.functional as F
 from common import ROOT, at_least, compose
 
-BATCH = {"resnet50": 256, "vit_b16": 128}
+BATCH = {"resnet50": 256, "vit_b16": 128, "gpt2_small": 16}
 CHANNELS_LAST = {"resnet50": True}
+LANGUAGE_MODELS = ("gpt", "gpt2_small")  # trained on dataset=pycode windows; the others on synthetic images
+
+
+def data_overrides(model: str, batch: int, args: argparse.Namespace) -> list[str]:
+    """The cell's dataset: batch * steps samples a round, on the device."""
+    if model in LANGUAGE_MODELS:
+        return [
+            "dataset=pycode",
+            f"dataset.block_size={args.block}",
+            f"dataset.windows_per_epoch={batch * args.steps}",
+            f"dataset.val_windows={batch}",
+        ]
+    return [
+        "dataset=synthetic",
+        "dataset.on_device=true",
+        f"dataset.shape=[3,{args.image},{args.image}]",
+        f"dataset.num_samples={batch * args.steps}",
+        f"dataset.val_samples={batch}",
+    ]
 
 
 def components(model: str, precision: str, compiled: bool, args: argparse.Namespace):
@@ -50,12 +71,8 @@ def components(model: str, precision: str, compiled: bool, args: argparse.Namesp
             "optimizer=sgd",
             "optimizer.lr=0.01",
             "scheduler=none",
-            "dataset=synthetic",
-            "dataset.on_device=true",
-            f"dataset.shape=[3,{args.image},{args.image}]",
+            *data_overrides(model, batch, args),
             f"dataset.batch_size={batch}",
-            f"dataset.num_samples={batch * args.steps}",
-            f"dataset.val_samples={batch}",
             f"trainer.device={args.device}",
             f"trainer.compile={str(compiled).lower()}",
             f"trainer.channels_last={str(CHANNELS_LAST.get(model, False)).lower()}",
@@ -84,7 +101,7 @@ def hand_loop(parts, compiled: bool, channels_last: bool):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())  # (N, T, V) logits too
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -138,7 +155,8 @@ def cell(model: str, precision: str, compiled: bool, args: argparse.Namespace) -
             seconds, mib = timed(paths[name], mine.device)
             times[name].append(seconds)
             mems[name].append(mib)
-    images = batch * args.steps
+    samples = batch * args.steps
+    block = mine.data.context  # a language model's window: tokens per sample
     out = {
         "model": model,
         "precision": precision,
@@ -147,15 +165,23 @@ def cell(model: str, precision: str, compiled: bool, args: argparse.Namespace) -
         "date": str(date.today()),
     }
     for name, parts in (("hand", theirs), ("mprun", mine)):
-        out[f"{name}_img_s"] = images / statistics.median(times[name])
+        out[f"{name}_img_s"] = samples / statistics.median(times[name])  # images, or windows
         out[f"{name}_peak_mib"] = max(mems[name])
         # A path whose weights went non-finite timed skipped or NaN steps, not training: its number is flagged.
         out[f"{name}_finite"] = all(bool(torch.isfinite(p).all()) for p in parts.module.parameters())
     out["ratio"] = out["mprun_img_s"] / out["hand_img_s"]
+    if block:
+        from mprun.hardware import mfu
+
+        out["tokens_s"] = out["mprun_img_s"] * block
+        parameters = sum(p.numel() for p in mine.module.parameters())
+        out["mfu"] = mfu(parameters, out["tokens_s"], mine.device, mine.precision.name.value)
+    tokens = f"  {out['tokens_s']:,.0f} tokens/s" if block else ""
     print(
         f"{model:9s} {precision:5s} {out['mode']:8s} hand {out['hand_img_s']:9.1f} img/s  "
         f"mprun {out['mprun_img_s']:9.1f} "
         f"img/s  ratio {out['ratio']:.3f}  peak MiB hand {out['hand_peak_mib']:.0f} mprun {out['mprun_peak_mib']:.0f}"
+        f"{tokens}"
         f"{'' if out['hand_finite'] and out['mprun_finite'] else '  NON-FINITE WEIGHTS'}",
         flush=True,
     )
@@ -168,8 +194,9 @@ def cell(model: str, precision: str, compiled: bool, args: argparse.Namespace) -
 def table(cells: list[dict]) -> str:
     fp32 = {(c["model"], c["mode"]): c["mprun_peak_mib"] for c in cells if c["precision"] == "fp32"}
     lines = [
-        "| model | precision | mode | hand img/s | mprun img/s | mprun/hand | peak MiB (mprun) | vs fp32 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | precision | mode | hand samples/s | mprun samples/s | mprun/hand | peak MiB (mprun) | vs fp32 | "
+        "tokens/s (mprun) | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         base = fp32.get((c["model"], c["mode"]))
@@ -178,9 +205,18 @@ def table(cells: list[dict]) -> str:
         flag = f" (non-finite weights: {', '.join(bad)})" if bad else ""
         lines.append(
             f"| {c['model']} | {c['precision']} | {c['mode']} | {c['hand_img_s']:,.0f} | {c['mprun_img_s']:,.0f} | "
-            f"{c['ratio']:.3f}{flag} | {c['mprun_peak_mib']:,.0f} | {rel} |"
+            f"{c['ratio']:.3f}{flag} | {c['mprun_peak_mib']:,.0f} | {rel} | "
+            f"{_tokens(c)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _tokens(c: dict) -> str:
+    """A language-model cell's tokens/s and MFU columns; dashes for an image model, "not known" for a GPU the peak
+    table lacks."""
+    if "tokens_s" not in c:
+        return "— | —"
+    return f"{c['tokens_s']:,.0f} | " + (f"{c['mfu']:.1%}" if c.get("mfu") else "no peak known")
 
 
 def key(c: dict) -> tuple[str, str, str]:
@@ -211,7 +247,7 @@ def priority(t: tuple[str, str, str]) -> tuple[int, int]:
 
 
 # What makes two slices' cells comparable, besides GPU and torch.
-SETTINGS = ("batch", "image", "steps", "warmup", "rounds")
+SETTINGS = ("batch", "image", "block", "steps", "warmup", "rounds")
 
 
 def earlier(path: Path, device: str, args: argparse.Namespace) -> list[dict]:
@@ -272,6 +308,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=at_least(0), default=0, help="0: 256 for resnet50, 128 for vit_b16")
     ap.add_argument("--image", type=at_least(1), default=224)
+    ap.add_argument("--block", type=at_least(1), default=1024, help="a language model's window, in bytes")
     ap.add_argument("--steps", type=at_least(1), default=20, help="steps per timed round")
     ap.add_argument("--warmup", type=at_least(0), default=2, help="untimed rounds per path")
     ap.add_argument("--rounds", type=at_least(1), default=5, help="timed rounds per path (alternating)")

@@ -117,7 +117,8 @@ def check_task(cfg: DictConfig, checked: dict[str, Any]) -> None:
         data = chosen or cfg.dataset.get("_target_", "?").rsplit(".", 1)[-1]
         raise ConfigError(
             f"{_model_label(cfg)} cannot serve dataset={data}: the dataset is a {task} task and the model serves "
-            f"{', '.join(served)} (language models: model=gpt; image classifiers: model=simple_cnn, resnet18, ...)"
+            f"{', '.join(served)} (language models: model=gpt or lstm; text classifiers: model=lstm; image "
+            "classifiers: model=simple_cnn, resnet18, ...)"
         )
 
 

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from mprun import data, gpt, loop, models, optim, precision, text, tracking
+from mprun import data, gpt, loop, lstm, models, optim, precision, text, textfolder, tracking
 from mprun.errors import ConfigError, first_line
 
 # Settings that change where and how a run is recorded or continued, not what it computes: a resume may change them
@@ -94,12 +94,14 @@ SCHEMAS: dict[str, type] = {
     "model_timm_schema": models.TimmModelConfig,
     "model_torchvision_schema": models.TorchvisionModelConfig,
     "model_gpt_schema": gpt.GPTConfig,
+    "model_lstm_schema": lstm.LSTMConfig,
     "dataset_digits_schema": data.DigitsConfig,
     "dataset_synthetic_schema": data.SyntheticConfig,
     "dataset_torchvision_schema": data.VisionConfig,
     "dataset_imagefolder_schema": data.ImageFolderConfig,
     "dataset_pycode_schema": text.PyCodeConfig,
     "dataset_textfile_schema": text.TextFileConfig,
+    "dataset_textfolder_schema": textfolder.TextFolderConfig,
     "optimizer_sgd_schema": optim.SGDConfig,
     "optimizer_adam_schema": optim.AdamConfig,
     "optimizer_adamw_schema": optim.AdamWConfig,

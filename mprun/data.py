@@ -147,14 +147,13 @@ class DataBundle:
     num_classes: int  # a language model's: its vocabulary (the classes of each next-token prediction)
     task: Task = CLASSIFICATION
     context: int = 0  # a language model's window length (dataset.block_size)
+    vocab_size: int = 0  # token inputs: the ids are below this (0: image inputs)
     source: dict[str, str] = field(default_factory=dict)  # what the data was made from, recorded as params
 
     def model_inputs(self) -> dict[str, Any]:
-        """What a model is built for: an image classifier's input channels, image size and classes; a language
-        model's vocabulary and context length (image_size's first entry)."""
-        if self.task.name == CLASSIFICATION.name:
-            return {"in_chans": self.in_chans, "image_size": self.image_size, "num_classes": self.num_classes}
-        return {"vocab_size": self.num_classes, "context": self.context}
+        """What a model is built for: the fields its task names (an image classifier's input channels, image size
+        and classes; a text classifier's vocabulary and classes; a language model's vocabulary and context)."""
+        return {key: getattr(self, key) for key in self.task.inputs}
 
     def example(self) -> torch.Tensor:
         """Two input samples, for checking that a model fits."""

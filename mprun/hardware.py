@@ -105,3 +105,33 @@ def math_flags_restored() -> Iterator[None]:
         for knob, value in zip(knobs, per_backend):
             knob.fp32_precision = value
         cudnn.benchmark = benchmark
+
+
+# Dense (no sparsity) peak TFLOP/s by compute dtype, from NVIDIA's data sheets (SXM boards where there are two):
+# the denominator of the MFU estimate. fp32 is the CUDA cores' rate; tf32, bf16, fp16 and fp8 the tensor cores'.
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9}),
+    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0, "fp8": 1513.0}),
+    ("H100", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9}),
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
+    ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.1, "fp16": 362.1, "fp8": 733.0}),
+    ("V100", {"fp32": 15.7, "fp16": 125.0}),
+)
+
+
+def peak_tflops(device: torch.device, dtype: str) -> float | None:
+    """The data-sheet peak of this GPU for this compute dtype (fp32, tf32, bf16, fp16, fp8); None on a CPU or a GPU
+    the table does not hold."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks.get(dtype) for key, peaks in GPU_PEAK_TFLOPS if key in name), None)
+
+
+def mfu(parameters: int, tokens_per_s: float | None, device: torch.device, dtype: str) -> float | None:
+    """Model FLOPs utilisation: 6 * parameters FLOPs per token trained (forward and backward, attention's own
+    FLOPs left out), times tokens/s, over the GPU's peak for the dtype. None where either is unknown."""
+    peak = peak_tflops(device, dtype)
+    if not peak or not tokens_per_s:
+        return None
+    return 6 * parameters * tokens_per_s / (peak * 1e12)

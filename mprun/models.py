@@ -282,5 +282,5 @@ def check_fits(
     require(
         tuple(out.shape) == expected,
         f"{model_name} outputs shape {tuple(out.shape[1:])}, dataset={dataset_name} needs {expected[1:]} "
-        f"({num_classes} {'classes' if task.name == 'classification' else 'tokens'})",
+        f"({num_classes} {'tokens' if task.per_position else 'classes'})",
     )

@@ -22,7 +22,7 @@ from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from mprun.data import Batch
 from mprun.errors import ConfigError, NumericsError
@@ -88,9 +88,8 @@ def _range(t: Any) -> Optional[dict[str, Any]]:
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    tree_map(lambda v: out.append(v) if isinstance(v, torch.Tensor) else None, value)
-    return out
+    # Leaves only: rebuilding the structure (tree_map) fails for an LSTM's PackedSequence output.
+    return [v for v in tree_leaves(value) if isinstance(v, torch.Tensor)]
 
 
 def _nonfinite(value: Any) -> bool:

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
+from mprun import hardware
 from mprun.loop import FitResult, TrainState
 from mprun.tracking import Tracker
 
@@ -21,12 +22,16 @@ if TYPE_CHECKING:
 def build(result: FitResult, parts: Components, state: TrainState, tracker: Tracker, wall_s: float) -> dict[str, Any]:
     """The end-of-run numbers, as written to summary.json."""
     block = parts.data.context
+    tokens_per_s = result.samples_per_s * block if block else None
+    parameters = sum(p.numel() for p in parts.module.parameters())  # a tied weight once
     return {
         "task": parts.data.task.name,
         "val_acc": result.val_acc,
         "val_loss": result.val_loss,
         **{f"val_{k}": v for k, v in result.val_extra.items()},  # a language model's ppl, bpb
-        "tokens_per_s": result.samples_per_s * block if block else None,
+        "tokens_per_s": tokens_per_s,
+        "parameters": parameters,
+        "mfu": hardware.mfu(parameters, tokens_per_s, parts.device, parts.precision.name.value),  # a GPU's LM
         "train_loss": result.train_loss,
         "samples_per_s": result.samples_per_s,
         "data_wait_frac": result.data_wait_frac,
@@ -67,7 +72,7 @@ FINAL_METRICS = (
 def final_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     """The summary numbers logged as final/* metrics."""
     # And whatever else the task measured (a language model's val_ppl, val_bpb) and tokens_per_s, where there are.
-    extra = [k for k in results if k.startswith("val_") and k not in FINAL_METRICS] + ["tokens_per_s"]
+    extra = [k for k in results if k.startswith("val_") and k not in FINAL_METRICS] + ["tokens_per_s", "mfu"]
     return {f"final/{k}": float(results[k]) for k in (*FINAL_METRICS, *extra) if results.get(k) is not None}
 
 
@@ -175,6 +180,7 @@ def _throughput_line(s: Mapping[str, Any]) -> str:
         n, f"median of {n - 1} epochs; the first (warm-up) left out"
     )
     tokens = f" = {s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else ""
+    tokens += f", MFU {s['mfu']:.1%}" if s.get("mfu") else ""
     return f"throughput  {s['samples_per_s']:,.0f} samples/s{tokens}  ({over})"
 
 

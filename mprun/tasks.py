@@ -2,13 +2,15 @@
 
 The dataset declares its task; the loop, the fit check and the NaN tracer ask the task, so they never branch on it,
 as they never branch on the dtype.
-- classification: logits (N, classes), targets (N,): cross-entropy, val/loss and val/acc.
+- classification: images in, logits (N, classes), targets (N,): cross-entropy, val/loss and val/acc.
+- text_classification: token ids (N, T) in, padded with 0, and the same logits, loss and metrics.
 - language_model: logits (N, T, vocab), next-token targets (N, T): cross-entropy per token, val/loss (nats per
   token), val/acc (next-token accuracy), val/ppl and, for a byte-level corpus, val/bpb (bits per byte).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,7 +23,12 @@ class Task:
     name: str
     headline: str  # the metric a sweep report compares ("acc", "bpb"): val/<headline>, final/val_<headline>
     higher_is_better: bool
+    per_position: bool = False  # a prediction at every position of a window (a language model), not one per sample
     bytes_per_token: float = 0.0  # a byte-level corpus: 1 (val/bpb is loss in bits); 0: no bits-per-byte
+    # What a model of this task is built with (DataBundle's fields of these names): an image classifier's input
+    # channels, image size and classes; a text classifier's vocabulary and classes; a language model's vocabulary and
+    # context length.
+    inputs: tuple[str, ...] = ("in_chans", "image_size", "num_classes")
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The mean training loss over the batch's targets (every position of every window, for a language model)."""
@@ -29,7 +36,7 @@ class Task:
 
     def output_shape(self, inputs: torch.Tensor, classes: int) -> tuple[int, ...]:
         """The logits' shape a model must return for these inputs: (N, classes), or (N, T, vocab)."""
-        return (inputs.shape[0], classes) if self.name == CLASSIFICATION.name else (*inputs.shape[:2], classes)
+        return (*inputs.shape[:2], classes) if self.per_position else (inputs.shape[0], classes)
 
     def sums(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """[loss sum, correct, targets] of a batch, in float64 on its device: summed over batches and ranks."""
@@ -46,7 +53,7 @@ class Task:
         """val metrics (names without the val/ prefix) from the summed [loss, correct, targets]."""
         loss, acc = loss_sum / max(1.0, count), correct / max(1.0, count)
         out = {"loss": loss, "acc": acc}
-        if self.name == LANGUAGE_MODEL.name:
+        if self.per_position:
             out["ppl"] = math.exp(min(loss, 700.0))
             if self.bytes_per_token:
                 out["bpb"] = loss / math.log(2) / self.bytes_per_token
@@ -54,5 +61,10 @@ class Task:
 
 
 CLASSIFICATION = Task("classification", headline="acc", higher_is_better=True)
-LANGUAGE_MODEL = Task("language_model", headline="loss", higher_is_better=False)
-BYTE_LANGUAGE_MODEL = Task("language_model", headline="bpb", higher_is_better=False, bytes_per_token=1.0)
+TEXT_CLASSIFICATION = Task(
+    "text_classification", headline="acc", higher_is_better=True, inputs=("vocab_size", "num_classes")
+)
+LANGUAGE_MODEL = Task(
+    "language_model", headline="loss", higher_is_better=False, per_position=True, inputs=("vocab_size", "context")
+)
+BYTE_LANGUAGE_MODEL = dataclasses.replace(LANGUAGE_MODEL, headline="bpb", bytes_per_token=1.0)

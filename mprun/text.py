@@ -147,6 +147,7 @@ def pycode(
         256,
         task=BYTE_LANGUAGE_MODEL,
         context=block_size,
+        vocab_size=256,
         source={
             "corpus.python": platform.python_version(),
             "corpus.files": str(len(files)),
@@ -210,6 +211,7 @@ def textfile(
         vocab,
         task=task,
         context=block_size,
+        vocab_size=vocab,
         source={
             "corpus.files": str(len(files)),
             "corpus.tokens": str(len(tokens)),

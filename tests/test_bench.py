@@ -79,6 +79,17 @@ def test_gpu_step_harness_runs_on_cpu_and_slices_add_up(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_gpu_step_has_a_language_model_cell_with_tokens_per_second(tmp_path: Path) -> None:
+    """The GPT cell (gpt2_small on a GPU; the tiny model=gpt here): windows of pycode, both paths, tokens/s."""
+    proc = gpu_step(tmp_path, "--models", "gpt", "--precisions", "bf16", "--block", "16", "--batch", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (c,) = json.loads((tmp_path / "gpu_step.json").read_text())["cells"]
+    assert c["model"] == "gpt" and c["tokens_s"] == pytest.approx(16 * c["mprun_img_s"])
+    assert c["mfu"] is None and c["hand_finite"] and c["mprun_finite"]  # no peak for a CPU
+    assert "| gpt | bf16 | eager |" in (tmp_path / "gpu_step.md").read_text()
+
+
+@pytest.mark.slow
 def test_loader_bench_runs_on_a_generated_imagefolder(tmp_path: Path) -> None:
     proc = subprocess.run(
         [

@@ -18,6 +18,7 @@ REQUIRED = {
     ("model", "torchvision"): ["model.name=resnet18"],
     ("dataset", "imagefolder"): ["dataset.root=/nonexistent"],
     ("dataset", "textfile"): ["dataset.path=/nonexistent.txt"],
+    ("dataset", "textfolder"): ["dataset.root=/nonexistent"],
 }
 OPTIONS = [
     (group.name, option.stem)

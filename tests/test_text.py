@@ -47,6 +47,19 @@ def test_a_gpt_learns_bytes_of_python_and_reports_bits_per_byte(make_cfg, tmp_pa
     assert r.data.params["corpus.python"] and len(r.data.params["corpus.sha256"]) == 16
 
 
+def test_mfu_is_six_flops_per_parameter_per_token_over_the_gpus_peak(monkeypatch) -> None:
+    from mprun import hardware
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    gpu = torch.device("cuda", 0)
+    assert hardware.mfu(124_000_000, 100_000, gpu, "bf16") == pytest.approx(6 * 124e6 * 1e5 / 989.4e12)
+    assert hardware.mfu(124_000_000, 100_000, gpu, "fp32") == pytest.approx(6 * 124e6 * 1e5 / 66.9e12)
+    assert hardware.mfu(124_000_000, None, gpu, "bf16") is None  # an image model has no tokens
+    assert hardware.mfu(124_000_000, 100_000, torch.device("cpu"), "bf16") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert hardware.mfu(124_000_000, 100_000, gpu, "bf16") is None  # not in the table: not guessed
+
+
 def test_the_tasks_loss_and_metrics() -> None:
     logits = torch.randn(2, 5, 7)
     target = torch.randint(0, 7, (2, 5))
