@@ -104,6 +104,24 @@ def test_a_language_model_under_ddp_matches_one_process_at_the_same_global_batch
     assert _history(client, "ddp x2", "val/bpb") == pytest.approx(_history(client, "single x1", "val/bpb"), abs=1e-5)
 
 
+@pytest.mark.slow
+def test_an_lstm_text_classifier_under_ddp_matches_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
+    """Packed texts under DDP: each rank pads its batches to its own longest text, which changes nothing."""
+    from test_textfolder import make_folder
+
+    root = make_folder(tmp_path / "texts", {"train": 32, "test": 8})
+    text = ["dataset=textfolder", f"dataset.root={root}", "model=lstm", "model.bidirectional=true",
+            "model.hidden=32", "trainer.max_steps=4"]  # fmt: skip
+    single = run_cli_here(*COMMON, *text, "dataset.batch_size=16", "hydra.run.dir=outputs/single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun(*text, "trainer.strategy=ddp", "dataset.batch_size=8", "hydra.run.dir=outputs/ddp", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    one, two = _history(client, "single x1"), _history(client, "ddp x2")
+    assert len(one) == len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+    assert _history(client, "ddp x2", "val/acc") == _history(client, "single x1", "val/acc")
+
+
 @pytest.mark.parametrize("world", [2, 3, 4, 16])
 def test_evaluation_shards_cover_every_sample_once_in_as_many_full_batches_on_every_rank(world: int) -> None:
     from mprun.data import EpochDataLoader, TensorLoader
