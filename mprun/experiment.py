@@ -6,6 +6,8 @@ and once open it is always closed: FINISHED, FAILED (with the error as a tag) or
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -21,12 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 import mprun
 from mprun import build, checkpoint, config, distributed, hardware, numerics, resume, summary
 from mprun.build import Components
+from mprun.data import DataBundle
 from mprun.errors import NumericsError
 from mprun.interrupts import GracefulStop
 from mprun.loop import TrainerConfig, TrainState, finished, fit
 from mprun.summary import json_text
 from mprun.sweep import JobInfo
-from mprun.tracking import CHECKPOINT_STEP_TAG, NullTracker, Tracker
+from mprun.tracking import CHECKPOINT_STEP_TAG, DatasetRecord, NullTracker, Tracker
 
 log = logging.getLogger("mprun")
 
@@ -60,6 +63,30 @@ def run_tags(parts: Components) -> dict[str, str]:
         "fp32_modules": ",".join(parts.fp32_modules) or "none",
         "strategy": f"{parts.strategy.value} x{parts.world.size}",
     }
+
+
+# How a dataset is served, not what it holds: left out of the digest that identifies its data.
+_SERVING = ("_target_", "_partial_", "batch_size", "num_workers", "prefetch_factor", "on_device", "download")
+
+
+def dataset_records(cfg: DictConfig, data: DataBundle) -> list[DatasetRecord]:
+    """The run's dataset, for MLflow's dataset tracking: its training and evaluation splits. The digest is a text
+    corpus's own sha256 where mprun reads one, else a hash of the settings that decide the data (the files' root,
+    the split, the shapes), with the split's name, so runs on the same data share it; the source is the file or
+    folder, or the builder."""
+    settings = OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True)
+    where = settings.get("root") or settings.get("path")
+    source = str(Path(str(where)).expanduser().resolve()) if where else str(settings["_target_"])
+    decides = {k: v for k, v in settings.items() if k not in _SERVING}
+    digest = (
+        data.source.get("corpus.sha256")
+        or hashlib.sha256(json.dumps([data.name, decides], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    )
+    # One digest per split: MLflow keeps one input per dataset (name and digest), whatever its context tag.
+    return [
+        DatasetRecord(data.name, hashlib.sha256(f"{digest}:{context}".encode()).hexdigest()[:16], source, context)
+        for context in ("training", "evaluation")
+    ]
 
 
 @dataclass
@@ -145,7 +172,7 @@ def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dic
         if not (previous_run and r.tracker.resume(previous_run, state.step)):
             params = config.logged_params(OmegaConf.to_container(r.cfg, resolve=True, enum_to_str=True))
             params.update(r.parts.data.source)  # what the data was made from (a corpus's Python and digest)
-            r.tracker.start(params, tags, r.job.name if r.job else None)
+            r.tracker.start(params, tags, r.job.name if r.job else None, dataset_records(r.cfg, r.parts.data))
         return _train_and_close(r, state, guard, stop)
 
 

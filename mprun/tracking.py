@@ -11,12 +11,13 @@ process that runs several jobs cannot leak a run from one into the next.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
 import shlex
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -76,6 +77,16 @@ class NoTrackingConfig(Buildable):
     _target_: str = "mprun.tracking.NullTracker"
 
 
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A dataset a run used, for MLflow's dataset tracking (the UI's Datasets column): one per split it used."""
+
+    name: str
+    digest: str
+    source: str  # where it was read from: a file or directory, or how it was made
+    context: str  # "training" or "evaluation" (MLflow's mlflow.data.context tag)
+
+
 class Tracker:
     """What the runner needs from a tracker. The base class tracks nothing."""
 
@@ -83,8 +94,15 @@ class Tracker:
     log_checkpoint: bool = False  # whether checkpoints are uploaded as artifacts
     store: Store | None = None  # where its runs are, for reading them back (a sweep, its report); None: nowhere
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: str | None = None) -> None:
-        """Open a run and record params and tags; run_name names it unless the config names it."""
+    def start(
+        self,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        run_name: str | None = None,
+        datasets: Sequence[DatasetRecord] = (),
+    ) -> None:
+        """Open a run and record params, tags and the datasets it uses; run_name names it unless the config names
+        it."""
 
     def resume(self, run_id: str, step: int) -> bool:
         """Reopen an earlier run to continue it (a resumed training); False if this store lacks it."""
@@ -280,6 +298,20 @@ class Store:
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self._client.log_batch(run_id, params=items[i : i + 100])
 
+    def log_datasets(self, run_id: str, datasets: Sequence[DatasetRecord]) -> None:
+        """Record the datasets as the run's inputs (MLflow's dataset tracking), one call for all."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(
+                Dataset(d.name, d.digest, "local", json.dumps({"uri": d.source})),
+                tags=[InputTag("mlflow.data.context", d.context)],
+            )
+            for d in datasets
+        ]
+        if inputs:
+            self._client.log_inputs(run_id, datasets=inputs)
+
     def log_metrics(self, run_id: str, batches: list[MetricBatch]) -> None:
         """Record several steps' metrics in one call: one transaction of a sqlite store, one request to a server
         (MLflow's client splits more than 1,000 points into requests of 1,000)."""
@@ -410,7 +442,7 @@ class MlflowTracker(Tracker):
         self.experiment = experiment
         self.log_checkpoint = log_checkpoint
         self.failover = Failover(on_unreachable, default_uri(output_root))
-        self._started: tuple | None = None  # (params, tags, name): to reopen the run in the local store
+        self._started: tuple | None = None  # (params, tags, name, datasets): to reopen the run in the local store
         self._writer = BatchedWriter(flush_every_s)
         self._dropped: list[str] = []  # metric batches a store that still answered failed to write
         self.failover.open(uri or os.environ.get("MLFLOW_TRACKING_URI") or self.failover.local_uri, self._connect)
@@ -423,15 +455,22 @@ class MlflowTracker(Tracker):
         """The store the run is in (the local one, once the failover moved it there)."""
         return self.store.uri
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str], run_name: str | None = None) -> None:
+    def start(
+        self,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        run_name: str | None = None,
+        datasets: Sequence[DatasetRecord] = (),
+    ) -> None:
         if self.failover.intended:
             tags = {**tags, "mprun.intended_tracking_uri": self.failover.intended}
-        self._started = (params, tags, run_name)
+        self._started = (params, tags, run_name, datasets)
         # tracking.run_name names the study: a sweep's parent and jobs keep what tells them apart after it.
         name = ": ".join(n for n in (self.run_name, run_name) if n) or None
         self.run_id = self.store.create_run(self.experiment_id, name, tags)
         with self.closed_on_error():
             self.store.log_params(self.run_id, params)
+            self.store.log_datasets(self.run_id, datasets)
 
     @contextlib.contextmanager
     def closed_on_error(self) -> Any:
@@ -487,8 +526,8 @@ class MlflowTracker(Tracker):
         unsent = [*failed, *self._writer.unsent()]
         local = self.failover.move(self.uri, self.run_id, error)
         self._connect(local)
-        params, tags, name = self._started or ({}, {}, None)
-        self.start(params, tags, name)
+        params, tags, name, datasets = self._started or ({}, {}, None, ())
+        self.start(params, tags, name, datasets)
         for batch in unsent:
             self._writer.add(batch)
 

@@ -249,3 +249,26 @@ def test_an_experiment_made_without_a_kind_is_marked_as_model_training(tmp_path:
         Store.open(uri, name, tmp_path / "artifacts")
     assert client.get_experiment(plain).tags["mlflow.experimentKind"] == "custom_model_development"
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_a_run_records_its_dataset_for_the_ui_datasets_column(make_cfg, tmp_path: Path) -> None:
+    """MLflow's dataset tracking: the training and evaluation splits, named, with a digest that the same data keeps
+    (a batch size does not change it, a split does) and the source it was read from."""
+    from mprun.experiment import run
+
+    def inputs(*overrides: str) -> list[tuple[str, str, str, str]]:
+        summary = run(make_cfg("trainer.max_epochs=1", "trainer.max_steps=2", *overrides, tracking="mlflow"))
+        found = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"]).inputs
+        context = "mlflow.data.context"
+        return [
+            (d.dataset.name, d.dataset.digest, d.dataset.source, {t.key: t.value for t in d.tags}[context])
+            for d in found.dataset_inputs
+        ]
+
+    first = inputs()
+    assert sorted(c for *_, c in first) == ["evaluation", "training"]
+    assert {(n, s) for n, _, s, _ in first} == {("digits", '{"uri": "mprun.data.digits"}')}
+    digests = {d for _, d, _, _ in first}
+    assert len(digests) == 2  # one per split: MLflow keeps one input per name and digest
+    assert {d for _, d, _, _ in inputs("dataset.batch_size=32")} == digests
+    assert not {d for _, d, _, _ in inputs("dataset.val_fraction=0.3")} & digests
