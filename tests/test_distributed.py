@@ -89,16 +89,25 @@ def test_ddp_matches_one_process_with_the_same_global_batch_and_records_one_run(
     assert _history(client, "ddp x2", "val/loss") == pytest.approx(_history(client, "single x1", "val/loss"), abs=1e-5)
 
 
+def _one_process_and_two_ranks(tmp_path: Path, overrides: list[str], batch: int) -> MlflowClient:
+    """The same training as one process at `batch` ("single x1") and as 2 gloo DDP ranks at half of it each
+    ("ddp x2"), both recorded in tmp_path's store."""
+    single = run_cli_here(
+        *COMMON, *overrides, f"dataset.batch_size={batch}", "hydra.run.dir=outputs/single", cwd=tmp_path
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun(*overrides, "trainer.strategy=ddp", f"dataset.batch_size={batch // 2}", "hydra.run.dir=outputs/ddp",
+                   cwd=tmp_path)  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+
+
 @pytest.mark.slow
 def test_a_language_model_under_ddp_matches_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
     """2 gloo ranks at 16 windows each train the GPT as one process does at 32: the same windows, the same losses."""
     lm = ["dataset=pycode", "model=gpt", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
           "dataset.block_size=16", "model.block_size=16", "dataset.val_windows=64", "trainer.max_steps=6"]  # fmt: skip
-    single = run_cli_here(*COMMON, *lm, "dataset.batch_size=32", "hydra.run.dir=outputs/single", cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = torchrun(*lm, "trainer.strategy=ddp", "dataset.batch_size=16", "hydra.run.dir=outputs/ddp", cwd=tmp_path)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = _one_process_and_two_ranks(tmp_path, lm, batch=32)
     one, two = _history(client, "single x1"), _history(client, "ddp x2")
     assert len(one) == len(two) == 6 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5
     assert _history(client, "ddp x2", "val/bpb") == pytest.approx(_history(client, "single x1", "val/bpb"), abs=1e-5)
@@ -112,11 +121,7 @@ def test_an_lstm_text_classifier_under_ddp_matches_one_process_at_the_same_globa
     root = make_folder(tmp_path / "texts", {"train": 32, "test": 8})
     text = ["dataset=textfolder", f"dataset.root={root}", "model=lstm", "model.bidirectional=true",
             "model.hidden=32", "trainer.max_steps=4"]  # fmt: skip
-    single = run_cli_here(*COMMON, *text, "dataset.batch_size=16", "hydra.run.dir=outputs/single", cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = torchrun(*text, "trainer.strategy=ddp", "dataset.batch_size=8", "hydra.run.dir=outputs/ddp", cwd=tmp_path)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = _one_process_and_two_ranks(tmp_path, text, batch=16)
     one, two = _history(client, "single x1"), _history(client, "ddp x2")
     assert len(one) == len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5
     assert _history(client, "ddp x2", "val/acc") == _history(client, "single x1", "val/acc")
