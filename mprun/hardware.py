@@ -108,7 +108,8 @@ def math_flags_restored() -> Iterator[None]:
 
 
 # Dense (no sparsity) peak TFLOP/s by compute dtype, from NVIDIA's data sheets (SXM boards where there are two):
-# the denominator of the MFU estimate. fp32 is the CUDA cores' rate; tf32, bf16, fp16 and fp8 the tensor cores'.
+# the denominator of the MFU estimate. fp32 is the CUDA cores' rate; tf32, bf16, fp16 and fp8 the tensor cores'. The
+# first entry whose key is in the GPU's name wins: "H100 PCIe" stands before "H100".
 GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9}),
     ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0, "fp8": 1513.0}),

@@ -123,7 +123,7 @@ class Vocabulary:
         return ids or [UNK]
 
 
-def _tensors(encoded: list[list[int]], labels: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(encoded: list[list[int]], labels: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.zeros(len(encoded), max(len(ids) for ids in encoded), dtype=torch.long)
     for row, ids in enumerate(encoded):
         x[row, : len(ids)] = torch.tensor(ids)
@@ -153,7 +153,7 @@ def textfolder(
             digest.update(f"{split}/{classes[label]}/{path.name}\0{text}\0".encode())
     vocab = Vocabulary(tokenizer, texts[train_dir], max_vocab)
     (xt, yt), (xv, yv) = (
-        _tensors([vocab.encode(t, max_len) for t in texts[s]], [label for _, label in files[s]], device)
+        _padded([vocab.encode(t, max_len) for t in texts[s]], [label for _, label in files[s]], device)
         for s in (train_dir, val_dir)
     )
     return DataBundle(
