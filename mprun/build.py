@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,14 +14,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from mprun import distributed, models, numerics
+from mprun import distributed, models, numerics, probe
 from mprun.data import DataBundle
 from mprun.distributed import SINGLE, Strategy, World
 from mprun.errors import ConfigError
 from mprun.hardware import resolve_device, set_math_flags
 from mprun.loop import TrainerConfig, Training, planned_steps
 from mprun.optim import implementation, prepare
-from mprun.precision import Precision
+from mprun.precision import Precision, PrecisionConfig
 from mprun.tracking import Tracker
 
 
@@ -55,9 +56,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     """Device, precision, data, model, optimizer and schedule, in the order each needs the last."""
     trainer: TrainerConfig = checked["trainer"]
     device = resolve_device(trainer.device, world.local_rank)
-    precision = Precision(checked["precision"], device)
-    # Process-global: set by every run, never inherited (experiment.run puts the caller's back afterwards).
-    set_math_flags(**precision.math_flags(), cudnn_benchmark=trainer.cudnn_benchmark)
+    wanted: PrecisionConfig = checked["precision"]
     seed_everything(trainer.seed)
     data = dataset(cfg, trainer.seed, device)
     data.train.shard(world.rank, world.size)
@@ -72,20 +71,30 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
         given = ", ".join(f"{k}={v}" for k, v in inputs.items())
         raise ConfigError(f"{model_name} cannot be built for dataset={data.name} ({given}): {e}") from e
     # Model transforms before moving/compiling: fp32 islands run outside autocast.
-    fp32_modules = (
-        numerics.keep_fp32(module, precision.cfg.fp32_modules, device.type) if precision.cfg.fp32_modules else []
-    )
+    fp32_modules = numerics.keep_fp32(module, wanted.fp32_modules, device.type) if wanted.fp32_modules else []
     memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
     module = module.to(device, memory_format=memory_format)
+    batch = tuple(t.to(device) for t in data.example_batch())
     models.check_fits(
         module,
-        data.example().to(device),
+        batch[0][:2],
         data.train.smallest_batch(),
         data.num_classes,
         model_name,
         data.name,
         task=data.task,
     )
+    # On a CPU, auto (and the emulation warning of an explicit bf16/fp16) go by this model's measured speed: rank 0
+    # measures (and keeps the result under the outputs root), and every rank takes its result, so all pick alike.
+    precision = Precision(
+        wanted,
+        device,
+        lambda dtypes: world.from_main(
+            lambda: probe.measure(module, batch, data.task, dtypes, Path(cfg.paths.output_root))
+        ),
+    )
+    # Process-global: set by every run, never inherited (experiment.run puts the caller's back afterwards).
+    set_math_flags(**precision.math_flags(), cudnn_benchmark=trainer.cudnn_benchmark)
     # DDP wraps the module; FSDP2 shards it in place (before the optimizer sees its parameters).
     wrapped = distributed.wrap(module, trainer.strategy, device, precision, fp32_modules)
     kernels = implementation(cfg.optimizer._target_, trainer.strategy is Strategy.fsdp)

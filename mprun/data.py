@@ -155,10 +155,13 @@ class DataBundle:
         and classes; a text classifier's vocabulary and classes; a language model's vocabulary and context)."""
         return {key: getattr(self, key) for key in self.task.inputs}
 
+    def example_batch(self) -> Batch:
+        """The first validation batch: for checking that a model fits, and for timing it (mprun.probe)."""
+        return next(iter(self.val))
+
     def example(self) -> torch.Tensor:
         """Two input samples, for checking that a model fits."""
-        x, _ = next(iter(self.val))
-        return x[:2]
+        return self.example_batch()[0][:2]
 
 
 def batch_count(samples: int, batch_size: int, drop_last: bool) -> int:

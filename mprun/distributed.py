@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,7 @@ from torch import nn
 from mprun.errors import ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Strategy(Enum):
@@ -62,6 +63,14 @@ class World:
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any (a collective)."""
         return self.max(float(flag)) > 0
+
+    def from_main(self, make: Callable[[], T]) -> T:
+        """make() on rank 0, its result given to every rank (a collective): a decision the ranks must share."""
+        if self.size == 1:
+            return make()
+        box = [make() if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 SINGLE = World()

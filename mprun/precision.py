@@ -162,8 +162,21 @@ HALF_ONLY = frozenset(
 _AUTOCAST_DTYPE = {PrecisionName.fp16: torch.float16, PrecisionName.bf16: torch.bfloat16}
 
 
-def resolve(requested: PrecisionName, device: torch.device) -> tuple[PrecisionName, str]:
-    """Map `auto` to what this device really runs fast, and reject what it cannot run; returns (name, why)."""
+# precision=auto on a CPU takes a half dtype only if its measured step is this much faster than fp32's (a tie, or
+# noise, keeps fp32's numerics), and only if its loss on the probe batch agrees with fp32's within LOSS_AGREEMENT
+# (relative): a dtype that changes the model's output that much is not the same training.
+AUTO_MIN_SPEEDUP = 1.1
+LOSS_AGREEMENT = 0.02
+
+# Measures on the run's own model: {dtype name: torch dtype} -> mprun.probe.measure's result.
+Measure = Callable[[dict[str, torch.dtype]], dict[str, Any]]
+
+
+def resolve(
+    requested: PrecisionName, device: torch.device, measure: Optional[Measure] = None
+) -> tuple[PrecisionName, str]:
+    """Map `auto` to what this device really runs fast, and reject what it cannot run; returns (name, why). On a CPU,
+    `measure` times the candidates on the run's model (mprun.probe); without it, the CPU's AMX units decide."""
     if device.type == "cuda":
         name, major, minor = hardware.gpu_capability(device)
         if requested is PrecisionName.auto:
@@ -183,20 +196,66 @@ def resolve(requested: PrecisionName, device: torch.device) -> tuple[PrecisionNa
             )
         return requested, "requested"
     # CPU
+    if requested is PrecisionName.tf32:  # TF32 is a GPU tensor-core format: a CPU computes in full fp32
+        return requested, "requested; on a CPU tf32 runs as plain fp32"
     if requested is PrecisionName.auto:
+        if measure is not None:
+            # fp16 only where the CPU has a unit for it (AMX-FP16): elsewhere it is emulated, and needs a loss scale.
+            names = [PrecisionName.bf16] + ([PrecisionName.fp16] if "amx_fp16" in hardware.cpu_amx_units() else [])
+            return pick_measured(measure({n.value: _AUTOCAST_DTYPE[n] for n in names}))
         if "amx_bf16" in hardware.cpu_amx_units():
             return PrecisionName.bf16, "CPU has AMX-BF16"
         return PrecisionName.fp32, "CPU without fast bf16 (autocast would be emulated and slower)"
-    if requested is PrecisionName.tf32:  # TF32 is a GPU tensor-core format: a CPU computes in full fp32
-        return requested, "requested; on a CPU tf32 runs as plain fp32"
-    if requested.half and f"amx_{requested.value}" not in hardware.cpu_amx_units():
-        log.warning(
-            "precision=%s on a CPU without AMX-%s may run in emulation: correct, but possibly much slower than fp32 "
-            "(see docs/precision.md). Useful for numerics experiments; measure before relying on it for speed.",
-            requested.value,
-            requested.value.upper(),
-        )
+    if requested.half:
+        if measure is not None:
+            times = measure({requested.value: _AUTOCAST_DTYPE[requested]})
+            speedup = times["fp32"]["ms"] / times[requested.value]["ms"]
+            if speedup < 1:
+                log.warning(
+                    "precision=%s measured %.2fx fp32's speed on this CPU for this model (%s): correct, but slower "
+                    "(autocast is emulated here). Useful for numerics experiments; precision=auto picks the "
+                    "fastest.",
+                    requested.value,
+                    speedup,
+                    _timings(times),
+                )
+            return requested, f"requested; measured {speedup:.2f}x fp32's speed on this CPU ({_timings(times)})"
+        if f"amx_{requested.value}" not in hardware.cpu_amx_units():
+            log.warning(
+                "precision=%s on a CPU without AMX-%s may run in emulation: correct, but possibly much slower than "
+                "fp32 (see docs/precision.md). Useful for numerics experiments; measure before relying on it for "
+                "speed.",
+                requested.value,
+                requested.value.upper(),
+            )
     return requested, "requested"
+
+
+def _timings(times: dict[str, Any]) -> str:
+    """'fp32 7.68 ms/step, bf16 4.19 ms/step (cached)': a probe's result in words."""
+    steps = ", ".join(f"{k} {v['ms']:.3g} ms/step" for k, v in times.items() if isinstance(v, dict))
+    return steps + ("; from the cache" if times.get("cached") else "")
+
+
+def pick_measured(times: dict[str, Any]) -> tuple[PrecisionName, str]:
+    """precision=auto on a CPU, from a probe: the fastest half dtype at least AUTO_MIN_SPEEDUP x fp32's speed whose
+    loss agrees with fp32's; else fp32. The reason gives the timings."""
+    base = times["fp32"]
+    fits = [
+        (base["ms"] / t["ms"], name)
+        for name, t in times.items()
+        if name != "fp32"
+        and isinstance(t, dict)
+        and math.isfinite(t["loss"])
+        and abs(t["loss"] - base["loss"]) <= LOSS_AGREEMENT * max(1.0, abs(base["loss"]))
+    ]
+    speedup, name = max(fits, default=(1.0, "fp32"))
+    if name != "fp32" and speedup >= AUTO_MIN_SPEEDUP:
+        return PrecisionName(name), f"measured on this CPU: {speedup:.2f}x fp32's speed ({_timings(times)})"
+    return PrecisionName.fp32, (
+        f"measured on this CPU: no half dtype {AUTO_MIN_SPEEDUP}x faster with a loss within {LOSS_AGREEMENT:.0%} of "
+        f"fp32's ({_timings(times)})"
+    )
 
 
 # What to try after a numerics stop made of inf/NaN values, by the precision the run used: half precision has its
@@ -225,10 +284,10 @@ class Precision:
     question other modules have about the precision in force. Building one changes no global state: the run applies
     `math_flags()` (and puts the caller's back after)."""
 
-    def __init__(self, cfg: PrecisionConfig, device: torch.device) -> None:
+    def __init__(self, cfg: PrecisionConfig, device: torch.device, measure: Optional[Measure] = None) -> None:
         self.cfg = cfg
         self.device = device
-        self.name, self.reason = resolve(cfg.dtype, device)
+        self.name, self.reason = resolve(cfg.dtype, device, measure)
         self.autocast_dtype = _AUTOCAST_DTYPE.get(self.name)
         self.loss_scale = cfg.loss_scale if self.name.scales_loss else LossScale.none
         if cfg.dtype is PrecisionName.auto and cfg.loss_scale is LossScale.static and not self.name.scales_loss:

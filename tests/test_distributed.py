@@ -19,6 +19,7 @@ from mprun.errors import ConfigError
 from mprun.experiment import run
 
 COMMON = [
+    "precision=fp32",  # the tests compare processes' numbers: auto would time each process's own probe
     "model=simple_mlp",
     "scheduler=none",
     "trainer.max_epochs=1",
@@ -125,6 +126,34 @@ def test_an_lstm_text_classifier_under_ddp_matches_one_process_at_the_same_globa
     one, two = _history(client, "single x1"), _history(client, "ddp x2")
     assert len(one) == len(two) == 4 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5
     assert _history(client, "ddp x2", "val/acc") == _history(client, "single x1", "val/acc")
+
+
+def _decide_on_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from mprun.distributed import World
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        got = World(rank, 2).from_main(lambda: {"picked by": rank})  # what each rank alone would decide differs
+        Path(out, f"{rank}.txt").write_text(str(got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_take_rank_zeros_decision(tmp_path: Path) -> None:
+    """precision=auto's probe is timed on rank 0 and every rank takes its result: ranks must not pick different
+    dtypes from their own noisy timings."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_decide_on_rank, args=(port, str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"{r}.txt").read_text() for r in (0, 1)] == ["{'picked by': 0}"] * 2
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 16])
@@ -362,7 +391,7 @@ def test_fsdp_refuses_a_precision_that_can_skip_steps(make_cfg, monkeypatch, pre
     }.items():
         monkeypatch.setenv(var, value)
     with pytest.raises(ConfigError, match=f"^trainer.strategy=fsdp with {why} is not supported"):
-        run(make_cfg("trainer.strategy=fsdp", *precision, "trainer.max_steps=1", *COMMON))
+        run(make_cfg(*COMMON, "trainer.strategy=fsdp", *precision, "trainer.max_steps=1"))
     assert not dist.is_initialized()
 
 
