@@ -233,7 +233,11 @@ def resolve(
 
 def _timings(times: dict[str, Any]) -> str:
     """'fp32 7.68 ms/step, bf16 4.19 ms/step (cached)': a probe's result in words."""
-    steps = ", ".join(f"{k} {v['ms']:.3g} ms/step" for k, v in times.items() if isinstance(v, dict))
+    steps = ", ".join(
+        f"{k} failed: {v['error']}" if "error" in v else f"{k} {v['ms']:.3g} ms/step"
+        for k, v in times.items()
+        if isinstance(v, dict)
+    )
     return steps + ("; from the cache" if times.get("cached") else "")
 
 

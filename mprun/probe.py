@@ -96,7 +96,11 @@ def measure(
         found = {"fp32": _time(probe, batch, task, None, float("inf"))}
         for name, dtype in dtypes.items():
             torch.manual_seed(0)
-            found[name] = _time(probe, batch, task, dtype, GIVE_UP * found["fp32"]["ms"] / 1e3)
+            try:
+                found[name] = _time(probe, batch, task, dtype, GIVE_UP * found["fp32"]["ms"] / 1e3)
+            except RuntimeError as e:  # an op this CPU cannot run in the dtype: a candidate that lost, not a crash
+                found[name] = {"ms": float("inf"), "loss": float("nan"), "steps": 0, "error": str(e).splitlines()[0]}
+                probe.zero_grad(set_to_none=True)
     del probe
     if path is not None:
         try:

@@ -81,6 +81,20 @@ def test_a_dtype_far_slower_than_fp32_is_not_timed_further(monkeypatch) -> None:
     assert found["bf16"]["steps"] == 1 and found["bf16"]["ms"] == pytest.approx(50_000.0)
 
 
+def test_a_dtype_the_model_cannot_run_in_loses_instead_of_crashing_the_run() -> None:
+    class HalfRefused(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_autocast_enabled("cpu"):
+                raise RuntimeError("some op: not implemented for 'BFloat16'\nmore detail")
+            return super().forward(x)
+
+    found = probe.measure(HalfRefused(4, 2), (torch.randn(3, 4), torch.tensor([0, 1, 0])), CLASSIFICATION,
+                          {"bf16": torch.bfloat16}, None)  # fmt: skip
+    assert found["bf16"]["error"] == "some op: not implemented for 'BFloat16'"
+    name, why = pick_measured(found)
+    assert name is PrecisionName.fp32 and "bf16 failed: some op" in why
+
+
 def test_a_default_run_says_what_auto_measured_and_a_second_run_reuses_it(make_cfg, tmp_path: Path) -> None:
     first = run(make_cfg("trainer.max_epochs=1", "trainer.max_steps=2"))
     assert first["precision_detail"].startswith(f"{first['precision']}: measured on this CPU")
