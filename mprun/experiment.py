@@ -169,10 +169,12 @@ def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dic
     # The handlers are installed before the run opens and stay until it is closed: a signal at any point
     # in between stops training gracefully instead of killing the process with the run RUNNING.
     with GracefulStop() as stop:
-        if not (previous_run and r.tracker.resume(previous_run, state.step)):
+        continued = bool(previous_run) and r.tracker.resume(previous_run, state.step)
+        if not continued:
             params = config.logged_params(OmegaConf.to_container(r.cfg, resolve=True, enum_to_str=True))
             params.update(r.parts.data.source)  # what the data was made from (a corpus's Python and digest)
             r.tracker.start(params, tags, r.job.name if r.job else None, dataset_records(r.cfg, r.parts.data))
+        r.tracker.watch_system(gpu=r.parts.device.type == "cuda", continued=continued)
         return _train_and_close(r, state, guard, stop)
 
 

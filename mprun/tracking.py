@@ -50,6 +50,12 @@ class Unreachable(Enum):
     local = "local"  # keep training and log to the local sqlite store instead
 
 
+class SystemMetrics(Enum):
+    auto = "auto"  # on for a GPU run (utilisation and memory are what one asks of it), off on a CPU
+    on = "on"
+    off = "off"
+
+
 @dataclass
 class MlflowConfig(Buildable):
     _target_: str = "mprun.tracking.MlflowTracker"
@@ -64,10 +70,16 @@ class MlflowConfig(Buildable):
     # Metric points are buffered and written together once the oldest has waited this long (and at checkpoints and
     # the end): what a UI shows lags by about this much, and what a kill -9 can lose. 0: a write per log step.
     flush_every_s: float = 5.0
+    # MLflow's own system metrics (system/*: CPU, memory, disk, network, and each GPU's utilisation and memory),
+    # sampled every system_metrics_every_s on a thread of MLflow's.
+    system_metrics: SystemMetrics = SystemMetrics.auto
+    system_metrics_every_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.flush_every_s < 0:
             raise ConfigError(f"flush_every_s={self.flush_every_s} must be >= 0")
+        if not self.system_metrics_every_s > 0:
+            raise ConfigError(f"system_metrics_every_s={self.system_metrics_every_s} must be > 0")
         if not (self.experiment or "").strip():  # MLflow's own error for it blamed the store
             raise ConfigError("experiment: must name an MLflow experiment (default: mprun), got an empty name")
 
@@ -107,6 +119,10 @@ class Tracker:
     def resume(self, run_id: str, step: int) -> bool:
         """Reopen an earlier run to continue it (a resumed training); False if this store lacks it."""
         return False
+
+    def watch_system(self, gpu: bool, continued: bool) -> None:
+        """Record the machine's system metrics while the run lasts, as configured (auto: on a GPU); continued: the run
+        was resumed, so their steps go on from its last."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue metrics for one step; written without blocking training."""
@@ -435,6 +451,8 @@ class MlflowTracker(Tracker):
         log_checkpoint: bool,
         on_unreachable: Unreachable = Unreachable.fail,
         flush_every_s: float = MlflowConfig.flush_every_s,
+        system_metrics: SystemMetrics = SystemMetrics.auto,
+        system_metrics_every_s: float = MlflowConfig.system_metrics_every_s,
     ) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations print a dozen INFO lines
         self.output_root = Path(output_root).absolute()
@@ -445,6 +463,8 @@ class MlflowTracker(Tracker):
         self._started: tuple | None = None  # (params, tags, name, datasets): to reopen the run in the local store
         self._writer = BatchedWriter(flush_every_s)
         self._dropped: list[str] = []  # metric batches a store that still answered failed to write
+        self.system_metrics, self.system_metrics_every_s = system_metrics, system_metrics_every_s
+        self._monitor: Any = None  # MLflow's SystemMetricsMonitor, while it samples
         self.failover.open(uri or os.environ.get("MLFLOW_TRACKING_URI") or self.failover.local_uri, self._connect)
 
     def _connect(self, uri: str) -> None:
@@ -590,11 +610,28 @@ class MlflowTracker(Tracker):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._call(lambda: self.store.set_tags(self.run_id, tags))
 
+    def watch_system(self, gpu: bool, continued: bool) -> None:
+        if self.system_metrics is SystemMetrics.off or (self.system_metrics is SystemMetrics.auto and not gpu):
+            return
+        try:  # psutil (and nvidia-ml-py for GPUs) are mprun's dependencies; a broken install costs the metrics only
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as e:
+            log.warning("tracking.system_metrics: not recorded (%s)", first_line(e, type(e).__name__))
+            return
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop INFO lines: noise here
+        self._monitor = SystemMetricsMonitor(
+            self.run_id, self.system_metrics_every_s, resume_logging=continued, tracking_uri=self.uri
+        )
+        self._monitor.start()
+
     def end(self, status: str) -> None:
         if self.run_id is None:
             return
         try:
             try:
+                if self._monitor is not None:  # its last samples written before the run closes
+                    self._monitor.finish()
+                    self._monitor = None
                 self.flush()
                 if self._dropped:
                     first = self._dropped[0]

@@ -272,3 +272,25 @@ def test_a_run_records_its_dataset_for_the_ui_datasets_column(make_cfg, tmp_path
     assert len(digests) == 2  # one per split: MLflow keeps one input per name and digest
     assert {d for _, d, _, _ in inputs("dataset.batch_size=32")} == digests
     assert not {d for _, d, _, _ in inputs("dataset.val_fraction=0.3")} & digests
+
+
+def test_system_metrics_are_recorded_when_on_and_by_default_only_on_a_gpu(make_cfg, tmp_path: Path) -> None:
+    """MLflow's own system metrics (tracking.system_metrics): auto leaves a CPU run without them; on samples the
+    machine every system_metrics_every_s and writes what it sampled before the run closes."""
+    from mprun.experiment import run
+
+    def recorded(*overrides: str) -> set[str]:
+        summary = run(make_cfg("trainer.max_epochs=4", *overrides, tracking="mlflow"))
+        metrics = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"]).data
+        return {k for k in metrics.metrics if k.startswith("system/")}
+
+    assert not recorded()  # auto, on a CPU
+    on = recorded("tracking.system_metrics=on", "tracking.system_metrics_every_s=0.1")
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= on, on
+
+
+def test_system_metrics_every_s_must_be_positive(make_cfg) -> None:
+    from mprun.config import validate
+
+    with pytest.raises(ConfigError, match=r"system_metrics_every_s=0.0 must be > 0"):
+        validate(make_cfg("tracking=mlflow", "tracking.system_metrics_every_s=0"))
