@@ -76,6 +76,9 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
             f"paths.run_dir={tmp_path}/run",
             f"tracking={tracking}",
             "trainer.progress=off",
+            # Not auto: on a CPU auto times fp32 against bf16 and takes the faster, which timing noise can flip from
+            # run to run; a test's numbers must not depend on it. Tests of auto ask for precision=auto.
+            "precision=fp32",
         ]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             return compose("config", overrides=base + list(overrides))

@@ -44,8 +44,13 @@ def test_option_composes_and_validates(make_cfg, group: str, option: str) -> Non
     assert set(checked) >= {"model", "dataset", "optimizer", "scheduler", "precision", "trainer", "tracking"}
 
 
-def test_defaults(make_cfg) -> None:
-    cfg = make_cfg()
+def test_defaults() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from mprun.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # not make_cfg: it pins precision=fp32
+        cfg = compose("config")
     assert cfg.precision.dtype.name == "auto"
     assert cfg.dataset._target_ == "mprun.data.digits"
     assert cfg.model._target_ == "mprun.models.SimpleCNN"

@@ -96,9 +96,11 @@ def test_a_dtype_the_model_cannot_run_in_loses_instead_of_crashing_the_run() -> 
 
 
 def test_a_default_run_says_what_auto_measured_and_a_second_run_reuses_it(make_cfg, tmp_path: Path) -> None:
-    first = run(make_cfg("trainer.max_epochs=1", "trainer.max_steps=2"))
+    first = run(make_cfg("precision=auto", "trainer.max_epochs=1", "trainer.max_steps=2"))
     assert first["precision_detail"].startswith(f"{first['precision']}: measured on this CPU")
     assert "fp32" in first["precision_detail"] and "bf16" in first["precision_detail"]
     assert (tmp_path / "outputs" / probe.CACHE_FILE).is_file()
-    second = run(make_cfg("trainer.max_epochs=1", "trainer.max_steps=2", f"paths.run_dir={tmp_path}/again"))
+    second = run(
+        make_cfg("precision=auto", "trainer.max_epochs=1", "trainer.max_steps=2", f"paths.run_dir={tmp_path}/again")
+    )
     assert second["precision"] == first["precision"] and second["precision_detail"].endswith("from the cache)")
