@@ -231,6 +231,9 @@ def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: Gr
         tracker.log_artifact(run_dir / "summary.json")
         if tracker.log_checkpoint:
             tracker.log_artifact(ckpt, "checkpoints")
+        # Not under FSDP: its module holds this rank's shards; the checkpoint has the whole weights.
+        if not result.interrupted and parts.strategy is not distributed.Strategy.fsdp:
+            tracker.log_model(parts.module, parts.data.example_batch()[0])
         status = "KILLED" if result.interrupted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

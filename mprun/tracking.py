@@ -17,6 +17,7 @@ import os
 import random
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -64,6 +65,10 @@ class MlflowConfig(Buildable):
     experiment: str = "mprun"
     run_name: str | None = None
     log_checkpoint: bool = True  # checkpoints can be large: false keeps them only in the run directory
+    # The trained model as an MLflow model (the UI's Models column; mlflow.pytorch.load_model("runs:/<id>/model")),
+    # with a signature and an input example; register_model=<name> also registers it in the model registry.
+    log_model: bool = False
+    register_model: str | None = None
     # A store that cannot be reached, at start or mid-run: fail (clear error), or local (keep training,
     # log to sqlite:///<output_root>/mlflow.db, tagging the run with the intended store).
     on_unreachable: Unreachable = Unreachable.fail
@@ -119,6 +124,10 @@ class Tracker:
     def resume(self, run_id: str, step: int) -> bool:
         """Reopen an earlier run to continue it (a resumed training); False if this store lacks it."""
         return False
+
+    def log_model(self, model: Any, example: Any) -> None:
+        """Record the trained model (a plain nn.Module) as an MLflow model, with a signature and an input example
+        (a batch of inputs), as configured."""
 
     def watch_system(self, gpu: bool, continued: bool) -> None:
         """Record the machine's system metrics while the run lasts, as configured (auto: on a GPU); continued: the run
@@ -328,6 +337,10 @@ class Store:
         if inputs:
             self._client.log_inputs(run_id, datasets=inputs)
 
+    def create_logged_model(self, experiment_id: str, name: str, run_id: str) -> str:
+        """A new MLflow logged model of this run (the UI's Models column), its artifacts to come; returns its id."""
+        return self._client.create_logged_model(experiment_id, name=name, source_run_id=run_id).model_id
+
     def log_metrics(self, run_id: str, batches: list[MetricBatch]) -> None:
         """Record several steps' metrics in one call: one transaction of a sqlite store, one request to a server
         (MLflow's client splits more than 1,000 points into requests of 1,000)."""
@@ -437,6 +450,19 @@ class Failover:
         return self.local_uri
 
 
+def _pins(*packages: str) -> list[str]:
+    """package==version for those of these installed here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in packages:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
 class MlflowTracker(Tracker):
     """MLflow tracking: runs in a Store, metric batches buffered and written in flushes by a BatchedWriter (a write
     that fails is noticed at the next log call or flush), and a store that cannot be reached handled by the Failover
@@ -453,6 +479,8 @@ class MlflowTracker(Tracker):
         flush_every_s: float = MlflowConfig.flush_every_s,
         system_metrics: SystemMetrics = SystemMetrics.auto,
         system_metrics_every_s: float = MlflowConfig.system_metrics_every_s,
+        log_model: bool = False,
+        register_model: str | None = None,
     ) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations print a dozen INFO lines
         self.output_root = Path(output_root).absolute()
@@ -465,6 +493,7 @@ class MlflowTracker(Tracker):
         self._dropped: list[str] = []  # metric batches a store that still answered failed to write
         self.system_metrics, self.system_metrics_every_s = system_metrics, system_metrics_every_s
         self._monitor: Any = None  # MLflow's SystemMetricsMonitor, while it samples
+        self.model_logged, self.register_model = log_model or register_model is not None, register_model
         self.failover.open(uri or os.environ.get("MLFLOW_TRACKING_URI") or self.failover.local_uri, self._connect)
 
     def _connect(self, uri: str) -> None:
@@ -609,6 +638,63 @@ class MlflowTracker(Tracker):
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._call(lambda: self.store.set_tags(self.run_id, tags))
+
+    def log_model(self, model: Any, example: Any) -> None:
+        if not self.model_logged:
+            return
+        import copy
+
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import Model, infer_signature
+
+        # A CPU copy in eval mode: loadable on a machine without the run's GPU. Pickled by reference to its classes,
+        # so loading it needs mprun (and timm or torchvision for their models) installed.
+        plain = copy.deepcopy(model).cpu().eval()
+        x = example.detach().cpu()
+        with torch.no_grad():
+            y = plain(x)
+        signature = infer_signature(x.numpy(), y.float().numpy())
+        mlflow.set_tracking_uri(self.uri)  # Model.log's own client reads the process's tracking URI
+
+        # MLflow's default format is pt2, torch.export's traced graph, which loads without mprun's code; torch.export
+        # cannot trace every model (an LSTM's packed batch), and a failed Model.log leaves a half-made model behind,
+        # so a trial export on a copy (a failed one can leave fake tensors on what it traced) decides first.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.export.export(copy.deepcopy(plain), (x,))
+            form: dict[str, Any] = {"pip_requirements": _pins("torch")}
+        except Exception as e:  # noqa: BLE001 - torch.export fails in many ways on what it cannot trace
+            log.warning(
+                "tracking.log_model: torch.export could not trace the model (%s); it is logged as a pickle, which "
+                "carries mprun's code and loads where its packages are installed",
+                first_line(e, type(e).__name__),
+            )
+            form = {
+                "serialization_format": "pickle",
+                "code_paths": [str(Path(__file__).resolve().parent)],
+                "pip_requirements": _pins("torch", "numpy", "omegaconf", "timm", "torchvision"),
+            }
+
+        def record() -> None:
+            # Made here, in the run's experiment: Model.log alone makes it in the process's active one ("Default").
+            made = self.store.create_logged_model(self.experiment_id, "model", self.run_id)
+            Model.log(
+                artifact_path=None,
+                name="model",
+                flavor=mlflow.pytorch,
+                run_id=self.run_id,
+                model_id=made,
+                registered_model_name=self.register_model,
+                pytorch_model=plain,
+                signature=signature,
+                input_example=x.numpy(),
+                **form,  # requirements stated, not inferred: inference loads the model in a fresh Python (seconds)
+            )
+
+        self._call(record)
 
     def watch_system(self, gpu: bool, continued: bool) -> None:
         if self.system_metrics is SystemMetrics.off or (self.system_metrics is SystemMetrics.auto and not gpu):

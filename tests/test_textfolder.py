@@ -187,3 +187,32 @@ def _empty(folder: Path) -> Path:
 def test_an_lstm_or_textfolder_mismatch_is_a_clear_error(make_cfg, overrides, needle) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):
         run(make_cfg(*overrides, "trainer.max_epochs=1"))
+
+
+def test_an_lstm_that_torch_export_cannot_trace_is_logged_as_a_pickle_that_loads(
+    make_cfg, folder: Path, tmp_path: Path
+) -> None:
+    """tracking.log_model: torch.export cannot trace the packed LSTM, so the model is logged in MLflow's pickle
+    format, carrying mprun's code, instead of failing the run."""
+    import mlflow
+    import mlflow.pytorch
+
+    summary = run(
+        make_cfg(
+            "dataset=textfolder",
+            f"dataset.root={folder}",
+            *LSTM_TEXT,
+            "trainer.max_epochs=1",
+            "trainer.max_steps=2",
+            "tracking.log_model=true",
+            tracking="mlflow",
+        )  # fmt: skip
+    )
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+        (model,) = mlflow.search_logged_models(experiment_ids=["1"], output_format="list")
+        assert model.source_run_id == summary["mlflow_run_id"]
+        loaded = mlflow.pytorch.load_model(model.model_uri)
+        assert isinstance(loaded, LSTM) and loaded(torch.tensor([[5, 6, 7, 0]])).shape == (1, 2)
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -294,3 +294,48 @@ def test_system_metrics_every_s_must_be_positive(make_cfg) -> None:
 
     with pytest.raises(ConfigError, match=r"system_metrics_every_s=0.0 must be > 0"):
         validate(make_cfg("tracking=mlflow", "tracking.system_metrics_every_s=0"))
+
+
+def test_the_trained_model_is_an_mlflow_model_that_loads_runs_and_registers(make_cfg, tmp_path: Path) -> None:
+    """tracking.log_model: the trained weights as an MLflow pytorch model with a signature and an input example,
+    loaded back with mlflow.pytorch.load_model; register_model also puts it in the registry. Off by default."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from mprun import checkpoint
+    from mprun.experiment import run
+    from mprun.models import SimpleCNN
+
+    uri = f"sqlite:///{tmp_path}/outputs/mlflow.db"
+    plain = run(make_cfg("trainer.max_epochs=1", "trainer.max_steps=2", tracking="mlflow"))
+    summary = run(
+        make_cfg(
+            "trainer.max_epochs=1",
+            "trainer.max_steps=2",
+            "tracking.register_model=digits-cnn",
+            f"paths.run_dir={tmp_path}/logged",
+            tracking="mlflow",
+        )
+    )
+    try:
+        mlflow.set_tracking_uri(uri)
+        experiment = MlflowClient(uri).get_run(summary["mlflow_run_id"]).info.experiment_id
+        every = [e.experiment_id for e in MlflowClient(uri).search_experiments()]  # "Default" too: it went there
+        models = mlflow.search_logged_models(experiment_ids=every, output_format="list")
+        assert [(m.name, m.source_run_id, m.experiment_id) for m in models] == [
+            ("model", summary["mlflow_run_id"], experiment)
+        ]
+        assert plain["mlflow_run_id"] != summary["mlflow_run_id"]  # the default run logged none
+        # MLflow's default format, pt2 (torch.export): a traced graph that loads without mprun's classes.
+        loaded = mlflow.pytorch.load_model(models[0].model_uri)
+        trained = SimpleCNN(in_chans=1, image_size=(8, 8), num_classes=10).eval()
+        trained.load_state_dict(checkpoint.load(tmp_path / "logged" / "checkpoints" / "final.pt")["model"])
+        x = torch.randn(3, 1, 8, 8)
+        torch.testing.assert_close(loaded(x), trained(x))  # the trained weights, in eval mode, any batch size
+        info = mlflow.models.get_model_info(models[0].model_uri)
+        assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 8, 8)
+        (version,) = MlflowClient(uri).search_model_versions("name='digits-cnn'")
+        assert version.run_id == summary["mlflow_run_id"]
+    finally:
+        mlflow.set_tracking_uri(None)
