@@ -649,8 +649,7 @@ class MlflowTracker(Tracker):
         import torch
         from mlflow.models import Model, infer_signature
 
-        # A CPU copy in eval mode: loadable on a machine without the run's GPU. Pickled by reference to its classes,
-        # so loading it needs mprun (and timm or torchvision for their models) installed.
+        # A CPU copy in eval mode: what is logged loads on a machine without the run's GPU, and predicts.
         plain = copy.deepcopy(model).cpu().eval()
         x = example.detach().cpu()
         with torch.no_grad():
