@@ -77,7 +77,8 @@ def test_resume_in_process_mid_epoch_equals_uninterrupted(make_cfg, tmp_path: Pa
 def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, tmp_path: Path) -> None:
     """A real process gets a real SIGTERM mid-epoch; `trainer.resume=auto` in its run directory continues it. The
     uninterrupted run and the resumption need no process of their own: they run here, into the same store."""
-    args = ["trainer.max_epochs=3", "trainer.progress=log", "trainer.log_every_steps=5"]
+    # precision=fp32 in the process too (make_cfg sets it here): auto's timed pick could differ between them
+    args = ["trainer.max_epochs=3", "trainer.progress=log", "trainer.log_every_steps=5", "precision=fp32"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
 
     run(make_cfg(*args, f"paths.run_dir={tmp_path}/outputs/straight", tracking="mlflow"))
