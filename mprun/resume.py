@@ -92,14 +92,19 @@ def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig
             f"trainer.resume: {path} was written mid-epoch by {saved_world} rank(s); its data position "
             f"means nothing to {parts.world.size}. Resume with {saved_world}, or from an end-of-epoch checkpoint"
         )
-    log.info(
-        "resuming from %s: epoch %d, step %d, batch %d of the epoch",
-        path,
-        state.epoch,
-        state.step,
-        state.batch_in_epoch,
-    )
+    log.info("resuming from %s: %s", path, position(state, int(cfg.trainer.max_epochs), len(parts.data.train)))
     return state
+
+
+def position(state: TrainState, epochs: int, batches: int) -> str:
+    """Where a checkpoint left training, counted as the progress lines count: epochs from 1 of `epochs`, batches of
+    the epoch from 1 of `batches` (micro-batches, as the bar counts them), and optimizer steps."""
+    if state.batch_in_epoch:
+        return (
+            f"in epoch {state.epoch + 1}/{epochs}, after batch {state.batch_in_epoch}/{batches} "
+            f"(step {state.step}); it goes on with batch {state.batch_in_epoch + 1}"
+        )
+    return f"after epoch {state.epoch}/{epochs} (step {state.step}); it goes on with epoch {state.epoch + 1}"
 
 
 def completed_summary(

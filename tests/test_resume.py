@@ -58,6 +58,22 @@ def test_epoch_checkpoints_by_default(make_cfg, tmp_path: Path) -> None:
     assert names == ["final.pt", "step-000000022.pt", "step-000000044.pt"]
 
 
+def test_the_resume_message_counts_epochs_and_batches_as_the_progress_lines_do(make_cfg, tmp_path, caplog) -> None:
+    """It said 'epoch 1, step 30, batch 8 of the epoch' for a run stopped in the second epoch, which the epoch lines
+    call 'epoch 2/2': epochs counted from 0 in one place and from 1 in the other."""
+    common = ["model=simple_mlp", "scheduler=none", "trainer.max_epochs=2", "trainer.progress=log"]
+    run(make_cfg(*common, "trainer.max_steps=30", "paths.run_dir=" + str(tmp_path / "part")))
+    with caplog.at_level("INFO", logger="mprun"):
+        run(make_cfg(*common, f"trainer.resume={tmp_path / 'part'}", "paths.run_dir=" + str(tmp_path / "rest")))
+    (said,) = [m for m in caplog.messages if m.startswith("resuming from")]
+    assert said.endswith(": in epoch 2/2, after batch 8/22 (step 30); it goes on with batch 9"), said
+    assert "epoch 2/2" in " ".join(m for m in caplog.messages if m.startswith("epoch "))
+    from mprun.loop import TrainState
+    from mprun.resume import position
+
+    assert position(TrainState(epoch=1, step=22), 2, 22) == "after epoch 1/2 (step 22); it goes on with epoch 2"
+
+
 @pytest.mark.slow  # three runs, 88 steps of the CNN
 def test_resume_in_process_mid_epoch_equals_uninterrupted(make_cfg, tmp_path: Path) -> None:
     # A constant LR: a schedule spans the planned steps, which max_steps changes.
