@@ -95,10 +95,13 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     )
     # Process-global: set by every run, never inherited (experiment.run puts the caller's back afterwards).
     set_math_flags(**precision.math_flags(), cudnn_benchmark=trainer.cudnn_benchmark)
+    # Low precision beyond autocast (fp8's Float8Linear, bf16_pure's bf16 storage) before compile, DDP and FSDP2.
+    precision.transform(module, fp32_modules)
     # DDP wraps the module; FSDP2 shards it in place (before the optimizer sees its parameters).
     wrapped = distributed.wrap(module, trainer.strategy, device, precision, fp32_modules)
-    kernels = implementation(cfg.optimizer._target_, trainer.strategy is Strategy.fsdp)
-    optimizer = prepare(instantiate(cfg.optimizer, _convert_="all")(module.parameters(), **kernels))
+    target = precision.optimizer_target(cfg.optimizer._target_)
+    kernels = implementation(target, trainer.strategy is Strategy.fsdp)
+    optimizer = prepare(instantiate(cfg.optimizer, _target_=target, _convert_="all")(module.parameters(), **kernels))
     total = planned_steps(trainer, len(data.train))
     scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer=optimizer, total_steps=total)
     model = torch.compile(wrapped) if trainer.compile else wrapped

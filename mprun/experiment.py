@@ -61,6 +61,7 @@ def run_tags(parts: Components) -> dict[str, str]:
         "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
         "mprun_version": mprun.__version__,
         "fp32_modules": ",".join(parts.fp32_modules) or "none",
+        **({"fp8_modules": ",".join(parts.precision.fp8_modules)} if parts.precision.fp8_modules else {}),
         "strategy": f"{parts.strategy.value} x{parts.world.size}",
     }
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 SEED = "trainer.seed"
 THROUGHPUT = "final/samples_per_s"
 MEMORY = "final/peak_mem_mib"
+STATE = "final/param_state_mib"  # parameters and optimizer state: what a storage dtype (bf16_pure) changes
 SKIPPED = "final/skipped_steps"
 CONFIDENCE = 0.95
 

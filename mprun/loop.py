@@ -142,6 +142,7 @@ class FitResult:
     train_loss: float = float("nan")
     samples_per_s: float = float("nan")
     peak_mem_mib: float = 0.0
+    param_state_mib: float = float("nan")  # parameters plus optimizer state (the fullest rank's shard)
     data_wait_frac: float = float("nan")  # share of training time spent waiting for the next batch
     epoch_time_s: float = float("nan")
     # One entry per epoch trained in this process, in order. An epoch time is None for a partial pass (resumed
@@ -209,6 +210,20 @@ def peak_memory_mib(device: torch.device) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def param_state_mib(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """MiB held by the parameters and the optimizer's state tensors: what a storage dtype changes (bf16_pure halves it
+    against autocast's fp32 weights), unlike peak memory, where activations and workspaces mix in. Under FSDP2 this
+    rank's shards."""
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
+
+    tensors = {id(p): local(p) for p in model.parameters()}  # a tied weight once
+    for state in optimizer.state.values():
+        tensors.update({id(v): local(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0})
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
 def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
@@ -463,7 +478,11 @@ def fit(
             waited = world.max(train.take())  # the hungriest rank holds the others up
             # An epoch resumed from a checkpoint taken at its last batch has nothing left to train: no timing of it.
             trained = state.samples > samples_before
-            metrics = {"perf/peak_mem_mib": world.max(peak_memory_mib(device))}  # the fullest rank's
+            result.param_state_mib = world.max(param_state_mib(run.model, run.optimizer))
+            metrics = {
+                "perf/peak_mem_mib": world.max(peak_memory_mib(device)),  # the fullest rank's
+                "perf/param_state_mib": result.param_state_mib,
+            }
             if trained:
                 result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
                 result.epoch_waits.append(waited / seconds)

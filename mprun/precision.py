@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any, Callable, ContextManager, Iterable, List, Optional
 
 import torch
+from torch import nn
 
 from mprun import hardware
 from mprun.errors import ConfigError, require
@@ -27,11 +28,18 @@ class PrecisionName(Enum):
     tf32 = "tf32"
     fp16 = "fp16"
     bf16 = "bf16"
+    bf16_pure = "bf16_pure"  # bf16 weights, gradients and optimizer state; no fp32 master copy, no autocast
+    fp8 = "fp8"  # torchao float8 matmuls in the chosen Linear layers, bf16 autocast elsewhere
 
     @property
     def half(self) -> bool:
-        """Whether it computes in a 16-bit float under autocast (fp16, bf16)."""
-        return self in (PrecisionName.fp16, PrecisionName.bf16)
+        """Whether it computes in a float narrower than 32 bits (fp16, bf16, bf16_pure, fp8)."""
+        return self not in (PrecisionName.auto, PrecisionName.fp32, PrecisionName.tf32)
+
+    @property
+    def matmul_dtype(self) -> str:
+        """The dtype its matmuls run in, for peak-FLOP/s tables: 'fp8', 'bf16', 'fp16', 'tf32' or 'fp32'."""
+        return "bf16" if self is PrecisionName.bf16_pure else self.value
 
     @property
     def scales_loss(self) -> bool:
@@ -82,6 +90,12 @@ class Trace(Enum):
     every = "every"
 
 
+class Fp8Recipe(Enum):
+    tensorwise = "tensorwise"  # one scale per tensor: the fastest (cuBLAS), and the only one with fp8 all-gather
+    rowwise = "rowwise"  # a scale per row (CUTLASS): more accurate with outliers
+    rowwise_with_gw_hp = "rowwise_with_gw_hp"  # rowwise, with the weight gradient's matmul kept in bf16
+
+
 class LossScale(Enum):
     dynamic = "dynamic"  # GradScaler: back off on overflow, grow after growth_interval clean steps
     static = "static"  # fixed scale (init_scale); an overflowing step is skipped, the scale never changes
@@ -115,6 +129,15 @@ class PrecisionConfig:
     trace_nonfinite: Trace = Trace.first
     # Every N steps: per-module fp16 underflow/overflow of gradients and activation maxima (0: off).
     stats_every_steps: int = 0
+    # fp8 only. Which Linear layers become torchao Float8Linear: those with both sizes divisible by 16, the smaller
+    # at least fp8_min_features (below it the casts cost more than the fp8 matmul saves), and none that an fp8_skip
+    # glob matches (null: the output layer, i.e. the last Linear).
+    fp8_recipe: Fp8Recipe = Fp8Recipe.tensorwise
+    fp8_skip: Optional[List[str]] = None
+    fp8_min_features: int = 512
+    fp8_fsdp_all_gather: bool = False  # FSDP2 all-gathers the float8 weights (tensorwise only)
+    # bf16_pure only: the optimizer stores its bf16 results with stochastic rounding (false: round to nearest).
+    stochastic_rounding: bool = True
 
     def __post_init__(self) -> None:
         require(self.init_scale > 0, f"init_scale={self.init_scale} must be > 0")
@@ -125,6 +148,7 @@ class PrecisionConfig:
         require(0 < self.max_skip_rate <= 1, f"max_skip_rate={self.max_skip_rate} must be in (0, 1]")
         require(self.collapse_patience >= 1, f"collapse_patience={self.collapse_patience} must be >= 1")
         require(self.stats_every_steps >= 0, f"stats_every_steps={self.stats_every_steps} must be >= 0 (0: off)")
+        require(self.fp8_min_features >= 0, f"fp8_min_features={self.fp8_min_features} must be >= 0")
         for key in ("grad_clip_norm", "grad_clip_value"):
             value = getattr(self, key)
             require(value is None or value > 0, f"{key}={value} must be > 0 (or null to disable)")
@@ -156,10 +180,23 @@ HALF_ONLY = frozenset(
         "collapse_patience",
         "on_collapse",
         "fp32_modules",
+        "fp8_recipe",
+        "fp8_skip",
+        "fp8_min_features",
+        "fp8_fsdp_all_gather",
+        "stochastic_rounding",
     }
 )
 
-_AUTOCAST_DTYPE = {PrecisionName.fp16: torch.float16, PrecisionName.bf16: torch.bfloat16}
+# fp8 runs what it does not swap under bf16 autocast; bf16_pure has no autocast (its weights are bf16).
+_AUTOCAST_DTYPE = {
+    PrecisionName.fp16: torch.float16,
+    PrecisionName.bf16: torch.bfloat16,
+    PrecisionName.fp8: torch.bfloat16,
+}
+# The autocast dtype whose probe speaks for a CPU run's matmuls: bf16_pure's are bf16 ones.
+_PROBED = {PrecisionName.fp16: "fp16", PrecisionName.bf16: "bf16", PrecisionName.bf16_pure: "bf16"}
+_PROBE_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # precision=auto on a CPU takes a half dtype only if its measured step is this much faster than fp32's (a tie, or
@@ -185,10 +222,15 @@ def resolve(
             if major == 7:
                 return PrecisionName.fp16, f"{name} (sm_{major}{minor}) has fp16 but no bf16 tensor cores"
             return PrecisionName.fp32, f"{name} (sm_{major}{minor}) has no fast half precision"
-        if requested is PrecisionName.bf16 and major < 8:
+        if requested in (PrecisionName.bf16, PrecisionName.bf16_pure) and major < 8:
             raise ConfigError(
-                f"precision=bf16 is not supported by {name} (sm_{major}{minor}); "
+                f"precision={requested.value} is not supported by {name} (sm_{major}{minor}); "
                 "choose precision=fp16 (with loss scaling), tf32 or fp32"
+            )
+        if requested is PrecisionName.fp8 and (major, minor) < (8, 9):
+            raise ConfigError(
+                f"precision=fp8 needs float8 tensor cores (Ada or Hopper, sm_89+); {name} is sm_{major}{minor}. "
+                f"Use precision=bf16{'' if major >= 8 else ' (Ampere+) or fp16'}"
             )
         if requested is PrecisionName.tf32 and major < 8:
             raise ConfigError(
@@ -201,32 +243,41 @@ def resolve(
     if requested is PrecisionName.auto:
         if measure is not None:
             # fp16 only where the CPU has a unit for it (AMX-FP16): elsewhere it is emulated, and needs a loss scale.
-            names = [PrecisionName.bf16] + ([PrecisionName.fp16] if "amx_fp16" in hardware.cpu_amx_units() else [])
-            return pick_measured(measure({n.value: _AUTOCAST_DTYPE[n] for n in names}))
+            names = ["bf16"] + (["fp16"] if "amx_fp16" in hardware.cpu_amx_units() else [])
+            return pick_measured(measure({n: _PROBE_DTYPE[n] for n in names}))
         if "amx_bf16" in hardware.cpu_amx_units():
             return PrecisionName.bf16, "CPU has AMX-BF16"
         return PrecisionName.fp32, "CPU without fast bf16 (autocast would be emulated and slower)"
-    if requested.half:
+    if requested is PrecisionName.fp8:
+        log.warning(
+            "precision=fp8 on a CPU: torch._scaled_mm runs float8 matmuls in emulation, correct but slower than bf16. "
+            "Useful to test the fp8 path; fp8 pays on Ada/Hopper GPUs, on transformer-sized Linear layers."
+        )
+        return requested, "requested; on a CPU float8 matmuls are emulated"
+    probed = _PROBED.get(requested)
+    if probed is not None:
         if measure is not None:
-            times = measure({requested.value: _AUTOCAST_DTYPE[requested]})
-            speedup = times["fp32"]["ms"] / times[requested.value]["ms"]
+            times = measure({probed: _PROBE_DTYPE[probed]})
+            speedup = times["fp32"]["ms"] / times[probed]["ms"]
             if speedup < 1:
                 log.warning(
-                    "precision=%s measured %.2fx fp32's speed on this CPU for this model (%s): correct, but slower "
-                    "(autocast is emulated here). Useful for numerics experiments; precision=auto picks the "
-                    "fastest.",
+                    "precision=%s: %s autocast measured %.2fx fp32's speed on this CPU for this model (%s): correct, "
+                    "but slower (emulated here). Useful for numerics experiments; precision=auto picks the fastest.",
                     requested.value,
+                    probed,
                     speedup,
                     _timings(times),
                 )
-            return requested, f"requested; measured {speedup:.2f}x fp32's speed on this CPU ({_timings(times)})"
-        if f"amx_{requested.value}" not in hardware.cpu_amx_units():
+            return requested, (
+                f"requested; {probed} autocast measured {speedup:.2f}x fp32's speed on this CPU ({_timings(times)})"
+            )
+        if f"amx_{probed}" not in hardware.cpu_amx_units():
             log.warning(
                 "precision=%s on a CPU without AMX-%s may run in emulation: correct, but possibly much slower than "
                 "fp32 (see docs/precision.md). Useful for numerics experiments; measure before relying on it for "
                 "speed.",
                 requested.value,
-                requested.value.upper(),
+                probed.upper(),
             )
     return requested, "requested"
 
@@ -331,6 +382,45 @@ class Precision:
         self._scale_seen = self.scale_value()  # the scale at the last refresh: growth events follow from it
         self._window = [0, 0]  # [skipped, attempted] steps of the current log window, as of the last refresh
         self._window_steps = 0  # attempted steps since the last telemetry()
+        self.fp8_modules: list[str] = []  # the Linear layers transform() made Float8Linear
+        self._after_step: Optional[Callable[[], None]] = None  # fp8 all-gather: the next forward's weight scales
+
+    def transform(self, module: nn.Module, fp32_modules: list[str]) -> None:
+        """The model transform beyond autocast, applied after the model is built and before compile, DDP or FSDP2:
+        fp8 swaps Linear layers for torchao's Float8Linear, bf16_pure stores everything in bf16. `fp32_modules`: the
+        modules precision.fp32_modules keeps in fp32."""
+        if self.name is PrecisionName.fp8:
+            from mprun import fp8
+
+            cfg = self.cfg
+            self.fp8_modules = fp8.convert(
+                module,
+                cfg.fp8_recipe.value,
+                None if cfg.fp8_skip is None else list(cfg.fp8_skip),
+                cfg.fp8_min_features,
+                cfg.fp8_fsdp_all_gather,
+                tuple(fp32_modules),
+            )
+            if cfg.fp8_fsdp_all_gather:
+                self._after_step = lambda: fp8.precompute_scales(module)
+        elif self.name is PrecisionName.bf16_pure:
+            from mprun import bf16_pure
+
+            if fp32_modules:
+                raise ConfigError(
+                    "precision.fp32_modules does not apply to precision=bf16_pure, which stores every weight in bf16; "
+                    "use precision=bf16 (autocast, fp32 weights) to keep modules in fp32"
+                )
+            bf16_pure.cast(module)
+
+    def optimizer_target(self, target: str) -> str:
+        """The optimizer class to build for the configured one (a class path): bf16_pure with stochastic rounding
+        swaps torch's SGD/Adam/AdamW for the same update stored with stochastic rounding."""
+        if self.name is PrecisionName.bf16_pure and self.cfg.stochastic_rounding:
+            from mprun import bf16_pure
+
+            return bf16_pure.optimizer_target(target)
+        return target
 
     def math_flags(self) -> dict[str, bool]:
         """The TF32 flags this precision runs with, for hardware.set_math_flags. cuDNN convolutions default to TF32 in
@@ -401,6 +491,14 @@ class Precision:
         """Human-readable resolved precision, e.g. 'fp16 (dynamic loss scale)', 'fp16 (static loss scale 128)': a
         fixed scale is precision.init_scale, which only fp16_static sets (128); loss_scale=static on fp16 keeps the
         dynamic scaler's starting 65536, so the scale in force is named."""
+        if self.name is PrecisionName.fp8:
+            return (
+                f"fp8 ({self.cfg.fp8_recipe.value} scaling in {len(self.fp8_modules)} Linear layers, bf16 autocast "
+                "elsewhere)"
+            )
+        if self.name is PrecisionName.bf16_pure:
+            rounding = "stochastic rounding" if self.cfg.stochastic_rounding else "round-to-nearest updates"
+            return f"bf16_pure (bf16 weights and optimizer state, {rounding})"
         if self.name.scales_loss:
             if self.loss_scale is LossScale.none:
                 return "fp16 (no loss scale)"
@@ -455,6 +553,8 @@ class Precision:
         # Static scaling (and skip mode's 1.0): GradScaler cannot have growth_factor=1, so the scale is pinned after
         # every update.
         self.scaler.update(self._pinned)
+        if self._after_step is not None:
+            self._after_step()
         self._window_steps += 1
         return norm
 

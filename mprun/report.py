@@ -36,6 +36,8 @@ PRECISION_COLORS = {
     "fp16_static": "tab:red",
     "fp16_unscaled": "tab:purple",
     "bf16": "tab:green",
+    "bf16_pure": "tab:olive",
+    "fp8": "tab:brown",
 }
 
 
@@ -196,6 +198,7 @@ COLUMNS = [
     "data wait",
     "peak MiB",
     "mem ratio",
+    "param+state MiB",
     "skipped",
     "final scale",
     "fp16 grad underflow",
@@ -222,6 +225,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
                 _fmt(r.metric("final/data_wait_frac"), ".0%"),
                 _fmt(r.metric("final/peak_mem_mib"), ",.0f"),
                 _fmt(r.ratio("final/peak_mem_mib"), ".2f", "×"),
+                _fmt(r.metric(grouping.STATE), ",.1f"),
                 _fmt(r.metric("final/skipped_steps"), ".0f"),
                 _fmt(r.metric("final/loss_scale"), "g") if can_carry_loss_scale(r.precision) else "—",
                 _fmt(r.worst_underflow(), ".1%"),
@@ -240,6 +244,7 @@ GROUP_COLUMNS = [
     "speedup",
     "peak MiB",
     "mem ratio",
+    "param+state MiB",
     "skipped",
 ]
 
@@ -282,6 +287,7 @@ def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
             _fmt(g.ratio(grouping.THROUGHPUT), ".2f", "×"),
             _fmt(g.median(grouping.MEMORY), ",.0f"),
             _fmt(g.ratio(grouping.MEMORY), ".2f", "×"),
+            _fmt(g.median(grouping.STATE), ",.1f"),
             _spread(g.values(grouping.SKIPPED), ".0f"),
         ]
         out.append(([setting or "—"] if any(settings) else []) + cells)
@@ -387,7 +393,8 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
     if cpu:
         notes.append(
             "CPU jobs: peak memory is the process's peak resident set during the job (libraries included), "
-            "not tensor memory; only GPU jobs measure tensor memory."
+            "not tensor memory, and says little about precision; only GPU jobs measure tensor memory. The "
+            "memory plot shows parameter and optimizer-state bytes (param+state MiB) instead."
         )
     groups = grouping.group(rows) if groups is None else groups
     if any(len(g.rows) > 1 for g in groups):
@@ -415,6 +422,18 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
                 "has no fast path for that dtype, so its speed here says nothing of a GPU's; measure speed on the "
                 "GPU you will train on."
             )
+    if any(r.precision == "bf16_pure" for r in rows):
+        notes.append(
+            "bf16_pure: weights, gradients and optimizer state stored in bf16 (no fp32 master copy, no autocast), "
+            "updates stochastically rounded unless precision.stochastic_rounding=false; param+state MiB is what "
+            "that saves, about half of an autocast job's with Adam(W)."
+        )
+    if any(r.precision == "fp8" for r in rows):
+        notes.append(
+            "fp8: torchao float8 matmuls in the Linear layers its run tag fp8_modules lists, bf16 autocast "
+            "elsewhere (convolutions stay bf16); on a CPU the float8 matmuls are emulated, so only a GPU's speed "
+            "means anything."
+        )
     if any(not can_carry_loss_scale(r.precision) and r.worst_underflow() is not None for r in rows):
         notes.append(
             "fp16 grad underflow of a job that is not fp16: the share of its gradients that fp16 would flush "
@@ -506,10 +525,11 @@ def plot(groups: list[grouping.Group], out_dir: Path) -> list[str]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.5 * len(done) + 2))
         names = [_name(g, groups) for g in done]
         colors = [_colour(g) for g in done]
-        for axis, key, title, unit in (
-            (left, grouping.THROUGHPUT, "Throughput", "samples/s"),
-            (right, grouping.MEMORY, "Peak memory", "MiB"),
-        ):
+        # A GPU's peak is tensor memory, which precision changes; a CPU's is the process's peak RSS (libraries,
+        # allocator), which says little of it: there the bars show the parameter and optimizer-state bytes.
+        gpu = all(r.mem_kind == "cuda_max_allocated" for g in done for r in g.used)
+        memory = (grouping.MEMORY, "Peak GPU memory") if gpu else (grouping.STATE, "Parameters + optimizer state")
+        for axis, key, title, unit in ((left, grouping.THROUGHPUT, "Throughput", "samples/s"), (right, *memory, "MiB")):
             medians = [g.median(key) or 0 for g in done]
             spans = [g.values(key) or [0.0] for g in done]
             errors = [[m - min(v) for m, v in zip(medians, spans)], [max(v) - m for m, v in zip(medians, spans)]]

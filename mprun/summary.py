@@ -31,15 +31,17 @@ def build(result: FitResult, parts: Components, state: TrainState, tracker: Trac
         **{f"val_{k}": v for k, v in result.val_extra.items()},  # a language model's ppl, bpb
         "tokens_per_s": tokens_per_s,
         "parameters": parameters,
-        "mfu": hardware.mfu(parameters, tokens_per_s, parts.device, parts.precision.name.value),  # a GPU's LM
+        "mfu": hardware.mfu(parameters, tokens_per_s, parts.device, parts.precision.name.matmul_dtype),  # a GPU's LM
         "train_loss": result.train_loss,
         "samples_per_s": result.samples_per_s,
         "data_wait_frac": result.data_wait_frac,
         "input": parts.data.train.describe(),
         "peak_mem_mib": result.peak_mem_mib,
+        "param_state_mib": result.param_state_mib,
         "peak_mem_kind": "cuda_max_allocated" if parts.device.type == "cuda" else "process_peak_rss",
         "precision": parts.precision.name.value,
         "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
+        "fp8_modules": len(parts.precision.fp8_modules),
         "loss_scale": parts.precision.scale_value(),
         "loss_scaling": parts.precision.loss_scale.value,  # dynamic, static or none
         **parts.precision.counters(),
@@ -62,6 +64,7 @@ FINAL_METRICS = (
     "samples_per_s",
     "data_wait_frac",
     "peak_mem_mib",
+    "param_state_mib",
     "loss_scale",
     "skipped_steps",
     "train_time_s",
@@ -141,7 +144,8 @@ def summary_block(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Op
         _val_line(s),
         _throughput_line(s),
         f"input       waited for data {s['data_wait_frac']:.0%} of training time  ({s['input']})",
-        f"peak memory {s['peak_mem_mib']:,.0f} MiB  ({mem})",
+        f"peak memory {s['peak_mem_mib']:,.0f} MiB  ({mem}); parameters and optimizer state "
+        f"{s['param_state_mib']:,.1f} MiB",
         f"precision   {s['precision_detail']}",
         _scale_line(s),
         f"time        {s['train_time_s']:.1f} s training in all, "

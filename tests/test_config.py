@@ -32,7 +32,7 @@ def test_every_group_has_options() -> None:
     groups = {g for g, _ in OPTIONS}
     assert {"model", "dataset", "optimizer", "scheduler", "precision", "trainer", "tracking", "paths"} <= groups
     precisions = {o for g, o in OPTIONS if g == "precision"}
-    assert precisions == {"auto", "fp32", "tf32", "fp16", "fp16_static", "fp16_unscaled", "bf16"}
+    assert precisions == {"auto", "fp32", "tf32", "fp16", "fp16_static", "fp16_unscaled", "bf16", "bf16_pure", "fp8"}
     models = {o for g, o in OPTIONS if g == "model"}
     assert {"simple_mlp", "simple_cnn", "resnet18", "resnet50", "vit_b16", "timm", "torchvision"} <= models
 

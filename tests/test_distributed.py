@@ -264,6 +264,36 @@ def test_fsdp2_bf16_smoke_run_checkpoints_full_tensors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "precision", "dtype"),
+    [
+        ("ddp", ["precision=bf16_pure"], torch.bfloat16),
+        ("fsdp", ["precision=bf16_pure"], torch.bfloat16),
+        # torchao's float8 all-gather, its weight scales computed after each optimizer step
+        (
+            "fsdp",
+            ["precision=fp8", "model.hidden=64", "precision.fp8_min_features=16", "precision.fp8_fsdp_all_gather=true"],
+            torch.float32,
+        ),  # fmt: skip
+    ],
+)
+def test_bf16_pure_and_fp8_train_on_two_ranks(tmp_path: Path, strategy: str, precision: list, dtype) -> None:
+    """One run, a falling loss, and a checkpoint of whole plain tensors in the storage dtype (bf16_pure: bf16;
+    fp8: fp32 weights, not torchao's float8 wrapper tensors)."""
+    proc = torchrun(f"trainer.strategy={strategy}", *precision, "trainer.max_steps=8", "dataset.batch_size=32",
+                    "hydra.run.dir=outputs/two", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = checkpoint.load(tmp_path / "outputs" / "two" / "checkpoints" / "final.pt")["model"]
+    assert all(type(w) is torch.Tensor and w.dtype == dtype for w in weights.values())
+    assert weights["1.weight"].shape[1] == 64  # whole, not a rank's shard of the rows
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (r,) = client.search_runs(["1"])
+    assert r.info.status == "FINISHED" and r.data.tags["strategy"] == f"{strategy} x2"
+    loss = _history(client, f"{strategy} x2")
+    assert len(loss) == 8 and loss[-1] < loss[0]
+
+
+@pytest.mark.slow
 def test_fsdp2_trains_a_gpt_with_tied_embeddings_and_checkpoints_whole_tensors(tmp_path: Path) -> None:
     """A language model under FSDP2: blocks sharded one by one, the tied embedding and output layer in the root."""
     proc = torchrun(

@@ -26,7 +26,7 @@ TINY_IMAGES = [
 ]
 
 
-@pytest.mark.parametrize("precision", ["auto", "fp32", "tf32", "fp16", "fp16_static", "bf16"])
+@pytest.mark.parametrize("precision", ["auto", "fp32", "tf32", "fp16", "fp16_static", "bf16", "bf16_pure"])
 def test_every_precision_trains(make_cfg, precision: str, capsys) -> None:
     summary = run(make_cfg(f"precision={precision}", *SHORT))
     assert summary["steps"] == 3

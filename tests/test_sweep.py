@@ -214,7 +214,7 @@ def test_report_without_an_fp32_baseline_says_so_instead_of_dividing(tmp_path: P
         assert [n for n in report.notes_for([*rows[:2], row]) if n.endswith(said)], said
     cells = report.table_rows(rows)
     assert [c[5] for c in cells] == ["—", "—", "—"] and [c[7] for c in cells] == ["—", "—", "—"]
-    assert cells[0][12] == "512" and cells[2][3] == "**FAILED**"
+    assert cells[0][13] == "512" and cells[2][3] == "**FAILED**"
 
 
 def test_input_bound_jobs_are_named_in_the_notes() -> None:
