@@ -1,22 +1,40 @@
 #!/usr/bin/env bash
-# Issue 5's GPU measurements, one part per call of the GPU machine (the device tool), so the 30 minutes
-# of device time go to measuring. Here first: build the venv, run ../shared/gpu/wheelhouse (fills .whl/),
-# then call the device tool with carry [".whl"] and the command `bash bench/gpu_session.sh PART`:
+# The GPU measurements in ONE call of the GPU machine (the device tool), at most BUDGET_S seconds (default 480) of
+# work, most important first. Here first: build the venv and run ../shared/gpu/wheelhouse (fills .whl/); then call
+# the device tool with carry [".whl"] and the command `bash bench/gpu_session.sh`. `--dry-run` prints the plan (here,
+# on the CPU, too) and runs nothing.
 #
-#   checks    (~5 min) the CUDA paths the CPU tests cannot reach: tests/test_precision.py on the GPU
-#             (GradScaler's found_inf with fused optimizers, no host reads between log steps, fused SGD's
-#             momentum after a skipped first step, ...), short mprun runs (auto -> bf16, fp16 skip counting,
-#             compile + statistics, one-rank DDP), pinned host-side synthetic batches, and bench/loader.py on a
-#             generated imagefolder
-#   resnet50  bench/gpu_step.py --models resnet50 (eager, then compiled), at most 7 minutes of cells
-#   vit       bench/gpu_step.py --models vit_b16, likewise
+#   1. the GPU-only tests: tests/test_precision.py and tests/test_lowbit.py on the GPU (found_inf with fused
+#      optimizers, no host reads between log steps, fp8's sm_89 check against a real device, ...), cut at 90 s
+#   2. resnet50: fp32 eager, bf16 compiled channels_last, fp16 compiled channels_last, against the hand loop
+#   3. vit_b16: bf16 vs fp8, both compiled
+#   4. gpt2_small: bf16 vs fp8, both compiled (tokens/s, MFU)
+#   5. peak memory of bf16 vs bf16_pure (resnet50 and vit_b16, eager)
 #
-# Results land in $OUT (gpu_step.json/md merge with bench/results/gpu_step.json, so copy each part's
-# files into bench/results/ before the next part). Each part prints its table last.
+# bench/gpu_step.py's --budget-s guard starts no cell that would end past the budget; the cells it leaves out are
+# printed, and the same command in the next call measures only those (the result file keeps measured cells: copy
+# $OUT/gpu_step.json into bench/results/ between calls). Everything lands in $OUT; the table is printed last.
 set -euo pipefail
-part=${1:?usage: bash bench/gpu_session.sh checks|resnet50|vit}
-case "$part" in checks|resnet50|vit) ;; *) echo "usage: bash bench/gpu_session.sh checks|resnet50|vit" >&2; exit 2;; esac
+cd "$(dirname "$0")/.."
+BUDGET_S=${BUDGET_S:-480}
+TESTS_S=90
+CELLS=resnet50:fp32:eager,resnet50:bf16:compiled,resnet50:fp16:compiled
+CELLS+=,vit_b16:bf16:compiled,vit_b16:fp8:compiled
+CELLS+=,gpt2_small:bf16:compiled,gpt2_small:fp8:compiled
+CELLS+=,resnet50:bf16:eager,resnet50:bf16_pure:eager,vit_b16:bf16:eager,vit_b16:bf16_pure:eager
 OUT=${OUT:-/tmp/gpu_session_out}
+py=${PYTHON:-python3}  # the dry run's interpreter (the tests pass theirs)
+
+if [ "${1:-}" = "--dry-run" ]; then
+  echo "plan, budget ${BUDGET_S} s:"
+  echo "1. GPU-only tests: tests/test_precision.py tests/test_lowbit.py, cut at ${TESTS_S} s"
+  echo "2-5. bench/gpu_step.py cells, in this order, with --budget-s $((BUDGET_S - TESTS_S)):"
+  $py bench/gpu_step.py --cells "$CELLS" --budget-s $((BUDGET_S - TESTS_S)) --out "$OUT" --dry-run
+  exit 0
+fi
+[ $# -eq 0 ] || { echo "usage: bash bench/gpu_session.sh [--dry-run]" >&2; exit 2; }
+
+start=$SECONDS
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -26,31 +44,13 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
-step() {  # one gpu_step.py slice, merged into the results so far
-  [ -f bench/results/gpu_step.json ] && cp bench/results/gpu_step.json "$OUT/"
-  python3 bench/gpu_step.py --out "$OUT" --budget-s 420 "$@" 2>&1 | tee -a "$OUT/gpu_step.log"
-}
+# 1. A failure here is logged and the measurements go on; the log says which test failed.
+MPRUN_TEST_DEVICE=cuda timeout "$TESTS_S" python3 -m pytest -q -n0 -p no:cacheprovider tests/test_precision.py \
+  tests/test_lowbit.py tests/test_input.py::test_host_side_synthetic_batches_are_pinned > "$OUT/checks.log" 2>&1 || true
+tail -5 "$OUT/checks.log"
 
-case "$part" in
-  checks)
-    # Each check goes on after a failure of the one before; the logs say which failed.
-    MPRUN_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_precision.py \
-      tests/test_input.py::test_host_side_synthetic_batches_are_pinned 2>&1 | tee "$OUT/checks.log" | tail -15 || true
-    run=(python3 -m mprun dataset=synthetic dataset.shape=[3,64,64] dataset.num_samples=4096 model=resnet18
-         trainer.max_epochs=2 trainer.log_every_steps=10 tracking=none trainer.progress=log)
-    { set +e  # every run, whatever the one before did
-      "${run[@]}" precision=auto hydra.run.dir=/tmp/r/auto
-      "${run[@]}" precision=fp16 precision.init_scale=16777216 hydra.run.dir=/tmp/r/fp16  # early steps overflow: skips counted?
-      "${run[@]}" precision=bf16 trainer.compile=true trainer.channels_last=true precision.stats_every_steps=20 hydra.run.dir=/tmp/r/compiled
-      python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m mprun trainer.strategy=ddp precision=bf16 \
-        dataset=synthetic dataset.shape=[3,64,64] model=resnet18 trainer.max_epochs=1 tracking=none hydra.run.dir=/tmp/r/ddp
-    } 2>&1 | tee "$OUT/runs.log" | grep -E "^(precision|val/acc|throughput|input|peak memory|loss scale|time) |error|Error" || true
-    # 2,000 generated photos: 1,800 for training, 14 batches of 128, all that --warmup 3 --steps 10 need.
-    python3 bench/loader.py --make-imagefolder /tmp/imgs --out "$OUT" --warmup 3 --steps 10 dataset=imagefolder \
-      dataset.root=/tmp/imgs model=resnet50 precision=bf16 trainer.channels_last=true dataset.batch_size=128 2>&1 \
-      | tee "$OUT/loader.log" | tail -15 || true
-    ;;
-  resnet50) step --models resnet50 ;;
-  vit) step --models vit_b16 ;;
-  *) echo "unknown part: $part (checks, resnet50, vit)" >&2; exit 2 ;;
-esac
+# 2-5. What is left of the budget goes to the cells, in CELLS' order.
+[ -f bench/results/gpu_step.json ] && cp bench/results/gpu_step.json "$OUT/"
+left=$((BUDGET_S - (SECONDS - start)))
+python3 bench/gpu_step.py --cells "$CELLS" --budget-s "$left" --out "$OUT" 2>&1 | tee "$OUT/gpu_step.log" | tail -40
+echo "gpu_session: $((SECONDS - start)) s of a ${BUDGET_S} s budget"

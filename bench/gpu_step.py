@@ -10,6 +10,11 @@ in one process; CUDA events time each round after warm-up, the median round coun
     python bench/gpu_step.py --models resnet50 --modes eager   # one slice, merged into the results so far
     python bench/gpu_step.py --budget-s 480 ...                # start no cell that would end after 8 minutes
     python bench/gpu_step.py --device cpu --models simple_cnn --image 32 --batch 8 --steps 2 --rounds 1  # harness check
+    python bench/gpu_step.py --cells vit_b16:bf16:compiled,vit_b16:fp8:compiled --dry-run  # the plan, not run
+
+fp8 cells run torchao's Float8Linear in both paths (mprun's model transform builds both models); bf16_pure cells
+compare mprun's stochastic-rounding optimizer with a hand loop's plain bf16 SGD (round to nearest): the cost of the
+rounding is in the ratio.
 
 Matrix: resnet50 (batch 256, channels_last) and vit_b16 (batch 128) x fp32, tf32, fp16, bf16 x eager,
 compiled, the cells the targets need first; `--models gpt2_small` (batch 16 windows of --block 1024 bytes of
@@ -89,6 +94,8 @@ def hand_loop(parts, compiled: bool, channels_last: bool):
     dtype = parts.precision.autocast_dtype
     from mprun.optim import prepare
 
+    # An fp8 cell's module already has its Float8Linear layers and a bf16_pure one its bf16 weights (mprun.build's
+    # model transform): autocast below is bf16 for fp8 and off for bf16_pure, whose hooks cast the inputs.
     model = torch.compile(parts.module) if compiled else parts.module
     # As conf/optimizer/sgd. prepare() zeroes fused SGD's momentum buffers, as mprun does: torch allocates them
     # uninitialised, and an fp16 first step that overflows would leave the reference training on garbage (and NaN
@@ -175,7 +182,7 @@ def cell(model: str, precision: str, compiled: bool, args: argparse.Namespace) -
 
         out["tokens_s"] = out["mprun_img_s"] * block
         parameters = sum(p.numel() for p in mine.module.parameters())
-        out["mfu"] = mfu(parameters, out["tokens_s"], mine.device, mine.precision.name.value)
+        out["mfu"] = mfu(parameters, out["tokens_s"], mine.device, mine.precision.name.matmul_dtype)
     tokens = f"  {out['tokens_s']:,.0f} tokens/s" if block else ""
     print(
         f"{model:9s} {precision:5s} {out['mode']:8s} hand {out['hand_img_s']:9.1f} img/s  "
@@ -229,6 +236,8 @@ PRIORITY = [
     ("eager", "fp32"),
     ("eager", "bf16"),
     ("compiled", "bf16"),
+    ("compiled", "fp8"),
+    ("eager", "bf16_pure"),
     ("eager", "fp16"),
     ("eager", "tf32"),
     ("compiled", "fp16"),
@@ -265,7 +274,7 @@ def earlier(path: Path, device: str, args: argparse.Namespace) -> list[dict]:
 
 def write(out: Path, cells: list[dict], device: str, args: argparse.Namespace) -> str:
     """gpu_step.json and gpu_step.md for these cells, each file replaced whole (never half-written)."""
-    models, precisions = list(BATCH), ["fp32", "tf32", "fp16", "bf16"]
+    models, precisions = list(BATCH), ["fp32", "tf32", "fp16", "bf16", "bf16_pure", "fp8"]
     cells = sorted(
         cells,
         key=lambda c: (
@@ -300,6 +309,22 @@ def write(out: Path, cells: list[dict], device: str, args: argparse.Namespace) -
     return md
 
 
+# Planning estimates of one cell's seconds on an H100/H200 (both paths: build, warm-up, 5 rounds of 20 steps), for
+# --dry-run's plan; not measurements. Compilation dominates a compiled cell (two models compiled); the --budget-s
+# guard uses the longest cell actually measured, not these.
+ESTIMATE_S = {"eager": 25.0, "compiled": 75.0}
+
+
+def plan(todo: list[tuple[str, ...]], budget_s: float) -> str:
+    """The cells, in order, with estimated seconds and a running total; those past the budget are marked."""
+    lines, total = [], 0.0
+    for m, p, mode in todo:
+        total += ESTIMATE_S.get(mode, 75.0)
+        over = "  (past the budget: left for the next call)" if budget_s and total > budget_s else ""
+        lines.append(f"{m}:{p}:{mode}  ~{ESTIMATE_S.get(mode, 75.0):.0f} s  (total ~{total:.0f} s){over}")
+    return "\n".join(lines + [f"estimated total ~{total:.0f} s for {len(todo)} cells (estimates, not measurements)"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet50,vit_b16")
@@ -322,21 +347,37 @@ def main() -> None:
     ap.add_argument(
         "--redo", action="store_true", help="measure cells again that --out already holds for this GPU and torch"
     )
+    ap.add_argument(
+        "--cells",
+        default="",
+        help="model:precision:mode,... measured in this order (instead of --models x --precisions x --modes)",
+    )
+    ap.add_argument("--dry-run", action="store_true", help="print the cells it would measure and their estimated time")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     from mprun.hardware import device_name
 
-    device = device_name(torch.device(args.device))
+    # A dry run plans on any machine: without the GPU it cannot know which cells the results already hold.
+    device = device_name(torch.device(args.device)) if not args.dry_run or torch.cuda.is_available() else "no GPU here"
     cells = {key(c): c for c in earlier(args.out / "gpu_step.json", device, args)}
-    asked = [
-        (m, p, mode)
-        for m in args.models.split(",")
-        for mode in args.modes.split(",")
-        for p in args.precisions.split(",")
-    ]
+    asked = (
+        [tuple(c.split(":")) for c in args.cells.split(",")]
+        if args.cells
+        else [
+            (m, p, mode)
+            for m in args.models.split(",")
+            for mode in args.modes.split(",")
+            for p in args.precisions.split(",")
+        ]
+    )
     # Cells measured in an earlier slice are not measured again (unless --redo), so a slice that a budget or a
-    # time limit cut short is finished by running the same command again.
-    todo = sorted((t for t in asked if args.redo or t not in cells), key=priority)
+    # time limit cut short is finished by running the same command again. --cells keeps its own order.
+    todo = [t for t in asked if args.redo or t not in cells]
+    if not args.cells:
+        todo.sort(key=priority)
+    if args.dry_run:
+        print(plan(todo, args.budget_s))
+        return
     if len(todo) < len(asked):
         print(
             f"already measured on {device}, torch {torch.__version__} (--redo measures again): "

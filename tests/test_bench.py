@@ -5,6 +5,7 @@ each."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,28 @@ def test_loader_bench_refuses_an_in_memory_dataset(tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode != 0 and "measures datasets read from disk" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_gpu_session_plans_one_call_in_priority_order_within_its_budget(tmp_path: Path) -> None:
+    """bench/gpu_session.sh is one call of at most 8 minutes: its dry run (no GPU needed) lists the GPU-only tests
+    first, then the cells in the order the fp8/bf16_pure issue ranks them; by the planning estimates the resnet50 and
+    vit_b16 fp8 cells fit the budget, and what does not is marked as left for the next call."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "plan, budget 480 s:" and lines[1].startswith("1. GPU-only tests")
+    cells = [line.split()[0] for line in lines if "~" in line and line.split()[0].count(":") == 2]
+    assert cells == [
+        "resnet50:fp32:eager", "resnet50:bf16:compiled", "resnet50:fp16:compiled",
+        "vit_b16:bf16:compiled", "vit_b16:fp8:compiled",
+        "gpt2_small:bf16:compiled", "gpt2_small:fp8:compiled",
+        "resnet50:bf16:eager", "resnet50:bf16_pure:eager", "vit_b16:bf16:eager", "vit_b16:bf16_pure:eager",
+    ]  # fmt: skip
+    fits = [line.split()[0] for line in lines if "~" in line and ":" in line and "past the budget" not in line]
+    assert fits[:5] == cells[:5]
+    assert lines[-1].startswith("estimated total") and "(estimates, not measurements)" in lines[-1]
+    wrong = subprocess.run(["bash", "bench/gpu_session.sh", "checks"], cwd=ROOT, capture_output=True, text=True)
+    assert wrong.returncode == 2 and wrong.stderr.strip() == "usage: bash bench/gpu_session.sh [--dry-run]"
