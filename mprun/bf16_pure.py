@@ -11,7 +11,7 @@ probability equal to the fraction dropped makes the stored weight right on avera
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -22,14 +22,19 @@ _LOW_BITS = 1 << 16
 
 
 def round_stochastic(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16, rounding away from zero with probability (dropped low bits) / 2^16: unbiased in expectation.
-    The bit trick works on the int32 view: keep the top 16 bits, and add one unit of them when a uniform 16-bit draw
-    falls below the dropped bits. inf and NaN keep their top bits and stay inf/NaN."""
-    bits = x.float().contiguous().view(torch.int32)
-    draw = torch.randint(0, _LOW_BITS, bits.shape, device=bits.device, dtype=torch.int32)
-    kept = bits & -_LOW_BITS  # 0xFFFF0000 as a signed int32
-    up = (draw < (bits & (_LOW_BITS - 1))) & torch.isfinite(x)
-    return torch.where(up, kept + _LOW_BITS, kept).view(torch.float32).to(torch.bfloat16)
+    """fp32 -> bf16, rounding away from zero with probability (dropped low bits) / 2^16: unbiased in expectation."""
+    bits = x.float().clone().view(torch.int32)
+    _round_bits(bits)
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def _round_bits(bits: torch.Tensor) -> None:
+    """Stochastic rounding in place, on the int32 view of fp32 values, leaving values that bf16 holds exactly: add a
+    uniform 16-bit draw, then clear the low 16 bits. The sum carries into the kept bits exactly when the draw exceeds
+    2^16 minus the dropped bits. The sign bit is apart from the magnitude, so negatives round away from zero too; inf
+    stays inf (its low bits are zero), as does torch's NaN, and the largest floats may round up to inf, as rounding
+    up does."""
+    bits.add_(torch.randint_like(bits, 0, _LOW_BITS)).bitwise_and_(-_LOW_BITS)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -38,19 +43,51 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _store(target: torch.Tensor, value: torch.Tensor, stochastic: bool) -> None:
-    """Write an fp32 result into a (bf16) tensor: stochastically rounded, or round-to-nearest."""
-    target = _local(target)
-    target.copy_(round_stochastic(value) if stochastic and target.dtype == torch.bfloat16 else value)
+# fp32 working copies are made for this many elements at a time (64 MiB a list): the step's extra memory stays
+# bounded, which is bf16_pure's point, while a chunk's tensors go through one multi-tensor (foreach) kernel.
+CHUNK_ELEMENTS = 1 << 24
 
 
-class _PerParameter(torch.optim.Optimizer):
-    """Shared machinery: fp32 arithmetic per parameter (one parameter's fp32 copies at a time, so the peak memory
-    stays near the bf16 storage), results stored back with stochastic rounding when asked. The state dict has the
-    layout of torch's own optimizers, so a checkpoint moves between them."""
+class _Working:
+    """fp32 copies of a list of tensors (bf16 parameters, gradients or state), in one flat buffer: the update runs
+    on the list with foreach kernels, and stochastic rounding on the buffer with three."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.targets = [_local(t) for t in tensors]
+        self.flat = torch.empty(sum(t.numel() for t in self.targets), dtype=torch.float32,
+                                device=self.targets[0].device)  # fmt: skip
+        self.views = [v.view_as(t) for v, t in zip(self.flat.split([t.numel() for t in self.targets]), self.targets)]
+        torch._foreach_copy_(self.views, self.targets)
+
+    def store(self, stochastic: bool) -> None:
+        """Write the (updated) fp32 values back: stochastically rounded into bf16 targets, else round to nearest."""
+        if stochastic and self.targets[0].dtype == torch.bfloat16:
+            _round_bits(self.flat.view(torch.int32))  # now exact in bf16: the copy below only drops zero bits
+        torch._foreach_copy_(self.targets, self.views)
+
+
+def _chunks(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """The parameters in runs of at most CHUNK_ELEMENTS elements (a larger one alone), of one dtype and device."""
+    chunk: list[torch.Tensor] = []
+    size = 0
+    for p in params:
+        n = _local(p).numel()
+        if chunk and (size + n > CHUNK_ELEMENTS or (p.dtype, p.device) != (chunk[0].dtype, chunk[0].device)):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(p)
+        size += n
+    if chunk:
+        yield chunk
+
+
+class _Bf16Optimizer(torch.optim.Optimizer):
+    """Shared machinery: the update in fp32 on working copies of a chunk of parameters at a time, the results
+    stored back with stochastic rounding when asked. The state dict has the layout of torch's own optimizers, so a
+    checkpoint moves between them."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], stochastic_rounding: bool) -> None:
-        defaults.pop("fused", None)  # mprun's fused-kernel request: these step one parameter at a time
+        defaults.pop("fused", None)  # mprun's fused-kernel request: these run foreach kernels on fp32 copies
         defaults.pop("foreach", None)
         super().__init__(params, {**defaults, "stochastic_rounding": stochastic_rounding})
 
@@ -61,16 +98,15 @@ class _PerParameter(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, self.state[p], group)
+            for chunk in _chunks([p for p in group["params"] if p.grad is not None]):
+                self._update(chunk, [self.state[p] for p in chunk], group)
         return loss
 
-    def _update(self, p: torch.Tensor, state: dict, group: dict) -> None:
+    def _update(self, params: list[torch.Tensor], states: list[dict], group: dict) -> None:
         raise NotImplementedError
 
 
-class SGD(_PerParameter):
+class SGD(_Bf16Optimizer):
     """torch.optim.SGD's update (momentum, nesterov, L2 weight decay; no dampening) for bf16 parameters."""
 
     def __init__(
@@ -89,21 +125,25 @@ class SGD(_PerParameter):
             stochastic_rounding,
         )
 
-    def _update(self, p: torch.Tensor, state: dict, group: dict) -> None:
-        sr = group["stochastic_rounding"]
-        w, g = _local(p).float(), _local(p.grad).float()
+    def _update(self, params: list[torch.Tensor], states: list[dict], group: dict) -> None:
+        sr, momentum = group["stochastic_rounding"], group["momentum"]
+        w = _Working(params)
+        g = _Working([p.grad for p in params]).views
         if group["weight_decay"]:
-            g = g.add(w, alpha=group["weight_decay"])
-        if group["momentum"]:
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = _local(state["momentum_buffer"]).float().mul_(group["momentum"]).add_(g)
-            _store(state["momentum_buffer"], buf, sr)
-            g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-        _store(p, w.add_(g, alpha=-group["lr"]), sr)
+            g = torch._foreach_add(g, w.views, alpha=group["weight_decay"])
+        if momentum:
+            for p, state in zip(params, states):
+                state.setdefault("momentum_buffer", torch.zeros_like(p))
+            buf = _Working([state["momentum_buffer"] for state in states])
+            torch._foreach_mul_(buf.views, momentum)
+            torch._foreach_add_(buf.views, g)
+            g = torch._foreach_add(g, buf.views, alpha=momentum) if group["nesterov"] else buf.views
+            buf.store(sr)
+        torch._foreach_add_(w.views, g, alpha=-group["lr"])
+        w.store(sr)
 
 
-class Adam(_PerParameter):
+class Adam(_Bf16Optimizer):
     """torch.optim.Adam's update (L2 weight decay in the gradient), or AdamW's (decoupled) with decoupled=True, for
     bf16 parameters. Both moments are stored in the parameter's dtype."""
 
@@ -122,26 +162,34 @@ class Adam(_PerParameter):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, **kernels}
         super().__init__(params, defaults, stochastic_rounding)
 
-    def _update(self, p: torch.Tensor, state: dict, group: dict) -> None:
+    def _update(self, params: list[torch.Tensor], states: list[dict], group: dict) -> None:
         sr, lr, (beta1, beta2) = group["stochastic_rounding"], group["lr"], group["betas"]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        t = float(state["step"])
-        w, g = _local(p).float(), _local(p.grad).float()
+        for p, state in zip(params, states):
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)  # on the host: reading it costs no sync
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+        t = [float(state["step"]) for state in states]
+        w = _Working(params)
+        g = _Working([p.grad for p in params]).views
         if group["weight_decay"]:
             if self.decoupled:
-                w.mul_(1 - lr * group["weight_decay"])
+                torch._foreach_mul_(w.views, 1 - lr * group["weight_decay"])
             else:
-                g = g.add(w, alpha=group["weight_decay"])
-        m = _local(state["exp_avg"]).float().lerp_(g, 1 - beta1)
-        v = _local(state["exp_avg_sq"]).float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        _store(state["exp_avg"], m, sr)
-        _store(state["exp_avg_sq"], v, sr)
-        denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
-        _store(p, w.addcdiv_(m, denom, value=-lr / (1 - beta1**t)), sr)
+                g = torch._foreach_add(g, w.views, alpha=group["weight_decay"])
+        m = _Working([state["exp_avg"] for state in states])
+        v = _Working([state["exp_avg_sq"] for state in states])
+        torch._foreach_lerp_(m.views, g, 1 - beta1)
+        torch._foreach_mul_(v.views, beta2)
+        torch._foreach_addcmul_(v.views, g, g, value=1 - beta2)
+        denom = torch._foreach_div(v.views, [1 - beta2**n for n in t])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(w.views, m.views, denom, [-lr / (1 - beta1**n) for n in t])
+        m.store(sr)
+        v.store(sr)
+        w.store(sr)
 
 
 class AdamW(Adam):
