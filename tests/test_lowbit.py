@@ -209,3 +209,11 @@ def test_the_sweep_report_shows_what_bf16_pure_saves_and_says_what_fp8_swapped(t
     notes = report.notes_for(rows)
     assert any(n.startswith("bf16_pure: weights, gradients and optimizer state stored in bf16") for n in notes)
     assert any(n.startswith("fp8: torchao float8 matmuls in the Linear layers its run tag fp8_modules") for n in notes)
+
+
+def test_fp8_with_a_torchao_too_old_names_the_upgrade(make_cfg, monkeypatch) -> None:
+    import torchao
+
+    monkeypatch.setattr(torchao, "__version__", "0.9.0")
+    with pytest.raises(ConfigError, match=r"needs torchao >= 0.18, found 0.9.0; upgrade with: pip install 'torchao"):
+        run(make_cfg(*FP8_MLP, "precision=fp8"))
