@@ -85,7 +85,7 @@ def _main(cfg: DictConfig) -> float:
         if job is not None:
             # Raising lets Hydra mark this job failed and run the rest of the sweep; exiting would end it.
             log.error("%s", message)
-            raise JobFailed(f"{message} (job {job.num}: {job.name})") from e
+            raise JobFailed(f"{message} (job {job.num}: {','.join(job.varied)})") from e  # whole keys
         print(message, file=sys.stderr, flush=True)
         _leave_a_record(message, bad_input=isinstance(e, ConfigError), output_root=Path(cfg.paths.output_root))
         sys.exit(2 if isinstance(e, ConfigError) else 1)  # a user's mistake exits 2, like argparse

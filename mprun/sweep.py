@@ -46,11 +46,16 @@ class JobInfo:
     parent: dict[str, Any]  # mlflow_sweep.json: parent_run_id, uri, experiment_id, varied; {} if untracked
 
     @property
-    def name(self) -> str:
-        """What this job varied, e.g. 'precision=fp16,optimizer.lr=0.01'."""
+    def varied(self) -> list[str]:
+        """The overrides this job varied in its sweep (all of its overrides when that is not known)."""
         varied = set(self.parent.get("varied", ()))
-        picked = [o for o in self.overrides if _key(o) in varied] or list(self.overrides)
-        return ",".join(picked) or f"job {self.num}"
+        return [o for o in self.overrides if _key(o) in varied] or list(self.overrides)
+
+    @property
+    def name(self) -> str:
+        """What this job varied, short enough for MLflow's runs list: 'fp16 lr=0.01' for precision=fp16
+        optimizer.lr=0.01 (the full overrides are the run's mprun.overrides tag)."""
+        return short_name(self.varied) or f"job {self.num}"
 
     def tags(self) -> dict[str, str]:
         """Run tags linking the job to its sweep; mlflow.parentRunId nests it under the parent in the UI."""
@@ -72,6 +77,22 @@ class JobInfo:
                 self.name,
                 {**self.tags(), "error": f"{type(error).__name__}: {error}"},
             )
+
+
+def short_name(overrides: list[str]) -> str:
+    """Overrides as a short run name: a config group's choice by its option alone ('precision=fp16' -> 'fp16'), a
+    value by its last key ('optimizer.lr=0.01' -> 'lr=0.01'), unless two of them end alike, which keep their whole
+    keys. Spaces between."""
+    keys = [_key(o) for o in overrides]
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    parts = []
+    for override, key, end in zip(overrides, keys, last):
+        value = override.split("=", 1)[1] if "=" in override else override
+        if "." not in key and "/" not in key:  # a group: its option says it all (precision=fp16 -> fp16)
+            parts.append(value)
+        else:
+            parts.append(f"{end if last.count(end) == 1 else key}={value}")
+    return " ".join(parts)
 
 
 def current_job() -> JobInfo | None:

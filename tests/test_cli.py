@@ -404,8 +404,8 @@ def test_unnamed_runs_get_distinct_names_and_run_name_prefixes_a_sweeps(tmp_path
     singles = [n for n in names if not n.startswith("study")]
     assert len(singles) == 2 and singles[0] != singles[1], names
     assert [n for n in names if n.startswith("study")] == [
-        "study: precision=bf16",
-        "study: precision=fp32",
+        "study: bf16",
+        "study: fp32",
         "study: sweep precision=fp32,bf16 tracking.run_name=study "
         "model=simple_mlp trainer.max_steps=2 trainer.max_epochs=1",
     ]

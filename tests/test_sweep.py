@@ -55,7 +55,7 @@ def test_joblib_sweep_on_a_fresh_store_nests_every_job(tmp_path: Path) -> None:
     assert [c.info.status for c in children] == ["FINISHED"] * 8
     assert [c.data.tags["mprun.sweep_job"] for c in children] == [str(n) for n in range(8)]
     assert {c.info.run_name for c in children} == {
-        f"optimizer.lr={lr},trainer.log_every_steps={n}" for lr in ("0.001", "0.003") for n in (1, 2, 3, 4)
+        f"lr={lr} log_every_steps={n}" for lr in ("0.001", "0.003") for n in (1, 2, 3, 4)
     }
     sweep_dir = Path(parent.data.tags["mprun.sweep_dir"])
     assert all(c.data.tags["mprun.sweep_dir"] == str(sweep_dir) for c in children)
@@ -88,7 +88,7 @@ def test_report_numbers_are_the_child_runs_metrics(precision_sweep: Path) -> Non
     by_name = {c.info.run_name: c for c in children}
     for name, child in by_name.items():
         m, prec = child.data.metrics, child.data.tags["precision"]
-        base = by_name[name.replace(f"precision={prec}", "precision=fp32")].data.metrics
+        base = by_name[name.replace(prec, "fp32", 1)].data.metrics  # 'fp16 lr=0.003' -> 'fp32 lr=0.003'
         cell = cells[name]
         assert cell[2] == prec and cell[3] == "ok"
         assert cell[4] == f"{m['final/val_acc']:.4f}"
@@ -119,7 +119,7 @@ def test_report_on_demand_by_experiment_name_or_parent_id(precision_sweep: Path,
         sweep_report.unlink()
         report.main([what, "--no-log"])
         out = capsys.readouterr().out
-        assert "precision=fp16,optimizer.lr=0.003" in out
+        assert "fp16 lr=0.003" in out
         # Next to the sweep it reports on (it went to outputs/reports/<id>, wherever the command ran), and said.
         assert sweep_report.is_file() and f"report      {sweep_report}" in out
     with pytest.raises(SystemExit) as bad:
@@ -275,10 +275,10 @@ def test_a_failing_job_is_marked_and_the_others_finish(tmp_path: Path) -> None:
     parent, children = sweep_runs(tmp_path)  # ...after every other job ran
     status = {c.info.run_name: c.info.status for c in children}
     assert status == {
-        "optimizer.lr=-1,precision=fp32": "FAILED",
-        "optimizer.lr=-1,precision=bf16": "FAILED",
-        "optimizer.lr=0.001,precision=fp32": "FINISHED",
-        "optimizer.lr=0.001,precision=bf16": "FINISHED",
+        "lr=-1 fp32": "FAILED",
+        "lr=-1 bf16": "FAILED",
+        "lr=0.001 fp32": "FINISHED",
+        "lr=0.001 bf16": "FINISHED",
     }
     failed = [c for c in children if c.info.status == "FAILED"]
     assert all("optimizer.lr=-1.0 must be > 0" in c.data.tags["error"] for c in failed)
@@ -454,13 +454,12 @@ def test_slurm_preset_composes_onto_submitit(tmp_path: Path) -> None:
 
 
 PRESETS = {
-    "amp_benchmark": [f"precision={p},trainer.seed={s}" for p in ("fp32", "fp16", "bf16") for s in (1, 2, 3)],
-    "lm_precision": [f"precision={p},trainer.seed={s}" for p in ("fp32", "fp16", "bf16") for s in (1, 2, 3)],
-    "fp16_overflow": [
-        f"precision={p},precision.fp32_modules={m}" for p in ("fp32", "fp16", "bf16") for m in ("[]", "[h.1.mlp]")
-    ],
-    "loss_scaling": ["precision=fp16", "precision=fp16_static", "precision=fp16_unscaled", "precision=bf16"],
-    "lr_sweep": [f"optimizer.lr={lr}" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")],
+    # Run names are short (a group's option alone, a value by its last key); the full overrides are a tag.
+    "amp_benchmark": [f"{p} seed={s}" for p in ("fp32", "fp16", "bf16") for s in (1, 2, 3)],
+    "lm_precision": [f"{p} seed={s}" for p in ("fp32", "fp16", "bf16") for s in (1, 2, 3)],
+    "fp16_overflow": [f"{p} fp32_modules={m}" for p in ("fp32", "fp16", "bf16") for m in ("[]", "[h.1.mlp]")],
+    "loss_scaling": ["fp16", "fp16_static", "fp16_unscaled", "bf16"],
+    "lr_sweep": [f"lr={lr}" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")],
     "lr_search": None,  # Optuna picks the values
 }
 
@@ -490,7 +489,7 @@ def test_every_experiment_preset_runs(tmp_path: Path, preset: str) -> None:
     if PRESETS[preset] is not None:
         assert names == PRESETS[preset]
     else:
-        assert len(names) == 2 and all(n.startswith("optimizer.lr=") for n in names)
+        assert len(names) == 2 and all(n.startswith("lr=") for n in names)
     assert all(c.info.status == "FINISHED" for c in children)
 
 
@@ -611,8 +610,7 @@ def test_a_seeded_sweep_reports_one_row_per_precision_and_a_recommendation(tmp_p
     # Each job says one line on the console (its 13-line summary block goes to its log), the report the rest.
     jobs = [line for line in proc.stdout.splitlines() if line.startswith("job ")]
     assert [line.split(":")[0] for line in jobs] == [
-        f"job {n} precision={p},trainer.seed={s}"
-        for n, (p, s) in enumerate((p, s) for p in ("fp32", "bf16") for s in (1, 2, 3))
+        f"job {n} {p} seed={s}" for n, (p, s) in enumerate((p, s) for p in ("fp32", "bf16") for s in (1, 2, 3))
     ]
     assert "── mprun summary" not in proc.stdout
     assert "── mprun summary" in (Path(tags["mprun.sweep_dir"]) / "0" / "mprun.log").read_text()
@@ -662,3 +660,17 @@ def test_precision_settings_that_change_nothing_in_fp32_split_groups_but_share_t
     assert {id(g.baseline) for g in made} == {id(made[0])}
     [line] = groups.recommendation(made)
     assert line.startswith("pick fp16 precision.fp32_modules=[h.1.mlp]: 1.65× fp32's throughput")
+
+
+def test_a_jobs_run_name_is_short_and_its_overrides_stay_whole_in_a_tag() -> None:
+    """MLflow's runs list cut 'precision=fp16,optimizer.lr=0.01' off; 'fp16 lr=0.01' says the same."""
+    from mprun.sweep import JobInfo, short_name
+
+    assert short_name(["precision=fp16", "optimizer.lr=0.01"]) == "fp16 lr=0.01"
+    assert short_name(["model=resnet18", "+trainer.seed=3"]) == "resnet18 seed=3"
+    # Two keys that end alike keep their whole keys, so the name still tells them apart.
+    assert short_name(["optimizer.lr=0.1", "scheduler.lr=0.2"]) == "optimizer.lr=0.1 scheduler.lr=0.2"
+    job = JobInfo(Path("/s"), 3, ("precision=fp16", "optimizer.lr=0.01", "trainer.max_epochs=1"),
+                  {"varied": ["precision", "optimizer.lr"]})  # fmt: skip
+    assert job.name == "fp16 lr=0.01" and job.varied == ["precision=fp16", "optimizer.lr=0.01"]
+    assert job.tags()["mprun.overrides"] == "precision=fp16 optimizer.lr=0.01 trainer.max_epochs=1"
