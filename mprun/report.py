@@ -56,6 +56,7 @@ class Row:
     metrics: dict[str, float]
     error: str = ""
     mem_kind: str = ""  # cuda_max_allocated, or process_peak_rss on the CPU
+    timed_epochs: int | None = None  # epochs its throughput is the median of (1: a single epoch, warm-up included)
     headline: str = "val_acc"  # what its task is judged on (mprun.groups.HEADLINES): val_bpb for a byte-level LM
     setting: tuple[str, ...] | None = None  # its overrides but the precision option (others keeps fewer); None: others
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -94,6 +95,11 @@ class Row:
             return None
         mine, base = self.metric(key), self.baseline.metric(key)
         return mine / base if mine is not None and base else None
+
+    @property
+    def single_epoch_speed(self) -> bool:
+        """Whether its speedup rests on a single timed epoch (its own or its baseline's), warm-up included."""
+        return 1 in (self.timed_epochs, self.baseline.timed_epochs if self.baseline else None)
 
     def delta_acc(self) -> float | None:
         if self.baseline is None:
@@ -160,6 +166,7 @@ def collect(store: Store, parent_id: str, curves: bool = True) -> list[Row]:
             metrics=dict(run.metrics),
             error=tags.get("error", ""),
             mem_kind=tags.get("peak_mem_kind", ""),
+            timed_epochs=int(tags["mprun.timed_epochs"]) if tags.get("mprun.timed_epochs", "").isdigit() else None,
             headline=tags.get("mprun.headline", "val_acc"),
             setting=_own(overrides),
         )
@@ -205,6 +212,11 @@ COLUMNS = [
 ]
 
 
+# Marks a speedup that rests on a single timed epoch (warm-up included): a run of one epoch, or one resumed into its
+# last; its throughput includes start-up costs the other epochs' medians leave out.
+SINGLE_EPOCH = "†"
+
+
 def table_rows(rows: list[Row]) -> list[list[str]]:
     """The report's table cells, one list per job."""
     from mprun.precision import can_carry_loss_scale  # imports torch: here, not at start-up
@@ -221,7 +233,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
                 _fmt(r.metric("final/val_acc"), ".4f"),
                 _fmt(None if d is None else 100 * d, "+.2f", " pp"),
                 _fmt(r.metric("final/samples_per_s"), ",.0f"),
-                _fmt(r.ratio("final/samples_per_s"), ".2f", "×"),
+                _fmt(r.ratio("final/samples_per_s"), ".2f", "×" + SINGLE_EPOCH * r.single_epoch_speed),
                 _fmt(r.metric("final/data_wait_frac"), ".0%"),
                 _fmt(r.metric("final/peak_mem_mib"), ",.0f"),
                 _fmt(r.ratio("final/peak_mem_mib"), ".2f", "×"),
@@ -284,7 +296,7 @@ def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
             g.delta_text(),
             g.verdict,
             _spread(g.values(grouping.THROUGHPUT), ",.0f"),
-            _fmt(g.ratio(grouping.THROUGHPUT), ".2f", "×"),
+            _fmt(g.ratio(grouping.THROUGHPUT), ".2f", "×" + SINGLE_EPOCH * any(r.single_epoch_speed for r in g.used)),
             _fmt(g.median(grouping.MEMORY), ",.0f"),
             _fmt(g.ratio(grouping.MEMORY), ".2f", "×"),
             _fmt(g.median(grouping.STATE), ",.1f"),
@@ -439,6 +451,11 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
             "fp16 grad underflow of a job that is not fp16: the share of its gradients that fp16 would flush "
             "to zero (what a loss scale is for); bf16 and fp32 keep them, having fp32's exponent range."
         )
+    if any(r.single_epoch_speed and r.ratio(grouping.THROUGHPUT) is not None for r in rows):
+        notes.append(
+            f"{SINGLE_EPOCH} speedup from a single timed epoch (its job's or its baseline's), warm-up included "
+            "(compilation, allocator and cache warm-up): run 2 epochs or more for a speedup that leaves them out."
+        )
     starved = [r.name for r in rows if (r.metric("final/data_wait_frac") or 0) > INPUT_BOUND]
     if starved:
         notes.append(
@@ -487,17 +504,23 @@ def plot(groups: list[grouping.Group], out_dir: Path) -> list[str]:
 
     written = []
     styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     drawn: dict[str, int] = {}  # colour -> lines drawn in it: colour says the precision option, each line its own style
+    curves = [(g, _mean_curve([r for r in g.rows if r.status != "FAILED"])) for g in groups]
+    curves = [(g, c) for g, c in curves if c[0]]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for g in groups:
-        steps, mean, low, high = _mean_curve([r for r in g.rows if r.status != "FAILED"])
-        if steps:
-            nth = drawn[_colour(g)] = drawn.get(_colour(g), -1) + 1
-            n = len([r for r in g.rows if r.loss_curve])
-            label = _name(g, groups) + (f" (mean of {n})" if n > 1 else "")
-            ax.plot(steps, mean, label=label, color=_colour(g), alpha=0.85, linestyle=styles[nth % len(styles)])
-            if n > 1:
-                ax.fill_between(steps, low, high, color=_colour(g), alpha=0.15, linewidth=0)
+    for i, (g, (steps, mean, low, high)) in enumerate(curves):
+        nth = drawn[_colour(g)] = drawn.get(_colour(g), -1) + 1
+        n = len([r for r in g.rows if r.loss_curve])
+        label = _name(g, groups) + (f" (mean of {n})" if n > 1 else "")
+        # Curves that coincide (fp16 with and without a loss scale, until the first overflow) hide each other: each
+        # line has its own marker, placed at its own offset along the steps, so every line stays visible.
+        every = max(1, len(steps) // 6)
+        style = {"linestyle": styles[nth % len(styles)], "marker": markers[i % len(markers)], "markersize": 5}
+        ax.plot(steps, mean, label=label, color=_colour(g), alpha=0.85, markevery=(i * every // len(curves), every),
+                **style)  # fmt: skip
+        if n > 1:
+            ax.fill_between(steps, low, high, color=_colour(g), alpha=0.15, linewidth=0)
     if ax.lines:
         ax.set(
             xlabel="optimizer step",

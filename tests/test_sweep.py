@@ -176,6 +176,41 @@ def test_every_loss_curve_is_drawn_apart(tmp_path: Path, monkeypatch) -> None:
     assert drawn["loss.png"][4] == ("tab:green", "--")  # auto drawn as what it ran, beside bf16
 
 
+def test_curves_that_coincide_stay_visible_by_their_markers(tmp_path: Path, monkeypatch) -> None:
+    """fp16 with and without a loss scale train alike until the first overflow: their lines lay on top of each
+    other and only the last drawn showed. Each line now has its own marker, at its own offset along the steps."""
+    drawn = {}
+
+    def save(fig, path: Path) -> str:
+        drawn[path.name] = [(line.get_marker(), line.get_markevery()) for line in fig.axes[0].lines]
+        return path.name
+
+    monkeypatch.setattr(report, "_save", save)
+    rows = []
+    for num, option in enumerate(["fp16", "fp16_static", "fp16_unscaled"]):
+        row = _row(num, "fp16")
+        row.requested, row.loss_curve = option, [(step, 1.0 / step) for step in range(1, 31)]  # the same curve
+        rows.append(row)
+    from mprun import groups
+
+    report.plot(groups.group(rows), tmp_path)
+    marks = drawn["loss.png"]
+    assert len({m for m, _ in marks}) == 3  # three markers
+    assert [every for _, every in marks] == [(0, 5), (1, 5), (3, 5)]  # at steps 0, 5, ...; 1, 6, ...; 3, 8, ...
+
+
+def test_a_speedup_from_a_single_timed_epoch_is_marked_as_such() -> None:
+    rows = [_row(0, "fp32", val_acc=0.9, samples_per_s=100.0), _row(1, "bf16", val_acc=0.9, samples_per_s=150.0)]
+    rows[1].baseline = rows[0]
+    speedup = report.COLUMNS.index("speedup")
+    rows[0].timed_epochs = rows[1].timed_epochs = 3
+    assert [c[speedup] for c in report.table_rows(rows)] == ["—", "1.50×"]
+    assert not [n for n in report.notes_for(rows) if n.startswith("† speedup")]
+    rows[0].timed_epochs = 1  # the baseline's throughput is one epoch, warm-up included
+    assert [c[speedup] for c in report.table_rows(rows)] == ["—", "1.50×†"]
+    assert [n for n in report.notes_for(rows) if n.startswith("† speedup from a single timed epoch")]
+
+
 def test_the_baseline_shares_clipping_and_prefers_an_explicit_fp32() -> None:
     """A precision.* override that changes fp32 runs too (clipping) picks the fp32 job with the same value; the
     scaler's settings do not matter; of two fp32 jobs, the one that asked for fp32 beats auto resolved to fp32.
