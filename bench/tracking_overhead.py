@@ -78,14 +78,34 @@ def start_server(root: Path) -> tuple[str, subprocess.Popen]:
             time.sleep(0.5)
 
 
-def run_once(arm: str, workdir: Path, n: int, uri: str | None, env: dict[str, str], extra: list[str]) -> dict:
-    """One default run in a fresh process; its summary's throughput and the process's wall time."""
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds used so far by the live processes of a session (the mlflow server and the workers it started),
+    from /proc: what the server spends while a run trains beside it on the same cores."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[3]) == sid:  # field 6 of stat (session id), counted after the ")" that ends the name
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def run_once(
+    arm: str, workdir: Path, n: int, uri: str | None, env: dict[str, str], extra: list[str], server_sid: int | None
+) -> dict:
+    """One default run in a fresh process; its summary's throughput and the process's wall time (and, for a server
+    arm, the CPU time the server spent during it)."""
     tracking = {"none": ["tracking=none"], "sqlite": [], "server": [f"tracking.uri={uri}"]}[arm.split("@")[0]]
     run_dir = workdir / f"run{n}"
     cmd = [sys.executable, "-m", "mprun", "trainer.progress=off", f"hydra.run.dir={run_dir}", *tracking, *extra]
+    served = arm.startswith("server") and server_sid is not None
+    server_before = session_cpu_s(server_sid) if served else 0.0
     started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu = session_cpu_s(server_sid) - server_before if served else None
     if proc.returncode != 0:
         sys.exit(f"{arm} run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -96,6 +116,7 @@ def run_once(arm: str, workdir: Path, n: int, uri: str | None, env: dict[str, st
         "process_wall_s": wall,
         "process_cpu_s": cpu_s,
         "run_wall_s": summary["wall_time_s"],
+        "server_cpu_s": server_cpu,
     }
 
 
@@ -134,6 +155,7 @@ def main() -> None:
     for d in workdirs.values():
         d.mkdir()
     uri, server = start_server(root) if any(a.startswith("server") for a in arms) else (None, None)
+    sid = server.pid if server is not None else None  # start_new_session: the server leads its own session
     load_before = os.getloadavg()
     rounds: list[dict[str, dict]] = []
     try:
@@ -141,7 +163,7 @@ def main() -> None:
             order = arms[r % len(arms) :] + arms[: r % len(arms)]
             rounds.append(
                 {
-                    arm: run_once(arm, workdirs[arm], r, uri, envs[arm[len(arm.split("@")[0]) :]], args.overrides)
+                    arm: run_once(arm, workdirs[arm], r, uri, envs[arm[len(arm.split("@")[0]) :]], args.overrides, sid)
                     for arm in order
                 }
             )
@@ -204,6 +226,9 @@ def summarize(rounds: list[dict[str, dict]], arms: list[str], load_before: tuple
             "process_wall_s_median": statistics.median(rd[arm]["process_wall_s"] for rd in rounds),
             "process_cpu_s_median": statistics.median(rd[arm]["process_cpu_s"] for rd in rounds),
         }
+        server = [rd[arm]["server_cpu_s"] for rd in rounds if rd[arm].get("server_cpu_s") is not None]
+        if server:
+            result["arms"][arm]["server_cpu_s_median"] = statistics.median(server)
     return result
 
 
