@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import sys
 import warnings
@@ -163,11 +164,17 @@ class NullTracker(Tracker):
         return ["tracking    off (tracking=none)"]
 
 
+def shown(uri: str) -> str:
+    """A store URI as it may be printed, logged or recorded: a password in it (postgresql://user:PASSWORD@host/db)
+    replaced by ***. Params, tags, logs and messages are read by everyone who can read the store."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", uri)
+
+
 def unusable(uri: str, why: str) -> ConfigError:
     """The error for a tracking store that cannot be used."""
     why = first_line(why, "unknown error")
     return ConfigError(
-        f"cannot use MLflow tracking store {uri}: {why[:300]}. "
+        f"cannot use MLflow tracking store {shown(uri)}: {why[:300]}. "
         "Fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=none"
     )
 
@@ -177,18 +184,57 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def is_database(uri: str) -> bool:
+    """A database server as the store (MLflow's SQLAlchemy store, without an mlflow server in between)."""
+    return uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql")
+
+
 def probe_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds on a tracking server that does not answer: MLflow's own client retries with
-    backoff for minutes (measured: 4 min 13 s against a closed port) before giving up."""
+    """Fail in seconds on a tracking server that does not answer, or whose own store (its database) does not: MLflow's
+    client retries with backoff for minutes (measured: 4 min 13 s against a closed port) before giving up. The
+    server's /health answers without touching its database (measured: OK while its PostgreSQL was stopped), so a
+    request that reads the store follows, with MLflow's request timeout: a stopped database hangs it (the server
+    retries its connection for ~100 s), a broken one answers 5xx."""
     import urllib.error
     import urllib.request
 
+    base = uri.rstrip("/")
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+        urllib.request.urlopen(f"{base}/health", timeout=timeout_s).close()
     except urllib.error.HTTPError:
-        pass  # it answered: auth or routing is MLflow's business, checked by the first real request
+        return  # it answered: auth or routing is MLflow's business, checked by the first real request
     except (urllib.error.URLError, OSError) as e:
         raise unusable(uri, f"no answer from the server ({getattr(e, 'reason', e)})") from e
+    wait = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or 15)
+    behind = "its database may be down or refusing it: see the server's log"
+    try:
+        urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout=wait).close()
+    except urllib.error.HTTPError as e:
+        if e.code >= 500:  # 4xx: it answered (a login, a proxy's rules), which the first real request reports
+            raise unusable(uri, f"the server answers, but reading its store failed (HTTP {e.code}): {behind}") from e
+    except (urllib.error.URLError, OSError) as e:
+        why = f"the server answers, but a request that reads its store got no answer in {wait:g} s: {behind}"
+        raise unusable(uri, why) from e
+
+
+def probe_database(uri: str, timeout_s: int = 5) -> None:
+    """Fail at once on a database store that refuses the connection (a wrong password, a missing database, no
+    server): MLflow's SQLAlchemy store retries for ~100 s (10 tries with backoff) before saying why."""
+    import sqlalchemy
+
+    args = {"connect_timeout": timeout_s} if uri.startswith(("postgresql", "mysql")) else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+    except ImportError as e:  # the driver: psycopg2 for postgresql://, from the server extra
+        raise unusable(uri, f"{e} (its driver: pip install -e '.[server]' for PostgreSQL)") from e
+    except Exception as e:  # a URI SQLAlchemy cannot parse
+        raise unusable(uri, str(e)) from e
+    try:
+        engine.connect().close()
+    except Exception as e:  # every driver raises its own types; the driver's message says why
+        raise unusable(uri, str(getattr(e, "orig", None) or e)) from e
+    finally:
+        engine.dispose()
 
 
 def default_uri(output_root: str) -> str:
@@ -219,6 +265,7 @@ class RecordedRun:
     tags: Mapping[str, str]
     metrics: Mapping[str, float]  # the latest value of each
     deleted: bool = False
+    last_logged: int = 0  # ms since the epoch of its newest metric point (0: none yet)
 
 
 def _recorded(run: Any) -> RecordedRun:
@@ -232,6 +279,8 @@ def _recorded(run: Any) -> RecordedRun:
         dict(run.data.tags),
         dict(run.data.metrics),
         info.lifecycle_stage == "deleted",
+        # The latest points' own timestamps: RunData keeps the Metric objects, not only their values.
+        max((m.timestamp for m in getattr(run.data, "_metric_objs", [])), default=0),
     )
 
 
@@ -254,6 +303,14 @@ class Store:
         answer fails in seconds. A new sqlite store gets its tables now, in several migrations: parallel first
         openers take turns, and signals wait until the store is whole (a Ctrl-C in between left a store that every
         later run failed on, "duplicate column name")."""
+        cls.probe(uri)
+        with store_lock(uri), deferred_signals():
+            store = cls(uri)
+            return store, store.experiment(experiment, local_artifacts)
+
+    @staticmethod
+    def probe(uri: str) -> None:
+        """Fail in seconds, with the reason, on a server or database store that cannot be used."""
         if is_remote(uri):
             # MLflow's client retries a dead server for minutes (measured 4 min 13 s); a few seconds
             # is enough to tell. Explicit environment settings still win.
@@ -261,9 +318,8 @@ class Store:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
             logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # one line per retry otherwise
             probe_server(uri)
-        with store_lock(uri), deferred_signals():
-            store = cls(uri)
-            return store, store.experiment(experiment, local_artifacts)
+        elif is_database(uri):
+            probe_database(uri)
 
     def answers(self) -> bool:
         """After a failed call: does the store still answer? (Only a remote server can go away.)"""
@@ -302,6 +358,21 @@ class Store:
         """The id of the experiment of that name; None if there is none."""
         found = self._client.get_experiment_by_name(name)
         return None if found is None else found.experiment_id
+
+    def running(self, experiment: str | None = None) -> list[RecordedRun]:
+        """Every RUNNING run, in the named experiment or in all of them."""
+        if experiment is None:
+            ids = [e.experiment_id for e in self._client.search_experiments(max_results=50000)]
+        else:
+            found = self.find_experiment(experiment)
+            ids = [] if found is None else [found]
+        runs: list[RecordedRun] = []
+        for i in range(0, len(ids), 100):  # MLflow searches at most 100 experiments at a time
+            runs += [
+                _recorded(r)
+                for r in self._client.search_runs(ids[i : i + 100], "attributes.status = 'RUNNING'", max_results=50000)
+            ]
+        return runs
 
     def create_run(self, experiment_id: str, name: str | None, tags: Mapping[str, str]) -> str:
         """A new RUNNING run; returns its id."""
@@ -432,13 +503,14 @@ class Failover:
             if self.policy is Unreachable.fail or uri == self.local_uri:
                 raise
             log.warning("%s\ntracking.on_unreachable=local: logging to %s instead", e, self.local_uri)
-            self.intended = uri
+            self.intended = shown(uri)
             return connect(self.local_uri)
 
     def move(self, uri: str, run_id: str | None, error: BaseException) -> str:
         """The store at uri stopped answering while run_id was open: raise TrackingLost (fail, or the run is on the
         local store already), or return the local store's uri to continue in (local)."""
-        lost = f"MLflow store {uri} stopped accepting writes mid-run ({type(error).__name__}: {str(error)[:200]})"
+        why = f"{type(error).__name__}: {str(error)[:200]}"
+        lost = f"MLflow store {shown(uri)} stopped accepting writes mid-run ({why})"
         if self.policy is Unreachable.fail or self.intended:
             self.lost = True
             raise TrackingLost(
@@ -446,7 +518,7 @@ class Failover:
                 "or set tracking.on_unreachable=local to keep training and log locally"
             ) from error
         log.warning("%s\ntracking.on_unreachable=local: continuing in a new run in %s", lost, self.local_uri)
-        self.intended = f"{uri} run {run_id}"
+        self.intended = f"{shown(uri)} run {run_id}"
         return self.local_uri
 
 
@@ -513,6 +585,7 @@ class MlflowTracker(Tracker):
     ) -> None:
         if self.failover.intended:
             tags = {**tags, "mprun.intended_tracking_uri": self.failover.intended}
+        params = {k: shown(v) if isinstance(v, str) else v for k, v in params.items()}  # tracking.uri's password
         self._started = (params, tags, run_name, datasets)
         # tracking.run_name names the study: a sweep's parent and jobs keep what tells them apart after it.
         name = ": ".join(n for n in (self.run_name, run_name) if n) or None
@@ -540,10 +613,10 @@ class MlflowTracker(Tracker):
     def resume(self, run_id: str, step: int) -> bool:
         run = self.store.run(run_id)
         if run is None:
-            log.warning("the checkpoint's MLflow run %s is not in %s: starting a new run", run_id, self.uri)
+            log.warning("the checkpoint's MLflow run %s is not in %s: starting a new run", run_id, shown(self.uri))
             return False
         if run.deleted:  # MLflow refuses to reopen it
-            log.warning("the checkpoint's MLflow run %s was deleted in %s: starting a new run", run_id, self.uri)
+            log.warning("the checkpoint's MLflow run %s was deleted in %s: starting a new run", run_id, shown(self.uri))
             return False
         later = int(run.tags.get(CHECKPOINT_STEP_TAG, -1))
         if later > step:  # continuing would log a second history over the steps the run has already recorded
@@ -557,6 +630,7 @@ class MlflowTracker(Tracker):
             return False
         self.run_id = run_id
         self.store.reopen(run_id)
+        self._send_kept(run_id, step)
         with self.closed_on_error():
             resumes = int(run.tags.get("mprun.resumes", "0")) + 1
             self.set_tags({"mprun.resumes": str(resumes), f"mprun.resume_{resumes}_step": str(step)})
@@ -573,12 +647,47 @@ class MlflowTracker(Tracker):
         """The store failed a call and no longer answers: raise TrackingLost, or (on_unreachable=local) continue in a
         new run in the local store, whose buffer gets the metric batches the lost store never confirmed."""
         unsent = [*failed, *self._writer.unsent()]
-        local = self.failover.move(self.uri, self.run_id, error)
+        try:
+            local = self.failover.move(self.uri, self.run_id, error)
+        except TrackingLost:
+            self._keep(unsent)
+            raise
         self._connect(local)
         params, tags, name, datasets = self._started or ({}, {}, None, ())
         self.start(params, tags, name, datasets)
         for batch in unsent:
             self._writer.add(batch)
+
+    def _kept(self, run_id: str) -> Path:
+        """Where the metric points of a run that lost its store are kept for its resume."""
+        return self.output_root / "mlflow_unsent" / f"{run_id}.json"
+
+    def _keep(self, batches: list[MetricBatch]) -> None:
+        """The run lost its store (on_unreachable=fail): the points it never confirmed go to a file, which a resume of
+        the run sends first; else the steps between the last confirmed flush and the checkpoint the resume starts from
+        would be missing from its history."""
+        if not batches or self.run_id is None:
+            return
+        kept = self._kept(self.run_id)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps([{"step": b.step, "values": dict(b.values), "ms": b.timestamp_ms} for b in batches]))
+        points = sum(len(b.values) for b in batches)
+        log.warning(
+            "%d metric points the store never confirmed are kept in %s: a resume of the run sends them", points, kept
+        )
+
+    def _send_kept(self, run_id: str, step: int) -> None:
+        """A resumed run: queue the points its lost store never confirmed, up to the checkpoint's step (training
+        logs the later ones again)."""
+        kept = self._kept(run_id)
+        if not kept.is_file():
+            return
+        batches = [MetricBatch(b["step"], b["values"], b["ms"]) for b in json.loads(kept.read_text())]
+        sent = [batch for batch in batches if batch.step <= step]
+        for batch in sent:
+            self._writer.add(batch)
+        kept.unlink()
+        log.info("sending the %d kept metric steps of run %s up to step %d", len(sent), run_id, step)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """A synchronous store call, redone on the local store if the failover moved the run there."""
@@ -727,18 +836,21 @@ class MlflowTracker(Tracker):
             self._writer.close()
             if self.failover.lost:
                 log.error(
-                    "MLflow run %s in %s could not be closed: it stays RUNNING there until closed by hand "
-                    "(MlflowClient(uri).set_terminated(run_id, 'FAILED'))",
+                    "MLflow run %s in %s could not be closed: it stays RUNNING there until a resume "
+                    "(trainer.resume=<run dir>) continues it, or `python -m mprun.close_stale --uri %s %s` closes it",
                     self.run_id,
-                    self.uri,
+                    shown(self.uri),
+                    shlex.quote(shown(self.uri)),
+                    self.run_id,
                 )
 
     def describe(self) -> list[str]:
         ui = Path(sys.executable).with_name("mlflow")
         # Quoted where needed, so that it can be pasted as is: a path with a space split into two arguments.
-        cmd = f"{shlex.quote(str(ui)) if ui.exists() else 'mlflow'} ui --backend-store-uri {shlex.quote(self.uri)}"
+        store = shlex.quote(shown(self.uri))  # with its password, if any, left for the reader to fill in
+        cmd = f"{shlex.quote(str(ui)) if ui.exists() else 'mlflow'} ui --backend-store-uri {store}"
         run = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
-        lines = [f"MLflow run  {self.run_id} (experiment {self.experiment_id}) in {self.uri}"]
+        lines = [f"MLflow run  {self.run_id} (experiment {self.experiment_id}) in {shown(self.uri)}"]
         if self.uri.startswith(("sqlite:", "postgresql", "mysql")):
             lines.append(f"MLflow UI   {cmd} --port 5000")
             lines.append(f"            then open http://127.0.0.1:5000/{run}")
