@@ -21,13 +21,6 @@ from torch.utils._pytree import tree_map
 _LOW_BITS = 1 << 16
 
 
-def round_stochastic(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16, rounding away from zero with probability (dropped low bits) / 2^16: unbiased in expectation."""
-    bits = x.float().clone().view(torch.int32)
-    _round_bits(bits)
-    return bits.view(torch.float32).to(torch.bfloat16)
-
-
 def _round_bits(bits: torch.Tensor) -> None:
     """Stochastic rounding in place, on the int32 view of fp32 values, leaving values that bf16 holds exactly: add a
     uniform 16-bit draw, then clear the low 16 bits. The sum carries into the kept bits exactly when the draw exceeds

@@ -74,6 +74,23 @@ def can_carry_loss_scale(tag: str) -> bool:
     return name is not None and name.scales_loss
 
 
+# What a sweep report's reader needs to know of a precision that autocast alone does not explain.
+_SWEEP_NOTES = {
+    PrecisionName.bf16_pure: "bf16_pure: weights, gradients and optimizer state stored in bf16 (no fp32 master copy, "
+    "no autocast), updates stochastically rounded unless precision.stochastic_rounding=false; param+state MiB is "
+    "what that saves, about half of an autocast job's with Adam(W).",
+    PrecisionName.fp8: "fp8: torchao float8 matmuls in the Linear layers its run tag fp8_modules lists, bf16 "
+    "autocast elsewhere (convolutions stay bf16); on a CPU the float8 matmuls are emulated, so only a GPU's speed "
+    "means anything.",
+}
+
+
+def sweep_note(tag: str) -> str:
+    """The sweep report's note on runs recorded with this precision tag ('' when it needs none)."""
+    name = resolved_name(tag)
+    return _SWEEP_NOTES.get(name, "") if name is not None else ""
+
+
 class NonFinite(Enum):
     stop = "stop"  # checked at log steps (no extra sync): stop the run with a diagnosis
     skip = "skip"  # check every step and skip a non-finite one (GradScaler pinned at 1.0: one sync per step)

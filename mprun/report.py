@@ -378,7 +378,7 @@ SLOW = 0.8  # a CPU half precision below this share of fp32's throughput is note
 def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> list[str]:
     """The caveats a reader needs before reading the numbers (groups: the rows' groups, if made already)."""
     from mprun.loop import INPUT_BOUND  # the threshold the runs warned at (imports torch: here, not at start-up)
-    from mprun.precision import can_carry_loss_scale, computes_in_half, is_baseline
+    from mprun.precision import can_carry_loss_scale, computes_in_half, is_baseline, sweep_note
 
     notes = []
     if not rows:
@@ -434,18 +434,7 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
                 "has no fast path for that dtype, so its speed here says nothing of a GPU's; measure speed on the "
                 "GPU you will train on."
             )
-    if any(r.precision == "bf16_pure" for r in rows):
-        notes.append(
-            "bf16_pure: weights, gradients and optimizer state stored in bf16 (no fp32 master copy, no autocast), "
-            "updates stochastically rounded unless precision.stochastic_rounding=false; param+state MiB is what "
-            "that saves, about half of an autocast job's with Adam(W)."
-        )
-    if any(r.precision == "fp8" for r in rows):
-        notes.append(
-            "fp8: torchao float8 matmuls in the Linear layers its run tag fp8_modules lists, bf16 autocast "
-            "elsewhere (convolutions stay bf16); on a CPU the float8 matmuls are emulated, so only a GPU's speed "
-            "means anything."
-        )
+    notes += [n for n in (sweep_note(tag) for tag in dict.fromkeys(r.precision for r in rows)) if n]
     if any(not can_carry_loss_scale(r.precision) and r.worst_underflow() is not None for r in rows):
         notes.append(
             "fp16 grad underflow of a job that is not fp16: the share of its gradients that fp16 would flush "

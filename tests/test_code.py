@@ -63,7 +63,8 @@ def test_every_mprun_exception_type_is_defined_in_errors() -> None:
 def test_no_precision_name_is_compared_outside_precision() -> None:
     """Other modules ask the Precision object (can_skip_steps, fsdp_policy, stop_hint, ...) instead."""
     pattern = re.compile(
-        r"""\.name\.value\s*[!=]=|[!=]=\s*["'](fp16|bf16|fp32|tf32)["']|["'](fp16|bf16|fp32|tf32)["']\s*[!=]=|"""
+        r"""\.name\.value\s*[!=]=|[!=]=\s*["'](fp16|bf16|fp32|tf32|fp8|bf16_pure)["']|"""
+        r"""["'](fp16|bf16|fp32|tf32|fp8|bf16_pure)["']\s*[!=]=|"""
         r"""in \(["'](fp16|bf16)"""
     )
     offenders = [
