@@ -56,10 +56,21 @@ def save(path: Path, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save({**state, "mprun_version": __version__}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**state, "mprun_version": __version__}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a torn temp file is no checkpoint
+        # A second Ctrl-C inside torch.save raises there, and the zip writer's cleanup then fails on the torn file
+        # ("unexpected pos"), hiding the interrupt: the interrupt is what ends the run, as it would anywhere else.
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__context__
+        if cause is not None and not isinstance(e, KeyboardInterrupt):
+            raise cause from None
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -524,3 +524,23 @@ def test_kill_9_during_a_write_leaves_the_previous_checkpoint_loadable(tmp_path:
     # A torn temp file may be left; the next save in that directory clears it away.
     checkpoint.Checkpoints(tmp_path, keep_last=1).save("other.pt", {"i": 0})
     assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_a_signal_inside_a_checkpoint_write_ends_the_run_as_an_interrupt_and_leaves_no_torn_file(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A second Ctrl-C arriving inside torch.save: torch's zip writer then failed in its cleanup ('unexpected pos'),
+    and that RuntimeError, not the interrupt, ended the run: a traceback and exit 1 instead of KILLED and 130."""
+    from mprun.interrupts import StopNow
+
+    def torn_save(obj, f) -> None:
+        try:
+            f.write(b"half a checkpoint")
+            raise StopNow(signal.SIGINT)  # the second signal's handler, mid-write
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 12878912 vs 12878864")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(StopNow):
+        checkpoint.save(tmp_path / "interrupted.pt", {"step": 1})
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temp file
