@@ -360,7 +360,7 @@ def train_epoch(
             if norm is not None:  # under FSDP a DTensor: the norm over every rank's shards, the same on every rank
                 metrics["train/grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
             tracker.log_metrics(metrics, state.step)
-            progress.show({"loss": metrics["train/loss"], "scale": metrics["amp/loss_scale"]})
+            progress.show({"loss": metrics["train/loss"], "scale": metrics.get("amp/loss_scale", 1.0)})
             state.logged_loss_sum, state.logged_loss_steps = state.epoch_loss_sum, state.epoch_loss_steps
             if guard is not None:
                 guard.check(metrics, unwrap(model), micro, state.step)  # may stop the run with a diagnosis

@@ -611,10 +611,13 @@ class Precision:
         self._scale_seen = scale
 
     def telemetry(self) -> dict[str, float]:
-        """amp/* metrics for the log window that ends now (one host sync)."""
+        """amp/* metrics for the log window that ends now (one host sync). None without a scaler: an fp32, bf16 or
+        fp8 run's scale is 1 and nothing is ever skipped, six flat lines in every chart view."""
         self._refresh()
         skipped, steps = self._window
         self._window = [0, 0]
+        if not self.can_skip_steps:
+            return {}
         return {
             "amp/loss_scale": self._scale_seen,
             "amp/skipped_steps": self.skipped_steps,

@@ -460,6 +460,7 @@ def test_mlflow_run_records_params_tags_metrics_artifacts(make_cfg, tmp_path: Pa
         "perf/epoch_time_s",
         "perf/peak_mem_mib",
         "perf/data_wait_frac",
+        "perf/param_state_mib",
         "amp/loss_scale",
         "amp/skipped_steps",
         "amp/skip_rate",
@@ -511,11 +512,26 @@ def test_tracking_env_var_wins_over_default(make_cfg, tmp_path: Path, monkeypatc
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
+def test_only_a_run_with_a_loss_scaler_logs_amp_metrics(make_cfg, tmp_path: Path) -> None:
+    """fp16's scale, skips and growth/backoff events are logged every log step; a run without a scaler logs none."""
+    fp16 = run(make_cfg("model=simple_mlp", "precision=fp16", "trainer.max_steps=4", "trainer.log_every_steps=2",
+                        "trainer.max_epochs=1", f"paths.run_dir={tmp_path}/fp16", tracking="mlflow"))  # fmt: skip
+    bf16 = run(make_cfg("model=simple_mlp", "precision=bf16", "trainer.max_steps=4", "trainer.log_every_steps=2",
+                        "trainer.max_epochs=1", f"paths.run_dir={tmp_path}/bf16", tracking="mlflow"))  # fmt: skip
+    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    amp = {s["precision"]: sorted(k for k in client.get_run(s["mlflow_run_id"]).data.metrics if k.startswith("amp/"))
+           for s in (fp16, bf16)}  # fmt: skip
+    assert amp["bf16"] == []
+    assert amp["fp16"] == ["amp/backoff_events", "amp/growth_events", "amp/loss_scale", "amp/skip_rate",
+                           "amp/skipped_steps", "amp/steps_since_overflow"]  # fmt: skip
+    assert len(client.get_metric_history(fp16["mlflow_run_id"], "amp/loss_scale")) == 2
+
+
 def test_a_run_shorter_than_one_log_window_logs_its_training_metrics(make_cfg, tmp_path: Path) -> None:
     """3 steps with log_every_steps=10: train/* and amp/* used to be missing from MLflow altogether."""
     summary = run(make_cfg("model=simple_mlp", "trainer.max_steps=3", "trainer.max_epochs=1", tracking="mlflow"))
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
-    for key in ("train/loss", "train/lr", "train/grad_norm", "amp/loss_scale"):
+    for key in ("train/loss", "train/lr", "train/grad_norm"):
         assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], key)] == [3], key
     (loss,) = client.get_metric_history(summary["mlflow_run_id"], "train/loss")
     assert loss.value == pytest.approx(summary["train_loss"])  # the window is the whole (partial) epoch
