@@ -19,7 +19,7 @@ import re
 import shlex
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -242,16 +242,29 @@ def default_uri(output_root: str) -> str:
     return f"sqlite:///{Path(output_root).absolute() / 'mlflow.db'}"
 
 
-def store_lock(uri: str) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
     """A file lock beside a sqlite store for its first use: MLflow creates the tables on first open,
-    and parallel first openers race (most of them fail). Other backends need no lock."""
+    and parallel first openers race (most of them fail). Other backends need no lock. A store in a directory
+    this process cannot write (read-only, another user's) is an error that says so: a run must write to it."""
     if not uri.startswith("sqlite:///"):
-        return contextlib.nullcontext()
+        yield
+        return
     from filelock import FileLock
 
     db = Path(uri[len("sqlite:///") :])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(f"{db}.lock", timeout=300)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{db}.lock", timeout=300)
+        lock.acquire()
+    except OSError as e:
+        raise unusable(uri, f"cannot write in {db.parent} ({e.strerror or e})") from e
+    try:
+        if db.exists() and not os.access(db, os.W_OK):  # sqlite would fail on the run's first write, in a traceback
+            raise unusable(uri, f"{db} is read-only")
+        yield
+    finally:
+        lock.release()
 
 
 @dataclass(frozen=True)

@@ -339,3 +339,33 @@ def test_the_trained_model_is_an_mlflow_model_that_loads_runs_and_registers(make
         assert version.run_id == summary["mlflow_run_id"]
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("why", ["directory", "file"])
+def test_a_store_this_process_cannot_write_is_one_line_before_anything_runs(tmp_path: Path, monkeypatch, why) -> None:
+    """A read-only sqlite store gave 48 lines from filelock (its directory read-only) or from SQLAlchemy at the
+    run's first insert (the file read-only). This suite runs as root, which the permission bits do not stop, so
+    the refusals are the operating system's as a non-root user meets them (both seen so, as the postgres user)."""
+    import os
+
+    import filelock
+    from conftest import run_cli_here
+
+    store = tmp_path / "shared" / "mlflow.db"
+    Store(f"sqlite:///{store}")  # a store with its tables, as a team's would be
+    if why == "directory":
+
+        def refused(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", f"{store}.lock")
+
+        monkeypatch.setattr(filelock.FileLock, "acquire", refused)
+        said = f"cannot write in {store.parent} (Permission denied)"
+    else:
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == store else real(p, mode))
+        said = f"{store} is read-only"
+    ended = run_cli_here(f"tracking.uri=sqlite:///{store}", "trainer.max_epochs=1", cwd=tmp_path)
+    assert ended.returncode == 2 and "Traceback" not in ended.stderr, ended.stderr[-2000:]
+    (line,) = [x for x in ended.stderr.splitlines() if x.startswith("mprun: error:")]
+    assert said in line and "or run with tracking=none" in line
+    assert not list((tmp_path / "outputs").glob("20*"))  # no run directory
