@@ -34,6 +34,13 @@ from mprun.schema import Buildable
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# MLflow's usage telemetry, off unless the user turned it on: its background thread sets and unsets the
+# _MLFLOW_TELEMETRY_SESSION_ID environment variable, and when that happens while requests scans the environment for
+# proxies (every request to a server), the request fails with KeyError('_MLFLOW_TELEMETRY_SESSION_ID'). Seen as a
+# sweep job failing in a 3 x 4 parallel load against an mlflow server (mlflow 3.17.2). Set before mlflow is imported:
+# only this module imports it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 
 # The step of the newest checkpoint a run has written. A resume from an older one (the run was resumed before, or
 # a branch from an earlier step) starts a new run instead of logging the steps from there a second time.

@@ -99,8 +99,9 @@ def test_report_numbers_are_the_child_runs_metrics(precision_sweep: Path) -> Non
         assert cell[8] == f"{m['final/data_wait_frac']:.0%}"
         assert cell[9] == f"{m['final/peak_mem_mib']:,.0f}"
         assert cell[10] == f"{m['final/peak_mem_mib'] / base['final/peak_mem_mib']:.2f}×"
-        assert cell[11] == f"{m['final/skipped_steps']:.0f}"
-        assert cell[12] == (f"{m['final/loss_scale']:g}" if prec == "fp16" else "—")
+        assert cell[11] == f"{m['final/param_state_mib']:,.1f}"
+        assert cell[12] == f"{m['final/skipped_steps']:.0f}"
+        assert cell[13] == (f"{m['final/loss_scale']:g}" if prec == "fp16" else "—")
     md = (rep.out_dir / "report.md").read_text()
     assert md.count("| ok |") == 6
     assert {"loss.png", "loss_scale.png", "perf.png"} <= {p.name for p in rep.out_dir.iterdir()}
