@@ -99,7 +99,10 @@ def run_once(
     arm, the CPU time the server spent during it)."""
     tracking = {"none": ["tracking=none"], "sqlite": [], "server": [f"tracking.uri={uri}"]}[arm.split("@")[0]]
     run_dir = workdir / f"run{n}"
-    cmd = [sys.executable, "-m", "mprun", "trainer.progress=off", f"hydra.run.dir={run_dir}", *tracking, *extra]
+    # fp32, as the issue measured it, unless the overrides say otherwise: under precision=auto each arm's directory
+    # would time fp32 against bf16 once and cache its own pick, and arms that picked differently are not comparable.
+    cmd = [sys.executable, "-m", "mprun", "trainer.progress=off", "precision=fp32", f"hydra.run.dir={run_dir}",
+           *tracking, *extra]  # fmt: skip
     served = arm.startswith("server") and server_sid is not None
     server_before = session_cpu_s(server_sid) if served else 0.0
     started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -113,6 +116,7 @@ def run_once(
     cpu_s = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
     return {
         "samples_per_s": summary["samples_per_s"],
+        "precision": summary["precision"],
         "process_wall_s": wall,
         "process_cpu_s": cpu_s,
         "run_wall_s": summary["wall_time_s"],

@@ -55,24 +55,43 @@ def _key(model: nn.Module, batch: Batch, dtypes: list[str]) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def _time(model: nn.Module, batch: Batch, task: Task, dtype: torch.dtype | None, limit_s: float) -> dict[str, float]:
-    """The median milliseconds of a forward and backward pass in this autocast dtype (None: fp32), and the loss."""
+def _step(model: nn.Module, batch: Batch, task: Task, dtype: torch.dtype | None) -> tuple[float, float]:
+    """One forward and backward pass in this autocast dtype (None: fp32): (seconds, loss)."""
     x, y = batch
-    times, loss_value = [], float("nan")
-    for i in range(STEPS + 1):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = task.loss(model(x), y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - start
-        if i == 0:
-            loss_value = float(loss.detach())
-            if seconds > limit_s:  # far slower than fp32 already: one step says enough
-                return {"ms": seconds * 1e3, "loss": loss_value, "steps": 1}
-        else:
-            times.append(seconds)
-    return {"ms": statistics.median(times) * 1e3, "loss": loss_value, "steps": STEPS}
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = task.loss(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start, float(loss.detach())
+
+
+def _time_all(model: nn.Module, batch: Batch, task: Task, dtypes: dict[str, torch.dtype]) -> dict[str, Any]:
+    """The median milliseconds of a training pass per dtype (fp32 first), and each one's loss. After one untimed
+    pass each, the timed passes alternate between the dtypes, so a burst of other work on the machine falls on all of
+    them alike instead of on whichever was being timed (a cached pick outlives the burst). A dtype whose untimed pass
+    took GIVE_UP times fp32's, or that fails, is not timed further."""
+    candidates: dict[str, torch.dtype | None] = {"fp32": None, **dtypes}
+    found: dict[str, Any] = {}
+    times: dict[str, list[float]] = {}
+    for name, dtype in candidates.items():
+        torch.manual_seed(0)
+        try:
+            seconds, loss = _step(model, batch, task, dtype)
+        except RuntimeError as e:  # an op this CPU cannot run in the dtype: a candidate that lost, not a crash
+            found[name] = {"ms": float("inf"), "loss": float("nan"), "steps": 0, "error": str(e).splitlines()[0]}
+            model.zero_grad(set_to_none=True)
+            continue
+        found[name] = {"ms": seconds * 1e3, "loss": loss, "steps": 1}
+        if name == "fp32" or seconds <= GIVE_UP * found["fp32"]["ms"] / 1e3:  # else far slower: one pass says enough
+            times[name] = []
+    for _ in range(STEPS):
+        for name in times:
+            torch.manual_seed(0)
+            times[name].append(_step(model, batch, task, candidates[name])[0])
+    for name, taken in times.items():
+        found[name] = {**found[name], "ms": statistics.median(taken) * 1e3, "steps": STEPS}
+    return found
 
 
 def measure(
@@ -92,15 +111,7 @@ def measure(
         return {**cache[key], "cached": True}
     probe = copy.deepcopy(model).train()
     with torch.random.fork_rng(devices=[]):  # dropout draws here leave the run's random state as it was
-        torch.manual_seed(0)
-        found = {"fp32": _time(probe, batch, task, None, float("inf"))}
-        for name, dtype in dtypes.items():
-            torch.manual_seed(0)
-            try:
-                found[name] = _time(probe, batch, task, dtype, GIVE_UP * found["fp32"]["ms"] / 1e3)
-            except RuntimeError as e:  # an op this CPU cannot run in the dtype: a candidate that lost, not a crash
-                found[name] = {"ms": float("inf"), "loss": float("nan"), "steps": 0, "error": str(e).splitlines()[0]}
-                probe.zero_grad(set_to_none=True)
+        found = _time_all(probe, batch, task, dtypes)
     del probe
     if path is not None:
         try:
