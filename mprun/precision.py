@@ -524,6 +524,20 @@ class Precision:
             return f"fp16 ({self.loss_scale.value} loss scale)"
         return self.name.value
 
+    def policy(self, fp32_modules: list[str]) -> list[str]:
+        """What this run does to its numbers beyond the dtype and the loss scale, in words: clipping, the modules kept
+        in fp32, skipping non-finite steps. Empty when none of it is set."""
+        cfg, said = self.cfg, []
+        if cfg.grad_clip_norm is not None:
+            said.append(f"gradients clipped to norm {cfg.grad_clip_norm:g} (after unscaling)")
+        if cfg.grad_clip_value is not None:
+            said.append(f"gradients clipped to ±{cfg.grad_clip_value:g} (after unscaling)")
+        if fp32_modules:
+            said.append(f"in fp32: {', '.join(fp32_modules)}")
+        if cfg.on_nonfinite is NonFinite.skip:
+            said.append("non-finite steps skipped")
+        return said
+
     def autocast(self) -> ContextManager:
         """Autocast context for forward + loss; a no-op context for fp32/tf32."""
         if self.autocast_dtype is None:

@@ -42,6 +42,7 @@ def build(result: FitResult, parts: Components, state: TrainState, tracker: Trac
         "precision": parts.precision.name.value,
         "precision_detail": f"{parts.precision.description}: {parts.precision.reason}",
         "fp8_modules": len(parts.precision.fp8_modules),
+        "precision_policy": "; ".join(parts.precision.policy(parts.fp32_modules)),  # "" when nothing is set
         "loss_scale": parts.precision.scale_value(),
         "loss_scaling": parts.precision.loss_scale.value,  # dynamic, static or none
         **parts.precision.counters(),
@@ -147,6 +148,7 @@ def summary_block(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Op
         f"peak memory {s['peak_mem_mib']:,.0f} MiB  ({mem}); parameters and optimizer state "
         f"{s['param_state_mib']:,.1f} MiB",
         f"precision   {s['precision_detail']}",
+        *([f"policy      {s['precision_policy']}"] if s.get("precision_policy") else []),
         _scale_line(s),
         f"time        {s['train_time_s']:.1f} s training in all, "
         f"{s['wall_time_s']:.1f} s in this process (since start), "

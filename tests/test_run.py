@@ -631,3 +631,16 @@ def test_epoch_lines_name_train_and_val_apart_and_print_rates_as_plain_numbers(c
             1, {"train_loss": 0.5, "perf/samples_per_s": 10250.4, "val/loss": 0.0364, "val/acc": 0.99164}
         )
     assert caplog.messages == ["epoch 1/3  train_loss=0.5  samples_per_s=10,250  val_loss=0.0364  val_acc=0.9916"]
+
+
+def test_the_summary_says_the_precision_policy_in_force(make_cfg, capsys) -> None:
+    """A bf16 run with grad_clip_norm said nothing of clipping on the console: clipping, fp32 modules and skipping
+    are the summary's policy line (and summary.json's precision_policy); a run with none of them has no such line."""
+    short = ["model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1"]
+    set_ = run(make_cfg(*short, "precision=bf16", "precision.grad_clip_norm=1.0", "precision.fp32_modules=[4]",
+                        "precision.on_nonfinite=skip"))  # fmt: skip
+    said = "gradients clipped to norm 1 (after unscaling); in fp32: 4; non-finite steps skipped"
+    assert set_["precision_policy"] == said
+    assert f"policy      {said}" in capsys.readouterr().out.splitlines()
+    plain = run(make_cfg(*short, "precision=bf16"))
+    assert plain["precision_policy"] == "" and "policy " not in capsys.readouterr().out
