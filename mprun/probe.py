@@ -83,7 +83,7 @@ def _time_all(model: nn.Module, batch: Batch, task: Task, dtypes: dict[str, torc
             model.zero_grad(set_to_none=True)
             continue
         found[name] = {"ms": seconds * 1e3, "loss": loss, "steps": 1}
-        if name == "fp32" or seconds <= GIVE_UP * found["fp32"]["ms"] / 1e3:  # else far slower: one pass says enough
+        if dtype is None or seconds <= GIVE_UP * found["fp32"]["ms"] / 1e3:  # else far slower: one pass says enough
             times[name] = []
     for _ in range(STEPS):
         for name in times:
