@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from mprun.distributed import local_shard
+
 # Only the top 16 bits of an fp32 word survive in bf16; the low 16 bits are what rounding drops.
 _LOW_BITS = 1 << 16
 
@@ -30,12 +32,6 @@ def _round_bits(bits: torch.Tensor) -> None:
     bits.add_(torch.randint_like(bits, 0, _LOW_BITS)).bitwise_and_(-_LOW_BITS)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 DTensor (a view: writing it writes the parameter), or the tensor itself. The
-    update is elementwise, so each rank updates its own shard."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 # fp32 working copies are made for this many elements at a time (64 MiB a list): the step's extra memory stays
 # bounded, which is bf16_pure's point, while a chunk's tensors go through one multi-tensor (foreach) kernel.
 CHUNK_ELEMENTS = 1 << 24
@@ -46,7 +42,7 @@ class _Working:
     on the list with foreach kernels, and stochastic rounding on the buffer with three."""
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.targets = [_local(t) for t in tensors]
+        self.targets = [local_shard(t) for t in tensors]
         self.flat = torch.empty(sum(t.numel() for t in self.targets), dtype=torch.float32,
                                 device=self.targets[0].device)  # fmt: skip
         self.views = [v.view_as(t) for v, t in zip(self.flat.split([t.numel() for t in self.targets]), self.targets)]
@@ -64,7 +60,7 @@ def _chunks(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     chunk: list[torch.Tensor] = []
     size = 0
     for p in params:
-        n = _local(p).numel()
+        n = local_shard(p).numel()
         if chunk and (size + n > CHUNK_ELEMENTS or (p.dtype, p.device) != (chunk[0].dtype, chunk[0].device)):
             yield chunk
             chunk, size = [], 0

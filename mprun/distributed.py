@@ -134,6 +134,11 @@ def wrap(
     return module
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (a view: writing it writes the sharded tensor), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def fsdp_units(module: nn.Module, largest: float = 0.1) -> list[nn.Module]:
     """The blocks FSDP shards one by one (each gathered only while it runs): the top-level children, except that a
     child holding more than `largest` of the model's parameters is split into its own children, recursively. A

@@ -26,7 +26,7 @@ from torch import nn
 from mprun import numerics
 from mprun.checkpoint import unwrap, user_module
 from mprun.data import Batch, DataBundle, Loader, TimedLoader
-from mprun.distributed import SINGLE, Strategy, World
+from mprun.distributed import SINGLE, Strategy, World, local_shard
 from mprun.errors import require
 from mprun.hardware import DeviceName
 from mprun.interrupts import GracefulStop
@@ -217,12 +217,9 @@ def param_state_mib(model: nn.Module, optimizer: torch.optim.Optimizer) -> float
     against autocast's fp32 weights), unlike peak memory, where activations and workspaces mix in. Under FSDP2 this
     rank's shards."""
 
-    def local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
-
-    tensors = {id(p): local(p) for p in model.parameters()}  # a tied weight once
+    tensors = {id(p): local_shard(p) for p in model.parameters()}  # a tied weight once
     for state in optimizer.state.values():
-        tensors.update({id(v): local(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0})
+        tensors.update({id(v): local_shard(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0})
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
