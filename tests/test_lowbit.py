@@ -164,6 +164,10 @@ def test_fp8_on_a_gpu_without_float8_tensor_cores_names_bf16(monkeypatch, gpu: t
         ([*FP8_MLP, "precision=fp8", "precision.fp8_skip=[head*]"], "precision.fp8_skip: ['head*'] match no module"),
         ([*FP8_MLP, "precision=fp8", "precision.fp8_min_features=128"], "1: 64x64 below precision.fp8_min_features"),
         (["precision=bf16_pure", "precision.loss_scale=dynamic"], "loss_scale=dynamic applies to fp16 only"),
+        (
+            [*FP8_MLP, "precision=fp8", "precision.fp8_recipe=rowwise", "precision.fp8_fsdp_all_gather=true"],
+            "precision.fp8_fsdp_all_gather=true needs precision.fp8_recipe=tensorwise",
+        ),
         (["precision=bf16_pure", "precision.fp32_modules=[0]"], "does not apply to precision=bf16_pure"),
     ],
 )
