@@ -104,9 +104,11 @@ def convert(
             f"has one scale per tensor), not {recipe}"
         )
     float8 = import_quietly()
-    config = float8.Float8LinearConfig.from_recipe_name(recipe)
-    if all_gather:
-        config = float8.Float8LinearConfig(enable_fsdp_float8_all_gather=True)
+    config = (
+        float8.Float8LinearConfig(enable_fsdp_float8_all_gather=True)  # tensorwise, with the float8 all-gather
+        if all_gather
+        else float8.Float8LinearConfig.from_recipe_name(recipe)
+    )
     wanted = set(chosen)
     float8.convert_to_float8_training(module, module_filter_fn=lambda _, name: name in wanted, config=config)
     return chosen

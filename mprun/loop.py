@@ -216,7 +216,6 @@ def param_state_mib(model: nn.Module, optimizer: torch.optim.Optimizer) -> float
     """MiB held by the parameters and the optimizer's state tensors: what a storage dtype changes (bf16_pure halves it
     against autocast's fp32 weights), unlike peak memory, where activations and workspaces mix in. Under FSDP2 this
     rank's shards."""
-
     tensors = {id(p): local_shard(p) for p in model.parameters()}  # a tied weight once
     for state in optimizer.state.values():
         tensors.update({id(v): local_shard(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0})

@@ -211,9 +211,12 @@ _AUTOCAST_DTYPE = {
     PrecisionName.bf16: torch.bfloat16,
     PrecisionName.fp8: torch.bfloat16,
 }
-# The autocast dtype whose probe speaks for a CPU run's matmuls: bf16_pure's are bf16 ones.
-_PROBED = {PrecisionName.fp16: "fp16", PrecisionName.bf16: "bf16", PrecisionName.bf16_pure: "bf16"}
-_PROBE_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The autocast precision whose probe speaks for a CPU run's matmuls: bf16_pure's are bf16 ones.
+_PROBED = {
+    PrecisionName.fp16: PrecisionName.fp16,
+    PrecisionName.bf16: PrecisionName.bf16,
+    PrecisionName.bf16_pure: PrecisionName.bf16,
+}
 
 
 # precision=auto on a CPU takes a half dtype only if its measured step is this much faster than fp32's (a tie, or
@@ -260,8 +263,8 @@ def resolve(
     if requested is PrecisionName.auto:
         if measure is not None:
             # fp16 only where the CPU has a unit for it (AMX-FP16): elsewhere it is emulated, and needs a loss scale.
-            names = ["bf16"] + (["fp16"] if "amx_fp16" in hardware.cpu_amx_units() else [])
-            return pick_measured(measure({n: _PROBE_DTYPE[n] for n in names}))
+            names = [PrecisionName.bf16] + ([PrecisionName.fp16] if "amx_fp16" in hardware.cpu_amx_units() else [])
+            return pick_measured(measure({n.value: _AUTOCAST_DTYPE[n] for n in names}))
         if "amx_bf16" in hardware.cpu_amx_units():
             return PrecisionName.bf16, "CPU has AMX-BF16"
         return PrecisionName.fp32, "CPU without fast bf16 (autocast would be emulated and slower)"
@@ -271,10 +274,11 @@ def resolve(
             "Useful to test the fp8 path; fp8 pays on Ada/Hopper GPUs, on transformer-sized Linear layers."
         )
         return requested, "requested; on a CPU float8 matmuls are emulated"
-    probed = _PROBED.get(requested)
-    if probed is not None:
+    autocast = _PROBED.get(requested)
+    if autocast is not None:
+        probed = autocast.value
         if measure is not None:
-            times = measure({probed: _PROBE_DTYPE[probed]})
+            times = measure({probed: _AUTOCAST_DTYPE[autocast]})
             speedup = times["fp32"]["ms"] / times[probed]["ms"]
             if speedup < 1:
                 log.warning(

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FILE = ".mprun_cpu_probe.json"  # under the outputs root
 STEPS = 3  # timed steps per dtype, after one untimed (oneDNN builds its kernels on the first)
-GIVE_UP = 3.0  # a dtype whose untimed step took this many times fp32's median is not timed further
+GIVE_UP = 3.0  # a dtype whose untimed step took this many times fp32's untimed step is not timed further
 
 
 def cpu_name() -> str:
