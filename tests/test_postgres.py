@@ -170,12 +170,12 @@ def database(postgres: Postgres, tools: dict[str, str]) -> Postgres:
     return postgres
 
 
-def start_server(postgres: Postgres, env: dict[str, str], root: Path, extra: str = "") -> Server:
+def start_server(postgres: Postgres, env: dict[str, str], root: Path) -> Server:
     """The docs' server block on this cluster and a free port (not its pip line: no network here)."""
     _, server, user = team_setup_blocks()
     port = free_port()
     here = {"db-host:5432": f"127.0.0.1:{postgres.port}", "/srv/mlflow-artifacts": str(root / "artifacts")}
-    lines = as_here(server, here | {"--port 5000": f"--port {port}{extra}"}).splitlines()
+    lines = as_here(server, here | {"--port 5000": f"--port {port}"}).splitlines()
     assert lines[0].startswith("pip install"), "the install line comes first"
     start_cmd = "\n".join(["set -eu", *lines[1:]]).replace("mlflow server", "exec mlflow server")
     uri = f"http://127.0.0.1:{port}"
@@ -190,7 +190,7 @@ def start_server(postgres: Postgres, env: dict[str, str], root: Path, extra: str
 
 @pytest.fixture(scope="module")
 def server(database: Postgres, tools: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The one server the tests that only use it share, set up as docs/tracking.md says."""
+    """The one server, set up as docs/tracking.md says, that every test here shares (one kills and restarts it)."""
     s = start_server(database, tools, tmp_path_factory.mktemp("server"))
     yield s
     s.kill()  # a throwaway: SIGTERM waited ~8 s for its 4 workers' open connections
@@ -299,19 +299,18 @@ def first_run(client: MlflowClient, experiment: str) -> str:
 
 
 def test_a_server_killed_mid_run_stops_or_falls_back_and_the_stopped_run_resumes(
-    database: Postgres, tools: dict[str, str], tmp_path: Path
+    server: Server, tmp_path: Path
 ) -> None:
-    """A second server on the team's database (servers keep no state of their own), SIGKILLed while two runs train:
-    on_unreachable=fail stops with mprun's one line and a checkpoint, and once the server is back a resume continues
-    the same run with every log step recorded once; on_unreachable=local trains on into the local store, and the run
-    it left RUNNING on the server is closed by python -m mprun.close_stale."""
-    (tmp_path / "srv").mkdir()
-    srv = start_server(database, tools, tmp_path / "srv", extra=" --workers 1")
-    args = [f"tracking.uri={srv.uri}", "precision=fp32", "model=simple_mlp", "trainer.max_epochs=30"]
+    """The team's server SIGKILLed while two runs train, and started again (servers keep no state of their own; the
+    tests after this one use it): on_unreachable=fail stops with mprun's one line and a checkpoint, and once the
+    server is back a resume continues the same run with every log step recorded once; on_unreachable=local trains on
+    into the local store, and the run it left RUNNING on the server is closed by python -m mprun.close_stale."""
+    epochs = 15  # ~3 s of training left when both have printed epoch 1
+    args = [f"tracking.uri={server.uri}", "precision=fp32", "model=simple_mlp", f"trainer.max_epochs={epochs}"]
     args += ["trainer.log_every_steps=2", "hydra.run.dir=outputs/run"]
     per_policy = ["trainer.progress=log", "tracking.on_unreachable={0}", "tracking.experiment={0}"]
     runs = {
-        policy: launch([*args, *(a.format(policy) for a in per_policy)], tmp_path / policy, tools)
+        policy: launch([*args, *(a.format(policy) for a in per_policy)], tmp_path / policy, server.env)
         for policy in ("fail", "local")
     }
     try:
@@ -319,14 +318,15 @@ def test_a_server_killed_mid_run_stops_or_falls_back_and_the_stopped_run_resumes
             for line in proc.stdout:
                 if "epoch 1/" in line:
                     break
-        srv.kill()  # the server dies while both are training
+        server.kill()  # the server dies while both are training
         outputs = {policy: proc.communicate(timeout=300)[0] for policy, proc in runs.items()}
     finally:
         for proc in runs.values():
             proc.kill()
+        server.start()  # the same port: the URI in every config and checkpoint
     failed = outputs["fail"]
     assert runs["fail"].returncode == 1, failed[-3000:]
-    assert f"mprun: error: MLflow store {srv.uri} stopped accepting writes mid-run" in failed
+    assert f"mprun: error: MLflow store {server.uri} stopped accepting writes mid-run" in failed
     assert "tracking.on_unreachable=local" in failed and "Traceback" not in failed
     assert "metric points the store never confirmed are kept in" in failed  # for the resume to send
     assert list((tmp_path / "fail" / "outputs" / "run" / "checkpoints").glob("step-*.pt"))
@@ -334,10 +334,9 @@ def test_a_server_killed_mid_run_stops_or_falls_back_and_the_stopped_run_resumes
     local = MlflowClient(f"sqlite:///{tmp_path}/local/outputs/mlflow.db")
     (moved,) = local.search_runs([e.experiment_id for e in local.search_experiments()])
     assert moved.info.status == "FINISHED" and "final/val_acc" in moved.data.metrics
-    assert moved.data.tags["mprun.intended_tracking_uri"].startswith(srv.uri + " run ")
+    assert moved.data.tags["mprun.intended_tracking_uri"].startswith(server.uri + " run ")
 
-    srv.start()  # the same port: the URI in every config and checkpoint
-    client = MlflowClient(srv.uri)
+    client = MlflowClient(server.uri)
     stopped, left = first_run(client, "fail"), first_run(client, "local")
     assert client.get_run(stopped).info.status == client.get_run(left).info.status == "RUNNING"
     resumed = run_cli_here(*args, "trainer.resume=outputs/run", "trainer.progress=off", "tracking.experiment=fail",
@@ -346,15 +345,14 @@ def test_a_server_killed_mid_run_stops_or_falls_back_and_the_stopped_run_resumes
     run = client.get_run(stopped)
     assert run.info.status == "FINISHED" and run.data.tags["mprun.resumes"] == "1"
     steps = [m.step for m in client.get_metric_history(stopped, "train/loss")]
-    assert sorted(steps) == list(range(2, 30 * 22 + 1, 2)), "every log step once: none lost, none twice"
+    assert sorted(steps) == list(range(2, epochs * 22 + 1, 2)), "every log step once: none lost, none twice"
 
     from mprun import close_stale
 
     time.sleep(1)
-    close_stale.main(["--uri", srv.uri, "--experiment", "local", "--idle", "1s"])
+    close_stale.main(["--uri", server.uri, "--experiment", "local", "--idle", "1s"])
     run = client.get_run(left)
     assert run.info.status == "KILLED" and "close_stale" in run.data.tags["mprun.closed_by"]
-    srv.kill()
 
 
 @pytest.mark.parametrize(
