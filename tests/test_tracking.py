@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from pathlib import Path
@@ -176,6 +177,40 @@ def test_failover_mid_run() -> None:
     assert local.intended == "http://gone run r1"
     with pytest.raises(TrackingLost):  # the local store is the last resort
         local.move("sqlite:///local.db", "r2", error)
+
+
+def test_a_store_lost_mid_run_keeps_what_it_never_confirmed_and_the_resume_sends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """on_unreachable=fail: the metric points a store that stopped answering never confirmed go to
+    <output_root>/mlflow_unsent/<run id>.json, and a resume from a checkpoint sends those up to its step first (the
+    training logs the later ones again). test_postgres.py's SIGKILLed server gets here only when the kill lands while
+    points are pending, not when a flush has just gone through."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MlflowTracker(str(tmp_path), uri, "mprun", None, False, flush_every_s=3600)
+    tracker.start({}, {})
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.flush()  # step 1 is confirmed; 2-4 wait in the buffer when the store goes away
+    for step in (2, 3, 4):
+        tracker.log_metrics({"train/loss": float(step)}, step)
+
+    def refused(*args, **kwargs):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", refused)
+    monkeypatch.setattr(Store, "answers", lambda self: False)  # a server gone, as Store.answers would find it
+    with pytest.raises(TrackingLost, match="stopped accepting writes mid-run"):
+        tracker.flush()
+    kept = tmp_path / "mlflow_unsent" / f"{tracker.run_id}.json"
+    assert [batch["step"] for batch in json.loads(kept.read_text())] == [2, 3, 4]
+    assert f"3 metric points the store never confirmed are kept in {kept}" in caplog.text
+    monkeypatch.undo()  # the store is back
+
+    resumed = MlflowTracker(str(tmp_path), uri, "mprun", None, False)
+    assert resumed.resume(tracker.run_id, 3)  # a checkpoint at step 3
+    resumed.end("FINISHED")
+    assert sorted(resumed.store.metric_history(tracker.run_id, "train/loss")) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert not kept.exists()
 
 
 def test_the_store_answers_what_sweeps_and_the_report_ask(tmp_path: Path) -> None:
