@@ -26,8 +26,8 @@ from mprun.errors import ConfigError, MprunError, NumericsError  # noqa: E402
 
 log = logging.getLogger("mprun")
 config.register()
-# Python's shutdown collects garbage over every object still alive: with torch and MLflow imported, about 1 s of CPU
-# in each mprun process (a launcher, each sweep worker, each torchrun rank), for nothing, since the process is
+# Python's shutdown collects garbage over every object still alive: with torch and MLflow imported, 1.4-1.7 s of
+# CPU in each mprun process (a launcher, each sweep worker, each torchrun rank), for nothing, since the process is
 # ending. Freezing them first (at exit, so no run's garbage is kept) skips it: docs/benchmarks.md, "Process exit".
 atexit.register(gc.freeze)
 # Absolute, so Hydra reads it as a directory: under `python -m` a relative path is taken as a module.
