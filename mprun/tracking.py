@@ -574,7 +574,10 @@ class MlflowTracker(Tracker):
         log_model: bool = False,
         register_model: str | None = None,
     ) -> None:
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations print a dozen INFO lines
+        # A new store's schema migrations print a dozen INFO lines (alembic) and two of MLflow's own ("Creating
+        # initial MLflow database tables..."); a first run's output is mprun's.
+        for name in ("alembic", "mlflow.store.db.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.output_root = Path(output_root).absolute()
         self.run_name = run_name
         self.experiment = experiment

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from pathlib import Path
@@ -211,6 +212,21 @@ def test_a_store_lost_mid_run_keeps_what_it_never_confirmed_and_the_resume_sends
     resumed.end("FINISHED")
     assert sorted(resumed.store.metric_history(tracker.run_id, "train/loss")) == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert not kept.exists()
+
+
+def test_a_new_store_is_made_without_migration_chatter(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A first run's output is mprun's: the new store's schema migrations log a dozen INFO lines (alembic) and two of
+    MLflow's own ("Creating initial MLflow database tables...")."""
+    caplog.set_level(logging.INFO)
+    handler = caplog.handler
+    mlflow_logger = logging.getLogger("mlflow")  # MLflow's loggers do not propagate to the root: listen on its own
+    mlflow_logger.addHandler(handler)
+    try:
+        MlflowTracker(str(tmp_path), None, "mprun", None, False)
+    finally:
+        mlflow_logger.removeHandler(handler)
+    assert (tmp_path / "mlflow.db").is_file()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith(("alembic", "mlflow.store"))]
 
 
 def test_the_store_answers_what_sweeps_and_the_report_ask(tmp_path: Path) -> None:
