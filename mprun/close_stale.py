@@ -13,7 +13,6 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 
 from mprun.errors import ConfigError
 from mprun.tracking import RecordedRun, Store, default_uri, shown
@@ -68,10 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true", help="list them, close nothing")
     args = p.parse_args(argv)
     try:
-        if args.uri.startswith("sqlite:///") and not Path(args.uri[len("sqlite:///") :]).is_file():
-            raise ConfigError(f"no MLflow store at {args.uri} (--uri or MLFLOW_TRACKING_URI names it)")
-        Store.probe(args.uri)
-        store = Store(args.uri)
+        store = Store.existing(args.uri)
         runs = stale(store, args.experiment, args.idle, args.run_ids)
     except ConfigError as e:  # a user's mistake exits 2, as argparse's own and mprun's do
         p.exit(2, f"{p.prog}: error: {e}\n")

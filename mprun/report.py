@@ -647,9 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-log", action="store_true", help="do not log the report and its verdicts to the parent run")
     args = p.parse_args(argv)
     try:
-        if args.uri.startswith("sqlite:///") and not Path(args.uri[len("sqlite:///") :]).is_file():
-            raise ConfigError(f"no MLflow store at {args.uri}; pass --uri or set MLFLOW_TRACKING_URI")
-        store = Store(args.uri)
+        store = Store.existing(args.uri)
         parent_id = find_parent(store, args.sweep)
     except ConfigError as e:  # a user's mistake exits 2, as argparse's own and mprun's do
         p.exit(2, f"{p.prog}: error: {e}\n")

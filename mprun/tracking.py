@@ -249,17 +249,22 @@ def default_uri(output_root: str) -> str:
     return f"sqlite:///{Path(output_root).absolute() / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// store; None for any other store."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """A file lock beside a sqlite store for its first use: MLflow creates the tables on first open,
     and parallel first openers race (most of them fail). Other backends need no lock. A store in a directory
     this process cannot write (read-only, another user's) is an error that says so: a run must write to it."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         yield
         return
     from filelock import FileLock
 
-    db = Path(uri[len("sqlite:///") :])
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(f"{db}.lock", timeout=300)
@@ -327,6 +332,17 @@ class Store:
         with store_lock(uri), deferred_signals():
             store = cls(uri)
             return store, store.experiment(experiment, local_artifacts)
+
+    @classmethod
+    def existing(cls, uri: str) -> Store:
+        """Connect to a store that must exist already, to read what runs left there (the report, close_stale): a
+        sqlite file that is not there is an error naming it, not a new empty store; a server or database that
+        cannot be used fails in seconds."""
+        db = sqlite_path(uri)
+        if db is not None and not db.is_file():
+            raise ConfigError(f"no MLflow store at {uri}; pass --uri or set MLFLOW_TRACKING_URI")
+        cls.probe(uri)
+        return cls(uri)
 
     @staticmethod
     def probe(uri: str) -> None:
@@ -874,7 +890,7 @@ class MlflowTracker(Tracker):
         cmd = f"{shlex.quote(str(ui)) if ui.exists() else 'mlflow'} ui --backend-store-uri {store}"
         run = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
         lines = [f"MLflow run  {self.run_id} (experiment {self.experiment_id}) in {shown(self.uri)}"]
-        if self.uri.startswith(("sqlite:", "postgresql", "mysql")):
+        if self.uri.startswith("sqlite:") or is_database(self.uri):
             lines.append(f"MLflow UI   {cmd} --port 5000")
             lines.append(f"            then open http://127.0.0.1:5000/{run}")
         else:
