@@ -279,6 +279,17 @@ def store_lock(uri: str) -> Iterator[None]:
         lock.release()
 
 
+# A database's words for an insert that broke a unique key: PostgreSQL, sqlite, MySQL.
+_DUPLICATE_KEY = re.compile(r"duplicate key value|UNIQUE constraint failed|Duplicate entry", re.IGNORECASE)
+
+
+def lost_a_race(e: Exception) -> bool:
+    """Did a write lose to a parallel job's? MLflow gets or creates a row that jobs share (an experiment's dataset,
+    or tag) with two statements, a look-up and an insert: a parallel job of the experiment can insert the same row
+    in between, and this insert then breaks the unique key (the call is rolled back whole)."""
+    return bool(_DUPLICATE_KEY.search(str(e)))
+
+
 @dataclass(frozen=True)
 class RecordedRun:
     """A run as the store has it."""
@@ -376,7 +387,11 @@ class Store:
             found = self._client.get_experiment_by_name(name)
             if found is not None:
                 if KIND_TAG not in found.tags:  # one made before mprun set it, or by hand: a kind said by nobody
-                    self._client.set_experiment_tag(found.experiment_id, KIND_TAG, TRAINING_KIND)
+                    try:
+                        self._client.set_experiment_tag(found.experiment_id, KIND_TAG, TRAINING_KIND)
+                    except MlflowException as e:
+                        if not lost_a_race(e):  # else a parallel job set the same tag
+                            raise
                 return found.experiment_id
             # A local store keeps artifacts beside it, not in ./mlruns of whatever the cwd is.
             location = local_artifacts.as_uri() if self.uri.startswith("sqlite:") else None
@@ -433,6 +448,7 @@ class Store:
     def log_datasets(self, run_id: str, datasets: Sequence[DatasetRecord]) -> None:
         """Record the datasets as the run's inputs (MLflow's dataset tracking), one call for all."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         inputs = [
             DatasetInput(
@@ -441,8 +457,15 @@ class Store:
             )
             for d in datasets
         ]
-        if inputs:
-            self._client.log_inputs(run_id, datasets=inputs)
+        if not inputs:
+            return
+        for attempt in range(3):
+            try:
+                self._client.log_inputs(run_id, datasets=inputs)
+                return
+            except MlflowException as e:
+                if attempt == 2 or not lost_a_race(e):  # else the dataset is there now: logging again links it
+                    raise
 
     def create_logged_model(self, experiment_id: str, name: str, run_id: str) -> str:
         """A new MLflow logged model of this run (the UI's Models column), its artifacts to come; returns its id."""

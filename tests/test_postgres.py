@@ -26,6 +26,7 @@ import pytest
 from conftest import ROOT, run_cli_here
 from mlflow import MlflowClient
 from test_distributed import torchrun
+from test_tracking import parallel_jobs_share_a_new_dataset_and_an_experiment_tag
 from test_tracking_server import ONE_THREAD, free_port, wait_until_up
 
 pytestmark = pytest.mark.slow
@@ -356,6 +357,14 @@ def test_a_server_killed_mid_run_stops_or_falls_back_and_the_stopped_run_resumes
     close_stale.main(["--uri", server.uri, "--experiment", "local", "--idle", "1s"])
     run = client.get_run(left)
     assert run.info.status == "KILLED" and "close_stale" in run.data.tags["mprun.closed_by"]
+
+
+def test_parallel_jobs_share_a_new_dataset_and_an_experiment_tag_on_postgresql(
+    database: Postgres, tmp_path: Path
+) -> None:
+    """The races parallel sweeps on the team server meet, made to happen every time: in-process, on the database."""
+    uri = f"postgresql+psycopg2://mlflow:change-me@127.0.0.1:{database.port}/mlflow"
+    parallel_jobs_share_a_new_dataset_and_an_experiment_tag(uri, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -323,6 +325,52 @@ def test_a_run_records_its_dataset_for_the_ui_datasets_column(make_cfg, tmp_path
     assert len(digests) == 2  # one per split: MLflow keeps one input per name and digest
     assert {d for _, d, _, _ in inputs("dataset.batch_size=32")} == digests
     assert not {d for _, d, _, _ in inputs("dataset.val_fraction=0.3")} & digests
+
+
+@contextlib.contextmanager
+def another_job_writes_first(write: Callable[[], object]) -> Iterator[None]:
+    """`write` (a parallel job's) runs just before this process's next database write: between MLflow's look-up of
+    a shared row and its insert, where a race between jobs puts it."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    pending = [write]
+
+    def first(*_: object) -> None:
+        if pending:
+            pending.pop()()
+
+    event.listen(Session, "before_flush", first)
+    try:
+        yield
+    finally:
+        event.remove(Session, "before_flush", first)
+    assert not pending, "the other job's write did not come between"
+
+
+def parallel_jobs_share_a_new_dataset_and_an_experiment_tag(uri: str, tmp_path: Path) -> None:
+    """MLflow gets or creates the rows jobs share (an experiment's dataset, its kind tag) with a look-up and then an
+    insert: a parallel job inserting the same row in between broke the insert's unique key, and the job failed
+    (seen on PostgreSQL, 3 sweeps at once). Here the other job's insert comes exactly there, every time."""
+    from mprun.tracking import DatasetRecord
+
+    store, experiment = Store.open(uri, "dataset-race", tmp_path / "mlartifacts")
+    first, second = (store.create_run(experiment, f"job {i}", {}) for i in range(2))
+    data = [DatasetRecord("digits", "d1g35t", "mprun.data.digits", "training")]
+    with another_job_writes_first(lambda: store.log_datasets(first, data)):
+        store.log_datasets(second, data)
+    client = MlflowClient(uri)
+    inputs = [client.get_run(r).inputs.dataset_inputs for r in (first, second)]
+    assert [[i.dataset.digest for i in run] for run in inputs] == [["d1g35t"], ["d1g35t"]]
+
+    made = client.create_experiment("made-elsewhere")  # no kind tag: the first job to open it sets one
+    with another_job_writes_first(lambda: Store(uri).experiment("made-elsewhere", tmp_path)):
+        assert Store(uri).experiment("made-elsewhere", tmp_path) == made
+    assert client.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_parallel_jobs_share_a_new_dataset_and_an_experiment_tag(tmp_path: Path) -> None:
+    parallel_jobs_share_a_new_dataset_and_an_experiment_tag(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)  # and PG
 
 
 def test_system_metrics_are_recorded_when_on_and_by_default_only_on_a_gpu(make_cfg, tmp_path: Path) -> None:
