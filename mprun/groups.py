@@ -247,41 +247,71 @@ def group(rows: list[Row], tolerance: float = 0.0) -> list[Group]:
 
 
 def recommendation(groups: list[Group]) -> list[str]:
-    """One line per setting: the fastest precision whose accuracy held against fp32, or why fp32 stays."""
+    """One line per setting: the fastest precision whose accuracy held against fp32, or why fp32 stays; one line for
+    all of them when they say the same."""
+    labels = list(dict.fromkeys(g.label for g in groups))
+    if len(labels) == 1:  # an LR grid at one precision, say: nothing to compare a precision with
+        return [f"no precision to recommend: every job ran {labels[0]}; sweep precision=fp32,bf16 (say) to compare"]
+    contexts = list(dict.fromkeys(g.context for g in groups))
+    said = [_recommend([g for g in groups if g.context == context]) for context in contexts]
+    if len(set(said)) == 1:
+        return [f"all {len(contexts)} settings: {said[0]}" if len(contexts) > 1 else said[0]]
+    return [f"{_apart(context, contexts)}: {line}" for context, line in zip(contexts, said)]
+
+
+def _recommend(mine: list[Group]) -> str:
+    """The recommendation for one setting's groups."""
     from mprun.precision import is_baseline
 
+    base = mine[0].baseline
+    if base is None:
+        return "no recommendation: no finished fp32 job to compare with (add precision=fp32)"
+    others = [g for g in mine if not is_baseline(g.precision)]  # fp32 is what they are measured against
+    faster = [g for g in others if held(g.verdict) and (g.ratio(THROUGHPUT) or 0) > 1]
+    if faster:
+        best = max(faster, key=lambda g: g.ratio(THROUGHPUT) or 0)
+        memory = best.ratio(MEMORY)
+        return (
+            f"pick {best.name}: {best.ratio(THROUGHPUT):.2f}× fp32's throughput"
+            + ("" if memory is None else f", {memory:.2f}× memory")
+            + f", {best.delta_name} {best.delta_text()} ({best.verdict}, {len(best.used)} seeds)"
+        )
+    why = []
+    for g in others:
+        if held(g.verdict):
+            why.append(f"{g.name} held its accuracy but ran at {g.ratio(THROUGHPUT) or 0:.2f}× fp32's throughput")
+        elif g.verdict.startswith("one seed"):
+            why.append(f"{g.name} has one seed: sweep {SEED}=1,2,3 to tell noise from effect")
+        elif g.used:
+            why.append(f"{g.name} is {g.verdict} ({g.delta_name} {g.delta_text()})")
+        else:
+            why.append(f"{g.name} has no finished job")
+    return f"keep {base.label}: " + ("; ".join(why) or "nothing else was run")
+
+
+def best_settings(groups: list[Group]) -> list[str]:
+    """For each precision that ran at several settings (an LR grid, say), the setting with the best mean headline
+    metric and the one after it: what the grid asks, and, one line per precision, whether its answer moves with the
+    precision. Whether the best is clear of the next is said as a verdict is (Welch interval, or one seed)."""
     lines = []
-    contexts = list(dict.fromkeys(g.context for g in groups))
-    for context in contexts:
-        mine = [g for g in groups if g.context == context]
-        where = f"{_apart(context, contexts)}: " if len(contexts) > 1 else ""
-        base = mine[0].baseline
-        if base is None:
-            lines.append(f"{where}no recommendation: no finished fp32 job to compare with (add precision=fp32)")
+    for label in dict.fromkeys(g.label for g in groups):
+        ran = [g for g in groups if g.label == label and g.values(g.headline.key)]
+        if len(ran) < 2:
             continue
-        others = [g for g in mine if not is_baseline(g.precision)]  # fp32 is what they are measured against
-        faster = [g for g in others if held(g.verdict) and (g.ratio(THROUGHPUT) or 0) > 1]
-        if faster:
-            best = max(faster, key=lambda g: g.ratio(THROUGHPUT) or 0)
-            memory = best.ratio(MEMORY)
-            lines.append(
-                f"{where}pick {best.name}: {best.ratio(THROUGHPUT):.2f}× fp32's throughput"
-                + ("" if memory is None else f", {memory:.2f}× memory")
-                + f", {best.delta_name} {best.delta_text()} ({best.verdict}, {len(best.used)} seeds)"
-            )
-            continue
-        why = []
-        for g in others:
-            if held(g.verdict):
-                why.append(f"{g.name} held its accuracy but ran at {g.ratio(THROUGHPUT) or 0:.2f}× fp32's throughput")
-            elif g.verdict.startswith("one seed"):
-                why.append(f"{g.name} has one seed: sweep {SEED}=1,2,3 to tell noise from effect")
-            elif g.used:
-                why.append(f"{g.name} is {g.verdict} ({g.delta_name} {g.delta_text()})")
-            else:
-                why.append(f"{g.name} has no finished job")
-        lines.append(f"{where}keep {base.label}: " + ("; ".join(why) or "nothing else was run"))
+        h = ran[0].headline
+        ranked = sorted(ran, key=lambda g: statistics.fmean(g.values(h.key)), reverse=h.higher_is_better)
+        (best, best_name), (after, after_name) = ((g, _apart(g.own, [r.own for r in ran])) for g in ranked[:2])
+        a, b = best.values(h.key), after.values(h.key)
+        said = "tied" if statistics.fmean(a) == statistics.fmean(b) else verdict(welch(a, b), len(a), len(b), 0.0, h)
+        for was, now in (("better", "clear of it"), ("within noise", "within noise of it")):
+            said = now + said.removeprefix(was) if said.startswith(was) else said
+        lines.append(f"{label}: {best_name}, {h.label} {mean_sd(a)} (next: {after_name}, {mean_sd(b)}; {said})")
     return lines
+
+
+def mean_sd(values: list[float]) -> str:
+    """'0.9861' or '0.9861 ± 0.0012': as the group table shows a headline."""
+    return f"{statistics.fmean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
 
 
 def tags(groups: list[Group]) -> dict[str, str]:

@@ -283,9 +283,7 @@ def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
     settings = [grouping.setting(g, groups) for g in groups]
     for g, setting in zip(groups, settings):
         values = g.values(g.headline.key)
-        acc = "—"
-        if values:
-            acc = f"{statistics.fmean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
+        acc = grouping.mean_sd(values) if values else "—"
         seeds = str(len(g.used))
         if g.left_out:
             seeds += " (left out: " + ", ".join(f"job {r.num} {r.mark.strip('*')}" for r in g.left_out) + ")"
@@ -339,13 +337,20 @@ class Report:
     def recommendation(self) -> list[str]:
         return grouping.recommendation(self.groups)
 
+    def best(self) -> list[str]:
+        return grouping.best_settings(self.groups)
+
     def tags(self) -> dict[str, str]:
         """What the parent run gets, to be read in the MLflow UI without opening the report."""
-        return {"mprun.recommendation": " | ".join(self.recommendation())[:5000], **grouping.tags(self.groups)}
+        best = {"mprun.best_setting": " | ".join(self.best())[:5000]} if self.best() else {}
+        return {"mprun.recommendation": " | ".join(self.recommendation())[:5000], **best, **grouping.tags(self.groups)}
 
     def markdown(self, plots: list[str]) -> str:
         lines = [f"# Precision comparison: sweep {self.parent_id}", ""]
         lines += [f"**{line}**" for line in self.recommendation()] + [""]
+        if self.best():
+            lines += ["Best setting per precision, on the mean over its seeds:", ""]
+            lines += [f"- {line}" for line in self.best()] + [""]
         lines += ["## By precision (seeds together)", ""]
         lines += _table(group_columns(self.groups), group_rows(self.groups)) + [""]
         lines += [f"- {n}" for n in self.notes] + [""]
@@ -368,6 +373,7 @@ class Report:
         failed = [r for r in self.rows if r.failure]
         text += [f"failed      job {r.num} {r.name}: {_clip(first_line(r.failure), 160)}" for r in failed]
         text += [f"recommend   {line}" for line in self.recommendation()]
+        text += [f"best        {line}" for line in self.best()]
         text += [f"report      {self.out_dir / 'report.md'}"]
         return "\n".join(text)
 

@@ -607,9 +607,9 @@ def test_settings_other_than_the_seed_get_their_own_groups_and_lines() -> None:
     from mprun import groups
 
     rows = []
-    for lr in ("0.001", "0.01"):
+    for lr, speed in (("0.001", 150.0), ("0.01", 120.0)):
         rows += _seeded("fp32", [0.99, 0.98, 0.99], 100.0, **{"optimizer.lr": lr})
-        rows += _seeded("bf16", [0.99, 0.98, 0.99], 150.0, **{"optimizer.lr": lr})
+        rows += _seeded("bf16", [0.99, 0.98, 0.99], speed, **{"optimizer.lr": lr})
     made = groups.group(rows)
     assert [(g.label, g.context) for g in made] == [
         ("fp32", ("optimizer.lr=0.001",)),
@@ -622,6 +622,68 @@ def test_settings_other_than_the_seed_get_their_own_groups_and_lines() -> None:
         "optimizer.lr=0.01",
     ]
     assert "verdict/bf16/optimizer.lr_0.01" in groups.tags(made)
+
+
+def test_a_grid_names_each_precisions_best_setting_and_whether_it_is_clear_of_the_next(tmp_path: Path) -> None:
+    """An LR grid asks which LR is best, and (experiment=lr_sweep) whether that moves with the precision: each
+    precision's best setting, on the mean over its seeds, with the next one and whether the best is clear of it."""
+    from mprun import groups
+
+    rows = []
+    for lr, fp32, bf16 in (("0.001", 0.90, 0.97), ("0.01", 0.99, 0.96), ("0.1", 0.95, 0.80)):
+        rows += _seeded("fp32", [fp32, fp32 - 0.002, fp32 + 0.002], 100.0, **{"optimizer.lr": lr})
+        rows += _seeded("bf16", [bf16, bf16 - 0.02, bf16 + 0.02], 150.0, **{"optimizer.lr": lr})
+    made = groups.group(rows)
+    assert groups.best_settings(made) == [
+        "fp32: optimizer.lr=0.01, val acc 0.9900 ± 0.0020 (next: optimizer.lr=0.1, 0.9500 ± 0.0020; clear of it)",
+        "bf16: optimizer.lr=0.001, val acc 0.9700 ± 0.0200 (next: optimizer.lr=0.01, 0.9600 ± 0.0200; within noise "
+        "of it)",
+    ]
+    assert len(groups.recommendation(made)) == 3  # the precision comparison stays one line per setting
+    built = report.Report("p", rows, tmp_path, [], made)
+    assert [line for line in built.console().splitlines() if line.startswith("best")] == [
+        f"best        {line}" for line in groups.best_settings(made)
+    ]
+    assert built.tags()["mprun.best_setting"] == " | ".join(groups.best_settings(made))
+    assert "- bf16: optimizer.lr=0.001, val acc 0.9700" in built.markdown([])
+    # A language model's best is the fewest bits; one seed a side cannot tell the best from the next.
+    lm = [row for lr in ("0.001", "0.01") for row in _seeded("fp32", [0.5], 100.0, **{"optimizer.lr": lr})]
+    for row, bpb in zip(lm, (3.1, 2.9)):
+        row.headline, row.metrics["final/val_bpb"] = "val_bpb", bpb
+    assert groups.best_settings(groups.group(lm)) == [
+        "fp32: optimizer.lr=0.01, val bpb 2.9000 (next: optimizer.lr=0.001, 3.1000; one seed: cannot tell noise from "
+        "effect)"
+    ]
+    tie = [row for lr in ("0.003", "0.01") for row in _seeded("bf16", [0.9916], 100.0, **{"optimizer.lr": lr})]
+    assert groups.best_settings(groups.group(tie))[0].endswith("(next: optimizer.lr=0.01, 0.9916; tied)")
+    # One setting per precision: no grid, no line; the tags and the report say nothing of it.
+    plain = groups.group(_seeded("fp32", [0.99, 0.98], 100.0) + _seeded("bf16", [0.99, 0.98], 150.0))
+    assert groups.best_settings(plain) == []
+    assert "mprun.best_setting" not in report.Report("p", [], tmp_path, [], plain).tags()
+
+
+def test_a_sweep_without_a_precision_to_compare_says_so_once() -> None:
+    """An LR grid at one precision said 'no recommendation' (or 'keep fp32: nothing else was run') once per LR; a
+    grid whose settings all say the same says it once."""
+    from mprun import groups
+
+    def grid(*precisions: str) -> list:
+        rows = []
+        for precision in precisions:
+            for lr in ("0.001", "0.01", "0.1"):
+                rows += _seeded(precision, [0.9], 100.0, **{"optimizer.lr": lr})
+        return rows
+
+    for precision in ("bf16", "fp32"):
+        assert groups.recommendation(groups.group(grid(precision))) == [
+            f"no precision to recommend: every job ran {precision}; sweep precision=fp32,bf16 (say) to compare"
+        ]
+    assert groups.recommendation(groups.group(grid("bf16", "fp16"))) == [
+        "all 3 settings: no recommendation: no finished fp32 job to compare with (add precision=fp32)"
+    ]
+    assert groups.recommendation(groups.group(grid("fp32", "bf16"))) == [
+        "all 3 settings: keep fp32: bf16 has one seed: sweep trainer.seed=1,2,3 to tell noise from effect"
+    ]
 
 
 def test_a_seeded_sweep_reports_one_row_per_precision_and_a_recommendation(tmp_path: Path) -> None:
