@@ -54,29 +54,35 @@ def _creatable(path: Path) -> str:
     return ""
 
 
-class OutputDirCheck(Callback):
-    """Hydra callback (conf/config.yaml: hydra.callbacks.mprun_output_dir): the run's or sweep's directory can be
-    created, checked before Hydra creates it (before mprun's task runs), whose OSError came out as a traceback. Hydra
-    turns an exception from a callback into a warning and goes on, so a bad directory ends the process here: one
-    line, exit 2, before a sweep's parent run exists."""
+class StartCheck(Callback):
+    """Hydra callback (conf/config.yaml: hydra.callbacks.mprun_start_check): what would fail once a run or sweep
+    started, checked before Hydra creates its directory (before mprun's task runs, before a sweep's parent run): the
+    directory can be created (Hydra's OSError came out as a traceback), and a sweep's launcher can start its jobs
+    (joblib's and submitit's errors did). Hydra turns an exception from a callback into a warning and goes on, so a
+    problem ends the process here: one line, exit 2."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir, "run")
+        self._stop_if(_directory_problem(config.hydra.run.dir, "run"))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir, "sweep")
+        self._stop_if(_directory_problem(config.hydra.sweep.dir, "sweep") or sweep.launcher_problem(config))
 
     @staticmethod
-    def _check(where: str, what: str) -> None:
-        why = _creatable(Path(str(where)))
-        if why:
-            print(
-                f"mprun: error: cannot create the {what} directory {where}: {why}; set hydra.{what}.dir, or "
-                "paths.output_root, to a writable place",
-                file=sys.stderr,
-                flush=True,
-            )
+    def _stop_if(problem: str) -> None:
+        if problem:
+            print(f"mprun: error: {problem}", file=sys.stderr, flush=True)
             sys.exit(2)
+
+
+def _directory_problem(where: str, what: str) -> str:
+    """Why the run's or sweep's directory cannot be created, as the error says it ("" if it can)."""
+    why = _creatable(Path(str(where)))
+    if not why:
+        return ""
+    return (
+        f"cannot create the {what} directory {where}: {why}; set hydra.{what}.dir, or paths.output_root, to a "
+        "writable place"
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

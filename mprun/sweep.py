@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,47 @@ def current_job() -> JobInfo | None:
     file = sweep_dir / SWEEP_FILE
     parent = json.loads(file.read_text()) if file.is_file() else {}
     return JobInfo(sweep_dir, int(hc.job.num), tuple(hc.overrides.task), parent)
+
+
+# What a launcher's numeric settings must be: the launchers' config schemas check their types only, and a bad value
+# failed in joblib or submitit once the sweep had started, as a traceback (n_jobs=0), or as jobs that never ran.
+_LAUNCHER_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n_jobs": (lambda v: v != 0, "a number of parallel jobs: N > 0, or -1 for one per CPU (-2 all but one, ...)"),
+    "timeout": (lambda v: v > 0, "> 0 (seconds)"),
+    "timeout_min": (lambda v: v > 0, "> 0 (minutes)"),
+    "nodes": (lambda v: v >= 1, ">= 1"),
+    "tasks_per_node": (lambda v: v >= 1, ">= 1"),
+    "cpus_per_task": (lambda v: v >= 1, ">= 1"),
+    "cpus_per_gpu": (lambda v: v >= 1, ">= 1"),
+    "gpus_per_node": (lambda v: v >= 0, ">= 0"),
+    "gpus_per_task": (lambda v: v >= 0, ">= 0"),
+    "mem_gb": (lambda v: v > 0, "> 0"),
+    "array_parallelism": (lambda v: v >= 1, ">= 1"),
+    "signal_delay_s": (lambda v: v >= 0, ">= 0"),
+    "max_num_timeout": (lambda v: v >= 0, ">= 0"),
+}
+SLURM_COMMANDS = ("sbatch", "srun")  # what submitit's SLURM executor submits with and checks for
+
+
+def launcher_problem(cfg: DictConfig) -> str:
+    """Why the multirun's launcher could not start its jobs ("" if nothing is seen): a setting out of range, or a
+    SLURM launcher on a machine without SLURM. Checked before anything is created."""
+    launcher = cfg.hydra.launcher
+    for key, (ok, rule) in _LAUNCHER_RANGES.items():
+        value = launcher.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            return f"hydra.launcher.{key}={value} must be {rule}"
+    if str(launcher.get("_target_", "")).endswith(".SlurmLauncher"):
+        missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
+        if missing:
+            choice = cfg.hydra.runtime.choices.get("hydra/launcher")
+            return (
+                f"hydra/launcher={choice} submits the jobs to SLURM, and {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not on this machine's PATH: launch the sweep where SLURM is "
+                "(a login node), or try it here first with hydra/launcher=submitit_local (the same jobs, as local "
+                "processes)"
+            )
+    return ""
 
 
 def varied_keys(cfg: DictConfig) -> list[str]:
