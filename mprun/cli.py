@@ -57,15 +57,15 @@ def _creatable(path: Path) -> str:
 class StartCheck(Callback):
     """Hydra callback (conf/config.yaml: hydra.callbacks.mprun_start_check): what would fail once a run or sweep
     started, checked before Hydra creates its directory (before mprun's task runs, before a sweep's parent run): the
-    directory can be created (Hydra's OSError came out as a traceback), and a sweep's launcher can start its jobs
-    (joblib's and submitit's errors did). Hydra turns an exception from a callback into a warning and goes on, so a
-    problem ends the process here: one line, exit 2."""
+    directory can be created (Hydra's OSError came out as a traceback), and a sweep's launcher and sweeper can start
+    its jobs (joblib's, submitit's, Optuna's and Hydra's own errors did). Hydra turns an exception from a callback
+    into a warning and goes on, so a problem ends the process here: one line, exit 2."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._stop_if(_directory_problem(config.hydra.run.dir, "run"))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._stop_if(_directory_problem(config.hydra.sweep.dir, "sweep") or sweep.launcher_problem(config))
+        self._stop_if(_directory_problem(config.hydra.sweep.dir, "sweep") or sweep.launch_problem(config))
 
     @staticmethod
     def _stop_if(problem: str) -> None:

@@ -110,34 +110,51 @@ def current_job() -> JobInfo | None:
     return JobInfo(sweep_dir, int(hc.job.num), tuple(hc.overrides.task), parent)
 
 
-# What a launcher's numeric settings must be: the launchers' config schemas check their types only, and a bad value
-# failed in joblib or submitit once the sweep had started, as a traceback (n_jobs=0), or as jobs that never ran.
-_LAUNCHER_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n_jobs": (lambda v: v != 0, "a number of parallel jobs: N > 0, or -1 for one per CPU (-2 all but one, ...)"),
-    "timeout": (lambda v: v > 0, "> 0 (seconds)"),
-    "timeout_min": (lambda v: v > 0, "> 0 (minutes)"),
-    "nodes": (lambda v: v >= 1, ">= 1"),
-    "tasks_per_node": (lambda v: v >= 1, ">= 1"),
-    "cpus_per_task": (lambda v: v >= 1, ">= 1"),
-    "cpus_per_gpu": (lambda v: v >= 1, ">= 1"),
-    "gpus_per_node": (lambda v: v >= 0, ">= 0"),
-    "gpus_per_task": (lambda v: v >= 0, ">= 0"),
-    "mem_gb": (lambda v: v > 0, "> 0"),
-    "array_parallelism": (lambda v: v >= 1, ">= 1"),
-    "signal_delay_s": (lambda v: v >= 0, ">= 0"),
-    "max_num_timeout": (lambda v: v >= 0, ">= 0"),
+# What the numeric settings of Hydra's launchers and sweepers must be: their config schemas check types only, and a
+# bad value failed in joblib, submitit, Optuna or Hydra's sweeper once the sweep had started, as a traceback
+# (n_jobs=0, n_trials=0, max_batch_size=0), or as jobs that never ran (a negative timeout_min).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "hydra.launcher.n_jobs": (
+        lambda v: v != 0,
+        "a number of parallel jobs: N > 0, or -1 for one per CPU (-2 all but one, ...)",
+    ),
+    "hydra.launcher.timeout": (lambda v: v > 0, "> 0 (seconds)"),
+    "hydra.launcher.timeout_min": (lambda v: v > 0, "> 0 (minutes)"),
+    "hydra.launcher.nodes": (lambda v: v >= 1, ">= 1"),
+    "hydra.launcher.tasks_per_node": (lambda v: v >= 1, ">= 1"),
+    "hydra.launcher.cpus_per_task": (lambda v: v >= 1, ">= 1"),
+    "hydra.launcher.cpus_per_gpu": (lambda v: v >= 1, ">= 1"),
+    "hydra.launcher.gpus_per_node": (lambda v: v >= 0, ">= 0"),
+    "hydra.launcher.gpus_per_task": (lambda v: v >= 0, ">= 0"),
+    "hydra.launcher.mem_gb": (lambda v: v > 0, "> 0"),
+    "hydra.launcher.array_parallelism": (lambda v: v >= 1, ">= 1"),
+    "hydra.launcher.signal_delay_s": (lambda v: v >= 0, ">= 0"),
+    "hydra.launcher.max_num_timeout": (lambda v: v >= 0, ">= 0"),
+    "hydra.sweeper.max_batch_size": (lambda v: v >= 1, ">= 1 (jobs per batch), or null for all at once"),
+    "hydra.sweeper.n_trials": (lambda v: v >= 1, ">= 1"),
+    "hydra.sweeper.n_jobs": (lambda v: v >= 1, ">= 1 (trials at a time)"),
+    "hydra.sweeper.max_failure_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 SLURM_COMMANDS = ("sbatch", "srun")  # what submitit's SLURM executor submits with and checks for
 
 
-def launcher_problem(cfg: DictConfig) -> str:
-    """Why the multirun's launcher could not start its jobs ("" if nothing is seen): a setting out of range, or a
-    SLURM launcher on a machine without SLURM. Checked before anything is created."""
-    launcher = cfg.hydra.launcher
-    for key, (ok, rule) in _LAUNCHER_RANGES.items():
-        value = launcher.get(key)
+def launch_problem(cfg: DictConfig) -> str:
+    """Why the multirun could not launch its jobs ("" if nothing is seen), checked before anything is created: a
+    launcher or sweeper setting out of range, a sweep value list that cannot be expanded (range(0,1,0)) or is empty,
+    or a SLURM launcher on a machine without SLURM."""
+    for key, (ok, rule) in _RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
-            return f"hydra.launcher.{key}={value} must be {rule}"
+            return f"{key}={value} must be {rule}"
+    for override in OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task)):
+        if override.is_discrete_sweep():
+            try:
+                values = list(override.sweep_string_iterator())
+            except Exception as e:  # noqa: BLE001 - a grammar function's own error (ValueError, TypeError)
+                return f"{override.input_line}: {e}"
+            if not values:
+                return f"{override.input_line} gives no values: the sweep would run no job"
+    launcher = cfg.hydra.launcher
     if str(launcher.get("_target_", "")).endswith(".SlurmLauncher"):
         missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
         if missing:

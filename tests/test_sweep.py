@@ -489,47 +489,65 @@ def test_slurm_preset_composes_onto_submitit(tmp_path: Path) -> None:
     assert launcher.gpus_per_node == 1 and launcher.partition == "gpu" and launcher.tasks_per_node == 1
 
 
+NO_SLURM = (
+    "hydra/launcher=slurm submits the jobs to SLURM, and sbatch and srun are not on this machine's PATH: launch the "
+    "sweep where SLURM is (a login node), or try it here first with hydra/launcher=submitit_local (the same jobs, as "
+    "local processes)"
+)
+
+
 @pytest.mark.parametrize(
     ("settings", "says"),
     [
         (
-            ["hydra/launcher=joblib", "hydra.launcher.n_jobs=0"],
-            "hydra.launcher.n_jobs=0 must be a number of parallel "
-            "jobs: N > 0, or -1 for one per CPU (-2 all but one, ...)",
+            "hydra/launcher=joblib hydra.launcher.n_jobs=0",
+            "hydra.launcher.n_jobs=0 must be a number of parallel jobs: N > 0, or -1 for one per CPU (-2 all but one, "
+            "...)",
         ),
         (
-            ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=-5"],
+            "hydra/launcher=submitit_local hydra.launcher.timeout_min=-5",
             "hydra.launcher.timeout_min=-5 must be > 0 (minutes)",
         ),
         (
-            ["hydra/launcher=slurm_multigpu", "hydra.launcher.tasks_per_node=0"],
+            "hydra/launcher=slurm_multigpu hydra.launcher.tasks_per_node=0",
             "hydra.launcher.tasks_per_node=0 must be >= 1",
         ),
+        ("hydra/launcher=slurm", NO_SLURM),
+        ("experiment=lr_search hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0 must be >= 1"),
         (
-            ["hydra/launcher=slurm"],
-            "hydra/launcher=slurm submits the jobs to SLURM, and sbatch and srun are not on this "
-            "machine's PATH: launch the sweep where SLURM is (a login node), or try it here first with "
-            "hydra/launcher=submitit_local (the same jobs, as local processes)",
+            "hydra.sweeper.max_batch_size=0",
+            "hydra.sweeper.max_batch_size=0 must be >= 1 (jobs per batch), or null for all at once",
         ),
+        ("optimizer.lr=range(0,1,0)", "optimizer.lr=range(0,1,0): range() arg 3 must not be zero"),
+        ("optimizer.lr=range(1,0)", "optimizer.lr=range(1,0) gives no values: the sweep would run no job"),
     ],
-    ids=["joblib-n_jobs", "submitit-timeout", "slurm-tasks", "slurm-missing"],
+    ids=[
+        "joblib-n_jobs",
+        "submitit-timeout",
+        "slurm-tasks",
+        "slurm-missing",
+        "optuna-n_trials",
+        "max_batch_size",
+        "range-step-0",
+        "range-empty",
+    ],
 )
 def test_launcher_settings_that_cannot_start_the_jobs_are_one_line_before_anything_is_made(
-    tmp_path: Path, settings: list[str], says: str
+    tmp_path: Path, settings: str, says: str
 ) -> None:
-    """joblib's n_jobs=0 and a SLURM launcher without SLURM ended in tracebacks from joblib and submitit, after the
-    sweep's directory and its parent run (closed FAILED) were made; a negative submitit timeout, in jobs that never
-    produced a result."""
+    """joblib's n_jobs=0, a SLURM launcher without SLURM, Optuna's n_trials=0, a zero batch size or range step ended
+    in tracebacks after the sweep's directory and its parent run (closed FAILED) were made; a negative submitit
+    timeout in jobs that never produced a result; an empty range in a parent run of no jobs, exit 0."""
     (tmp_path / "bin").mkdir()
     ended = run_cli_here(
-        "-m", "precision=fp32,bf16", *settings, *TINY, cwd=tmp_path, env={"PATH": str(tmp_path / "bin")}
+        "-m", "precision=fp32,bf16", *settings.split(), *TINY, cwd=tmp_path, env={"PATH": str(tmp_path / "bin")}
     )
     assert ended.returncode == 2 and ended.stderr.strip().splitlines() == [f"mprun: error: {says}"], ended.stderr
     assert not (tmp_path / "outputs").exists()
 
 
 def test_a_slurm_launcher_is_let_through_where_slurm_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mprun.sweep import launcher_problem
+    from mprun.sweep import launch_problem
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
@@ -537,9 +555,9 @@ def test_a_slurm_launcher_is_let_through_where_slurm_is(tmp_path: Path, monkeypa
     for name in ("sbatch", "srun"):
         (tmp_path / name).write_text("#!/bin/sh\n")
         (tmp_path / name).chmod(0o755)
-    assert launcher_problem(cfg) == ""
+    assert launch_problem(cfg) == ""
     (tmp_path / "srun").unlink()
-    assert "and srun is not on this machine's PATH" in launcher_problem(cfg)
+    assert "and srun is not on this machine's PATH" in launch_problem(cfg)
 
 
 PRESETS = {
