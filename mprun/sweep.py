@@ -113,27 +113,38 @@ def current_job() -> JobInfo | None:
 # What the numeric settings of Hydra's launchers and sweepers must be: their config schemas check types only, and a
 # bad value failed in joblib, submitit, Optuna or Hydra's sweeper once the sweep had started, as a traceback
 # (n_jobs=0, n_trials=0, max_batch_size=0), or as jobs that never ran (a negative timeout_min).
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+Rule = tuple[Callable[[Any], bool], str]  # a test of a value, and what it must be, in words
+
+
+def _at_least(low: int, unit: str = "") -> Rule:
+    return (lambda v: v >= low), f">= {low}{unit}"
+
+
+def _above(low: int, unit: str = "") -> Rule:
+    return (lambda v: v > low), f"> {low}{unit}"
+
+
+_RANGES: dict[str, Rule] = {
     "hydra.launcher.n_jobs": (
         lambda v: v != 0,
         "a number of parallel jobs: N > 0, or -1 for one per CPU (-2 all but one, ...)",
     ),
-    "hydra.launcher.timeout": (lambda v: v > 0, "> 0 (seconds)"),
-    "hydra.launcher.timeout_min": (lambda v: v > 0, "> 0 (minutes)"),
-    "hydra.launcher.nodes": (lambda v: v >= 1, ">= 1"),
-    "hydra.launcher.tasks_per_node": (lambda v: v >= 1, ">= 1"),
-    "hydra.launcher.cpus_per_task": (lambda v: v >= 1, ">= 1"),
-    "hydra.launcher.cpus_per_gpu": (lambda v: v >= 1, ">= 1"),
-    "hydra.launcher.gpus_per_node": (lambda v: v >= 0, ">= 0"),
-    "hydra.launcher.gpus_per_task": (lambda v: v >= 0, ">= 0"),
-    "hydra.launcher.mem_gb": (lambda v: v > 0, "> 0"),
-    "hydra.launcher.array_parallelism": (lambda v: v >= 1, ">= 1"),
-    "hydra.launcher.signal_delay_s": (lambda v: v >= 0, ">= 0"),
-    "hydra.launcher.max_num_timeout": (lambda v: v >= 0, ">= 0"),
-    "hydra.sweeper.max_batch_size": (lambda v: v >= 1, ">= 1 (jobs per batch), or null for all at once"),
-    "hydra.sweeper.n_trials": (lambda v: v >= 1, ">= 1"),
-    "hydra.sweeper.n_jobs": (lambda v: v >= 1, ">= 1 (trials at a time)"),
-    "hydra.sweeper.max_failure_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "hydra.launcher.timeout": _above(0, " (seconds)"),
+    "hydra.launcher.timeout_min": _above(0, " (minutes)"),
+    "hydra.launcher.nodes": _at_least(1),
+    "hydra.launcher.tasks_per_node": _at_least(1),
+    "hydra.launcher.cpus_per_task": _at_least(1),
+    "hydra.launcher.cpus_per_gpu": _at_least(1),
+    "hydra.launcher.gpus_per_node": _at_least(0),
+    "hydra.launcher.gpus_per_task": _at_least(0),
+    "hydra.launcher.signal_delay_s": _at_least(0),
+    "hydra.launcher.max_num_timeout": _at_least(0),
+    "hydra.launcher.mem_gb": _above(0),
+    "hydra.launcher.array_parallelism": _at_least(1),
+    "hydra.sweeper.max_batch_size": _at_least(1, " (jobs per batch), or null for all at once"),
+    "hydra.sweeper.n_trials": _at_least(1),
+    "hydra.sweeper.n_jobs": _at_least(1, " (trials at a time)"),
+    "hydra.sweeper.max_failure_rate": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
 }
 SLURM_COMMANDS = ("sbatch", "srun")  # what submitit's SLURM executor submits with and checks for
 
