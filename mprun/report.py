@@ -101,10 +101,11 @@ class Row:
         """Whether its speedup rests on a single timed epoch (its own or its baseline's), warm-up included."""
         return 1 in (self.timed_epochs, self.baseline.timed_epochs if self.baseline else None)
 
-    def delta_acc(self) -> float | None:
+    def delta(self, key: str) -> float | None:
+        """This job's metric minus its baseline's."""
         if self.baseline is None:
             return None
-        mine, base = self.metric("final/val_acc"), self.baseline.metric("final/val_acc")
+        mine, base = self.metric(key), self.baseline.metric(key)
         return None if mine is None or base is None else mine - base
 
 
@@ -198,8 +199,8 @@ COLUMNS = [
     "run",
     "precision",
     "status",
-    "val acc",
-    "Δ acc vs fp32",
+    "{label}",
+    "Δ {short} vs fp32",
     "samples/s",
     "speedup",
     "data wait",
@@ -217,21 +218,37 @@ COLUMNS = [
 SINGLE_EPOCH = "†"
 
 
+def _headline(rows: list[Row]) -> grouping.Headline:
+    """What the jobs are judged on: their task's headline metric (val acc; val bpb for a byte-level language model)."""
+    return grouping.HEADLINES.get(rows[0].headline if rows else "", grouping.HEADLINES["val_acc"])
+
+
+def _named(templates: list[str], h: grouping.Headline) -> list[str]:
+    """Column titles named by a headline metric: val acc, Δ acc vs fp32 (val bpb, Δ bpb for a language model)."""
+    return [c.format(label=h.label, short=h.name.removeprefix("val_")) for c in templates]
+
+
+def columns(rows: list[Row]) -> list[str]:
+    """COLUMNS, named by the jobs' headline metric."""
+    return _named(COLUMNS, _headline(rows))
+
+
 def table_rows(rows: list[Row]) -> list[list[str]]:
     """The report's table cells, one list per job."""
     from mprun.precision import can_carry_loss_scale  # imports torch: here, not at start-up
 
+    h = _headline(rows)
     out = []
     for r in rows:
-        d = r.delta_acc()
+        d = r.delta(h.key)
         out.append(
             [
                 str(r.num),
                 r.name,
                 r.precision,
                 r.mark,
-                _fmt(r.metric("final/val_acc"), ".4f"),
-                _fmt(None if d is None else 100 * d, "+.2f", " pp"),
+                _fmt(r.metric(h.key), ".4f"),
+                "—" if d is None else f"{h.show(d, sign=True)} {h.unit}",
                 _fmt(r.metric("final/samples_per_s"), ",.0f"),
                 _fmt(r.ratio("final/samples_per_s"), ".2f", "×" + SINGLE_EPOCH * r.single_epoch_speed),
                 _fmt(r.metric("final/data_wait_frac"), ".0%"),
@@ -272,8 +289,7 @@ def _spread(values: list[float], spec: str) -> str:
 
 def group_columns(groups: list[grouping.Group]) -> list[str]:
     """GROUP_COLUMNS, with a setting column first when the sweep varied more than precision and seed."""
-    h = groups[0].headline if groups else grouping.HEADLINES["val_acc"]
-    named = [c.format(label=h.label, short=h.name.removeprefix("val_")) for c in GROUP_COLUMNS]  # val acc, Δ acc
+    named = _named(GROUP_COLUMNS, groups[0].headline if groups else grouping.HEADLINES["val_acc"])
     return (["setting"] if any(grouping.setting(g, groups) for g in groups) else []) + named
 
 
@@ -354,7 +370,7 @@ class Report:
         lines += ["## By precision (seeds together)", ""]
         lines += _table(group_columns(self.groups), group_rows(self.groups)) + [""]
         lines += [f"- {n}" for n in self.notes] + [""]
-        lines += ["## By job", ""] + _table(COLUMNS, table_rows(self.rows))
+        lines += ["## By job", ""] + _table(columns(self.rows), table_rows(self.rows))
         failed = [r for r in self.rows if r.failure]
         if failed:
             lines += ["", "## Failed jobs", ""] + [f"- job {r.num} `{r.name}`: {r.failure}" for r in failed]
@@ -368,7 +384,7 @@ class Report:
         if self.seeded:
             text += _aligned(group_columns(self.groups), group_rows(self.groups))
         else:  # a status as a word, not markdown's **KILLED**
-            text += _aligned(COLUMNS, [[c.strip("*") for c in cells] for cells in table_rows(self.rows)])
+            text += _aligned(columns(self.rows), [[c.strip("*") for c in cells] for cells in table_rows(self.rows)])
         text += self.notes
         failed = [r for r in self.rows if r.failure]
         text += [f"failed      job {r.num} {r.name}: {_clip(first_line(r.failure), 160)}" for r in failed]

@@ -806,6 +806,20 @@ def test_a_language_model_group_is_judged_on_bits_per_byte_where_lower_is_better
     assert report.group_columns(made)[2:4] == ["val bpb (mean ± sd)", "Δ bpb vs fp32 (95% CI)"]
 
 
+def test_the_job_table_shows_the_tasks_headline_metric() -> None:
+    """A language-model sweep's job table showed val acc (next-token accuracy) and its Δ in pp, while its group table
+    and verdicts go by val bpb."""
+    for headline, values, shown in (
+        ("val_acc", (0.9916, 0.9944), ["val acc", "Δ acc vs fp32", "0.9944", "+0.28 pp"]),
+        ("val_bpb", (3.41, 3.30), ["val bpb", "Δ bpb vs fp32", "3.3000", "-0.110 bits"]),
+    ):
+        rows = [_row(0, "fp32", samples_per_s=100.0), _row(1, "bf16", samples_per_s=150.0)]
+        for row, value in zip(rows, values):
+            row.headline, row.metrics[f"final/{headline}"] = headline, value
+        rows[1].baseline = rows[0]
+        assert report.columns(rows)[4:6] + report.table_rows(rows)[1][4:6] == shown
+
+
 def test_precision_settings_that_change_nothing_in_fp32_split_groups_but_share_the_fp32_baseline() -> None:
     """precision.fp32_modules changes fp16 and bf16 runs, not fp32: fp16 with and without it are two groups, each
     judged against fp32 (they were one 'two-seed' group); an fp32 job with it is never the pick."""
