@@ -300,7 +300,9 @@ def best_settings(groups: list[Group]) -> list[str]:
             continue
         h = ran[0].headline
         ranked = sorted(ran, key=lambda g: statistics.fmean(g.values(h.key)), reverse=h.higher_is_better)
-        (best, best_name), (after, after_name) = ((g, _apart(g.own, [r.own for r in ran])) for g in ranked[:2])
+        (best, best_name), (after, after_name) = (
+            (g, _apart(g.own, [r.own for r in ran]) or "the defaults") for g in ranked[:2]
+        )
         a, b = best.values(h.key), after.values(h.key)
         said = "tied" if statistics.fmean(a) == statistics.fmean(b) else verdict(welch(a, b), len(a), len(b), 0.0, h)
         for was, now in (("better", "clear of it"), ("within noise", "within noise of it")):

@@ -727,6 +727,9 @@ def test_a_grid_names_each_precisions_best_setting_and_whether_it_is_clear_of_th
     ]
     tie = [row for lr in ("0.003", "0.01") for row in _seeded("bf16", [0.9916], 100.0, **{"optimizer.lr": lr})]
     assert groups.best_settings(groups.group(tie))[0].endswith("(next: optimizer.lr=0.01, 0.9916; tied)")
+    # A job that overrode nothing of what the others did ran the defaults.
+    partly = _seeded("fp32", [0.9], 100.0) + _seeded("fp32", [0.95], 100.0, **{"optimizer.lr": "0.01"})
+    assert "(next: the defaults, 0.9000; " in groups.best_settings(groups.group(partly))[0]
     # One setting per precision: no grid, no line; the tags and the report say nothing of it.
     plain = groups.group(_seeded("fp32", [0.99, 0.98], 100.0) + _seeded("bf16", [0.99, 0.98], 150.0))
     assert groups.best_settings(plain) == []
