@@ -331,8 +331,11 @@ def _table(columns: list[str], cells: list[list[str]]) -> list[str]:
 
 
 def _aligned(columns: list[str], cells: list[list[str]]) -> list[str]:
-    """A table as aligned plain text."""
-    rows = [columns, *cells]
+    """A table as aligned plain text, for a terminal: a column no row has a value in ("—") is left out (report.md
+    keeps every column), e.g. the fp16 columns of a sweep without fp16, or Δ and speedup without an fp32 job."""
+    kept = [i for i in range(len(columns)) if not cells or any(row[i] != "—" for row in cells)]
+    rows = [[row[i] for i in kept] for row in (columns, *cells)]
+    columns = rows[0]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 

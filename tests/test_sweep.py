@@ -736,6 +736,29 @@ def test_a_grid_names_each_precisions_best_setting_and_whether_it_is_clear_of_th
     assert "mprun.best_setting" not in report.Report("p", [], tmp_path, [], plain).tags()
 
 
+def test_the_console_table_leaves_out_columns_no_job_has_a_value_in(tmp_path: Path) -> None:
+    """An LR grid in bf16 printed Δ acc, speedup and mem ratio columns of dashes (no fp32 job), and every sweep
+    without fp16 its two fp16 columns; report.md keeps them all."""
+    from mprun import groups
+
+    rows = [row for lr in ("0.001", "0.01") for row in _seeded("bf16", [0.9], 100.0, **{"optimizer.lr": lr})]
+    built = report.Report("p", rows, tmp_path, [], groups.group(rows))
+    header = built.console().splitlines()[2].split("  ")
+    assert [c.strip() for c in header if c.strip()] == [
+        "job",
+        "run",
+        "precision",
+        "status",
+        "val acc",
+        "samples/s",
+        "peak MiB",
+    ]  # these made-up jobs record no param+state MiB or skipped steps either
+    assert "| Δ acc vs fp32 |" in built.markdown([]) and "| fp16 grad underflow |" in built.markdown([])
+    fp16 = _row(9, "fp16", val_acc=0.9, samples_per_s=90.0, loss_scale=1024.0)
+    built = report.Report("p", [*rows, fp16], tmp_path, [], groups.group([*rows, fp16]))
+    assert "final scale" in built.console().splitlines()[2]
+
+
 def test_a_sweep_without_a_precision_to_compare_says_so_once() -> None:
     """An LR grid at one precision said 'no recommendation' (or 'keep fp32: nothing else was run') once per LR; a
     grid whose settings all say the same says it once."""
