@@ -89,17 +89,24 @@ def welch(values: list[float], base: list[float]) -> Delta:
     return Delta(diff, float(t.ppf(0.5 + CONFIDENCE / 2, df)) * math.sqrt(va + vb))
 
 
-def verdict(delta: Delta, n: int, n_base: int, tolerance: float, headline: Headline = HEADLINES["val_acc"]) -> str:
+def verdict(
+    delta: Delta,
+    n: int,
+    n_base: int,
+    tolerance: float,
+    headline: Headline = HEADLINES["val_acc"],
+    words: tuple[str, str] = ("within noise", "better"),
+) -> str:
     """'within noise' when the interval holds 0, else 'better' or 'worse' by the headline's direction (or 'worse,
     within tolerance' when even its worse end is within `tolerance`, in the headline's shown unit); with fewer than 3
-    seeds on a side, says so."""
+    seeds on a side, says so. `words` say the first two otherwise."""
     if delta.half is None:
         return "one seed: cannot tell noise from effect"
     gain = delta if headline.higher_is_better else Delta(-delta.mean, delta.half)
     if gain.low <= 0 <= gain.high:
-        said = "within noise"
+        said = words[0]
     elif gain.low > 0:
-        said = "better"
+        said = words[1]
     elif tolerance > 0 and gain.low * headline.scale >= -tolerance:
         said = f"worse, within the {tolerance:g} {headline.unit} tolerance"
     else:
@@ -292,22 +299,29 @@ def _recommend(mine: list[Group]) -> str:
 def best_settings(groups: list[Group]) -> list[str]:
     """For each precision that ran at several settings (an LR grid, say), the setting with the best mean headline
     metric and the one after it: what the grid asks, and, one line per precision, whether its answer moves with the
-    precision. Whether the best is clear of the next is said as a verdict is (Welch interval, or one seed)."""
+    precision. Whether the best is clear of the next is said as a verdict is (Welch interval, or one seed). A setting
+    that changes nothing in fp32 (precision.fp32_modules) is not one for fp32; tasks judged on different metrics
+    (a sweep over datasets) are ranked apart."""
+    from mprun.precision import is_baseline
+
     lines = []
-    for label in dict.fromkeys(g.label for g in groups):
-        ran = [g for g in groups if g.label == label and g.values(g.headline.key)]
+    for label, metric in dict.fromkeys((g.label, g.headline) for g in groups):
+        ran: dict[tuple[str, ...], Group] = {}  # the first group of each setting that counts for this precision
+        for g in groups:
+            if g.label == label and g.headline == metric and g.values(metric.key):
+                ran.setdefault(g.context if is_baseline(g.precision) else g.own, g)
         if len(ran) < 2:
             continue
-        h = ran[0].headline
-        ranked = sorted(ran, key=lambda g: statistics.fmean(g.values(h.key)), reverse=h.higher_is_better)
-        (best, best_name), (after, after_name) = (
-            (g, _apart(g.own, [r.own for r in ran]) or "the defaults") for g in ranked[:2]
+        mean = {setting: statistics.fmean(g.values(metric.key)) for setting, g in ran.items()}
+        (best, after) = sorted(ran, key=mean.__getitem__, reverse=metric.higher_is_better)[:2]
+        a, b = ran[best].values(metric.key), ran[after].values(metric.key)
+        said = (
+            "tied"
+            if mean[best] == mean[after]
+            else verdict(welch(a, b), len(a), len(b), 0.0, metric, words=("within noise of it", "clear of it"))
         )
-        a, b = best.values(h.key), after.values(h.key)
-        said = "tied" if statistics.fmean(a) == statistics.fmean(b) else verdict(welch(a, b), len(a), len(b), 0.0, h)
-        for was, now in (("better", "clear of it"), ("within noise", "within noise of it")):
-            said = now + said.removeprefix(was) if said.startswith(was) else said
-        lines.append(f"{label}: {best_name}, {h.label} {mean_sd(a)} (next: {after_name}, {mean_sd(b)}; {said})")
+        best_name, after_name = (_apart(setting, list(ran)) or "the defaults" for setting in (best, after))
+        lines.append(f"{label}: {best_name}, {metric.label} {mean_sd(a)} (next: {after_name}, {mean_sd(b)}; {said})")
     return lines
 
 

@@ -219,8 +219,10 @@ SINGLE_EPOCH = "†"
 
 
 def _headline(rows: list[Row]) -> grouping.Headline:
-    """What the jobs are judged on: their task's headline metric (val acc; val bpb for a byte-level language model)."""
-    return grouping.HEADLINES.get(rows[0].headline if rows else "", grouping.HEADLINES["val_acc"])
+    """What the jobs are judged on: their task's headline metric (val acc; val bpb for a byte-level language model),
+    as a finished job says it (one that failed early has no mprun.headline tag)."""
+    said = next((r.headline for r in rows if r.mark == "ok"), rows[0].headline if rows else "")
+    return grouping.HEADLINES.get(said, grouping.HEADLINES["val_acc"])
 
 
 def _named(templates: list[str], h: grouping.Headline) -> list[str]:
@@ -248,7 +250,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
                 r.precision,
                 r.mark,
                 _fmt(r.metric(h.key), ".4f"),
-                "—" if d is None else f"{h.show(d, sign=True)} {h.unit}",
+                "—" if d is None or not math.isfinite(d) else f"{h.show(d, sign=True)} {h.unit}",
                 _fmt(r.metric("final/samples_per_s"), ",.0f"),
                 _fmt(r.ratio("final/samples_per_s"), ".2f", "×" + SINGLE_EPOCH * r.single_epoch_speed),
                 _fmt(r.metric("final/data_wait_frac"), ".0%"),
@@ -413,7 +415,8 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
         # diverged
         unusable = [r for r in rows if (is_baseline(r.precision) or is_baseline(r.requested)) and r.mark != "ok"]
         notes.append(
-            "No finished fp32 job to compare with: Δ acc, speedup and memory ratio are not computed. "
+            f"No finished fp32 job to compare with: Δ {_headline(rows).name.removeprefix('val_')}, speedup and "
+            "memory ratio are not computed. "
             + (
                 f"The fp32 job {unusable[0].num} is {unusable[0].mark.strip('*')}."
                 if unusable
@@ -434,10 +437,12 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
             "memory plot shows parameter and optimizer-state bytes (param+state MiB) instead."
         )
     groups = grouping.group(rows) if groups is None else groups
+    h = _headline(rows)
     if any(len(g.rows) > 1 for g in groups):
         notes.append(
-            "By precision: the jobs that differ only in trainer.seed. val acc is their mean ± sample sd over the "
-            "finished jobs; Δ acc is the difference from the fp32 group's mean with a 95% Welch t interval; "
+            f"By precision: the jobs that differ only in trainer.seed. {h.label} is their mean ± sample sd over the "
+            f"finished jobs; Δ {h.name.removeprefix('val_')} is the difference from the fp32 group's mean with a 95% "
+            "Welch t interval; "
             "'within noise' when that interval contains 0. Throughput and memory are medians over the seeds, "
             "speedup and mem ratio medians over the fp32 group's."
         )

@@ -23,6 +23,8 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
+from hydra.errors import OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -139,7 +141,7 @@ _RANGES: dict[str, Rule] = {
     "hydra.launcher.gpus_per_task": _at_least(0),
     "hydra.launcher.signal_delay_s": _at_least(0),
     "hydra.launcher.max_num_timeout": _at_least(0),
-    "hydra.launcher.mem_gb": _above(0),
+    "hydra.launcher.mem_gb": _at_least(0),  # SLURM's --mem=0: all of the node's memory
     "hydra.launcher.array_parallelism": _at_least(1),
     "hydra.sweeper.max_batch_size": _at_least(1, " (jobs per batch), or null for all at once"),
     "hydra.sweeper.n_trials": _at_least(1),
@@ -157,8 +159,15 @@ def launch_problem(cfg: DictConfig) -> str:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
             return f"{key}={value} must be {rule}"
-    for override in OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task)):
-        if override.is_discrete_sweep():
+    params = cfg.hydra.sweeper.get("params") or {}  # the basic sweeper's lists in a preset (experiment=lr_sweep)
+    lines = [*cfg.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except OverrideParseException as e:  # a preset's list: the command line's were parsed when Hydra composed
+        return str(e).replace("\n", "; ")
+    for override in parsed:
+        # choice and range lists: glob() needs Hydra's config loader to expand, and Hydra checks its options itself
+        if override.value_type in (ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP):
             try:
                 values = list(override.sweep_string_iterator())
             except Exception as e:  # noqa: BLE001 - a grammar function's own error (ValueError, TypeError)

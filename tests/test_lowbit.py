@@ -216,7 +216,7 @@ def test_the_sweep_report_shows_what_bf16_pure_saves_and_says_what_fp8_swapped(t
     monkeypatch.setattr(report, "_save", save)
     report.plot(groups.group(rows), tmp_path)
     assert drawn["perf.png"] == ("Parameters + optimizer state", [1.2, 0.6, 1.2])
-    assert [c[report.COLUMNS.index("param+state MiB")] for c in report.table_rows(rows)] == ["1.2", "0.6", "1.2"]
+    assert [c[report.columns(rows).index("param+state MiB")] for c in report.table_rows(rows)] == ["1.2", "0.6", "1.2"]
     notes = report.notes_for(rows)
     assert any(n.startswith("bf16_pure: weights, gradients and optimizer state stored in bf16") for n in notes)
     assert any(n.startswith("fp8: torchao float8 matmuls in the Linear layers its run tag fp8_modules") for n in notes)

@@ -203,7 +203,7 @@ def test_curves_that_coincide_stay_visible_by_their_markers(tmp_path: Path, monk
 def test_a_speedup_from_a_single_timed_epoch_is_marked_as_such() -> None:
     rows = [_row(0, "fp32", val_acc=0.9, samples_per_s=100.0), _row(1, "bf16", val_acc=0.9, samples_per_s=150.0)]
     rows[1].baseline = rows[0]
-    speedup = report.COLUMNS.index("speedup")
+    speedup = report.columns(rows).index("speedup")
     rows[0].timed_epochs = rows[1].timed_epochs = 3
     assert [c[speedup] for c in report.table_rows(rows)] == ["—", "1.50×"]
     assert not [n for n in report.notes_for(rows) if n.startswith("† speedup")]
@@ -546,6 +546,31 @@ def test_launcher_settings_that_cannot_start_the_jobs_are_one_line_before_anythi
     assert not (tmp_path / "outputs").exists()
 
 
+def test_what_can_start_is_let_through_and_a_presets_lists_are_checked_too() -> None:
+    """glob() sweeps (expanded by Hydra's config loader, which the check has not) start; mem_gb=0 is SLURM's 'all
+    of the node's memory'; a preset's lists in hydra.sweeper.params are checked like the command line's."""
+    from omegaconf import open_dict
+
+    from mprun.sweep import launch_problem
+
+    def problem(*overrides: str, sweep: str = "", params: dict | None = None) -> str:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.sweeper.params = {**(cfg.hydra.sweeper.params or {}), **(params or {})}
+            cfg.hydra.overrides.task = [*overrides, *filter(None, [sweep])]  # as a multirun's command line
+        return launch_problem(cfg)
+
+    assert problem(sweep="precision=glob(fp*)") == ""
+    assert problem("experiment=lr_sweep", params={"optimizer.lr": "choice()"}).startswith(
+        "Error parsing override 'optimizer.lr=choice()'; ValueError while evaluating 'choice()': empty choice"
+    )
+    assert problem("hydra/launcher=submitit_local", "hydra.launcher.mem_gb=0") == ""
+    assert problem("experiment=lr_sweep") == ""
+    empty = problem("experiment=lr_sweep", params={"optimizer.lr": "range(1,0)"})
+    assert empty == "optimizer.lr=range(1,0) gives no values: the sweep would run no job"
+
+
 def test_a_slurm_launcher_is_let_through_where_slurm_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mprun.sweep import launch_problem
 
@@ -730,6 +755,22 @@ def test_a_grid_names_each_precisions_best_setting_and_whether_it_is_clear_of_th
     # A job that overrode nothing of what the others did ran the defaults.
     partly = _seeded("fp32", [0.9], 100.0) + _seeded("fp32", [0.95], 100.0, **{"optimizer.lr": "0.01"})
     assert "(next: the defaults, 0.9000; " in groups.best_settings(groups.group(partly))[0]
+    # A sweep over tasks ranks each task's settings on its own metric (it crashed on the missing one).
+    mixed = [row for lr in ("0.001", "0.01") for row in _seeded("fp32", [0.9], 100.0, **{"optimizer.lr": lr})]
+    for row in lm:
+        row.others = (*row.others, "dataset=pycode")
+    assert [line.split(",")[1].split()[:2] for line in groups.best_settings(groups.group(mixed + lm))] == [
+        ["val", "acc"],
+        ["val", "bpb"],
+    ]
+    # fp32 with and without precision.fp32_modules is the same training: no fp32 line from it.
+    modules = []
+    for setting in ("[]", "[h.1.mlp]"):
+        for precision, acc in (("fp32", 0.9), ("fp16", 0.9 if setting == "[]" else 0.95)):
+            for r in _seeded(precision, [acc], 100.0):
+                r.setting, r.others = (f"precision.fp32_modules={setting}", r.others[0]), (r.others[0],)
+                modules.append(r)
+    assert [line.split(":")[0] for line in groups.best_settings(groups.group(modules))] == ["fp16"]
     # One setting per precision: no grid, no line; the tags and the report say nothing of it.
     plain = groups.group(_seeded("fp32", [0.99, 0.98], 100.0) + _seeded("bf16", [0.99, 0.98], 150.0))
     assert groups.best_settings(plain) == []
@@ -844,6 +885,8 @@ def test_the_job_table_shows_the_tasks_headline_metric() -> None:
             row.headline, row.metrics[f"final/{headline}"] = headline, value
         rows[1].baseline = rows[0]
         assert report.columns(rows)[4:6] + report.table_rows(rows)[1][4:6] == shown
+        rows[1].metrics[f"final/{headline}"] = float("nan")  # a diverged job: no Δ to show
+        assert report.table_rows(rows)[1][4:6] == ["—", "—"]
 
 
 def test_precision_settings_that_change_nothing_in_fp32_split_groups_but_share_the_fp32_baseline() -> None:
