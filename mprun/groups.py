@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 SEED = "trainer.seed"
 THROUGHPUT = "final/samples_per_s"
+TOKENS = "final/tokens_per_s"  # a language model's throughput, in its users' unit
 MEMORY = "final/peak_mem_mib"
 STATE = "final/param_state_mib"  # parameters and optimizer state: what a storage dtype (bf16_pure) changes
 SKIPPED = "final/skipped_steps"

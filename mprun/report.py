@@ -201,7 +201,7 @@ COLUMNS = [
     "status",
     "{label}",
     "Δ {short} vs fp32",
-    "samples/s",
+    "{rate}",
     "speedup",
     "data wait",
     "peak MiB",
@@ -225,21 +225,32 @@ def _headline(rows: list[Row]) -> grouping.Headline:
     return grouping.HEADLINES.get(said, grouping.HEADLINES["val_acc"])
 
 
-def _named(templates: list[str], h: grouping.Headline) -> list[str]:
-    """Column titles named by a headline metric: val acc, Δ acc vs fp32 (val bpb, Δ bpb for a language model)."""
-    return [c.format(label=h.label, short=h.name.removeprefix("val_")) for c in templates]
+def _rate(rows: list[Row]) -> tuple[str, str]:
+    """The throughput to show, (metric, unit): tokens/s where every finished job measured it (language models; what
+    their users compare), else samples/s. Speedups are the same either way: a job and its baseline share the
+    sequence length."""
+    done = [r for r in rows if r.mark == "ok"]
+    if done and all(r.metric(grouping.TOKENS) for r in done):
+        return grouping.TOKENS, "tokens/s"
+    return grouping.THROUGHPUT, "samples/s"
+
+
+def _named(templates: list[str], h: grouping.Headline, rate: str) -> list[str]:
+    """Column titles named by a headline metric and a throughput unit: val acc, Δ acc vs fp32, samples/s (val bpb,
+    Δ bpb, tokens/s for a language model)."""
+    return [c.format(label=h.label, short=h.name.removeprefix("val_"), rate=rate) for c in templates]
 
 
 def columns(rows: list[Row]) -> list[str]:
-    """COLUMNS, named by the jobs' headline metric."""
-    return _named(COLUMNS, _headline(rows))
+    """COLUMNS, named by the jobs' headline metric and throughput unit."""
+    return _named(COLUMNS, _headline(rows), _rate(rows)[1])
 
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
     """The report's table cells, one list per job."""
     from mprun.precision import can_carry_loss_scale  # imports torch: here, not at start-up
 
-    h = _headline(rows)
+    h, (rate, _) = _headline(rows), _rate(rows)
     out = []
     for r in rows:
         d = r.delta(h.key)
@@ -251,8 +262,8 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
                 r.mark,
                 _fmt(r.metric(h.key), ".4f"),
                 "—" if d is None or not math.isfinite(d) else f"{h.show(d, sign=True)} {h.unit}",
-                _fmt(r.metric("final/samples_per_s"), ",.0f"),
-                _fmt(r.ratio("final/samples_per_s"), ".2f", "×" + SINGLE_EPOCH * r.single_epoch_speed),
+                _fmt(r.metric(rate), ",.0f"),
+                _fmt(r.ratio(grouping.THROUGHPUT), ".2f", "×" + SINGLE_EPOCH * r.single_epoch_speed),
                 _fmt(r.metric("final/data_wait_frac"), ".0%"),
                 _fmt(r.metric("final/peak_mem_mib"), ",.0f"),
                 _fmt(r.ratio("final/peak_mem_mib"), ".2f", "×"),
@@ -271,7 +282,7 @@ GROUP_COLUMNS = [
     "{label} (mean ± sd)",
     "Δ {short} vs fp32 (95% CI)",
     "verdict",
-    "samples/s (median, min–max)",
+    "{rate} (median, min–max)",
     "speedup",
     "peak MiB",
     "mem ratio",
@@ -291,7 +302,8 @@ def _spread(values: list[float], spec: str) -> str:
 
 def group_columns(groups: list[grouping.Group]) -> list[str]:
     """GROUP_COLUMNS, with a setting column first when the sweep varied more than precision and seed."""
-    named = _named(GROUP_COLUMNS, groups[0].headline if groups else grouping.HEADLINES["val_acc"])
+    rate = _rate([r for g in groups for r in g.rows])[1]
+    named = _named(GROUP_COLUMNS, groups[0].headline if groups else grouping.HEADLINES["val_acc"], rate)
     return (["setting"] if any(grouping.setting(g, groups) for g in groups) else []) + named
 
 
@@ -299,6 +311,7 @@ def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
     """The group table's cells, one list per group."""
     out = []
     settings = [grouping.setting(g, groups) for g in groups]
+    rate = _rate([r for g in groups for r in g.rows])[0]
     for g, setting in zip(groups, settings):
         values = g.values(g.headline.key)
         acc = grouping.mean_sd(values) if values else "—"
@@ -311,7 +324,7 @@ def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
             acc,
             g.delta_text(),
             g.verdict,
-            _spread(g.values(grouping.THROUGHPUT), ",.0f"),
+            _spread(g.values(rate), ",.0f"),
             _fmt(g.ratio(grouping.THROUGHPUT), ".2f", "×" + SINGLE_EPOCH * any(r.single_epoch_speed for r in g.used)),
             _fmt(g.median(grouping.MEMORY), ",.0f"),
             _fmt(g.ratio(grouping.MEMORY), ".2f", "×"),
@@ -426,7 +439,7 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
     else:
         notes.append(
             "Baseline: the finished fp32 job with the same other overrides (loss-scaler settings aside; one "
-            "that asked for precision=fp32 before one that auto resolved to it). Speedup = samples/s ÷ "
+            "that asked for precision=fp32 before one that auto resolved to it). Speedup = throughput ÷ "
             "baseline's; mem ratio = peak memory ÷ baseline's."
         )
     cpu = [r for r in rows if r.mem_kind == "process_peak_rss"]
@@ -571,7 +584,8 @@ def plot(groups: list[grouping.Group], out_dir: Path) -> list[str]:
         # allocator), which says little of it: there the bars show the parameter and optimizer-state bytes.
         gpu = all(r.mem_kind == "cuda_max_allocated" for g in done for r in g.used)
         memory = (grouping.MEMORY, "Peak GPU memory") if gpu else (grouping.STATE, "Parameters + optimizer state")
-        for axis, key, title, unit in ((left, grouping.THROUGHPUT, "Throughput", "samples/s"), (right, *memory, "MiB")):
+        rate = _rate([r for g in done for r in g.rows])
+        for axis, key, title, unit in ((left, rate[0], "Throughput", rate[1]), (right, *memory, "MiB")):
             medians = [g.median(key) or 0 for g in done]
             spans = [g.values(key) or [0.0] for g in done]
             errors = [[m - min(v) for m, v in zip(medians, spans)], [max(v) - m for m, v in zip(medians, spans)]]

@@ -873,18 +873,24 @@ def test_a_language_model_group_is_judged_on_bits_per_byte_where_lower_is_better
     assert report.group_columns(made)[2:4] == ["val bpb (mean ± sd)", "Δ bpb vs fp32 (95% CI)"]
 
 
-def test_the_job_table_shows_the_tasks_headline_metric() -> None:
+def test_the_job_table_shows_the_tasks_headline_metric_and_throughput_unit() -> None:
     """A language-model sweep's job table showed val acc (next-token accuracy) and its Δ in pp, while its group table
-    and verdicts go by val bpb."""
-    for headline, values, shown in (
-        ("val_acc", (0.9916, 0.9944), ["val acc", "Δ acc vs fp32", "0.9944", "+0.28 pp"]),
-        ("val_bpb", (3.41, 3.30), ["val bpb", "Δ bpb vs fp32", "3.3000", "-0.110 bits"]),
+    and verdicts go by val bpb; and samples/s (sequences), where its users count tokens/s."""
+    from mprun import groups
+
+    for headline, values, tokens, shown in (
+        ("val_acc", (0.9916, 0.9944), None, ["val acc", "Δ acc vs fp32", "samples/s", "0.9944", "+0.28 pp", "150"]),
+        ("val_bpb", (3.41, 3.30), 64, ["val bpb", "Δ bpb vs fp32", "tokens/s", "3.3000", "-0.110 bits", "9,600"]),
     ):
         rows = [_row(0, "fp32", samples_per_s=100.0), _row(1, "bf16", samples_per_s=150.0)]
         for row, value in zip(rows, values):
             row.headline, row.metrics[f"final/{headline}"] = headline, value
+            if tokens:
+                row.metrics["final/tokens_per_s"] = tokens * row.metrics["final/samples_per_s"]
         rows[1].baseline = rows[0]
-        assert report.columns(rows)[4:6] + report.table_rows(rows)[1][4:6] == shown
+        assert report.columns(rows)[4:7] + report.table_rows(rows)[1][4:7] == shown
+        assert report.table_rows(rows)[1][7] == "1.50×"  # the same speedup either way
+        assert report.group_columns(groups.group(rows))[5] == f"{shown[2]} (median, min–max)"
         rows[1].metrics[f"final/{headline}"] = float("nan")  # a diverged job: no Δ to show
         assert report.table_rows(rows)[1][4:6] == ["—", "—"]
 
