@@ -376,15 +376,15 @@ class Report:
 
     def tags(self) -> dict[str, str]:
         """What the parent run gets, to be read in the MLflow UI without opening the report."""
-        best = {"mprun.best_setting": " | ".join(self.best())[:5000]} if self.best() else {}
+        best = {"mprun.best_setting": " | ".join(lines)[:5000]} if (lines := self.best()) else {}
         return {"mprun.recommendation": " | ".join(self.recommendation())[:5000], **best, **grouping.tags(self.groups)}
 
     def markdown(self, plots: list[str]) -> str:
         lines = [f"# Precision comparison: sweep {self.parent_id}", ""]
         lines += [f"**{line}**" for line in self.recommendation()] + [""]
-        if self.best():
+        if best := self.best():
             lines += ["Best setting per precision, on the mean over its seeds:", ""]
-            lines += [f"- {line}" for line in self.best()] + [""]
+            lines += [f"- {line}" for line in best] + [""]
         lines += ["## By precision (seeds together)", ""]
         lines += _table(group_columns(self.groups), group_rows(self.groups)) + [""]
         lines += [f"- {n}" for n in self.notes] + [""]

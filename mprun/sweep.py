@@ -159,10 +159,8 @@ def launch_problem(cfg: DictConfig) -> str:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
             return f"{key}={value} must be {rule}"
-    params = cfg.hydra.sweeper.get("params") or {}  # the basic sweeper's lists in a preset (experiment=lr_sweep)
-    lines = [*cfg.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
     try:
-        parsed = OverridesParser.create().parse_overrides(lines)
+        parsed = OverridesParser.create().parse_overrides(sweep_lines(cfg))
     except OverrideParseException as e:  # a preset's list: the command line's were parsed when Hydra composed
         return str(e).replace("\n", "; ")
     for override in parsed:
@@ -188,12 +186,17 @@ def launch_problem(cfg: DictConfig) -> str:
     return ""
 
 
-def varied_keys(cfg: DictConfig) -> list[str]:
-    """The keys a sweep varies: sweep overrides on the command line (a=1,2) and hydra.sweeper.params."""
-    parsed = OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task))
-    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+def sweep_lines(cfg: DictConfig) -> list[str]:
+    """A multirun's overrides as its sweeper reads them: the command line's, then hydra.sweeper.params' (a preset's
+    lists, experiment=lr_sweep; Optuna's search space)."""
     params = cfg.hydra.sweeper.get("params") or {}
-    return keys + [k for k in params if k not in keys]
+    return [*cfg.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+
+
+def varied_keys(cfg: DictConfig) -> list[str]:
+    """The keys a sweep varies: its sweep overrides (a=1,2), on the command line and in hydra.sweeper.params."""
+    parsed = OverridesParser.create().parse_overrides(sweep_lines(cfg))
+    return list(dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override()))
 
 
 class Sweep:
