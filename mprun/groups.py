@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 SEED = "trainer.seed"
 THROUGHPUT = "final/samples_per_s"
 TOKENS = "final/tokens_per_s"  # a language model's throughput, in its users' unit
+MFU = "final/mfu"  # a language model's model FLOPs utilization, on a GPU
 MEMORY = "final/peak_mem_mib"
 STATE = "final/param_state_mib"  # parameters and optimizer state: what a storage dtype (bf16_pure) changes
 SKIPPED = "final/skipped_steps"

@@ -241,9 +241,19 @@ def _named(templates: list[str], h: grouping.Headline, rate: str) -> list[str]:
     return [c.format(label=h.label, short=h.name.removeprefix("val_"), rate=rate) for c in templates]
 
 
+def _with_mfu(rows: list[Row], cells: list[str], mfu: str, table: list[str] = COLUMNS) -> list[str]:
+    """A row of `table`'s cells with the MFU one after the speedup, where a job measured it (a language model on a
+    GPU: the share of the GPU's peak matmul rate in the run's dtype it reached); else as they are. Cells ahead of the
+    table's columns (the group table's setting) are counted in."""
+    if not any(r.metric(grouping.MFU) for r in rows):
+        return cells
+    at = len(cells) - len(table) + table.index("speedup") + 1
+    return [*cells[:at], mfu, *cells[at:]]
+
+
 def columns(rows: list[Row]) -> list[str]:
-    """COLUMNS, named by the jobs' headline metric and throughput unit."""
-    return _named(COLUMNS, _headline(rows), _rate(rows)[1])
+    """COLUMNS, named by the jobs' headline metric and throughput unit (and MFU where a job measured it)."""
+    return _with_mfu(rows, _named(COLUMNS, _headline(rows), _rate(rows)[1]), "MFU")
 
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
@@ -273,6 +283,7 @@ def table_rows(rows: list[Row]) -> list[list[str]]:
                 _fmt(r.worst_underflow(), ".1%"),
             ]
         )
+        out[-1] = _with_mfu(rows, out[-1], _fmt(r.metric(grouping.MFU), ".1%"))
     return out
 
 
@@ -302,16 +313,18 @@ def _spread(values: list[float], spec: str) -> str:
 
 def group_columns(groups: list[grouping.Group]) -> list[str]:
     """GROUP_COLUMNS, with a setting column first when the sweep varied more than precision and seed."""
-    rate = _rate([r for g in groups for r in g.rows])[1]
-    named = _named(GROUP_COLUMNS, groups[0].headline if groups else grouping.HEADLINES["val_acc"], rate)
-    return (["setting"] if any(grouping.setting(g, groups) for g in groups) else []) + named
+    rows = [r for g in groups for r in g.rows]
+    named = _named(GROUP_COLUMNS, groups[0].headline if groups else grouping.HEADLINES["val_acc"], _rate(rows)[1])
+    named = (["setting"] if any(grouping.setting(g, groups) for g in groups) else []) + named
+    return _with_mfu(rows, named, "MFU", GROUP_COLUMNS)
 
 
 def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
     """The group table's cells, one list per group."""
     out = []
     settings = [grouping.setting(g, groups) for g in groups]
-    rate = _rate([r for g in groups for r in g.rows])[0]
+    rows = [r for g in groups for r in g.rows]
+    rate = _rate(rows)[0]
     for g, setting in zip(groups, settings):
         values = g.values(g.headline.key)
         acc = grouping.mean_sd(values) if values else "—"
@@ -331,7 +344,8 @@ def group_rows(groups: list[grouping.Group]) -> list[list[str]]:
             _fmt(g.median(grouping.STATE), ",.1f"),
             _spread(g.values(grouping.SKIPPED), ".0f"),
         ]
-        out.append(([setting or "—"] if any(settings) else []) + cells)
+        cells = ([setting or "—"] if any(settings) else []) + cells
+        out.append(_with_mfu(rows, cells, _fmt(g.median(grouping.MFU), ".1%"), GROUP_COLUMNS))
     return out
 
 

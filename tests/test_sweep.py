@@ -891,8 +891,18 @@ def test_the_job_table_shows_the_tasks_headline_metric_and_throughput_unit() -> 
         assert report.columns(rows)[4:7] + report.table_rows(rows)[1][4:7] == shown
         assert report.table_rows(rows)[1][7] == "1.50×"  # the same speedup either way
         assert report.group_columns(groups.group(rows))[5] == f"{shown[2]} (median, min–max)"
+        assert "MFU" not in report.columns(rows) + report.group_columns(groups.group(rows))
         rows[1].metrics[f"final/{headline}"] = float("nan")  # a diverged job: no Δ to show
         assert report.table_rows(rows)[1][4:6] == ["—", "—"]
+    # A language model on a GPU measures its MFU: a column after the speedup, in both tables.
+    for row, mfu in zip(rows, (0.31, 0.42)):
+        row.metrics["final/mfu"] = mfu
+    assert report.columns(rows)[7:9] == ["speedup", "MFU"] and report.table_rows(rows)[1][7:9] == ["1.50×", "42.0%"]
+    made = groups.group(rows)
+    assert report.group_columns(made)[6:8] == ["speedup", "MFU"] and report.group_rows(made)[1][6:8] == [
+        "1.50×",
+        "42.0%",
+    ]
 
 
 def test_precision_settings_that_change_nothing_in_fp32_split_groups_but_share_the_fp32_baseline() -> None:
