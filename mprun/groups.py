@@ -47,6 +47,11 @@ class Headline:
     def label(self) -> str:
         return self.name.replace("_", " ")
 
+    @property
+    def short(self) -> str:
+        """What a difference of it is called: acc, bpb (Δ acc, Δ bpb)."""
+        return self.name.removeprefix("val_")
+
     def show(self, value: float, sign: bool = False) -> str:
         return f"{self.scale * value:{'+' if sign else ''}.{self.digits}f}"
 
@@ -59,6 +64,13 @@ HEADLINES = {
         Headline("val_loss", False, 1.0, "nats", 3),
     )
 }
+
+
+def headline_of(rows: list[Row]) -> Headline:
+    """What jobs are judged on: their task's headline metric (val acc; val bpb for a byte-level language model), as a
+    finished job says it (one that failed before its task was known has no mprun.headline tag)."""
+    said = next((r.headline for r in rows if r.mark == "ok"), rows[0].headline if rows else "")
+    return HEADLINES.get(said, HEADLINES["val_acc"])
 
 
 @dataclass(frozen=True)
@@ -152,7 +164,7 @@ class Group:
 
     @property
     def headline(self) -> Headline:
-        return HEADLINES.get(self.rows[0].headline, HEADLINES["val_acc"])
+        return headline_of(self.rows)
 
     @property
     def used(self) -> list[Row]:
@@ -197,7 +209,7 @@ class Group:
     @property
     def delta_name(self) -> str:
         """Δacc, Δbpb."""
-        return "Δ" + self.headline.name.removeprefix("val_")
+        return "Δ" + self.headline.short
 
     def delta_text(self) -> str:
         """'-0.09 ± 0.30 pp' (the interval's half-width), or '-0.09 pp' without one; bits or nats for a language

@@ -218,13 +218,6 @@ COLUMNS = [
 SINGLE_EPOCH = "†"
 
 
-def _headline(rows: list[Row]) -> grouping.Headline:
-    """What the jobs are judged on: their task's headline metric (val acc; val bpb for a byte-level language model),
-    as a finished job says it (one that failed early has no mprun.headline tag)."""
-    said = next((r.headline for r in rows if r.mark == "ok"), rows[0].headline if rows else "")
-    return grouping.HEADLINES.get(said, grouping.HEADLINES["val_acc"])
-
-
 def _rate(rows: list[Row]) -> tuple[str, str]:
     """The throughput to show, (metric, unit): tokens/s where every finished job measured it (language models; what
     their users compare), else samples/s. Speedups are the same either way: a job and its baseline share the
@@ -238,7 +231,7 @@ def _rate(rows: list[Row]) -> tuple[str, str]:
 def _named(templates: list[str], h: grouping.Headline, rate: str) -> list[str]:
     """Column titles named by a headline metric and a throughput unit: val acc, Δ acc vs fp32, samples/s (val bpb,
     Δ bpb, tokens/s for a language model)."""
-    return [c.format(label=h.label, short=h.name.removeprefix("val_"), rate=rate) for c in templates]
+    return [c.format(label=h.label, short=h.short, rate=rate) for c in templates]
 
 
 def _with_mfu(rows: list[Row], cells: list[str], mfu: str, table: list[str] = COLUMNS) -> list[str]:
@@ -253,14 +246,14 @@ def _with_mfu(rows: list[Row], cells: list[str], mfu: str, table: list[str] = CO
 
 def columns(rows: list[Row]) -> list[str]:
     """COLUMNS, named by the jobs' headline metric and throughput unit (and MFU where a job measured it)."""
-    return _with_mfu(rows, _named(COLUMNS, _headline(rows), _rate(rows)[1]), "MFU")
+    return _with_mfu(rows, _named(COLUMNS, grouping.headline_of(rows), _rate(rows)[1]), "MFU")
 
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
     """The report's table cells, one list per job."""
     from mprun.precision import can_carry_loss_scale  # imports torch: here, not at start-up
 
-    h, (rate, _) = _headline(rows), _rate(rows)
+    h, (rate, _) = grouping.headline_of(rows), _rate(rows)
     out = []
     for r in rows:
         d = r.delta(h.key)
@@ -314,7 +307,7 @@ def _spread(values: list[float], spec: str) -> str:
 def group_columns(groups: list[grouping.Group]) -> list[str]:
     """GROUP_COLUMNS, with a setting column first when the sweep varied more than precision and seed."""
     rows = [r for g in groups for r in g.rows]
-    named = _named(GROUP_COLUMNS, groups[0].headline if groups else grouping.HEADLINES["val_acc"], _rate(rows)[1])
+    named = _named(GROUP_COLUMNS, grouping.headline_of(rows), _rate(rows)[1])
     named = (["setting"] if any(grouping.setting(g, groups) for g in groups) else []) + named
     return _with_mfu(rows, named, "MFU", GROUP_COLUMNS)
 
@@ -442,7 +435,7 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
         # diverged
         unusable = [r for r in rows if (is_baseline(r.precision) or is_baseline(r.requested)) and r.mark != "ok"]
         notes.append(
-            f"No finished fp32 job to compare with: Δ {_headline(rows).name.removeprefix('val_')}, speedup and "
+            f"No finished fp32 job to compare with: Δ {grouping.headline_of(rows).short}, speedup and "
             "memory ratio are not computed. "
             + (
                 f"The fp32 job {unusable[0].num} is {unusable[0].mark.strip('*')}."
@@ -464,11 +457,11 @@ def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> li
             "memory plot shows parameter and optimizer-state bytes (param+state MiB) instead."
         )
     groups = grouping.group(rows) if groups is None else groups
-    h = _headline(rows)
+    h = grouping.headline_of(rows)
     if any(len(g.rows) > 1 for g in groups):
         notes.append(
             f"By precision: the jobs that differ only in trainer.seed. {h.label} is their mean ± sample sd over the "
-            f"finished jobs; Δ {h.name.removeprefix('val_')} is the difference from the fp32 group's mean with a 95% "
+            f"finished jobs; Δ {h.short} is the difference from the fp32 group's mean with a 95% "
             "Welch t interval; "
             "'within noise' when that interval contains 0. Throughput and memory are medians over the seeds, "
             "speedup and mem ratio medians over the fp32 group's."

@@ -865,6 +865,11 @@ def test_a_language_model_group_is_judged_on_bits_per_byte_where_lower_is_better
     fp32 = lm("fp32", [3.40, 3.42, 3.41], 100.0)
     made = groups.group(fp32 + lm("bf16", [3.30, 3.31, 3.29], 150.0) + lm("fp16", [3.60, 3.61, 3.62], 160.0))
     assert [g.verdict for g in made] == ["baseline", "better", "worse"]  # fewer bits is better
+    # A job that failed before its task was known has no mprun.headline tag: its group still goes by bits.
+    early = _row(9, "bf16?", status="FAILED")
+    early.requested, early.others = "bf16", ("trainer.seed=4",)
+    made = groups.group([*fp32, early, *lm("bf16", [3.30, 3.31, 3.29], 150.0)])
+    assert made[1].headline.name == "val_bpb" and made[1].verdict == "better"
     assert made[1].delta_text().startswith("−0.110 ± ") and made[1].delta_text().endswith(" bits")
     [line] = groups.recommendation(made)
     assert line.startswith("pick bf16: 1.50× fp32's throughput, 1.00× memory, Δbpb −0.110 ± ")
