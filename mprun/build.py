@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,18 +12,20 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mprun import distributed, models, numerics, probe
+from mprun import distributed, guest, models, numerics, probe, userdata
 from mprun.data import DataBundle
 from mprun.distributed import SINGLE, Strategy, World
-from mprun.errors import ConfigError
+from mprun.errors import ConfigError, MprunError
 from mprun.hardware import resolve_device, set_math_flags
 from mprun.loop import TrainerConfig, Training, planned_steps
 from mprun.optim import implementation, prepare
 from mprun.precision import Precision, PrecisionConfig
 from mprun.tracking import Tracker
+
+log = logging.getLogger("mprun")
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Components(Training):
     total_steps: int
     fp32_modules: list[str]  # modules precision.fp32_modules matched, kept out of autocast
     strategy: Strategy
+    model_inputs: dict[str, Any]  # what the data decided and mprun passed to the model's callable
 
 
 def seed_everything(seed: int) -> None:
@@ -47,9 +51,43 @@ def tracker(cfg: DictConfig) -> Tracker:
     return instantiate(cfg.tracking, _convert_="all")(output_root=cfg.paths.output_root)
 
 
-def dataset(cfg: DictConfig, seed: int, device: torch.device) -> DataBundle:
-    """The configured dataset and its loaders."""
-    return instantiate(cfg.dataset, _convert_="all")(seed=seed, device=device)
+def dataset(cfg: DictConfig, seed: int, device: torch.device, spec: Any = None, task: Any = None) -> DataBundle:
+    """The configured dataset and its loaders. `spec`: the validated dataset group, where it is a project's own
+    (userdata.UserDatasetConfig); `task`: model.task, where a project's model names one."""
+    if not isinstance(spec, userdata.UserDatasetConfig):
+        return instantiate(cfg.dataset, _convert_="all")(seed=seed, device=device)
+    splits, _ = _user_call("dataset", spec._target_, spec.kwargs, {}, user_roots(cfg))
+    return userdata.bundle(splits, spec._target_, _option(cfg, "dataset"), spec, task, seed, device)
+
+
+def user_roots(cfg: DictConfig) -> tuple[Path, ...]:
+    """Where the project's own code of this config lives (its model's and dataset's packages)."""
+    return guest.roots_of([cfg.model.get("_target_"), cfg.dataset.get("_target_")])
+
+
+def _user_call(
+    key: str, path: str, kwargs: dict[str, Any], facts: dict[str, Any], roots: tuple[Path, ...]
+) -> tuple[Any, dict[str, Any]]:
+    """A project's callable, called with its config keys (nested `_target_`s built) and the facts its signature asks
+    for; returns what it returned and the facts passed."""
+    target = guest.locate(key, path)
+    passed = guest.arguments(key, path, target, kwargs, facts)
+    built = guest.call(key, path, lambda: instantiate(OmegaConf.create(kwargs), _convert_="all"), roots)
+    return guest.call(key, path, lambda: target(**built, **passed), roots), passed
+
+
+def _model(cfg: DictConfig, spec: Any, data: DataBundle, example: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
+    """The configured model, and what the data decided for it: a schema's builder takes its task's inputs; a
+    project's callable takes each fact of the data its signature names."""
+    if not isinstance(spec, guest.UserModelConfig):
+        inputs = data.model_inputs()
+        return instantiate(cfg.model, _convert_="all")(**inputs), inputs
+    module, passed = _user_call("model", spec._target_, spec.kwargs, data.facts(example), user_roots(cfg))
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"model._target_={spec._target_} returned {type(module).__name__}, not a torch.nn.Module")
+    given = ", ".join(f"{k}={v}" for k, v in passed.items()) or "nothing"
+    log.info("model %s: passed %s from dataset=%s", spec._target_, given, data.name)
+    return module, passed
 
 
 def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) -> Components:
@@ -58,23 +96,23 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     device = resolve_device(trainer.device, world.local_rank)
     wanted: PrecisionConfig = checked["precision"]
     seed_everything(trainer.seed)
-    data = dataset(cfg, trainer.seed, device)
+    data = dataset(cfg, trainer.seed, device, checked["dataset"], getattr(checked["model"], "task", None))
+    check_task(cfg, checked, data.task.name)
     data.train.shard(world.rank, world.size)
     data.val.shard(world.rank, world.size)  # each rank evaluates its share; evaluate() sums over ranks
     model_name = _model_label(cfg)
-    inputs = data.model_inputs()
+    batch = tuple(t.to(device) for t in data.example_batch())
     try:
-        module: nn.Module = instantiate(cfg.model, _convert_="all")(**inputs)
-    except ConfigError:
+        module, inputs = _model(cfg, checked["model"], data, batch[0])
+    except MprunError:
         raise
     except (AssertionError, ValueError, RuntimeError) as e:  # e.g. a ViT patch larger than the image
-        given = ", ".join(f"{k}={v}" for k, v in inputs.items())
+        given = ", ".join(f"{k}={v}" for k, v in data.model_inputs().items())
         raise ConfigError(f"{model_name} cannot be built for dataset={data.name} ({given}): {e}") from e
     # Model transforms before moving/compiling: fp32 islands run outside autocast.
     fp32_modules = numerics.keep_fp32(module, wanted.fp32_modules, device.type) if wanted.fp32_modules else []
     memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
     module = module.to(device, memory_format=memory_format)
-    batch = tuple(t.to(device) for t in data.example_batch())
     models.check_fits(
         module,
         batch[0][:2],
@@ -83,6 +121,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
         model_name,
         data.name,
         task=data.task,
+        roots=user_roots(cfg),
     )
     # On a CPU, auto (and the emulation warning of an explicit bf16/fp16) go by this model's measured speed: rank 0
     # measures (and keeps the result under the outputs root), and every rank takes its result, so all pick alike.
@@ -117,14 +156,15 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
         total_steps=total,
         fp32_modules=fp32_modules,
         strategy=trainer.strategy,
+        model_inputs=inputs,
     )
 
 
-def check_task(cfg: DictConfig, checked: dict[str, Any]) -> None:
+def check_task(cfg: DictConfig, checked: dict[str, Any], task: str | None = None) -> None:
     """The model can serve the dataset's task: checked from their configs, before the store is reached or the data
-    read."""
-    task, served = checked["dataset"].TASK, checked["model"].TASKS
-    if task not in served:
+    read; a project's own dataset has its task from its items (`task`), once they are read."""
+    task, served = task or checked["dataset"].TASK, checked["model"].TASKS
+    if task is not None and task not in served:
         chosen = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() else None
         data = chosen or cfg.dataset.get("_target_", "?").rsplit(".", 1)[-1]
         raise ConfigError(
@@ -142,3 +182,9 @@ def _model_label(cfg: DictConfig) -> str:
     name = cfg.model.get("name")
     parts = ([f"model={chosen}"] if chosen else []) + ([f"model.name={name}"] if name and name != chosen else [])
     return " ".join(parts) or f"model {cfg.model.get('_target_', '?').rsplit('.', 1)[-1]}"
+
+
+def _option(cfg: DictConfig, group: str) -> str:
+    """The option the command line chose for a group (`blobs`), or the last part of its _target_."""
+    chosen = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    return chosen or str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]

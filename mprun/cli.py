@@ -21,8 +21,8 @@ from hydra.errors import CompactHydraException, ConfigCompositionException, Over
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from mprun import config, sweep  # noqa: E402
-from mprun.errors import ConfigError, MprunError, NumericsError  # noqa: E402
+from mprun import config, configdirs, sweep  # noqa: E402
+from mprun.errors import ConfigError, MprunError, NumericsError, UserCodeError  # noqa: E402
 
 log = logging.getLogger("mprun")
 config.register()
@@ -31,7 +31,7 @@ config.register()
 # ending. Freezing them first (at exit, so no run's garbage is kept) skips it: docs/benchmarks.md, "Process exit".
 atexit.register(gc.freeze)
 # Absolute, so Hydra reads it as a directory: under `python -m` a relative path is taken as a module.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(configdirs.SHIPPED)
 LOG_FILE = "mprun.log"  # Hydra's job log in the run directory (hydra.job.name=mprun)
 
 
@@ -99,7 +99,9 @@ def _main(cfg: DictConfig) -> float:
             log.error("%s", message)
             raise JobFailed(f"{message} (job {job.num}: {','.join(job.varied)})") from e  # whole keys
         print(message, file=sys.stderr, flush=True)
-        _leave_a_record(message, bad_input=isinstance(e, ConfigError), output_root=Path(cfg.paths.output_root))
+        # The user's code failing before anything was written leaves nothing either.
+        clean = isinstance(e, (ConfigError, UserCodeError))
+        _leave_a_record(message, bad_input=clean, output_root=Path(cfg.paths.output_root))
         sys.exit(2 if isinstance(e, ConfigError) else 1)  # a user's mistake exits 2, like argparse
     if summary["stop_signal"]:
         if not summary["interrupted"]:
@@ -144,7 +146,13 @@ def _leave_a_record(message: str, bad_input: bool, output_root: Path) -> None:
 
 def main() -> None:
     """Run the Hydra app; a multirun's parent run is closed however it ends. The process's signal handling and
-    exit codes for signals are mprun.__main__'s."""
+    exit codes for signals are mprun.__main__'s. A conf/ in the launch directory is searched before mprun's own
+    (configdirs), and the launch directory is importable: a project's models and datasets live there."""
+    cwd = Path.cwd()
+    sys.argv[1:], project = configdirs.with_project(sys.argv[1:], cwd)
+    for note in configdirs.replacement_notes(project) if project else []:
+        print(note, file=sys.stderr, flush=True)
+    configdirs.launch_dir_importable(cwd)
     try:
         _main()
     except BaseException as e:

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from mprun import data, gpt, loop, lstm, models, optim, precision, text, textfolder, tracking
+from mprun import data, gpt, guest, loop, lstm, models, optim, precision, text, textfolder, tracking, userdata
 from mprun.errors import ConfigError, first_line
 
 # Settings that change where and how a run is recorded or continued, not what it computes: a resume may change them
@@ -72,10 +72,17 @@ class ReportConfig:
             raise ConfigError(f"tolerance_pp: must be >= 0 (percentage points), got {self.tolerance_pp}")
 
 
+def _open() -> DictConfig:
+    """model and dataset stay open to new keys (Hydra closes the rest of the config): a project's own YAML has no
+    schema, and `dataset.batch_size=32` or `model.hidden=256` must set a key its file leaves to a default. `validate`
+    rejects a key that an option's schema, or the user's callable, does not take."""
+    return OmegaConf.create({}, flags={"struct": False})
+
+
 @dataclass
 class Config:
-    model: Any = MISSING
-    dataset: Any = MISSING
+    model: Any = dataclasses.field(default_factory=_open)
+    dataset: Any = dataclasses.field(default_factory=_open)
     optimizer: Any = MISSING
     scheduler: Any = MISSING
     precision: precision.PrecisionConfig = MISSING
@@ -188,6 +195,9 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     _known(cfg.keys(), Config.__dataclass_fields__, "")
     checked = {}
     for group in Config.__dataclass_fields__:
+        if group in _USER_BUILT and OmegaConf.get_type(cfg[group]) is dict:
+            checked[group] = _user_built(group, cfg[group])
+            continue
         try:
             checked[group] = OmegaConf.to_object(cfg[group])
         except ConfigError as e:
@@ -199,3 +209,35 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"{group}: {first_line(e)}") from None
         _known(cfg[group].keys(), [f.name for f in dataclasses.fields(checked[group])], f"{group}.")
     return checked
+
+
+_USER_BUILT = ("model", "dataset")  # groups whose option may be a project's own YAML, schema-less, by _target_
+
+
+def _user_built(group: str, node: DictConfig) -> Any:
+    """A project's own model or dataset YAML (no schema): mprun's keys checked and kept, the rest for its callable."""
+    values = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    if "_target_" not in values:
+        raise ConfigError(
+            f"{group}._target_: missing; a {group} of your own names the callable that builds it "
+            f"(_target_: mylab.{'nets.Wide' if group == 'model' else 'data.blobs'}), or choose one of mprun's {group}s"
+        )
+    if group == "model":
+        task = values.pop("task", None)
+        tasks = ("classification", "text_classification", "language_model")
+        if task is not None and task not in tasks:
+            raise ConfigError(f"model.task={task}: must be one of {', '.join(tasks)}")
+        target = values.pop("_target_")
+        values.pop("_partial_", None)
+        return guest.UserModelConfig(target, task, values)
+    own = {k: values.pop(k) for k in userdata.DATASET_KEYS if k in values}
+    for key in ("batch_size", "prefetch_factor", "num_classes", "vocab_size"):
+        value = own.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"dataset.{key}={value}: must be an integer")
+    if "num_workers" in own:
+        own["num_workers"] = str(own["num_workers"])
+    try:
+        return userdata.UserDatasetConfig(**own, kwargs=values)
+    except ConfigError as e:
+        raise ConfigError(f"dataset.{e}") from None

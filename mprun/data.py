@@ -155,6 +155,22 @@ class DataBundle:
         and classes; a text classifier's vocabulary and classes; a language model's vocabulary and context)."""
         return {key: getattr(self, key) for key in self.task.inputs}
 
+    def facts(self, example: torch.Tensor) -> dict[str, Any]:
+        """What the data decides that a project's model may take, by name (mprun passes each one its signature
+        names): a classifier's num_classes, input_shape and in_features, and an image's in_chans and image_size; a
+        text classifier's vocab_size; a language model's vocab_size and block_size (its window). `example`: a batch
+        of inputs."""
+        if self.task.per_position:
+            return {"vocab_size": self.vocab_size, "block_size": self.context}
+        shape = tuple(example.shape[1:])
+        out: dict[str, Any] = {"num_classes": self.num_classes, "input_shape": shape}
+        if self.vocab_size:
+            return {**out, "vocab_size": self.vocab_size}
+        out["in_features"] = int(np.prod(shape))
+        if len(shape) == 3:
+            out.update(in_chans=shape[0], image_size=shape[1:])
+        return out
+
     def example_batch(self) -> Batch:
         """The first validation batch: for checking that a model fits, and for timing it (mprun.probe)."""
         return next(iter(self.val))

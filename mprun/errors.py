@@ -21,6 +21,15 @@ class NumericsError(MprunError, RuntimeError):
         self.report = report
 
 
+class UserCodeError(MprunError):
+    """The user's own code (a model or dataset named by `_target_`) raised: the message names the key, and `frames`
+    are the user's frames, shown below it without mprun's."""
+
+    def __init__(self, message: str, frames: str) -> None:
+        super().__init__(f"{message}\n{frames}")
+        self.frames = frames
+
+
 class TrackingLost(MprunError, RuntimeError):
     """The tracking store went away mid-run and tracking.on_unreachable=fail says stop."""
 

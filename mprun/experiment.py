@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import mprun
-from mprun import build, checkpoint, config, distributed, hardware, numerics, resume, summary
+from mprun import build, checkpoint, config, distributed, guest, hardware, numerics, resume, summary
 from mprun.build import Components
 from mprun.data import DataBundle
 from mprun.errors import NumericsError
@@ -120,7 +120,13 @@ def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = 
     """Run one experiment from a composed config; returns the summary dict. `job`: its place in a sweep.
     The process-global math flags the run sets are put back as they were when it ends."""
     with hardware.math_flags_restored():
-        return _run(cfg, started if started is not None else time.perf_counter(), job)
+        try:
+            return _run(cfg, started if started is not None else time.perf_counter(), job)
+        except Exception as e:  # raised in a project's own model or dataset: its frames, without mprun's
+            explained = guest.explained(e, {g: cfg[g].get("_target_") for g in ("model", "dataset")})
+            if explained is None:
+                raise
+            raise explained from e
 
 
 def _run(cfg: DictConfig, started: float, job: Optional[JobInfo]) -> dict[str, Any]:
@@ -174,6 +180,8 @@ def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dic
         if not continued:
             params = config.logged_params(OmegaConf.to_container(r.cfg, resolve=True, enum_to_str=True))
             params.update(r.parts.data.source)  # what the data was made from (a corpus's Python and digest)
+            # what the data decided for the model: its callable's arguments that no config key set
+            params.update({f"model.from_data.{k}": v for k, v in r.parts.model_inputs.items()})
             r.tracker.start(params, tags, r.job.name if r.job else None, dataset_records(r.cfg, r.parts.data))
         r.tracker.watch_system(gpu=r.parts.device.type == "cuda", continued=continued)
         return _train_and_close(r, state, guard, stop)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict
 
 import torch
@@ -15,6 +16,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from mprun.errors import ConfigError, first_line, require
+from mprun.guest import user_frames
 from mprun.schema import Buildable
 from mprun.tasks import CLASSIFICATION, Task
 
@@ -182,13 +184,23 @@ def timm_model(
         in_chans=in_chans,
         **_extra(kwargs, ("num_classes", "in_chans", "pretrained")),
     )
-    if "img_size" not in common:  # +model.kwargs.img_size wins
-        try:
-            return timm.create_model(name, img_size=tuple(image_size), **common)
-        except TypeError as e:
-            if "img_size" not in str(e):
-                raise
-    return timm.create_model(name, **common)
+    try:
+        if "img_size" not in common:  # +model.kwargs.img_size wins
+            try:
+                return timm.create_model(name, img_size=tuple(image_size), **common)
+            except TypeError as e:
+                if "img_size" not in str(e):
+                    raise
+        return timm.create_model(name, **common)
+    except OSError as e:  # the hub's "not in the local cache" and every network error are OSErrors
+        if not pretrained:
+            raise
+        raise ConfigError(
+            f"model.name={name}: its pretrained weights cannot be downloaded or found "
+            f"({type(e).__name__}: {first_line(e)}); without network, point at a local file with "
+            "+model.kwargs.pretrained_cfg_overlay.file=/path/to/weights.safetensors (or .pth), or put them in the "
+            "Hugging Face cache (HF_HOME) and set HF_HUB_OFFLINE=1"
+        ) from e
 
 
 def torchvision_model(
@@ -242,11 +254,13 @@ def check_fits(
     dataset_name: str,
     *,
     task: Task = CLASSIFICATION,
+    roots: tuple[Path, ...] = (),
 ) -> None:
     """Run one tiny forward pass in training mode, as the first step will, so that a model/dataset/batch
     mismatch fails now, naming them (model_name as the command line does: `model=vit_b16 model.name=...`), not
     mid-epoch. Buffers (BatchNorm's running statistics) are left as found.
-    smallest_batch: the fewest samples a training batch holds (1 makes BatchNorm fail where 2 work)."""
+    smallest_batch: the fewest samples a training batch holds (1 makes BatchNorm fail where 2 work). roots: where
+    a project's own model code lives; a failure in it shows its frames below the line."""
     example = torch.cat([example, example])[: min(2, smallest_batch)]  # a batch of 1 only when training has one
     buffers = [(b, b.clone()) for b in model.buffers()]
     was_training = model.training
@@ -262,9 +276,10 @@ def check_fits(
             if len(example) == 1
             else ""
         )
+        frames = user_frames(e, roots)
         raise ConfigError(
             f"{model_name} cannot train on dataset={dataset_name} inputs of shape {tuple(example.shape[1:])}{batch}: "
-            f"{first}"
+            f"{first}" + (f"\n{frames}" if frames else "")
         ) from e
     finally:
         model.train(was_training)
@@ -279,8 +294,10 @@ def check_fits(
         "and inception_v3: +model.kwargs.aux_logits=false)",
     )
     expected = task.output_shape(example, num_classes)
+    what = "vocab_size" if task.per_position else "num_classes"
     require(
         tuple(out.shape) == expected,
         f"{model_name} outputs shape {tuple(out.shape[1:])}, dataset={dataset_name} needs {expected[1:]} "
-        f"({num_classes} {'tokens' if task.per_position else 'classes'})",
+        f"({num_classes} {'tokens' if task.per_position else 'classes'}; a model of your own gets {what} from the "
+        "data where its signature has a parameter of that name)",
     )

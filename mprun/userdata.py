@@ -1,0 +1,237 @@
+"""A project's own dataset: a callable, named by `_target_`, that returns (train, val) map-style datasets.
+
+An item is `(input, label)`, a label being an integer class; or, for a language model, a 1-D tensor of token ids
+(the model reads all but the last and predicts each next one) or a pair of such tensors (input, target). mprun works
+out the task, the classes (or the vocabulary) and the input shape from the items, checks them, and serves the splits
+with its own loaders: a seeded order per epoch (so exact resume holds), dataset.batch_size, workers and DDP shards. A
+TensorDataset is served from memory, one index_select per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+from torch.utils.data import Dataset, TensorDataset
+
+from mprun.data import DataBundle, EpochDataLoader, LoaderConfig, TensorLoader
+from mprun.errors import ConfigError, require
+from mprun.tasks import CLASSIFICATION, LANGUAGE_MODEL, TEXT_CLASSIFICATION, Task
+
+log = logging.getLogger("mprun")
+
+_TASKS = {t.name: t for t in (CLASSIFICATION, TEXT_CLASSIFICATION, LANGUAGE_MODEL)}
+_SCAN_NOTE = 50_000  # items read one by one to find the labels: past this, say how to skip it
+
+
+@dataclass
+class UserDatasetConfig(LoaderConfig):
+    """dataset: a project's callable that returns (train, val). Its YAML has no schema: the keys below are mprun's
+    (DATASET_KEYS), every other key goes to the callable."""
+
+    _target_: str = MISSING
+    _partial_: bool = False
+    num_classes: Optional[int] = None  # None: the largest label + 1, over both splits
+    vocab_size: Optional[int] = None  # token inputs; None: the largest token id + 1, over both splits
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    TASK = None  # known once the items are seen
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_classes is not None:
+            require(self.num_classes >= 2, f"num_classes={self.num_classes} must be >= 2")
+        if self.vocab_size is not None:
+            require(self.vocab_size >= 2, f"vocab_size={self.vocab_size} must be >= 2")
+
+
+DATASET_KEYS = ("_target_", "_partial_", "batch_size", "num_workers", "prefetch_factor", "num_classes", "vocab_size")
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return f"a {type(obj).__name__} of {obj.dtype} and shape {tuple(obj.shape)}"
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of {len(obj)}: ({', '.join(_describe(o) for o in obj[:3])})"
+    return f"a {type(obj).__name__}"
+
+
+def _label(value: Any) -> Optional[int]:
+    """An integer class label as an int; None if `value` is not one."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
+def _tokens(value: Any) -> bool:
+    """Whether `value` is a 1-D tensor of integer token ids."""
+    return isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_floating_point() and len(value) > 0
+
+
+def _kind(item: Any, where: str) -> str:
+    """What an item is: 'pair' (input, label), 'tokens' (one window of ids) or 'lm_pair' (input and target ids)."""
+    if _tokens(item):
+        return "tokens"
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        x, y = item
+        if isinstance(x, (torch.Tensor, np.ndarray)) and _label(y) is not None:
+            return "pair"
+        if _tokens(x) and _tokens(y) and len(x) == len(y):
+            return "lm_pair"
+        if isinstance(y, (float, np.floating)) or (isinstance(y, torch.Tensor) and y.is_floating_point()):
+            raise ConfigError(f"dataset: {where} has a label of {_describe(y)}; labels are integer class indices")
+    raise ConfigError(
+        f"dataset: {where} is {_describe(item)}; mprun trains on (input, label) pairs (a tensor and an integer "
+        "class), or, for a language model, 1-D tensors of token ids"
+    )
+
+
+class _Items(Dataset):
+    """A user's split as (input, target) tensors: a window of tokens becomes its input and its next tokens, a
+    float64 input becomes float32 (mprun's storage dtype; autocast decides the compute dtype)."""
+
+    def __init__(self, dataset: Dataset, kind: str) -> None:
+        self.dataset, self.kind = dataset, kind
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        item = self.dataset[index]
+        if self.kind == "tokens":
+            return item[:-1], item[1:]
+        x, y = item
+        x = torch.as_tensor(x)
+        return (x.float() if x.dtype == torch.float64 else x), y
+
+
+def _targets(dataset: Dataset, kind: str, split: str) -> torch.Tensor:
+    """Every label (or token id, for token inputs) of a split, for the classes, the vocabulary and their range: from
+    a TensorDataset's tensors or a `targets` attribute where there is one, else read item by item."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[-1] if kind == "pair" else torch.cat([t.flatten() for t in dataset.tensors])
+    known = getattr(dataset, "targets", None)
+    if kind == "pair" and known is not None and len(known) == len(dataset):
+        return torch.as_tensor(known)
+    if len(dataset) > _SCAN_NOTE:
+        log.info(
+            "reading the %d items of the %s split for its labels (dataset.num_classes skips it)", len(dataset), split
+        )
+    values = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        where = f"item {i} of the {split} split"
+        if _kind(item, where) != kind:
+            raise ConfigError(f"dataset: {where} is {_describe(item)}, unlike item 0 ({kind})")
+        if kind == "pair":
+            values.append(torch.tensor([_label(item[1])]))
+        else:
+            values.append(torch.cat([torch.as_tensor(t) for t in (item if kind == "lm_pair" else [item])]))
+    return torch.cat(values)
+
+
+def _range(values: torch.Tensor, given: Optional[int], key: str, split: str, what: str) -> int:
+    """The count of classes (or tokens): `given`, or the largest value + 1; every value must be in [0, count)."""
+    low, high = int(values.min()), int(values.max())
+    count = given or high + 1
+    if low < 0 or high >= count:
+        bad = low if low < 0 else high
+        set_by = f"dataset.{key}={given}" if given else f"{count} {what}"
+        raise ConfigError(
+            f"dataset: {what[:-1]} {bad} in the {split} split is out of range for {set_by} (0 to {count - 1})"
+        )
+    return count
+
+
+def bundle(
+    splits: Any, path: str, name: str, spec: UserDatasetConfig, task: Optional[str], seed: int, device: torch.device
+) -> DataBundle:
+    """The DataBundle of a user's (train, val), checked; `task`: model.task, where the model names one."""
+    if not (isinstance(splits, (tuple, list)) and len(splits) == 2):
+        raise ConfigError(f"dataset._target_={path} returned {_describe(splits)}; it must return (train, val) datasets")
+    kinds, targets = [], []
+    for split, dataset in zip(("train", "val"), splits):
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise ConfigError(
+                f"dataset: the {split} split from {path} is {_describe(dataset)}, not a map-style Dataset (len() and "
+                "[i]): mprun draws a seeded order of indices each epoch, which exact resume needs"
+            )
+        require(len(dataset) > 0, f"dataset: the {split} split from {path} is empty")
+        kinds.append(_kind(dataset[0], f"item 0 of the {split} split"))
+        targets.append(_targets(dataset, kinds[-1], split))
+    if kinds[0] != kinds[1]:
+        raise ConfigError(f"dataset: the train split's items are {kinds[0]}, the val split's {kinds[1]}")
+    kind = kinds[0]
+    x = torch.as_tensor(_Items(splits[0], kind)[0][0])
+    found = _task(kind, x, task)
+    values = torch.cat(targets)
+    if found.per_position:
+        classes = vocab = _range(values, spec.vocab_size, "vocab_size", "train or val", "tokens")
+    else:
+        classes = _range(values, spec.num_classes, "num_classes", "train or val", "labels")
+        vocab = (
+            _range(torch.cat([_token_ids(s) for s in splits]), spec.vocab_size, "vocab_size", "train or val", "tokens")
+            if found is TEXT_CLASSIFICATION
+            else 0
+        )
+        require(
+            classes >= 2, "dataset: every label is 0; a classifier needs two classes or more (or dataset.num_classes)"
+        )
+    train, val = (_loader(s, kind, spec, shuffle, seed, device) for s, shuffle in zip(splits, (True, False)))
+    shape = tuple(x.shape)
+    chans, size = (shape[0], shape[1:]) if len(shape) == 3 else (1, (1, shape[0])) if len(shape) == 1 else (0, (0, 0))
+    return DataBundle(
+        name,
+        train,
+        val,
+        chans,
+        tuple(size),
+        classes,
+        task=found,
+        context=shape[0] if found.per_position else 0,
+        vocab_size=vocab,
+        source={
+            "data.task": found.name,
+            "data.train_samples": str(len(splits[0])),
+            "data.val_samples": str(len(splits[1])),
+            "data.input_shape": str(list(shape)),
+            ("data.vocab_size" if found.per_position else "data.num_classes"): str(classes),
+        },
+    )
+
+
+def _token_ids(dataset: Dataset) -> torch.Tensor:
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0].flatten()
+    return torch.cat([torch.as_tensor(dataset[i][0]).flatten() for i in range(len(dataset))])
+
+
+def _task(kind: str, x: torch.Tensor, named: Optional[str]) -> Task:
+    """The task the items make: token windows a language model, integer token inputs with a label a text classifier,
+    any other input with a label a classifier; model.task chooses between the two that labelled tokens allow."""
+    found = LANGUAGE_MODEL if kind != "pair" else TEXT_CLASSIFICATION if _tokens(x) else CLASSIFICATION
+    if named is None or named == found.name:
+        return found
+    if {named, found.name} == {CLASSIFICATION.name, TEXT_CLASSIFICATION.name} and _tokens(x):
+        return _TASKS[named]
+    raise ConfigError(
+        f"model.task={named}: the dataset's items make a {found.name} task "
+        f"({'token windows' if kind != 'pair' else f'inputs of {x.dtype} with a label'})"
+    )
+
+
+def _loader(
+    dataset: Dataset, kind: str, spec: UserDatasetConfig, shuffle: bool, seed: int, device: torch.device
+) -> Any:
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == (1 if kind == "tokens" else 2):
+        x, y = (dataset.tensors[0][:, :-1], dataset.tensors[0][:, 1:]) if kind == "tokens" else dataset.tensors
+        x = x.float() if x.dtype == torch.float64 else x
+        return TensorLoader(x.to(device), y.long().to(device), spec.batch_size, shuffle, seed)
+    return EpochDataLoader(
+        _Items(dataset, kind), spec.batch_size, spec.num_workers, spec.prefetch_factor, shuffle, seed, device
+    )
