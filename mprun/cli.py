@@ -101,7 +101,7 @@ def _main(cfg: DictConfig) -> float:
         print(message, file=sys.stderr, flush=True)
         # The user's code failing before anything was written leaves nothing either.
         clean = isinstance(e, (ConfigError, UserCodeError))
-        _leave_a_record(message, bad_input=clean, output_root=Path(cfg.paths.output_root))
+        leave_a_record(message, bad_input=clean, output_root=Path(cfg.paths.output_root))
         sys.exit(2 if isinstance(e, ConfigError) else 1)  # a user's mistake exits 2, like argparse
     if summary["stop_signal"]:
         if not summary["interrupted"]:
@@ -115,7 +115,7 @@ def _main(cfg: DictConfig) -> float:
     return summary["val_acc"]
 
 
-def _leave_a_record(message: str, bad_input: bool, output_root: Path) -> None:
+def leave_a_record(message: str, bad_input: bool, output_root: Path) -> None:
     """After a failed run: a run directory that holds only what Hydra put there before mprun ran (`.hydra/`, the
     log) is bad input's leftover, and goes, with the date directory above it if that is left empty; any other keeps
     its log, which now ends with the error."""

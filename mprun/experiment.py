@@ -233,6 +233,7 @@ def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: Gr
             status = "KILLED" if result.interrupted else "FINISHED"
             return {**results, "stop_signal": result.interrupted or stop.signum}
         r.log_numerics(guard)
+        results["run_dir"] = str(run_dir)
         (run_dir / "summary.json").write_text(json_text(results))
         if not result.interrupted:  # an interrupted run's numbers are not final: its resumption logs them
             tracker.log_metrics(summary.final_metrics(results), state.step)

@@ -156,14 +156,16 @@ def user_frames(error: BaseException, roots: tuple[Path, ...]) -> str:
 
 def explained(error: BaseException, targets: dict[str, Any]) -> Optional[UserCodeError]:
     """For an error that escaped a run: a UserCodeError showing the user's frames, if the user's code (a model or
-    dataset, `targets`: {group: its _target_}) is where it was raised; None if it is not (an error of mprun's own)."""
+    dataset, `targets`: {group: its _target_}) is where it was raised; None if it is not (an error of mprun's own).
+    The message names the target whose code raised (the innermost of the user's frames)."""
     if isinstance(error, MprunError):
         return None
     frames = user_frames(error, roots_of(targets.values()))
     if not frames:
         return None
-    where = ", ".join(f"{group}._target_={t}" for group, t in targets.items() if roots_of([t]))
-    return UserCodeError(f"your code raised {_said(error)} ({where})", frames)
+    innermost = frames.rsplit('File "', 1)[-1].split('"', 1)[0]
+    where = [f"{group}._target_={t}" for group, t in targets.items() if _is_users(innermost, roots_of([t]))]
+    return UserCodeError(f"your code raised {_said(error)} ({', '.join(where)})", frames)
 
 
 def _said(error: BaseException) -> str:
