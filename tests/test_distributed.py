@@ -5,13 +5,14 @@ that need no second rank are raised in this process."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, run_cli_here, run_statuses
+from conftest import ROOT, run_cli, run_cli_here, run_statuses
 from mlflow import MlflowClient
 
 from mprun import checkpoint
@@ -112,6 +113,17 @@ def test_a_language_model_under_ddp_matches_one_process_at_the_same_global_batch
     one, two = _history(client, "single x1"), _history(client, "ddp x2")
     assert len(one) == len(two) == 6 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5
     assert _history(client, "ddp x2", "val/bpb") == pytest.approx(_history(client, "single x1", "val/bpb"), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_projects_own_model_and_dataset_under_ddp_match_one_process(tmp_path: Path) -> None:
+    """docs/example-project's model and dataset (a project's conf/ and package in the launch directory) on 2 gloo
+    ranks at 32 samples each train as one process does at 64."""
+    shutil.copytree(ROOT / "docs" / "example-project", tmp_path, dirs_exist_ok=True)
+    client = _one_process_and_two_ranks(tmp_path, ["model=wide", "dataset=blobs", "trainer.max_steps=6"], batch=64)
+    one, two = _history(client, "single x1"), _history(client, "ddp x2")
+    assert len(one) == len(two) == 6 and max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+    assert _history(client, "ddp x2", "val/acc") == _history(client, "single x1", "val/acc")
 
 
 @pytest.mark.slow
