@@ -34,7 +34,8 @@ config.register()
 def run(overrides: Sequence[str] = (), *, config_dir: Optional[str | Path] = None) -> dict[str, Any]:
     """Run one experiment in this process, as `python -m mprun OVERRIDES` would; return its summary (the contents of
     its summary.json). config_dir: a project's conf/, searched before mprun's own (default: ./conf, if there is
-    one). A sweep (-m) is the command line's."""
+    one). The current directory and the one holding config_dir are importable, as the command line's launch
+    directory is: a project's package sits beside its conf/. A sweep (-m) is the command line's."""
     if isinstance(overrides, str):
         raise TypeError("overrides is a list of strings: mprun.run(['precision=bf16', 'model=wide'])")
     search = create_config_search_path(str(configdirs.SHIPPED))
@@ -43,6 +44,8 @@ def run(overrides: Sequence[str] = (), *, config_dir: Optional[str | Path] = Non
         if not project.is_dir():
             raise ConfigError(f"config_dir={project}: not a directory")
         search.prepend("command-line", f"file://{project.resolve()}")
+        configdirs.launch_dir_importable(project.resolve().parent)
+    configdirs.launch_dir_importable(Path.cwd())
     GlobalHydra.instance().clear()
     try:
         hydra = Hydra.create_main_hydra2(task_name="mprun", config_search_path=search)

@@ -195,7 +195,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     _known(cfg.keys(), Config.__dataclass_fields__, "")
     checked = {}
     for group in Config.__dataclass_fields__:
-        if group in _USER_BUILT and OmegaConf.get_type(cfg[group]) is dict:
+        if group in _USER_BUILT and _users(cfg[group]):
             checked[group] = _user_built(group, cfg[group])
             continue
         try:
@@ -212,6 +212,12 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
 
 _USER_BUILT = ("model", "dataset")  # groups whose option may be a project's own YAML, schema-less, by _target_
+
+
+def _users(node: DictConfig) -> bool:
+    """Whether a model or dataset option is built by a project's own callable: its YAML has no schema, or its
+    `_target_` is not mprun's (`model._target_=mylab.nets.Wide` over one of mprun's options)."""
+    return OmegaConf.get_type(node) is dict or not str(node.get("_target_", "")).startswith("mprun.")
 
 
 def _user_built(group: str, node: DictConfig) -> Any:

@@ -204,6 +204,9 @@ BAD = {
                      "model._target_=badlab.returns_a_dict returned dict, not a torch.nn.Module"),
     "unknown argument": (["model.width=3"], 2, "model.width: mylab.nets.Wide takes no argument 'width'; its "
                          "parameters: in_features, num_classes, hidden, depth"),
+    "a target over one of mprun's options": (["model=simple_cnn", "model._target_=mylab.nets.Wide"], 2, "model.width: "
+                                             "mylab.nets.Wide takes no argument 'width'; its parameters: in_features, "
+                                             "num_classes, hidden, depth"),
     "a missing argument": (["model._target_=badlab.TinyLM", "~model.hidden"], 2, "model.vocab_size: badlab.TinyLM needs"
                            " an argument 'vocab_size', which neither the config nor the data gives"),
     "logits of the wrong width": (["model._target_=badlab.FiveLogits", "~model.hidden"], 2,
