@@ -107,6 +107,7 @@ def test_a_bf16_pure_run_resumes_exactly(make_cfg, tmp_path: Path) -> None:
     assert moments and {m.dtype for m in moments} == {torch.bfloat16}
 
 
+@pytest.mark.slow  # ~18 s: two GPT runs, fp8's emulated on the CPU
 def test_fp8_trains_like_bf16_and_records_the_layers_it_swapped(make_cfg, tmp_path: Path) -> None:
     bf16 = run(make_cfg(*FP8_MLP, "precision=bf16", f"paths.run_dir={tmp_path}/bf16"))
     fp8 = run(make_cfg(*FP8_MLP, "precision=fp8", f"paths.run_dir={tmp_path}/fp8", tracking="mlflow"))

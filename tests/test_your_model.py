@@ -123,17 +123,32 @@ def mprun_here(project: Path, tmp_path: Path, *args: str):
     return run_cli_here(*args, f"paths.root_dir={tmp_path}", cwd=project)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_the_example_project_trains_under_each_precision(project: Path, tmp_path: Path, precision: str) -> None:
-    done = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", f"precision={precision}", *SHORT)
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An outputs root for the untracked runs of this file: the CPU probe that an explicit bf16 or fp16 run makes is
+    cached there, so it is measured once."""
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_example_project_trains_under_each_precision(project: Path, shared: Path, tmp_path, precision: str) -> None:
+    done = mprun_here(project, shared, "model=wide", "dataset=blobs", f"precision={precision}", "tracking=none",
+                      f"hydra.run.dir={tmp_path}", *SHORT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["precision"] == precision and summary["val_acc"] > 0.5  # 4 classes: chance is 0.25
+
+
+def test_the_example_project_records_what_the_data_decided(project: Path, tmp_path: Path) -> None:
+    done = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", "precision=fp32", *SHORT)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").search_runs(["1"])
     # What mprun passed to Wide is recorded: the data decided in_features (16) and num_classes (4), the YAML hidden.
     params = run.data.params
     assert params["model.from_data.in_features"] == "16" and params["model.from_data.num_classes"] == "4"
     assert params["model.hidden"] == "128" and params["dataset.n"] == "2000" and params["data.task"] == "classification"
-    assert run.data.tags["precision"] == precision and run.info.status == "FINISHED"
-    assert run.data.metrics["final/val_acc"] > 0.5  # 4 classes: chance is 0.25
+    assert run.data.tags["precision"] == "fp32" and run.info.status == "FINISHED"
+    assert run.data.metrics["final/val_acc"] > 0.5
 
 
 def test_a_sweep_over_the_projects_model_compares_precisions_over_seeds(project: Path, tmp_path: Path) -> None:
@@ -147,13 +162,13 @@ def test_a_sweep_over_the_projects_model_compares_precisions_over_seeds(project:
     assert report.recommendation() and (tmp_path / "again" / "report.md").is_file()
 
 
-def test_fp8_and_bf16_pure_train_the_projects_linear_layers(project: Path, tmp_path: Path) -> None:
-    fp8 = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", "precision=fp8",
-                     "precision.fp8_min_features=16", "tracking=none", "trainer.max_epochs=1")  # fmt: skip
+def test_fp8_and_bf16_pure_train_the_projects_linear_layers(project: Path, shared: Path) -> None:
+    fp8 = mprun_here(project, shared, "model=wide", "dataset=blobs", "precision=fp8", "precision.fp8_min_features=16",
+                     "tracking=none", "trainer.max_steps=10")  # fmt: skip
     assert fp8.returncode == 0, fp8.stderr[-3000:]
     assert "tensorwise scaling in 2 Linear layers" in fp8.stdout  # body.0 and body.2; the head stays bf16
-    pure = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", "precision=bf16_pure", "tracking=none",
-                      "trainer.max_epochs=1")  # fmt: skip
+    pure = mprun_here(project, shared, "model=wide", "dataset=blobs", "precision=bf16_pure", "tracking=none",
+                      "trainer.max_steps=10")  # fmt: skip
     assert pure.returncode == 0, pure.stderr[-3000:]
 
 
@@ -232,13 +247,14 @@ BAD = {
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_bad_user_code_is_one_line_naming_the_key(project: Path, tmp_path: Path, case: str) -> None:
+    """Untracked: each of these fails before a tracking run could open (a failure in the middle of a tracked run is
+    test_a_failure_in_the_users_code_mid_run_closes_the_run_failed)."""
     overrides, code, message = BAD[case]
-    done = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", *overrides, "trainer.max_epochs=1")
+    done = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", *overrides, "tracking=none")
     assert done.returncode == code, done.stderr[-3000:]
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"mprun: error: {message}"), done.stderr
-    assert run_statuses(tmp_path / "outputs" / "mlflow.db") == []  # no run was opened
-    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").glob("20*"))  # no run directory
+    assert not list((tmp_path / "outputs").glob("20*"))  # no run directory
 
 
 def test_the_users_own_exception_shows_the_users_frames_not_mpruns(project: Path, tmp_path: Path) -> None:
