@@ -20,12 +20,12 @@ def compose(overrides: list[str], tracking: bool = False) -> DictConfig:
     from hydra import initialize_config_dir
 
     from mprun import config
-    from mprun.cli import CONFIG_DIR
+    from mprun.cli import CONFIG_DIR, PRIMARY
 
     config.register()
     base = [f"paths.root_dir={tempfile.mkdtemp()}", "paths.run_dir=${paths.root_dir}/run", "trainer.progress=off"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("config", overrides=base + ([] if tracking else ["tracking=none"]) + overrides)
+        return hydra_compose(PRIMARY, overrides=base + ([] if tracking else ["tracking=none"]) + overrides)
 
 
 def sync(device: torch.device) -> None:

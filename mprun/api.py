@@ -11,19 +11,23 @@ and runs the experiment through Hydra's job runner, so the run directory, its .h
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra._internal.hydra import Hydra
 from hydra._internal.utils import create_config_search_path
+from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from mprun import config, configdirs, experiment
-from mprun.cli import leave_a_record
+from mprun.cli import StartRefused, leave_a_record
 from mprun.errors import ConfigError, MprunError, UserCodeError
 from mprun.report import Report, build, default_out, find_parent
 from mprun.tracking import Store, default_uri
@@ -34,25 +38,41 @@ config.register()
 def run(overrides: Sequence[str] = (), *, config_dir: Optional[str | Path] = None) -> dict[str, Any]:
     """Run one experiment in this process, as `python -m mprun OVERRIDES` would; return its summary (the contents of
     its summary.json). config_dir: a project's conf/, searched before mprun's own (default: ./conf, if there is
-    one). The current directory and the one holding config_dir are importable, as the command line's launch
-    directory is: a project's package sits beside its conf/. A sweep (-m) is the command line's."""
+    one). While it runs, the current directory and the one holding config_dir are importable, as the command line's
+    launch directory is: a project's package sits beside its conf/. Bad input, Hydra's included, raises ConfigError.
+    The process's logging and sys.path are put back afterwards. A sweep (-m) is the command line's."""
     if isinstance(overrides, str):
         raise TypeError("overrides is a list of strings: mprun.run(['precision=bf16', 'model=wide'])")
-    search = create_config_search_path(str(configdirs.SHIPPED))
     project = Path(config_dir) if config_dir is not None else configdirs.project_dir(Path.cwd())
-    if project is not None:
-        if not project.is_dir():
-            raise ConfigError(f"config_dir={project}: not a directory")
-        search.prepend("command-line", f"file://{project.resolve()}")
-        configdirs.launch_dir_importable(project.resolve().parent)
-    configdirs.launch_dir_importable(Path.cwd())
+    if project is not None and not project.is_dir():
+        raise ConfigError(f"config_dir={project}: not a directory")
+    search = create_config_search_path(str((project or configdirs.SHIPPED).resolve()))
+    if project is not None:  # the project's options first, mprun's after: the command line's order
+        search.prepend("command-line", f"file://{configdirs.SHIPPED}", anchor=SearchPathQuery(provider="schema"))
+    saved_path, root = list(sys.path), logging.getLogger()
+    saved_logging = root.level, root.handlers[:]
+    for where in [Path.cwd()] + ([project.resolve().parent] if project is not None else []):
+        configdirs.launch_dir_importable(where)
     GlobalHydra.instance().clear()
     try:
         hydra = Hydra.create_main_hydra2(task_name="mprun", config_search_path=search)
-        return hydra.run("config", _task, list(overrides)).return_value
+        return hydra.run(configdirs.PRIMARY, _task, list(overrides)).return_value
+    except StartRefused as e:
+        raise ConfigError(e.problem) from None
+    except HydraException as e:  # the command line's own: an unknown option or key, a bad override
+        raise ConfigError(config.unknown_override(e) or str(e).strip()) from None
     finally:
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None  # the next compose() or run() must not see this run's job
+        sys.path[:] = saved_path
+        for handler in root.handlers[:]:  # Hydra's console and mprun.log handlers
+            if handler not in saved_logging[1]:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in saved_logging[1]:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(saved_logging[0])
 
 
 def _task(cfg: DictConfig) -> dict[str, Any]:

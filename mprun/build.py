@@ -57,7 +57,9 @@ def dataset(cfg: DictConfig, seed: int, device: torch.device, spec: Any = None, 
     if not isinstance(spec, userdata.UserDatasetConfig):
         return instantiate(cfg.dataset, _convert_="all")(seed=seed, device=device)
     splits, _ = _user_call("dataset", spec._target_, spec.kwargs, {}, user_roots(cfg))
-    return userdata.bundle(splits, spec._target_, _option(cfg, "dataset"), spec, task, seed, device)
+    return userdata.bundle(
+        splits, spec, name=_option(cfg, "dataset"), task=task, seed=seed, device=device, roots=user_roots(cfg)
+    )
 
 
 def user_roots(cfg: DictConfig) -> tuple[Path, ...]:
@@ -73,7 +75,7 @@ def _user_call(
     target = guest.locate(key, path)
     passed = guest.arguments(key, path, target, kwargs, facts)
     built = guest.call(key, path, lambda: instantiate(OmegaConf.create(kwargs), _convert_="all"), roots)
-    return guest.call(key, path, lambda: target(**built, **passed), roots), passed
+    return guest.call(key, path, lambda: guest.invoke(target, {**built, **passed}), roots), passed
 
 
 def _model(cfg: DictConfig, spec: Any, data: DataBundle, example: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:

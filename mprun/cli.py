@@ -32,6 +32,7 @@ config.register()
 atexit.register(gc.freeze)
 # Absolute, so Hydra reads it as a directory: under `python -m` a relative path is taken as a module.
 CONFIG_DIR = str(configdirs.SHIPPED)
+PRIMARY = configdirs.PRIMARY
 LOG_FILE = "mprun.log"  # Hydra's job log in the run directory (hydra.job.name=mprun)
 
 
@@ -55,7 +56,7 @@ def _creatable(path: Path) -> str:
 
 
 class StartCheck(Callback):
-    """Hydra callback (conf/config.yaml: hydra.callbacks.mprun_start_check): what would fail once a run or sweep
+    """Hydra callback (conf/mprun.yaml: hydra.callbacks.mprun_start_check): what would fail once a run or sweep
     started, checked before Hydra creates its directory (before mprun's task runs, before a sweep's parent run): the
     directory can be created (Hydra's OSError came out as a traceback), and a sweep's launcher and sweeper can start
     its jobs (joblib's, submitit's, Optuna's and Hydra's own errors did). Hydra turns an exception from a callback
@@ -71,7 +72,16 @@ class StartCheck(Callback):
     def _stop_if(problem: str) -> None:
         if problem:
             print(f"mprun: error: {problem}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            raise StartRefused(problem)
+
+
+class StartRefused(SystemExit):
+    """StartCheck's refusal: exit 2 on the command line (Hydra turns a callback's Exception into a warning, a
+    SystemExit it lets through); mprun.run raises it as a ConfigError."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(2)
+        self.problem = problem
 
 
 def _directory_problem(where: str, what: str) -> str:
@@ -85,8 +95,12 @@ def _directory_problem(where: str, what: str) -> str:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def _main(cfg: DictConfig) -> float:
+def _main(primary: str) -> None:
+    """Hydra's app over `primary`, the first of the config directories (configdirs.search_order)."""
+    hydra.main(version_base="1.3", config_path=primary, config_name=PRIMARY)(_task)()
+
+
+def _task(cfg: DictConfig) -> float:
     from mprun.experiment import run
 
     job = sweep.current_job()
@@ -149,12 +163,12 @@ def main() -> None:
     exit codes for signals are mprun.__main__'s. A conf/ in the launch directory is searched before mprun's own
     (configdirs), and the launch directory is importable: a project's models and datasets live there."""
     cwd = Path.cwd()
-    sys.argv[1:], project = configdirs.with_project(sys.argv[1:], cwd)
+    primary, sys.argv[1:], project = configdirs.search_order(sys.argv[1:], cwd)
     for note in configdirs.replacement_notes(project) if project else []:
         print(note, file=sys.stderr, flush=True)
     configdirs.launch_dir_importable(cwd)
     try:
-        _main()
+        _main(primary)
     except BaseException as e:
         # Hydra ends a multirun early with an exception (a failed job re-raised after its batch, a bad sweep
         # value) or an exit (Ctrl-C, SIGTERM); on_multirun_end then never runs, so the parent is closed here.

@@ -125,7 +125,7 @@ SCHEMAS: dict[str, type] = {
 
 
 def resumed_run_dir(resume: Any, default: str) -> str:
-    """hydra.run.dir (conf/config.yaml): the run directory trainer.resume names, so that a resumed run goes on where
+    """hydra.run.dir (conf/mprun.yaml): the run directory trainer.resume names, so that a resumed run goes on where
     it was (its interrupted.pt and its final.pt in one place); else `default`, a new timestamped directory."""
     path = Path(str(resume)) if resume and resume != "auto" else None
     return str(path) if path is not None and (path / ".hydra").is_dir() else default

@@ -2,8 +2,11 @@
 
 A wheel ships conf/ inside the package (mprun/conf); a checkout, or an editable install of one, has it beside the
 package. A project's `./conf/model/wide.yaml` is `model=wide`, and a project file with the path of one of mprun's
-(`./conf/model/simple_cnn.yaml`) replaces it: Hydra's `--config-dir`, which mprun adds for the launch directory's
-conf/ unless the command line names a directory itself. Imports nothing heavy: --help and errors need no torch.
+(`./conf/model/simple_cnn.yaml`) replaces it. Hydra searches its primary config directory before a `--config-dir`,
+so the project's directory is the primary one and mprun's follows it; mprun's primary config is `mprun.yaml`, not
+`config.yaml`, so that a project's own Hydra app config does not replace it by accident. A command line that names
+a `--config-dir` itself keeps Hydra's meaning: mprun's conf/ first, that directory after it.
+Imports nothing heavy: --help and errors need no torch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Optional
 _PACKAGE = Path(__file__).resolve().parent
 SHIPPED = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
 _FLAGS = ("--config-dir", "-cd")
+PRIMARY = "mprun"  # conf/mprun.yaml
 
 
 def project_dir(cwd: Path) -> Optional[Path]:
@@ -35,14 +39,15 @@ def given_dir(argv: list[str]) -> Optional[str]:
     return None
 
 
-def with_project(argv: list[str], cwd: Path) -> tuple[list[str], Optional[Path]]:
-    """argv (without the program name) with the launch directory's conf/ as Hydra's --config-dir, unless it names
-    one itself; and the project directory that is searched first, if any."""
-    given = given_dir(argv)
-    if given is not None:
-        return argv, Path(given).resolve()
-    found = project_dir(cwd)
-    return (["--config-dir", str(found), *argv], found) if found else (argv, None)
+def search_order(argv: list[str], cwd: Path) -> tuple[str, list[str], Optional[Path]]:
+    """The primary config directory and the command line (without the program name) that put a project's conf/
+    before mprun's: (its directory, argv with mprun's as --config-dir, it) where the launch directory has one and
+    the command line names no --config-dir; else (mprun's, argv, None)."""
+    if given_dir(argv) is None:
+        found = project_dir(cwd)
+        if found is not None:
+            return str(found), ["--config-dir", str(SHIPPED), *argv], found
+    return str(SHIPPED), argv, None
 
 
 def replaced(project: Path) -> list[str]:

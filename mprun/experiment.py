@@ -223,6 +223,7 @@ def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: Gr
             checkpoint=lambda s: save(ckpts.periodic_name(s.step), s),
         )
         results = summary.build(result, parts, state, tracker, time.perf_counter() - r.started)
+        results["run_dir"] = str(run_dir)  # in the final checkpoint's copy too: a resume that finds it done says where
         results["interrupted"] = result.interrupted
         if result.interrupted:
             ckpt = save(ckpts.INTERRUPTED, state)
@@ -233,7 +234,6 @@ def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: Gr
             status = "KILLED" if result.interrupted else "FINISHED"
             return {**results, "stop_signal": result.interrupted or stop.signum}
         r.log_numerics(guard)
-        results["run_dir"] = str(run_dir)
         (run_dir / "summary.json").write_text(json_text(results))
         if not result.interrupted:  # an interrupted run's numbers are not final: its resumption logs them
             tracker.log_metrics(summary.final_metrics(results), state.step)

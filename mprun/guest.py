@@ -7,12 +7,15 @@ fails. When the user's own code raises, the error shows the user's frames (their
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -82,7 +85,7 @@ def arguments(key: str, path: str, target: Any, given: Iterable[str], facts: dic
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):  # a builtin without a signature: pass the config's keys alone
         return {}
-    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     given = set(given)
     for name in sorted(given):
@@ -101,6 +104,20 @@ def arguments(key: str, path: str, target: Any, given: Iterable[str], facts: dic
     return passed
 
 
+def invoke(target: Any, arguments: dict[str, Any]) -> Any:
+    """target(**arguments), its leading positional-only parameters passed by position."""
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return target(**arguments)
+    rest, positional = dict(arguments), []
+    for p in params:
+        if p.kind is not p.POSITIONAL_ONLY or p.name not in rest:
+            break
+        positional.append(rest.pop(p.name))
+    return target(*positional, **rest)
+
+
 def call(key: str, path: str, build: Callable[[], Any], roots: tuple[Path, ...]) -> Any:
     """build() (the user's callable with its arguments); an exception from the user's own code shows its frames."""
     try:
@@ -115,21 +132,48 @@ def call(key: str, path: str, build: Callable[[], Any], roots: tuple[Path, ...])
 
 
 def roots_of(targets: Iterable[Any]) -> tuple[Path, ...]:
-    """The directories whose files are the user's code: the top-level package (or module) of each `_target_` that
-    is not mprun's own, where it can be found without importing anything new."""
-    roots = []
+    """Where the user's code is: the package (or module) of each `_target_` that is neither mprun's nor one of the
+    libraries mprun depends on (a `_target_: torch.nn.Linear` makes torch no one's own code), found without importing
+    anything new."""
+    roots: list[Path] = []
     for target in targets:
-        top = str(target).split(".", 1)[0] if isinstance(target, str) else ""
-        module = sys.modules.get(top)
-        where = getattr(module, "__file__", None) if module is not None else None
-        if where is None:
-            spec = importlib.util.find_spec(top) if top and top != "mprun" else None
-            where = spec.origin if spec is not None and spec.origin not in (None, "built-in", "frozen") else None
-        if where is None or top == "mprun":
-            continue
-        path = Path(where).resolve()
-        roots.append(path.parent if path.name == "__init__.py" else path)
+        top = target.split(".", 1)[0] if isinstance(target, str) else ""
+        if top and top != "mprun" and top not in _libraries():
+            roots += _location(top)
     return tuple(roots)
+
+
+def _location(top: str) -> list[Path]:
+    """The directories of a top-level package (a namespace package's several), or the file of a module."""
+    module = sys.modules.get(top)
+    if module is not None:
+        paths = list(getattr(module, "__path__", None) or []) or [getattr(module, "__file__", None)]
+    else:
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):  # __main__ without a spec (a notebook), a parent that fails to import
+            return []
+        if spec is None:
+            return []
+        paths = list(spec.submodule_search_locations or []) or [spec.origin if spec.has_location else None]
+    return [Path(p).resolve() for p in paths if p]
+
+
+@functools.cache
+def _libraries() -> frozenset[str]:
+    """The top-level import names of the distributions mprun requires (torch, hydra, mlflow, ...)."""
+    try:
+        required = {re.split(r"[\s;<>=!~\[]", r, maxsplit=1)[0] for r in metadata.requires("mprun") or []}
+    except metadata.PackageNotFoundError:  # run from a checkout without an install (PYTHONPATH)
+        return frozenset()
+    wanted = {_canonical(r) for r in required}
+    return frozenset(
+        top for top, dists in metadata.packages_distributions().items() if any(_canonical(d) in wanted for d in dists)
+    )
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _is_users(filename: str, roots: tuple[Path, ...]) -> bool:

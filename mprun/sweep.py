@@ -316,7 +316,7 @@ def close_active(interrupted: bool, completed: bool = True) -> None:
 
 
 class SweepCallback(Callback):
-    """Hydra callback (conf/config.yaml: hydra.callbacks.mprun_sweep) that brackets every multirun."""
+    """Hydra callback (conf/mprun.yaml: hydra.callbacks.mprun_sweep) that brackets every multirun."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _ACTIVE

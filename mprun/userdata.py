@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from omegaconf import MISSING
 from torch.utils.data import Dataset, TensorDataset
 
+from mprun import guest
 from mprun.data import DataBundle, EpochDataLoader, LoaderConfig, TensorLoader
 from mprun.errors import ConfigError, require
 from mprun.tasks import CLASSIFICATION, LANGUAGE_MODEL, TEXT_CLASSIFICATION, Task
@@ -73,8 +75,14 @@ def _tokens(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_floating_point() and len(value) > 0
 
 
+def _unwrapped(item: Any) -> Any:
+    """An item as its parts: a 1-tuple (a TensorDataset of one tensor of token windows) is its one tensor."""
+    return item[0] if isinstance(item, (tuple, list)) and len(item) == 1 else item
+
+
 def _kind(item: Any, where: str) -> str:
     """What an item is: 'pair' (input, label), 'tokens' (one window of ids) or 'lm_pair' (input and target ids)."""
+    item = _unwrapped(item)
     if _tokens(item):
         return "tokens"
     if isinstance(item, (tuple, list)) and len(item) == 2:
@@ -92,8 +100,9 @@ def _kind(item: Any, where: str) -> str:
 
 
 class _Items(Dataset):
-    """A user's split as (input, target) tensors: a window of tokens becomes its input and its next tokens, a
-    float64 input becomes float32 (mprun's storage dtype; autocast decides the compute dtype)."""
+    """A user's split as (input, target) tensors: a window of tokens becomes its input and its next tokens, token
+    ids and labels become int64 (cross-entropy's targets), a float64 input float32 (mprun's storage dtype; autocast
+    decides the compute dtype)."""
 
     def __init__(self, dataset: Dataset, kind: str) -> None:
         self.dataset, self.kind = dataset, kind
@@ -101,38 +110,58 @@ class _Items(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        item = self.dataset[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = _unwrapped(self.dataset[index])
         if self.kind == "tokens":
-            return item[:-1], item[1:]
-        x, y = item
-        x = torch.as_tensor(x)
-        return (x.float() if x.dtype == torch.float64 else x), y
+            ids = torch.as_tensor(item).long()
+            return ids[:-1], ids[1:]
+        x, y = (torch.as_tensor(part) for part in item)
+        if self.kind == "lm_pair" or _tokens(x):
+            return x.long(), y.long()
+        return (x.float() if x.dtype == torch.float64 else x), y.long()
 
 
-def _targets(dataset: Dataset, kind: str, split: str) -> torch.Tensor:
-    """Every label (or token id, for token inputs) of a split, for the classes, the vocabulary and their range: from
-    a TensorDataset's tensors or a `targets` attribute where there is one, else read item by item."""
+def _scan(dataset: Dataset, kind: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's targets (labels, or a language model's token ids) and its inputs' token ids (a text classifier's;
+    empty for other inputs): for the classes, the vocabulary and their range. From a TensorDataset's tensors, or a
+    `targets` attribute (torchvision's datasets have one) where no target_transform changes it; else read item by
+    item, each checked to be of item 0's kind and shape (a split's items are batched together)."""
+    first = _Items(dataset, kind)[0][0]
+    tokens_in = kind == "pair" and _tokens(first)
     if isinstance(dataset, TensorDataset):
-        return dataset.tensors[-1] if kind == "pair" else torch.cat([t.flatten() for t in dataset.tensors])
+        if kind != "pair":
+            return torch.cat([t.flatten() for t in dataset.tensors]), torch.empty(0)
+        return dataset.tensors[-1], dataset.tensors[0].flatten() if tokens_in else torch.empty(0)
     known = getattr(dataset, "targets", None)
-    if kind == "pair" and known is not None and len(known) == len(dataset):
-        return torch.as_tensor(known)
+    if kind == "pair" and not tokens_in and known is not None and getattr(dataset, "target_transform", None) is None:
+        try:
+            targets = torch.as_tensor(known)
+        except (TypeError, ValueError, RuntimeError):
+            targets = None
+        if (
+            targets is not None
+            and targets.ndim == 1
+            and len(targets) == len(dataset)
+            and not targets.is_floating_point()
+        ):
+            return targets, torch.empty(0)
     if len(dataset) > _SCAN_NOTE:
-        log.info(
-            "reading the %d items of the %s split for its labels (dataset.num_classes skips it)", len(dataset), split
-        )
-    values = []
+        log.info("reading the %d items of the %s split for their labels and shapes", len(dataset), split)
+    targets, inputs = [], []
     for i in range(len(dataset)):
-        item = dataset[i]
         where = f"item {i} of the {split} split"
-        if _kind(item, where) != kind:
-            raise ConfigError(f"dataset: {where} is {_describe(item)}, unlike item 0 ({kind})")
-        if kind == "pair":
-            values.append(torch.tensor([_label(item[1])]))
-        else:
-            values.append(torch.cat([torch.as_tensor(t) for t in (item if kind == "lm_pair" else [item])]))
-    return torch.cat(values)
+        if _kind(dataset[i], where) != kind:
+            raise ConfigError(f"dataset: {where} is {_describe(dataset[i])}, unlike item 0 ({kind})")
+        x, y = _Items(dataset, kind)[i]
+        if x.shape != first.shape:
+            raise ConfigError(
+                f"dataset: {where} has an input of shape {tuple(x.shape)}, item 0 {tuple(first.shape)}: the items of "
+                "a split are batched together, so they share one shape (pad token inputs to one length)"
+            )
+        targets.append(y.flatten())
+        if tokens_in:
+            inputs.append(x.flatten())
+    return torch.cat(targets), torch.cat(inputs) if inputs else torch.empty(0)
 
 
 def _range(values: torch.Tensor, given: Optional[int], key: str, split: str, what: str) -> int:
@@ -149,12 +178,21 @@ def _range(values: torch.Tensor, given: Optional[int], key: str, split: str, wha
 
 
 def bundle(
-    splits: Any, path: str, name: str, spec: UserDatasetConfig, task: Optional[str], seed: int, device: torch.device
+    splits: Any,
+    spec: UserDatasetConfig,
+    *,
+    name: str,
+    task: Optional[str],
+    seed: int,
+    device: torch.device,
+    roots: tuple[Path, ...],
 ) -> DataBundle:
-    """The DataBundle of a user's (train, val), checked; `task`: model.task, where the model names one."""
+    """The DataBundle of what a user's dataset callable returned, checked; `name`: its option, `task`: model.task,
+    where the model names one; `roots`: where the user's code is (guest.roots_of)."""
+    path = spec._target_
     if not (isinstance(splits, (tuple, list)) and len(splits) == 2):
         raise ConfigError(f"dataset._target_={path} returned {_describe(splits)}; it must return (train, val) datasets")
-    kinds, targets = [], []
+    kinds, scans = [], []
     for split, dataset in zip(("train", "val"), splits):
         if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
             raise ConfigError(
@@ -163,26 +201,25 @@ def bundle(
             )
         require(len(dataset) > 0, f"dataset: the {split} split from {path} is empty")
         kinds.append(_kind(dataset[0], f"item 0 of the {split} split"))
-        targets.append(_targets(dataset, kinds[-1], split))
+        scans.append(_scan(dataset, kinds[-1], split))
     if kinds[0] != kinds[1]:
         raise ConfigError(f"dataset: the train split's items are {kinds[0]}, the val split's {kinds[1]}")
     kind = kinds[0]
-    x = torch.as_tensor(_Items(splits[0], kind)[0][0])
+    x = _Items(splits[0], kind)[0][0]
     found = _task(kind, x, task)
-    values = torch.cat(targets)
+    targets, inputs = (torch.cat([scan[i] for scan in scans]) for i in (0, 1))
     if found.per_position:
-        classes = vocab = _range(values, spec.vocab_size, "vocab_size", "train or val", "tokens")
+        classes = vocab = _range(targets, spec.vocab_size, "vocab_size", "train or val", "tokens")
     else:
-        classes = _range(values, spec.num_classes, "num_classes", "train or val", "labels")
-        vocab = (
-            _range(torch.cat([_token_ids(s) for s in splits]), spec.vocab_size, "vocab_size", "train or val", "tokens")
-            if found is TEXT_CLASSIFICATION
-            else 0
-        )
+        classes = _range(targets, spec.num_classes, "num_classes", "train or val", "labels")
+        vocab = _range(inputs, spec.vocab_size, "vocab_size", "train or val", "tokens") if len(inputs) else 0
         require(
             classes >= 2, "dataset: every label is 0; a classifier needs two classes or more (or dataset.num_classes)"
         )
     train, val = (_loader(s, kind, spec, shuffle, seed, device) for s, shuffle in zip(splits, (True, False)))
+    # One batch now, so that items torch cannot batch (or a dataset that fails past its first items) fail here
+    # with the dataset named, not at the first step.
+    guest.call("dataset", path, lambda: next(iter(val)), roots)
     shape = tuple(x.shape)
     chans, size = (shape[0], shape[1:]) if len(shape) == 3 else (1, (1, shape[0])) if len(shape) == 1 else (0, (0, 0))
     return DataBundle(
@@ -205,12 +242,6 @@ def bundle(
     )
 
 
-def _token_ids(dataset: Dataset) -> torch.Tensor:
-    if isinstance(dataset, TensorDataset):
-        return dataset.tensors[0].flatten()
-    return torch.cat([torch.as_tensor(dataset[i][0]).flatten() for i in range(len(dataset))])
-
-
 def _task(kind: str, x: torch.Tensor, named: Optional[str]) -> Task:
     """The task the items make: token windows a language model, integer token inputs with a label a text classifier,
     any other input with a label a classifier; model.task chooses between the two that labelled tokens allow."""
@@ -230,7 +261,10 @@ def _loader(
 ) -> Any:
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == (1 if kind == "tokens" else 2):
         x, y = (dataset.tensors[0][:, :-1], dataset.tensors[0][:, 1:]) if kind == "tokens" else dataset.tensors
-        x = x.float() if x.dtype == torch.float64 else x
+        if kind != "pair" or (x.ndim == 2 and not x.is_floating_point()):  # token ids, as _Items makes them
+            x = x.long()
+        elif x.dtype == torch.float64:
+            x = x.float()
         return TensorLoader(x.to(device), y.long().to(device), spec.batch_size, shuffle, seed)
     return EpochDataLoader(
         _Items(dataset, kind), spec.batch_size, spec.num_workers, spec.prefetch_factor, shuffle, seed, device

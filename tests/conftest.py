@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mprun import config
-from mprun.cli import CONFIG_DIR
+from mprun.cli import CONFIG_DIR, PRIMARY
 
 ROOT = Path(__file__).resolve().parent.parent
 config.register()
@@ -81,7 +81,7 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
             "precision=fp32",
         ]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose("config", overrides=base + list(overrides))
+            return compose(PRIMARY, overrides=base + list(overrides))
 
     return make
 
@@ -115,6 +115,7 @@ def run_cli_here(*args: str, cwd: Path, env: dict | None = None) -> Ended:
     root = logging.getLogger()
     root_level, root_handlers = root.level, root.handlers[:]
     environ = dict(os.environ)
+    path = list(sys.path)  # the command line puts its launch directory on it
     code: int | str | None = None
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
@@ -140,6 +141,7 @@ def run_cli_here(*args: str, cwd: Path, env: dict | None = None) -> Ended:
             root.setLevel(root_level)
             GlobalHydra.instance().clear()
             HydraConfig.instance().cfg = None  # else the next in-process run would see this one's job
+            sys.path[:] = path
     _restore_environment(environ)
     if isinstance(code, str):  # as Python ends a process on SystemExit("message")
         err.write(code + "\n")

@@ -342,7 +342,7 @@ def test_a_second_signal_unwinds_with_its_own_exit_code(monkeypatch) -> None:
     again = pickle.loads(pickle.dumps(second.value))
     assert isinstance(again, KeyboardInterrupt) and again.signum == signal.SIGTERM and str(again) == "SIGTERM"
 
-    def interrupted() -> None:
+    def interrupted(primary: str) -> None:
         raise again
 
     monkeypatch.setattr(cli, "_main", interrupted)

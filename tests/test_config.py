@@ -47,10 +47,10 @@ def test_option_composes_and_validates(make_cfg, group: str, option: str) -> Non
 def test_defaults() -> None:
     from hydra import compose, initialize_config_dir
 
-    from mprun.cli import CONFIG_DIR
+    from mprun.cli import CONFIG_DIR, PRIMARY
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # not make_cfg: it pins precision=fp32
-        cfg = compose("config")
+        cfg = compose(PRIMARY)
     assert cfg.precision.dtype.name == "auto"
     assert cfg.dataset._target_ == "mprun.data.digits"
     assert cfg.model._target_ == "mprun.models.SimpleCNN"
@@ -153,10 +153,10 @@ def test_an_option_states_only_what_differs_from_what_it_extends(group: str, opt
     else:  # another option of the group: what it composes to
         from hydra import compose, initialize_config_dir
 
-        from mprun.cli import CONFIG_DIR
+        from mprun.cli import CONFIG_DIR, PRIMARY
 
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            extended = compose("config", overrides=[f"{group}={base}"])[group]
+            extended = compose(PRIMARY, overrides=[f"{group}={base}"])[group]
     restated = [
         k
         for k, v in body.items()

@@ -478,11 +478,11 @@ def test_a_sweep_job_can_be_a_multi_process_ddp_job_through_submitit(tmp_path: P
 def test_slurm_multigpu_preset_composes(tmp_path: Path) -> None:
     from hydra import compose, initialize_config_dir
 
-    from mprun.cli import CONFIG_DIR
+    from mprun.cli import CONFIG_DIR, PRIMARY
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
-            "config", overrides=["hydra/launcher=slurm_multigpu", "trainer.strategy=ddp"], return_hydra_config=True
+            PRIMARY, overrides=["hydra/launcher=slurm_multigpu", "trainer.strategy=ddp"], return_hydra_config=True
         )
     assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.trainer.strategy.value == "ddp"

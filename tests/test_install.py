@@ -35,9 +35,11 @@ def test_a_built_wheel_runs_the_default_experiment_and_a_project_from_other_dire
         capture_output=True,
         timeout=300,
     )
-    assert sorted(p.name for p in (site / "mprun" / "conf").iterdir()) == sorted(
-        p.name for p in configdirs.SHIPPED.iterdir()
-    )
+
+    def files(top: Path) -> list[Path]:
+        return sorted(p.relative_to(top) for p in top.rglob("*") if p.is_file())
+
+    assert files(site / "mprun" / "conf") == files(configdirs.SHIPPED)  # every config file, at every depth
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
     env["PYTHONPATH"] = str(site)
     elsewhere = tmp_path / "elsewhere"

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from mprun import report
-from mprun.cli import CONFIG_DIR
+from mprun.cli import CONFIG_DIR, PRIMARY
 from mprun.tracking import RecordedRun, Store
 
 TINY = ["model=simple_mlp", "trainer.max_epochs=1", "trainer.max_steps=4", "trainer.log_every_steps=2"]
@@ -482,7 +482,7 @@ def test_submitit_local_launcher_runs_the_sweep(tmp_path: Path) -> None:
 def test_slurm_preset_composes_onto_submitit(tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
-            "config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True
+            PRIMARY, overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True
         )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -555,7 +555,7 @@ def test_what_can_start_is_let_through_and_a_presets_lists_are_checked_too() -> 
 
     def problem(*overrides: str, sweep: str = "", params: dict | None = None) -> str:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            cfg = compose(PRIMARY, overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.sweeper.params = {**(cfg.hydra.sweeper.params or {}), **(params or {})}
             cfg.hydra.overrides.task = [*overrides, *filter(None, [sweep])]  # as a multirun's command line
@@ -575,7 +575,7 @@ def test_a_slurm_launcher_is_let_through_where_slurm_is(tmp_path: Path, monkeypa
     from mprun.sweep import launch_problem
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        cfg = compose(PRIMARY, overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     monkeypatch.setenv("PATH", str(tmp_path))
     for name in ("sbatch", "srun"):
         (tmp_path / name).write_text("#!/bin/sh\n")

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from mprun import sweep
-from mprun.cli import CONFIG_DIR
+from mprun.cli import CONFIG_DIR, PRIMARY
 from mprun.errors import ConfigError
 from mprun.metric_writer import BatchedWriter, MetricBatch
 from mprun.tracking import Failover, MlflowTracker, Store, TrackingLost, Unreachable, record_failed_run
@@ -260,7 +260,7 @@ def test_closing_a_sweep_searches_its_runs_once(tmp_path: Path, monkeypatch: pyt
     again to build the report."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
-            "config",
+            PRIMARY,
             overrides=[f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep", "precision=fp32"],
             return_hydra_config=True,
         )

@@ -5,6 +5,7 @@ from it; the cases of bad user code come from a second package the tests write b
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import textwrap
@@ -80,6 +81,26 @@ def float_labels():
     return TensorDataset(_x(8), torch.rand(8)), TensorDataset(_x(4), torch.rand(4))
 
 
+def numpy_items():
+    """A plain list of (float64 array, numpy int32) items: served by a DataLoader, the inputs cast to float32 and the
+    labels to int64 (cross-entropy refuses int32 targets)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    make = lambda n: [(rng.normal(size=16) + i % 3, np.int32(i % 3)) for i in range(n)]  # noqa: E731
+    return make(90), make(30)
+
+
+def window_tensor():
+    """A TensorDataset of one int32 tensor of windows: its items are 1-tuples."""
+    t = torch.randint(0, 40, (64, 17), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    return TensorDataset(t), TensorDataset(t[:16])
+
+
+def ragged():
+    return [(torch.randn(12 if i == 0 else 16), i % 2) for i in range(8)], [(torch.randn(16), 0), (torch.randn(16), 1)]
+
+
 def windows():
     """Token windows for a language model: 1-D id tensors of 17 tokens (16 to read, 16 to predict)."""
     g = torch.Generator().manual_seed(0)
@@ -101,14 +122,17 @@ class TinyLM(nn.Module):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """docs/example-project in a launch directory of its own, with badlab beside mylab; importable as the launch
-    directory of `python -m mprun` is (run_cli_here runs the command line's entry point in this process)."""
+    """docs/example-project in a launch directory of its own, with badlab beside mylab. run_cli_here runs the command
+    line's entry point in this process, in that directory."""
     where = tmp_path_factory.mktemp("project")
     shutil.copytree(EXAMPLE, where, dirs_exist_ok=True, ignore=shutil.ignore_patterns("outputs", "__pycache__"))
     (where / "badlab.py").write_text(textwrap.dedent(BADLAB))
-    sys.path.insert(0, str(where))
-    yield where
-    sys.path.remove(str(where))
+    (where / "nslab").mkdir()  # a namespace package: no __init__.py
+    (where / "nslab" / "nets.py").write_text(
+        "from torch import nn\n\n\nclass Raises(nn.Module):\n    def __init__(self, num_classes: int):\n"
+        "        raise ValueError('from a namespace package')\n"
+    )
+    yield where  # not on sys.path: the command line puts its launch directory there, as `python -m` would
     for name in [m for m in sys.modules if m.split(".")[0] in ("mylab", "badlab")]:
         del sys.modules[name]
 
@@ -207,6 +231,26 @@ def test_a_projects_language_model_on_its_own_token_windows(project: Path, tmp_p
     )
 
 
+def test_a_list_of_numpy_items_is_served_by_a_dataloader(project: Path, shared: Path, tmp_path: Path) -> None:
+    done = mprun_here(project, shared, "model=wide", "dataset=blobs", "dataset._target_=badlab.numpy_items",
+                      "~dataset.n", "dataset.num_workers=0", "dataset.batch_size=16", "tracking=none",
+                      f"hydra.run.dir={tmp_path}", *SHORT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "passed in_features=16, num_classes=3 from dataset=blobs" in done.stdout
+    assert "DataLoader, in the training process" in done.stdout  # not the in-memory TensorDataset path
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["task"] == "classification" and summary["steps"] == 2 * (90 // 16)
+
+
+def test_a_tensordataset_of_int32_token_windows_trains_a_language_model(project: Path, shared: Path, tmp_path) -> None:
+    done = mprun_here(project, shared, "model=wide", "dataset=blobs", "model._target_=badlab.TinyLM", "~model.hidden",
+                      "dataset._target_=badlab.window_tensor", "~dataset.n", "dataset.batch_size=16", "tracking=none",
+                      f"hydra.run.dir={tmp_path}", *SHORT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "passed vocab_size=40, block_size=16 from dataset=blobs" in done.stdout
+    assert "in-memory tensors" in done.stdout  # served by index_select, not a DataLoader
+
+
 # Each row of the issue's table: what the user wrote, and the one line (or the user's frames) mprun answers with.
 BAD = {
     "not importable": (["model._target_=mylab.nope.Wide"], 2, "model._target_=mylab.nope.Wide: cannot import it: "
@@ -241,6 +285,9 @@ BAD = {
                      "are integer class indices"),
     "a model.task the data cannot serve": (["model.task=language_model"], 2, "model.task=language_model: the "
                                            "dataset's items make a classification task"),
+    "items of different shapes": (["dataset._target_=badlab.ragged", "~dataset.n"], 2,
+                                  "dataset: item 1 of the train split has an input of shape (16,), item 0 (12,): the "
+                                  "items of a split are batched together, so they share one shape"),
     "a non-integer batch size": (["dataset.batch_size=many"], 2, "dataset.batch_size=many: must be an integer"),
 }  # fmt: skip
 
@@ -266,6 +313,16 @@ def test_the_users_own_exception_shows_the_users_frames_not_mpruns(project: Path
     assert lines[1] == f'  File "{project / "badlab.py"}", line {line_of(project, "hidden must be even")}, in __init__'
     assert 'raise ValueError("hidden must be even")' in lines[2] and len(lines) == 3  # no frame of mprun's or torch's
     assert not list((tmp_path / "outputs").glob("20*"))  # nothing was written: no run directory is left
+
+
+def test_a_namespace_packages_frames_are_the_users_too(project: Path, tmp_path: Path) -> None:
+    done = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", "model._target_=nslab.nets.Raises",
+                      "~model.hidden", "tracking=none")  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[:2] == [
+        "mprun: error: model._target_=nslab.nets.Raises raised ValueError: from a namespace package",
+        f'  File "{project / "nslab" / "nets.py"}", line 6, in __init__',
+    ]
 
 
 def test_a_failure_in_the_users_code_mid_run_closes_the_run_failed(project: Path, tmp_path: Path) -> None:
@@ -301,9 +358,11 @@ def test_the_projects_options_are_listed_and_one_that_replaces_mpruns_says_so(pr
     replaced = tmp_path / "conf" / "model"
     replaced.mkdir(parents=True)
     (replaced / "simple_cnn.yaml").write_text("_target_: mylab.nets.Wide\nhidden: 32\n")
+    (tmp_path / "mylab").symlink_to(project / "mylab")
     done = run_cli_here("model=simple_cnn", "tracking=none", "trainer.max_epochs=1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"mprun: {replaced / 'simple_cnn.yaml'} replaces mprun's own model=simple_cnn" in done.stderr
+    assert "model mylab.nets.Wide: passed in_features=64, num_classes=10 from dataset=digits" in done.stdout
     # Hydra's --config-dir names another directory instead: then the launch directory's conf/ is not searched.
     other = run_cli_here("--config-dir", str(project / "conf"), "model=wide", "dataset=blobs", "tracking=none",
                          "trainer.max_epochs=1", cwd=tmp_path)  # fmt: skip
@@ -311,6 +370,8 @@ def test_the_projects_options_are_listed_and_one_that_replaces_mpruns_says_so(pr
 
 
 def test_the_python_api_runs_an_experiment_and_returns_its_summary(project: Path, tmp_path: Path) -> None:
+    root = logging.getLogger()
+    handlers = root.handlers[:]
     summary = mprun.run(["model=wide", "dataset=blobs", "precision=bf16", "tracking=none", f"paths.root_dir={tmp_path}",
                          *SHORT], config_dir=project / "conf")  # fmt: skip
     run_dir = Path(summary["run_dir"])
@@ -322,3 +383,9 @@ def test_the_python_api_runs_an_experiment_and_returns_its_summary(project: Path
     assert not list((tmp_path / "bad" / "outputs").glob("20*"))
     with pytest.raises(ConfigError, match="config_dir=.*: not a directory"):
         mprun.run([], config_dir=tmp_path / "nowhere")
+    # Hydra's own refusals are ConfigErrors too, and the caller's logging is as it was.
+    with pytest.raises(ConfigError, match="Could not find 'model/nope'"):
+        mprun.run(["model=nope"], config_dir=project / "conf")
+    with pytest.raises(ConfigError, match="^trainer.epochs: unknown key; did you mean trainer.max_epochs"):
+        mprun.run(["trainer.epochs=3"], config_dir=project / "conf")
+    assert root.handlers == handlers
