@@ -15,14 +15,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mprun import distributed, guest, models, numerics, probe, userdata
+from mprun import distributed, guest, models, numerics, userdata
 from mprun.data import DataBundle
 from mprun.distributed import SINGLE, Strategy, World
 from mprun.errors import ConfigError, MprunError
 from mprun.hardware import resolve_device, set_math_flags
 from mprun.loop import TrainerConfig, Training, planned_steps
 from mprun.optim import implementation, prepare
-from mprun.precision import Precision, PrecisionConfig
+from mprun.precision import probe
+from mprun.precision.config import PrecisionConfig
+from mprun.precision.runtime import Precision
 from mprun.tracking import Tracker
 
 log = logging.getLogger("mprun")

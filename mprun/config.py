@@ -17,8 +17,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from mprun import data, gpt, guest, loop, lstm, models, optim, precision, text, textfolder, tracking, userdata
+from mprun import data, gpt, guest, loop, lstm, models, optim, text, textfolder, tracking, userdata
 from mprun.errors import ConfigError, first_line
+from mprun.precision.config import PrecisionConfig
 
 # Settings that change where and how a run is recorded or continued, not what it computes: a resume may change them
 # without a warning, and the sweep report pairs a job with its fp32 baseline whatever they are.
@@ -85,7 +86,7 @@ class Config:
     dataset: Any = dataclasses.field(default_factory=_open)
     optimizer: Any = MISSING
     scheduler: Any = MISSING
-    precision: precision.PrecisionConfig = MISSING
+    precision: PrecisionConfig = MISSING
     trainer: loop.TrainerConfig = MISSING
     tracking: Any = MISSING
     paths: PathsConfig = MISSING
@@ -116,7 +117,7 @@ SCHEMAS: dict[str, type] = {
     "scheduler_cosine_schema": optim.CosineConfig,
     "scheduler_step_schema": optim.StepConfig,
     "scheduler_onecycle_schema": optim.OneCycleConfig,
-    "precision_schema": precision.PrecisionConfig,
+    "precision_schema": PrecisionConfig,
     "trainer_schema": loop.TrainerConfig,
     "tracking_mlflow_schema": tracking.MlflowConfig,
     "tracking_none_schema": tracking.NoTrackingConfig,

@@ -16,6 +16,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mprun.precision.names import is_baseline
+
 if TYPE_CHECKING:
     from mprun.report import Row
 
@@ -249,7 +251,6 @@ def _no_seed(overrides: tuple[str, ...]) -> tuple[str, ...]:
 def group(rows: list[Row], tolerance: float = 0.0) -> list[Group]:
     """The rows' groups, in the order of their first jobs, each linked to the fp32 group of its setting: the one that
     asked for fp32 before one that auto resolved to it."""
-    from mprun.precision import is_baseline
 
     groups: dict[tuple[str, tuple[str, ...]], Group] = {}
     for r in rows:
@@ -282,7 +283,6 @@ def recommendation(groups: list[Group]) -> list[str]:
 
 def _recommend(mine: list[Group]) -> str:
     """The recommendation for one setting's groups."""
-    from mprun.precision import is_baseline
 
     base = mine[0].baseline
     if base is None:
@@ -316,7 +316,6 @@ def best_settings(groups: list[Group]) -> list[str]:
     precision. Whether the best is clear of the next is said as a verdict is (Welch interval, or one seed). A setting
     that changes nothing in fp32 (precision.fp32_modules) is not one for fp32; tasks judged on different metrics
     (a sweep over datasets) are ranked apart."""
-    from mprun.precision import is_baseline
 
     lines = []
     for label, metric in dict.fromkeys((g.label, g.headline) for g in groups):

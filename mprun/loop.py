@@ -30,7 +30,7 @@ from mprun.distributed import SINGLE, Strategy, World, local_shard
 from mprun.errors import require
 from mprun.hardware import DeviceName
 from mprun.interrupts import GracefulStop
-from mprun.precision import Precision
+from mprun.precision.runtime import Precision
 from mprun.progress import Progress
 from mprun.tasks import CLASSIFICATION, Task
 from mprun.tracking import Tracker

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from mprun import groups as grouping
 from mprun.errors import ConfigError, first_line
+from mprun.precision.names import HALF_ONLY, can_carry_loss_scale, computes_in_half, is_baseline, sweep_note
 
 if TYPE_CHECKING:
     from mprun.tracking import Store
@@ -113,7 +114,6 @@ def _others(overrides: str) -> tuple[str, ...]:
     """What an fp32 baseline must share with the job: its overrides but the precision option and the settings that
     change nothing in fp32 (a clipping or on_nonfinite override stays: it changes fp32 runs too)."""
     from mprun.config import outcome_neutral  # imports torch: here, not at start-up
-    from mprun.precision import HALF_ONLY
 
     def compared(o: str) -> bool:  # also not trainer.resume and the like: a requeued job's overrides add it
         name = o.split("=", 1)[0].lstrip("+~")
@@ -144,7 +144,6 @@ def _option(overrides: str) -> str | None:
 def collect(store: Store, parent_id: str, curves: bool = True) -> list[Row]:
     """The parent's child runs as rows, in job order, each linked to its fp32 baseline if there is one; with
     `curves`, each row also gets the loss (and loss scale) history to plot."""
-    from mprun.precision import can_carry_loss_scale  # imports torch: here, not at start-up
 
     # A requeued sweep job without a checkpoint to resume ran anew: its newest run is the job's row.
     newest: dict[str, Any] = {}
@@ -178,7 +177,6 @@ def collect(store: Store, parent_id: str, curves: bool = True) -> list[Row]:
         rows.append(row)
     rows.sort(key=lambda r: r.num)
     baselines: dict[tuple[str, ...], Row] = {}
-    from mprun.precision import is_baseline
 
     for r in rows:  # of several candidates, the first that asked for fp32 (not auto resolved to it), else the first
         if is_baseline(r.precision) and r.status == "FINISHED" and not r.diverged:
@@ -251,7 +249,6 @@ def columns(rows: list[Row]) -> list[str]:
 
 def table_rows(rows: list[Row]) -> list[list[str]]:
     """The report's table cells, one list per job."""
-    from mprun.precision import can_carry_loss_scale  # imports torch: here, not at start-up
 
     h, (rate, _) = grouping.headline_of(rows), _rate(rows)
     out = []
@@ -425,7 +422,6 @@ SLOW = 0.8  # a CPU half precision below this share of fp32's throughput is note
 def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> list[str]:
     """The caveats a reader needs before reading the numbers (groups: the rows' groups, if made already)."""
     from mprun.loop import INPUT_BOUND  # the threshold the runs warned at (imports torch: here, not at start-up)
-    from mprun.precision import can_carry_loss_scale, computes_in_half, is_baseline, sweep_note
 
     notes = []
     if not rows:

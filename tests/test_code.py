@@ -12,7 +12,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mprun"
-SOURCES = sorted(PACKAGE.glob("*.py"))
+SOURCES = sorted(PACKAGE.rglob("*.py"))  # subpackages included
+
+
+def _module(path: Path) -> str:
+    """mprun/precision/auto.py -> mprun.precision.auto; a package's __init__.py is the package."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _tree(path: Path) -> ast.Module:
@@ -70,14 +76,14 @@ def test_no_precision_name_is_compared_outside_precision() -> None:
     offenders = [
         f"{p.name}:{i}: {line.strip()}"
         for p in SOURCES
-        if p.name != "precision.py"
+        if p.parent.name != "precision"
         for i, line in enumerate(p.read_text().splitlines(), 1)
         if pattern.search(line)
     ]
     assert offenders == []
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=[p.name for p in SOURCES])
+@pytest.mark.parametrize("path", SOURCES, ids=[_module(p) for p in SOURCES])
 def test_no_public_function_takes_more_than_seven_positional_parameters(path: Path) -> None:
     """Long positional lists want a built object (Training, Components) and keyword-only options."""
     wide = []
@@ -105,7 +111,7 @@ def test_no_public_function_or_method_is_dead() -> None:
                 used.add(node.value.rsplit(".", 1)[-1])  # _target_ strings
     dead = []
     for path in SOURCES:
-        module = importlib.import_module(f"mprun.{path.stem}")
+        module = importlib.import_module(_module(path))
         for name, _ in _public_functions(_tree(path)):
             owner, _, attr = name.rpartition(".")
             if attr in used:
@@ -114,5 +120,15 @@ def test_no_public_function_or_method_is_dead() -> None:
                 cls = getattr(module, owner)
                 if any(attr in vars(base) for base in cls.__mro__[1:]):
                     continue
-            dead.append(f"{path.name}:{name}")
+            dead.append(f"{_module(path)}:{name}")
     assert dead == []
+
+
+def test_the_wheel_lists_every_subpackage() -> None:
+    """pyproject lists the packages (conf/ ships as mprun.conf through package-dir, which find cannot see): a
+    subpackage missing there would be missing from the wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module(p) for p in PACKAGE.rglob("__init__.py")}
+    assert found | {"mprun.conf"} == listed

@@ -11,11 +11,13 @@ import torch
 from conftest import run_cli_here, run_statuses
 from mlflow import MlflowClient
 
-from mprun import bf16_pure, checkpoint, hardware
+from mprun import checkpoint, hardware
 from mprun.errors import ConfigError, NumericsError
 from mprun.experiment import run
 from mprun.models import SimpleCNN, SimpleMLP
-from mprun.precision import PrecisionName, resolve
+from mprun.precision import bf16_pure
+from mprun.precision.auto import resolve
+from mprun.precision.names import PrecisionName
 
 # An MLP with two 64x64 hidden layers on digits (8x8 = 64 inputs): Linear layers fp8 can take, at a size a CPU trains
 # in a second. The threshold is lowered to them: its default (512) is for GPU-sized layers.

@@ -17,7 +17,9 @@ from mprun.config import validate
 from mprun.errors import ConfigError, NumericsError
 from mprun.experiment import run
 from mprun.numerics import Guard, gradient_stats, trace_nonfinite
-from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName
+from mprun.precision.config import LossScale, PrecisionConfig
+from mprun.precision.names import PrecisionName
+from mprun.precision.runtime import Precision
 
 UNDERFLOWS = ["model=simple_mlp", "model.grad_scale=1e-6"]  # logits' gradients x 1e-6: below fp16's 6e-8
 
@@ -169,7 +171,7 @@ def test_collapse_policy_warn_trains_on(make_cfg, caplog) -> None:
 
 def test_collapse_warnings_come_once_per_kind(caplog) -> None:
     """Skip rates that differ from window to window still warn once (the key used to be the rate's text)."""
-    from mprun.precision import Action
+    from mprun.precision.config import Action
 
     guard = Guard(Precision(PrecisionConfig(dtype=PrecisionName.fp16, on_collapse=Action.warn), torch.device("cpu")))
     for step, rate in enumerate([0.6, 0.7, 0.8, 0.9, 0.8], start=1):

@@ -18,7 +18,10 @@ from mprun.errors import ConfigError
 from mprun.hardware import math_flags_restored, set_math_flags
 from mprun.loop import TrainerConfig, Training, TrainState, train_epoch, train_step
 from mprun.optim import constant, implementation, prepare
-from mprun.precision import LossScale, NonFinite, Precision, PrecisionConfig, PrecisionName, resolve
+from mprun.precision.auto import resolve
+from mprun.precision.config import LossScale, NonFinite, PrecisionConfig
+from mprun.precision.names import PrecisionName
+from mprun.precision.runtime import Precision
 from mprun.progress import Progress
 from mprun.tracking import Tracker
 

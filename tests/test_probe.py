@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from mprun import probe
 from mprun.experiment import run
-from mprun.precision import PrecisionName, pick_measured, resolve
+from mprun.precision import probe
+from mprun.precision.auto import pick_measured, resolve
+from mprun.precision.names import PrecisionName
 from mprun.tasks import CLASSIFICATION
 
 CPU = torch.device("cpu")

@@ -91,7 +91,9 @@ def test_statistics_and_the_nan_tracer_see_inside_a_packed_lstm(make_cfg, folder
     """The LSTM's output is a PackedSequence and a tuple: the statistics hooks and the tracer read its tensors (the
     statistics used to rebuild the output's structure, which a PackedSequence refuses)."""
     from mprun import numerics
-    from mprun.precision import LossScale, Precision, PrecisionConfig, PrecisionName
+    from mprun.precision.config import LossScale, PrecisionConfig
+    from mprun.precision.names import PrecisionName
+    from mprun.precision.runtime import Precision
     from mprun.tasks import TEXT_CLASSIFICATION
 
     run(

@@ -9,329 +9,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Callable, ContextManager, Iterable, List, Optional
+from typing import Any, Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
 
-from mprun import hardware
-from mprun.errors import ConfigError, require
+from mprun.errors import ConfigError
+from mprun.precision.auto import _AUTOCAST_DTYPE, Measure, resolve
+from mprun.precision.config import LossScale, NonFinite, PrecisionConfig
+from mprun.precision.names import PrecisionName
 
-log = logging.getLogger(__name__)
-
-
-class PrecisionName(Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    tf32 = "tf32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-    bf16_pure = "bf16_pure"  # bf16 weights, gradients and optimizer state; no fp32 master copy, no autocast
-    fp8 = "fp8"  # torchao float8 matmuls in the chosen Linear layers, bf16 autocast elsewhere
-
-    @property
-    def half(self) -> bool:
-        """Whether it computes in a float narrower than 32 bits (fp16, bf16, bf16_pure, fp8)."""
-        return self not in (PrecisionName.auto, PrecisionName.fp32, PrecisionName.tf32)
-
-    @property
-    def matmul_dtype(self) -> str:
-        """The dtype its matmuls run in, for peak-FLOP/s tables: 'fp8', 'bf16', 'fp16', 'tf32' or 'fp32'."""
-        return "bf16" if self is PrecisionName.bf16_pure else self.value
-
-    @property
-    def scales_loss(self) -> bool:
-        """Whether a run of it can carry a loss scale: only fp16 lacks the exponent range to do without."""
-        return self is PrecisionName.fp16
-
-
-def resolved_name(tag: str) -> Optional[PrecisionName]:
-    """A recorded precision (a run's `precision` tag, e.g. 'fp16') as a PrecisionName; None if it is no precision."""
-    try:
-        return PrecisionName(tag)
-    except ValueError:
-        return None
-
-
-def computes_in_half(tag: str) -> bool:
-    """Whether a run recorded with this precision tag computed in a 16-bit float (its CPU speed may be emulated)."""
-    name = resolved_name(tag)
-    return name is not None and name.half
-
-
-def is_baseline(tag: str) -> bool:
-    """Whether a run recorded with this precision tag (or that asked for this precision option) is the fp32 reference
-    a sweep compares the others with: no autocast, no TF32."""
-    return resolved_name(tag) is PrecisionName.fp32
-
-
-def can_carry_loss_scale(tag: str) -> bool:
-    """Whether a run recorded with this precision tag can have had a loss scale (its scale curve and final scale
-    mean something); a non-fp16 run's fp16 underflow statistic is what fp16 would lose, not what it lost."""
-    name = resolved_name(tag)
-    return name is not None and name.scales_loss
-
-
-# What a sweep report's reader needs to know of a precision that autocast alone does not explain.
-_SWEEP_NOTES = {
-    PrecisionName.bf16_pure: "bf16_pure: weights, gradients and optimizer state stored in bf16 (no fp32 master copy, "
-    "no autocast), updates stochastically rounded unless precision.stochastic_rounding=false; param+state MiB is "
-    "what that saves, about half of an autocast job's with Adam(W).",
-    PrecisionName.fp8: "fp8: torchao float8 matmuls in the Linear layers its run tag fp8_modules lists, bf16 "
-    "autocast elsewhere (convolutions stay bf16); on a CPU the float8 matmuls are emulated, so only a GPU's speed "
-    "means anything.",
-}
-
-
-def sweep_note(tag: str) -> str:
-    """The sweep report's note on runs recorded with this precision tag ('' when it needs none)."""
-    name = resolved_name(tag)
-    return _SWEEP_NOTES.get(name, "") if name is not None else ""
-
-
-class NonFinite(Enum):
-    stop = "stop"  # checked at log steps (no extra sync): stop the run with a diagnosis
-    skip = "skip"  # check every step and skip a non-finite one (GradScaler pinned at 1.0: one sync per step)
-
-
-class Action(Enum):
-    stop = "stop"
-    warn = "warn"
-
-
-class Trace(Enum):
-    off = "off"
-    first = "first"  # trace the first non-finite batch only
-    every = "every"
-
-
-class Fp8Recipe(Enum):
-    tensorwise = "tensorwise"  # one scale per tensor: the fastest (cuBLAS), and the only one with fp8 all-gather
-    rowwise = "rowwise"  # a scale per row (CUTLASS): more accurate with outliers
-    rowwise_with_gw_hp = "rowwise_with_gw_hp"  # rowwise, with the weight gradient's matmul kept in bf16
-
-
-class LossScale(Enum):
-    dynamic = "dynamic"  # GradScaler: back off on overflow, grow after growth_interval clean steps
-    static = "static"  # fixed scale (init_scale); an overflowing step is skipped, the scale never changes
-    none = "none"  # no scaling: reproduces fp16 gradient underflow
-
-
-@dataclass
-class PrecisionConfig:
-    dtype: PrecisionName = PrecisionName.auto
-    # Only fp16 uses a loss scale; with dtype=auto it applies if auto resolves to fp16.
-    loss_scale: LossScale = LossScale.dynamic
-    init_scale: float = 65536.0
-    growth_factor: float = 2.0
-    backoff_factor: float = 0.5
-    growth_interval: int = 2000
-    # Clipping always sees unscaled gradients. At most one of the two.
-    grad_clip_norm: Optional[float] = None
-    grad_clip_value: Optional[float] = None
-    # Glob patterns over qualified module names run outside autocast, in float32 (e.g. ["*norm*", "head"]).
-    fp32_modules: List[str] = field(default_factory=list)
-    # A non-finite loss with no scaler to skip the step (fp32, tf32, bf16, fp16 unscaled): stop or skip.
-    on_nonfinite: NonFinite = NonFinite.stop
-    # Collapse: the dynamic scale at or below the floor, or (any scaler: dynamic, static, on_nonfinite=skip)
-    # more than max_skip_rate of the steps skipped in collapse_patience consecutive log windows, or (any precision)
-    # every gradient exactly zero at collapse_patience consecutive log steps while the loss is not: nothing trains.
-    min_loss_scale: float = 1.0
-    max_skip_rate: float = 0.5
-    collapse_patience: int = 3
-    on_collapse: Action = Action.stop
-    # Re-run a non-finite batch with hooks to name the first module that produced inf/NaN.
-    trace_nonfinite: Trace = Trace.first
-    # Every N steps: per-module fp16 underflow/overflow of gradients and activation maxima (0: off).
-    stats_every_steps: int = 0
-    # fp8 only. Which Linear layers become torchao Float8Linear: those with both sizes divisible by 16, the smaller
-    # at least fp8_min_features (below it the casts cost more than the fp8 matmul saves), and none that an fp8_skip
-    # glob matches (null: the output layer, i.e. the last Linear).
-    fp8_recipe: Fp8Recipe = Fp8Recipe.tensorwise
-    fp8_skip: Optional[List[str]] = None
-    fp8_min_features: int = 512
-    fp8_fsdp_all_gather: bool = False  # FSDP2 all-gathers the float8 weights (tensorwise only)
-    # bf16_pure only: the optimizer stores its bf16 results with stochastic rounding (false: round to nearest).
-    stochastic_rounding: bool = True
-
-    def __post_init__(self) -> None:
-        require(self.init_scale > 0, f"init_scale={self.init_scale} must be > 0")
-        require(self.growth_factor > 1, f"growth_factor={self.growth_factor} must be > 1")
-        require(0 < self.backoff_factor < 1, f"backoff_factor={self.backoff_factor} must be in (0, 1)")
-        require(self.growth_interval >= 1, f"growth_interval={self.growth_interval} must be >= 1")
-        require(self.min_loss_scale >= 0, f"min_loss_scale={self.min_loss_scale} must be >= 0")
-        require(0 < self.max_skip_rate <= 1, f"max_skip_rate={self.max_skip_rate} must be in (0, 1]")
-        require(self.collapse_patience >= 1, f"collapse_patience={self.collapse_patience} must be >= 1")
-        require(self.stats_every_steps >= 0, f"stats_every_steps={self.stats_every_steps} must be >= 0 (0: off)")
-        require(self.fp8_min_features >= 0, f"fp8_min_features={self.fp8_min_features} must be >= 0")
-        for key in ("grad_clip_norm", "grad_clip_value"):
-            value = getattr(self, key)
-            require(value is None or value > 0, f"{key}={value} must be > 0 (or null to disable)")
-        require(
-            self.grad_clip_norm is None or self.grad_clip_value is None,
-            "grad_clip_norm and grad_clip_value are both set; choose one",
-        )
-        require(
-            self.loss_scale is LossScale.none or self.dtype in (PrecisionName.fp16, PrecisionName.auto),
-            f"loss_scale={self.loss_scale.value} applies to fp16 only; {self.dtype.value} needs "
-            "precision.loss_scale=none",
-        )
-
-
-# The settings that change nothing in an fp32 run: the cast and the loss scaler (the collapse policy judges skipped
-# steps, which an fp32 baseline has none of, and all-zero gradients, which leave no fp32 baseline to compare with).
-# The sweep report compares a job with the fp32 job that differs from it only in these and the precision option;
-# the others (clipping, on_nonfinite, statistics) apply to fp32 too.
-HALF_ONLY = frozenset(
-    {
-        "dtype",
-        "loss_scale",
-        "init_scale",
-        "growth_factor",
-        "backoff_factor",
-        "growth_interval",
-        "min_loss_scale",
-        "max_skip_rate",
-        "collapse_patience",
-        "on_collapse",
-        "fp32_modules",
-        "fp8_recipe",
-        "fp8_skip",
-        "fp8_min_features",
-        "fp8_fsdp_all_gather",
-        "stochastic_rounding",
-    }
-)
-
-# fp8 runs what it does not swap under bf16 autocast; bf16_pure has no autocast (its weights are bf16).
-_AUTOCAST_DTYPE = {
-    PrecisionName.fp16: torch.float16,
-    PrecisionName.bf16: torch.bfloat16,
-    PrecisionName.fp8: torch.bfloat16,
-}
-# The autocast precision whose probe speaks for a CPU run's matmuls: bf16_pure's are bf16 ones.
-_PROBED = {
-    PrecisionName.fp16: PrecisionName.fp16,
-    PrecisionName.bf16: PrecisionName.bf16,
-    PrecisionName.bf16_pure: PrecisionName.bf16,
-}
-
-
-# precision=auto on a CPU takes a half dtype only if its measured step is this much faster than fp32's (a tie, or
-# noise, keeps fp32's numerics), and only if its loss on the probe batch agrees with fp32's within LOSS_AGREEMENT
-# (relative): a dtype that changes the model's output that much is not the same training.
-AUTO_MIN_SPEEDUP = 1.1
-LOSS_AGREEMENT = 0.02
-
-# Measures on the run's own model: {dtype name: torch dtype} -> mprun.probe.measure's result.
-Measure = Callable[[dict[str, torch.dtype]], dict[str, Any]]
-
-
-def resolve(
-    requested: PrecisionName, device: torch.device, measure: Optional[Measure] = None
-) -> tuple[PrecisionName, str]:
-    """Map `auto` to what this device really runs fast, and reject what it cannot run; returns (name, why). On a CPU,
-    `measure` times the candidates on the run's model (mprun.probe); without it, the CPU's AMX units decide."""
-    if device.type == "cuda":
-        name, major, minor = hardware.gpu_capability(device)
-        if requested is PrecisionName.auto:
-            if major >= 8:
-                return PrecisionName.bf16, f"{name} (sm_{major}{minor}) has bf16 tensor cores"
-            if major == 7:
-                return PrecisionName.fp16, f"{name} (sm_{major}{minor}) has fp16 but no bf16 tensor cores"
-            return PrecisionName.fp32, f"{name} (sm_{major}{minor}) has no fast half precision"
-        if requested in (PrecisionName.bf16, PrecisionName.bf16_pure) and major < 8:
-            raise ConfigError(
-                f"precision={requested.value} is not supported by {name} (sm_{major}{minor}); "
-                "choose precision=fp16 (with loss scaling), tf32 or fp32"
-            )
-        if requested is PrecisionName.fp8 and (major, minor) < (8, 9):
-            raise ConfigError(
-                f"precision=fp8 needs float8 tensor cores (Ada or Hopper, sm_89+); {name} is sm_{major}{minor}. "
-                f"Use precision=bf16{'' if major >= 8 else ' (Ampere+) or fp16'}"
-            )
-        if requested is PrecisionName.tf32 and major < 8:
-            raise ConfigError(
-                f"precision=tf32 needs an Ampere or newer GPU; {name} is sm_{major}{minor}. Use fp32 or fp16"
-            )
-        return requested, "requested"
-    # CPU
-    if requested is PrecisionName.tf32:  # TF32 is a GPU tensor-core format: a CPU computes in full fp32
-        return requested, "requested; on a CPU tf32 runs as plain fp32"
-    if requested is PrecisionName.auto:
-        if measure is not None:
-            # fp16 only where the CPU has a unit for it (AMX-FP16): elsewhere it is emulated, and needs a loss scale.
-            names = [PrecisionName.bf16] + ([PrecisionName.fp16] if "amx_fp16" in hardware.cpu_amx_units() else [])
-            return pick_measured(measure({n.value: _AUTOCAST_DTYPE[n] for n in names}))
-        if "amx_bf16" in hardware.cpu_amx_units():
-            return PrecisionName.bf16, "CPU has AMX-BF16"
-        return PrecisionName.fp32, "CPU without fast bf16 (autocast would be emulated and slower)"
-    if requested is PrecisionName.fp8:
-        log.warning(
-            "precision=fp8 on a CPU: torch._scaled_mm runs float8 matmuls in emulation, correct but slower than bf16. "
-            "Useful to test the fp8 path; fp8 pays on Ada/Hopper GPUs, on transformer-sized Linear layers."
-        )
-        return requested, "requested; on a CPU float8 matmuls are emulated"
-    autocast = _PROBED.get(requested)
-    if autocast is not None:
-        probed = autocast.value
-        if measure is not None:
-            times = measure({probed: _AUTOCAST_DTYPE[autocast]})
-            speedup = times["fp32"]["ms"] / times[probed]["ms"]
-            if speedup < 1:
-                log.warning(
-                    "precision=%s: %s autocast measured %.2fx fp32's speed on this CPU for this model (%s): correct, "
-                    "but slower (emulated here). Useful for numerics experiments; precision=auto picks the fastest.",
-                    requested.value,
-                    probed,
-                    speedup,
-                    _timings(times),
-                )
-            return requested, (
-                f"requested; {probed} autocast measured {speedup:.2f}x fp32's speed on this CPU ({_timings(times)})"
-            )
-        if f"amx_{probed}" not in hardware.cpu_amx_units():
-            log.warning(
-                "precision=%s on a CPU without AMX-%s may run in emulation: correct, but possibly much slower than "
-                "fp32 (see docs/precision.md). Useful for numerics experiments; measure before relying on it for "
-                "speed.",
-                requested.value,
-                probed.upper(),
-            )
-    return requested, "requested"
-
-
-def _timings(times: dict[str, Any]) -> str:
-    """'fp32 7.68 ms/step, bf16 4.19 ms/step (cached)': a probe's result in words."""
-    steps = ", ".join(
-        f"{k} failed: {v['error']}" if "error" in v else f"{k} {v['ms']:.3g} ms/step"
-        for k, v in times.items()
-        if isinstance(v, dict)
-    )
-    return steps + ("; from the cache" if times.get("cached") else "")
-
-
-def pick_measured(times: dict[str, Any]) -> tuple[PrecisionName, str]:
-    """precision=auto on a CPU, from a probe: the fastest half dtype at least AUTO_MIN_SPEEDUP x fp32's speed whose
-    loss agrees with fp32's; else fp32. The reason gives the timings."""
-    base = times["fp32"]
-    fits = [
-        (base["ms"] / t["ms"], name)
-        for name, t in times.items()
-        if name != "fp32"
-        and isinstance(t, dict)
-        and math.isfinite(t["loss"])
-        and abs(t["loss"] - base["loss"]) <= LOSS_AGREEMENT * max(1.0, abs(base["loss"]))
-    ]
-    speedup, name = max(fits, default=(1.0, "fp32"))
-    if name != "fp32" and speedup >= AUTO_MIN_SPEEDUP:
-        return PrecisionName(name), f"measured on this CPU: {speedup:.2f}x fp32's speed ({_timings(times)})"
-    return PrecisionName.fp32, (
-        f"measured on this CPU: no half dtype {AUTO_MIN_SPEEDUP}x faster with a loss within {LOSS_AGREEMENT:.0%} of "
-        f"fp32's ({_timings(times)})"
-    )
+log = logging.getLogger("mprun.precision")
 
 
 # What to try after a numerics stop made of inf/NaN values, by the precision the run used: half precision has its
@@ -411,7 +99,7 @@ class Precision:
         fp8 swaps Linear layers for torchao's Float8Linear, bf16_pure stores everything in bf16. `fp32_modules`: the
         modules precision.fp32_modules keeps in fp32."""
         if self.name is PrecisionName.fp8:
-            from mprun import fp8
+            from mprun.precision import fp8
 
             cfg = self.cfg
             self.fp8_modules = fp8.convert(
@@ -425,7 +113,7 @@ class Precision:
             if cfg.fp8_fsdp_all_gather:
                 self._after_step = lambda: fp8.precompute_scales(module)
         elif self.name is PrecisionName.bf16_pure:
-            from mprun import bf16_pure
+            from mprun.precision import bf16_pure
 
             if fp32_modules:
                 raise ConfigError(
@@ -438,7 +126,7 @@ class Precision:
         """The optimizer class to build for the configured one (a class path): bf16_pure with stochastic rounding
         swaps torch's SGD/Adam/AdamW for the same update stored with stochastic rounding."""
         if self.name is PrecisionName.bf16_pure and self.cfg.stochastic_rounding:
-            from mprun import bf16_pure
+            from mprun.precision import bf16_pure
 
             return bf16_pure.optimizer_target(target)
         return target
