@@ -120,7 +120,7 @@ def hand_loop(parts, compiled: bool, channels_last: bool):
 def mprun_loop(parts, trainer):
     from mprun.loop import TrainState, train_epoch
     from mprun.progress import Progress
-    from mprun.tracking import NullTracker
+    from mprun.tracking.base import NullTracker
 
     state, tracker, progress = TrainState(), NullTracker(), Progress(1, 0, enabled=False)
 

@@ -33,7 +33,7 @@ from mprun.data import TimedLoader, usable_cores
 from mprun.hardware import device_name, resolve_device
 from mprun.loop import INPUT_BOUND, TrainerConfig, TrainState, train_epoch
 from mprun.progress import Progress
-from mprun.tracking import NullTracker
+from mprun.tracking.base import NullTracker
 
 
 def make_imagefolder(root: Path, images: int, classes: int, size: tuple[int, int], seed: int = 0) -> None:

@@ -25,7 +25,7 @@ from mprun.optim import implementation, prepare
 from mprun.precision import probe
 from mprun.precision.config import PrecisionConfig
 from mprun.precision.runtime import Precision
-from mprun.tracking import Tracker
+from mprun.tracking.base import Tracker
 
 log = logging.getLogger("mprun")
 

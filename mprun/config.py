@@ -17,9 +17,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from mprun import data, gpt, guest, loop, lstm, models, optim, text, textfolder, tracking, userdata
+from mprun import data, gpt, guest, loop, lstm, models, optim, text, textfolder, userdata
 from mprun.errors import ConfigError, first_line
 from mprun.precision.config import PrecisionConfig
+from mprun.tracking.config import MlflowConfig, NoTrackingConfig
 
 # Settings that change where and how a run is recorded or continued, not what it computes: a resume may change them
 # without a warning, and the sweep report pairs a job with its fp32 baseline whatever they are.
@@ -119,8 +120,8 @@ SCHEMAS: dict[str, type] = {
     "scheduler_onecycle_schema": optim.OneCycleConfig,
     "precision_schema": PrecisionConfig,
     "trainer_schema": loop.TrainerConfig,
-    "tracking_mlflow_schema": tracking.MlflowConfig,
-    "tracking_none_schema": tracking.NoTrackingConfig,
+    "tracking_mlflow_schema": MlflowConfig,
+    "tracking_none_schema": NoTrackingConfig,
     "paths_schema": PathsConfig,
 }
 

@@ -29,7 +29,7 @@ from mprun.interrupts import GracefulStop
 from mprun.loop import TrainerConfig, TrainState, finished, fit
 from mprun.summary import json_text
 from mprun.sweep import JobInfo
-from mprun.tracking import CHECKPOINT_STEP_TAG, DatasetRecord, NullTracker, Tracker
+from mprun.tracking.base import CHECKPOINT_STEP_TAG, DatasetRecord, NullTracker, Tracker
 
 log = logging.getLogger("mprun")
 

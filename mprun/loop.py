@@ -33,7 +33,7 @@ from mprun.interrupts import GracefulStop
 from mprun.precision.runtime import Precision
 from mprun.progress import Progress
 from mprun.tasks import CLASSIFICATION, Task
-from mprun.tracking import Tracker
+from mprun.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -63,8 +63,8 @@ class AdamWConfig(AdamConfig):
     weight_decay: float = 0.01
 
 
-# The fused kernels DTensor has a sharding rule for (FSDP2's parameters are DTensors); it has none for fused SGD,
-# whose first step failed under FSDP ("aten._fused_sgd_.default does not have a sharding strategy registered").
+# The fused kernels DTensor has a sharding rule for (FSDP2's parameters are DTensors): none for fused SGD
+# (aten._fused_sgd_), which under FSDP runs with foreach kernels instead.
 FUSED_ON_DTENSOR = ("torch.optim.Adam", "torch.optim.AdamW")
 
 

@@ -28,7 +28,7 @@ from mprun.errors import ConfigError, first_line
 from mprun.precision.names import HALF_ONLY, can_carry_loss_scale, computes_in_half, is_baseline, sweep_note
 
 if TYPE_CHECKING:
-    from mprun.tracking import Store
+    from mprun.tracking.store import Store
 
 PRECISION_COLORS = {
     "fp32": "tab:blue",
@@ -669,7 +669,7 @@ def default_out(store: Store, parent_id: str) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """python -m mprun.report <parent run id | experiment name>"""
-    from mprun.tracking import Store, default_uri
+    from mprun.tracking.store import Store, default_uri
 
     p = argparse.ArgumentParser(prog="python -m mprun.report", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep", help="the sweep's parent run id, or an experiment name (its newest sweep)")

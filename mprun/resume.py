@@ -16,7 +16,7 @@ from mprun.checkpoint import unwrap
 from mprun.errors import ConfigError
 from mprun.loop import TrainerConfig, TrainState, evaluate
 from mprun.summary import FINAL_METRICS
-from mprun.tracking import Tracker
+from mprun.tracking.base import Tracker
 
 if TYPE_CHECKING:
     from mprun.build import Components

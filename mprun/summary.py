@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from mprun import hardware
 from mprun.loop import FitResult, TrainState
-from mprun.tracking import Tracker
+from mprun.tracking.base import Tracker
 
 if TYPE_CHECKING:
     from mprun.build import Components

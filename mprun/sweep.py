@@ -29,7 +29,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mprun import tracking
+from mprun.tracking.config import MlflowConfig
+from mprun.tracking.store import record_failed_run
 
 log = logging.getLogger("mprun")
 SWEEP_FILE = "mlflow_sweep.json"
@@ -75,7 +76,7 @@ class JobInfo:
     def record_failure(self, error: BaseException) -> None:
         """A FAILED child run for a job that failed before it had a run of its own (e.g. bad input)."""
         if self.parent.get("parent_run_id"):
-            tracking.record_failed_run(
+            record_failed_run(
                 self.parent["uri"],
                 self.parent["experiment_id"],
                 self.name,
@@ -320,7 +321,7 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _ACTIVE
-        if config.tracking.get("_target_") != tracking.MlflowConfig._target_:
+        if config.tracking.get("_target_") != MlflowConfig._target_:
             log.info("sweep without tracking (tracking=none): no parent run and no report")
             return
         try:

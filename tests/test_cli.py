@@ -359,7 +359,8 @@ def test_a_second_signal_unwinds_with_its_own_exit_code(monkeypatch) -> None:
 def test_signals_wait_for_the_store_to_be_whole(tmp_path: Path, monkeypatch) -> None:
     """A new sqlite store gets its tables in several migrations; a Ctrl-C in between left a store every later run
     failed on. A signal while the tracker opens the store reaches its handler once the store is whole."""
-    from mprun.tracking import MlflowTracker, Store
+    from mprun.tracking.mlflow_tracker import MlflowTracker
+    from mprun.tracking.store import Store
 
     experiment = Store.experiment
 

@@ -502,7 +502,7 @@ def test_peak_memory_is_the_fullest_ranks() -> None:
     from mprun.precision.config import LossScale, PrecisionConfig
     from mprun.precision.names import PrecisionName
     from mprun.precision.runtime import Precision
-    from mprun.tracking import Tracker
+    from mprun.tracking.base import Tracker
 
     class AnotherRankIsFuller(World):  # one process: every collective but max is the identity
         def max(self, value: float) -> float:

@@ -23,7 +23,7 @@ from mprun.precision.config import LossScale, NonFinite, PrecisionConfig
 from mprun.precision.names import PrecisionName
 from mprun.precision.runtime import Precision
 from mprun.progress import Progress
-from mprun.tracking import Tracker
+from mprun.tracking.base import Tracker
 
 CPU = torch.device("cpu")
 DEVICE = torch.device(os.environ.get("MPRUN_TEST_DEVICE", "cpu"))

@@ -604,7 +604,7 @@ def test_logged_train_loss_is_the_mean_over_each_log_window(make_cfg, tmp_path: 
 def test_the_printed_mlflow_ui_command_can_be_pasted_with_a_space_in_the_path(tmp_path: Path) -> None:
     import shlex
 
-    from mprun.tracking import MlflowTracker
+    from mprun.tracking.mlflow_tracker import MlflowTracker
 
     tracker = MlflowTracker(str(tmp_path / "my runs"), None, "Default", None, False)
     (line,) = [line for line in tracker.describe() if line.startswith("MLflow UI")]

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from mprun import report
 from mprun.cli import CONFIG_DIR, PRIMARY
-from mprun.tracking import RecordedRun, Store
+from mprun.tracking.store import RecordedRun, Store
 
 TINY = ["model=simple_mlp", "trainer.max_epochs=1", "trainer.max_steps=4", "trainer.log_every_steps=2"]
 

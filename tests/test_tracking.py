@@ -16,9 +16,11 @@ from mlflow import MlflowClient
 
 from mprun import sweep
 from mprun.cli import CONFIG_DIR, PRIMARY
-from mprun.errors import ConfigError
-from mprun.metric_writer import BatchedWriter, MetricBatch
-from mprun.tracking import Failover, MlflowTracker, Store, TrackingLost, Unreachable, record_failed_run
+from mprun.errors import ConfigError, TrackingLost
+from mprun.tracking.config import Unreachable
+from mprun.tracking.metric_writer import BatchedWriter, MetricBatch
+from mprun.tracking.mlflow_tracker import Failover, MlflowTracker
+from mprun.tracking.store import Store, record_failed_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_only_tracking_imports_mlflow() -> None:
     """Sweeps, the report and the runner use the Tracker and the Store, never MLflow itself."""
     importing = re.compile(r"^\s*(import mlflow|from mlflow[. ])", re.MULTILINE)
-    assert [p.name for p in sorted((ROOT / "mprun").glob("*.py")) if importing.search(p.read_text())] == ["tracking.py"]
+    importers = [p for p in sorted((ROOT / "mprun").rglob("*.py")) if importing.search(p.read_text())]
+    assert [p.relative_to(ROOT / "mprun").as_posix() for p in importers] == [
+        "tracking/mlflow_tracker.py",
+        "tracking/store.py",
+    ]
 
 
 def test_the_writer_writes_in_order_and_reports_each_failure_once() -> None:
@@ -292,7 +298,7 @@ def test_an_experiment_made_without_a_kind_is_marked_as_model_training(tmp_path:
     guessed GenAI. A kind someone set is left alone."""
     from mlflow import MlflowClient
 
-    from mprun.tracking import Store
+    from mprun.tracking.store import Store
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
@@ -352,7 +358,7 @@ def parallel_jobs_share_a_new_dataset_and_an_experiment_tag(uri: str, tmp_path: 
     """MLflow gets or creates the rows jobs share (an experiment's dataset, its kind tag) with a look-up and then an
     insert: a parallel job inserting the same row in between broke the insert's unique key, and the job failed
     (seen on PostgreSQL, 3 sweeps at once). Here the other job's insert comes exactly there, every time."""
-    from mprun.tracking import DatasetRecord
+    from mprun.tracking.base import DatasetRecord
 
     store, experiment = Store.open(uri, "dataset-race", tmp_path / "mlartifacts")
     first, second = (store.create_run(experiment, f"job {i}", {}) for i in range(2))

@@ -1,10 +1,9 @@
 """Metric points buffered and written in flushes, by one background thread, in order, off the training thread.
 
-Each write to the tracking store has a fixed cost that dwarfs the rows it carries: a sqlite `log_batch` of one
-step's 9 metrics took ~9 ms of CPU time (SQLAlchemy, holding the GIL), 23 steps' 207 metrics in one call ~32 ms
-(2026-12-02, this project's 2-core VM). A background write per log step therefore took CPU and the GIL from
-training; the points are buffered instead, and written together when the oldest has waited `interval_s` (checked
-as points are added), or when the caller flushes (a checkpoint, the end of the run).
+Each write to the tracking store has a fixed cost, in CPU time and the GIL (SQLAlchemy, a request), far above the
+rows it carries (docs/benchmarks.md, "What MLflow tracking costs the default run"). A background write per log step
+would take that from training; the points are buffered instead, and written together when the oldest has waited
+`interval_s` (checked as points are added), or when the caller flushes (a checkpoint, the end of the run).
 
 What a failed write means (lost points, or a store gone away) is for the caller to decide; the writer only says
 which flushes failed. It knows nothing of MLflow: each flush is given the function that writes it.
