@@ -201,7 +201,8 @@ def test_the_sweep_report_shows_what_bf16_pure_saves_and_says_what_fp8_swapped(t
     what bf16_pure and fp8 are."""
     from test_sweep import _row
 
-    from mprun import groups, report
+    from mprun import report
+    from mprun.report import groups
 
     rows = [
         _row(0, "fp32", val_acc=0.9, samples_per_s=100.0, peak_mem_mib=700.0, param_state_mib=1.2),
@@ -216,7 +217,7 @@ def test_the_sweep_report_shows_what_bf16_pure_saves_and_says_what_fp8_swapped(t
         drawn[path.name] = (fig.axes[1].get_title(), [bar.get_width() for bar in fig.axes[1].patches])
         return path.name
 
-    monkeypatch.setattr(report, "_save", save)
+    monkeypatch.setattr("mprun.report.plots._save", save)
     report.plot(groups.group(rows), tmp_path)
     assert drawn["perf.png"] == ("Parameters + optimizer state", [1.2, 0.6, 1.2])
     assert [c[report.columns(rows).index("param+state MiB")] for c in report.table_rows(rows)] == ["1.2", "0.6", "1.2"]

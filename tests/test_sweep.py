@@ -149,8 +149,7 @@ def test_every_loss_curve_is_drawn_apart(tmp_path: Path, monkeypatch) -> None:
     """fp16, fp16_static and fp16_unscaled all resolve to fp16: they were drawn in one colour and one line style."""
     drawn = {}
     monkeypatch.setattr(
-        report,
-        "_save",
+        "mprun.report.plots._save",
         lambda fig, path: (
             drawn.setdefault(path.name, [(line.get_color(), line.get_linestyle()) for line in fig.axes[0].lines])
             and path.name
@@ -170,7 +169,7 @@ def test_every_loss_curve_is_drawn_apart(tmp_path: Path, monkeypatch) -> None:
         row = _row(num, resolved)
         row.requested, row.loss_curve = option, [(1, 2.0), (2, 1.0)]
         rows.append(row)
-    from mprun import groups
+    from mprun.report import groups
 
     report.plot(groups.group(rows), tmp_path)
     assert len(set(drawn["loss.png"])) == len(rows)
@@ -186,13 +185,13 @@ def test_curves_that_coincide_stay_visible_by_their_markers(tmp_path: Path, monk
         drawn[path.name] = [(line.get_marker(), line.get_markevery()) for line in fig.axes[0].lines]
         return path.name
 
-    monkeypatch.setattr(report, "_save", save)
+    monkeypatch.setattr("mprun.report.plots._save", save)
     rows = []
     for num, option in enumerate(["fp16", "fp16_static", "fp16_unscaled"]):
         row = _row(num, "fp16")
         row.requested, row.loss_curve = option, [(step, 1.0 / step) for step in range(1, 31)]  # the same curve
         rows.append(row)
-    from mprun import groups
+    from mprun.report import groups
 
     report.plot(groups.group(rows), tmp_path)
     marks = drawn["loss.png"]
@@ -640,7 +639,7 @@ def _seeded(precision: str, accs: list[float], speed: float, option: str | None 
 def test_verdicts_on_made_up_numbers() -> None:
     """Identical groups are within noise; a clear shift is worse (or better); one seed a side gets no interval and
     says so; two seeds say their interval is rough; a tolerance admits a small loss."""
-    from mprun import groups
+    from mprun.report import groups
 
     fp32 = [0.9916, 0.9944, 0.9916]
 
@@ -660,7 +659,7 @@ def test_the_welch_interval_is_scipys() -> None:
     """The interval is Welch's t interval as scipy computes it from the raw values."""
     from scipy import stats
 
-    from mprun.groups import welch
+    from mprun.report.groups import welch
 
     a, b = [0.91, 0.93, 0.92, 0.95], [0.90, 0.94, 0.89]
     delta = welch(a, b)
@@ -670,7 +669,8 @@ def test_the_welch_interval_is_scipys() -> None:
 
 
 def test_the_recommendation_is_the_fastest_precision_that_held() -> None:
-    from mprun import groups, report
+    from mprun import report
+    from mprun.report import groups
 
     fp32 = _seeded("fp32", [0.9916, 0.9944, 0.9916], 100.0)
     bf16 = _seeded("bf16", [0.9944, 0.9930, 0.9944], 140.0)
@@ -700,7 +700,7 @@ def test_the_recommendation_is_the_fastest_precision_that_held() -> None:
 
 
 def test_settings_other_than_the_seed_get_their_own_groups_and_lines() -> None:
-    from mprun import groups
+    from mprun.report import groups
 
     rows = []
     for lr, speed in (("0.001", 150.0), ("0.01", 120.0)):
@@ -723,7 +723,7 @@ def test_settings_other_than_the_seed_get_their_own_groups_and_lines() -> None:
 def test_a_grid_names_each_precisions_best_setting_and_whether_it_is_clear_of_the_next(tmp_path: Path) -> None:
     """An LR grid asks which LR is best, and (experiment=lr_sweep) whether that moves with the precision: each
     precision's best setting, on the mean over its seeds, with the next one and whether the best is clear of it."""
-    from mprun import groups
+    from mprun.report import groups
 
     rows = []
     for lr, fp32, bf16 in (("0.001", 0.90, 0.97), ("0.01", 0.99, 0.96), ("0.1", 0.95, 0.80)):
@@ -780,7 +780,7 @@ def test_a_grid_names_each_precisions_best_setting_and_whether_it_is_clear_of_th
 def test_the_console_table_leaves_out_columns_no_job_has_a_value_in(tmp_path: Path) -> None:
     """An LR grid in bf16 printed Δ acc, speedup and mem ratio columns of dashes (no fp32 job), and every sweep
     without fp16 its two fp16 columns; report.md keeps them all."""
-    from mprun import groups
+    from mprun.report import groups
 
     rows = [row for lr in ("0.001", "0.01") for row in _seeded("bf16", [0.9], 100.0, **{"optimizer.lr": lr})]
     built = report.Report("p", rows, tmp_path, [], groups.group(rows))
@@ -803,7 +803,7 @@ def test_the_console_table_leaves_out_columns_no_job_has_a_value_in(tmp_path: Pa
 def test_a_sweep_without_a_precision_to_compare_says_so_once() -> None:
     """An LR grid at one precision said 'no recommendation' (or 'keep fp32: nothing else was run') once per LR; a
     grid whose settings all say the same says it once."""
-    from mprun import groups
+    from mprun.report import groups
 
     def grid(*precisions: str) -> list:
         rows = []
@@ -854,7 +854,7 @@ def test_a_seeded_sweep_reports_one_row_per_precision_and_a_recommendation(tmp_p
 
 def test_a_language_model_group_is_judged_on_bits_per_byte_where_lower_is_better() -> None:
     """A run's mprun.headline tag says what its task is judged on: val_bpb, lower better, in bits."""
-    from mprun import groups
+    from mprun.report import groups
 
     def lm(precision: str, bpbs: list[float], speed: float) -> list:
         rows = _seeded(precision, [0.5] * len(bpbs), speed)
@@ -881,7 +881,7 @@ def test_a_language_model_group_is_judged_on_bits_per_byte_where_lower_is_better
 def test_the_job_table_shows_the_tasks_headline_metric_and_throughput_unit() -> None:
     """A language-model sweep's job table showed val acc (next-token accuracy) and its Δ in pp, while its group table
     and verdicts go by val bpb; and samples/s (sequences), where its users count tokens/s."""
-    from mprun import groups
+    from mprun.report import groups
 
     for headline, values, tokens, shown in (
         ("val_acc", (0.9916, 0.9944), None, ["val acc", "Δ acc vs fp32", "samples/s", "0.9944", "+0.28 pp", "150"]),
@@ -913,7 +913,7 @@ def test_the_job_table_shows_the_tasks_headline_metric_and_throughput_unit() -> 
 def test_precision_settings_that_change_nothing_in_fp32_split_groups_but_share_the_fp32_baseline() -> None:
     """precision.fp32_modules changes fp16 and bf16 runs, not fp32: fp16 with and without it are two groups, each
     judged against fp32 (they were one 'two-seed' group); an fp32 job with it is never the pick."""
-    from mprun import groups
+    from mprun.report import groups
 
     rows = []
     for modules in ("[]", "[h.1.mlp]"):

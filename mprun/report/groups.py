@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from mprun.precision.names import is_baseline
 
 if TYPE_CHECKING:
-    from mprun.report import Row
+    from mprun.report.rows import Row
 
 SEED = "trainer.seed"
 THROUGHPUT = "final/samples_per_s"
