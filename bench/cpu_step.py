@@ -32,7 +32,7 @@ def bare(epochs: int) -> list[float]:
     import torch
     import torch.nn.functional as F
 
-    from mprun.models import SimpleCNN  # the same module mprun trains; imports only torch
+    from mprun.models.vision import SimpleCNN  # the same module mprun trains; imports only torch
 
     torch.manual_seed(0)
     x, y = torch.randn(1437, 1, 8, 8), torch.randint(0, 10, (1437,))  # digits' train split shape

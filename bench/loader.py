@@ -29,7 +29,7 @@ import torch
 from common import ROOT, at_least, compose, sync
 
 from mprun import build, config
-from mprun.data import TimedLoader, usable_cores
+from mprun.data.loaders import TimedLoader, usable_cores
 from mprun.hardware import device_name, resolve_device
 from mprun.loop import INPUT_BOUND, TrainerConfig, TrainState, train_epoch
 from mprun.progress import Progress

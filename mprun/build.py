@@ -15,12 +15,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mprun import distributed, guest, models, numerics, userdata
-from mprun.data import DataBundle
+from mprun import distributed, guest, numerics
+from mprun.data import user as userdata
+from mprun.data.config import UserDatasetConfig
+from mprun.data.loaders import DataBundle
 from mprun.distributed import SINGLE, Strategy, World
 from mprun.errors import ConfigError, MprunError
 from mprun.hardware import resolve_device, set_math_flags
 from mprun.loop import TrainerConfig, Training, planned_steps
+from mprun.models.fit import check_fits
 from mprun.optim import implementation, prepare
 from mprun.precision import probe
 from mprun.precision.config import PrecisionConfig
@@ -55,8 +58,8 @@ def tracker(cfg: DictConfig) -> Tracker:
 
 def dataset(cfg: DictConfig, seed: int, device: torch.device, spec: Any = None, task: Any = None) -> DataBundle:
     """The configured dataset and its loaders. `spec`: the validated dataset group, where it is a project's own
-    (userdata.UserDatasetConfig); `task`: model.task, where a project's model names one."""
-    if not isinstance(spec, userdata.UserDatasetConfig):
+    (UserDatasetConfig); `task`: model.task, where a project's model names one."""
+    if not isinstance(spec, UserDatasetConfig):
         return instantiate(cfg.dataset, _convert_="all")(seed=seed, device=device)
     splits, _ = _user_call("dataset", spec._target_, spec.kwargs, {}, user_roots(cfg))
     return userdata.bundle(
@@ -117,7 +120,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     fp32_modules = numerics.keep_fp32(module, wanted.fp32_modules, device.type) if wanted.fp32_modules else []
     memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
     module = module.to(device, memory_format=memory_format)
-    models.check_fits(
+    check_fits(
         module,
         batch[0][:2],
         data.train.smallest_batch(),

@@ -17,8 +17,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from mprun import data, gpt, guest, loop, lstm, models, optim, text, textfolder, userdata
+from mprun import guest, loop, optim
+from mprun.data import config as data
 from mprun.errors import ConfigError, first_line
+from mprun.models import config as models
 from mprun.precision.config import PrecisionConfig
 from mprun.tracking.config import MlflowConfig, NoTrackingConfig
 
@@ -102,15 +104,15 @@ SCHEMAS: dict[str, type] = {
     "model_simple_cnn_schema": models.SimpleCNNConfig,
     "model_timm_schema": models.TimmModelConfig,
     "model_torchvision_schema": models.TorchvisionModelConfig,
-    "model_gpt_schema": gpt.GPTConfig,
-    "model_lstm_schema": lstm.LSTMConfig,
+    "model_gpt_schema": models.GPTConfig,
+    "model_lstm_schema": models.LSTMConfig,
     "dataset_digits_schema": data.DigitsConfig,
     "dataset_synthetic_schema": data.SyntheticConfig,
     "dataset_torchvision_schema": data.VisionConfig,
     "dataset_imagefolder_schema": data.ImageFolderConfig,
-    "dataset_pycode_schema": text.PyCodeConfig,
-    "dataset_textfile_schema": text.TextFileConfig,
-    "dataset_textfolder_schema": textfolder.TextFolderConfig,
+    "dataset_pycode_schema": data.PyCodeConfig,
+    "dataset_textfile_schema": data.TextFileConfig,
+    "dataset_textfolder_schema": data.TextFolderConfig,
     "optimizer_sgd_schema": optim.SGDConfig,
     "optimizer_adam_schema": optim.AdamConfig,
     "optimizer_adamw_schema": optim.AdamWConfig,
@@ -238,7 +240,7 @@ def _user_built(group: str, node: DictConfig) -> Any:
         target = values.pop("_target_")
         values.pop("_partial_", None)
         return guest.UserModelConfig(target, task, values)
-    own = {k: values.pop(k) for k in userdata.DATASET_KEYS if k in values}
+    own = {k: values.pop(k) for k in data.DATASET_KEYS if k in values}
     for key in ("batch_size", "prefetch_factor", "num_classes", "vocab_size"):
         value = own.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -246,6 +248,6 @@ def _user_built(group: str, node: DictConfig) -> Any:
     if "num_workers" in own:
         own["num_workers"] = str(own["num_workers"])
     try:
-        return userdata.UserDatasetConfig(**own, kwargs=values)
+        return data.UserDatasetConfig(**own, kwargs=values)
     except ConfigError as e:
         raise ConfigError(f"dataset.{e}") from None

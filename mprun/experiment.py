@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import mprun
 from mprun import build, checkpoint, config, distributed, guest, hardware, numerics, resume, summary
 from mprun.build import Components
-from mprun.data import DataBundle
+from mprun.data.loaders import DataBundle
 from mprun.errors import NumericsError
 from mprun.interrupts import GracefulStop
 from mprun.loop import TrainerConfig, TrainState, finished, fit

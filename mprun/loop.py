@@ -25,7 +25,7 @@ from torch import nn
 
 from mprun import numerics
 from mprun.checkpoint import unwrap, user_module
-from mprun.data import Batch, DataBundle, Loader, TimedLoader
+from mprun.data.loaders import Batch, DataBundle, Loader, TimedLoader
 from mprun.distributed import SINGLE, Strategy, World, local_shard
 from mprun.errors import require
 from mprun.hardware import DeviceName

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from mprun.data import Batch
+from mprun.data.loaders import Batch
 from mprun.errors import ConfigError, NumericsError
 from mprun.tasks import CLASSIFICATION, Task
 

@@ -52,8 +52,8 @@ def test_defaults() -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # not make_cfg: it pins precision=fp32
         cfg = compose(PRIMARY)
     assert cfg.precision.dtype.name == "auto"
-    assert cfg.dataset._target_ == "mprun.data.digits"
-    assert cfg.model._target_ == "mprun.models.SimpleCNN"
+    assert cfg.dataset._target_ == "mprun.data.images.digits"
+    assert cfg.model._target_ == "mprun.models.vision.SimpleCNN"
 
 
 @pytest.mark.parametrize("override", ["precision=fp17", "model=resnet5000", "dataset=imagenet22k"])

@@ -170,7 +170,7 @@ def test_ranks_take_rank_zeros_decision(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("world", [2, 3, 4, 16])
 def test_evaluation_shards_cover_every_sample_once_in_as_many_full_batches_on_every_rank(world: int) -> None:
-    from mprun.data import EpochDataLoader, TensorLoader
+    from mprun.data.loaders import EpochDataLoader, TensorLoader
 
     x, y = torch.arange(10.0)[:, None], torch.arange(10)
     real, lengths = [], set()
@@ -192,7 +192,7 @@ def test_evaluation_shards_cover_every_sample_once_in_as_many_full_batches_on_ev
 def test_both_loaders_keep_a_ranks_only_batch_when_its_share_is_smaller_than_a_batch() -> None:
     # 100 samples, batch 64, 2 ranks: 50 each. Dropping the ragged batch would train nothing (the DataLoader
     # path did); both loaders keep it, and agree on the order.
-    from mprun.data import EpochDataLoader, TensorLoader
+    from mprun.data.loaders import EpochDataLoader, TensorLoader
 
     x, y = torch.arange(100.0)[:, None], torch.arange(100)
     tensors = TensorLoader(x, y, 64, shuffle=True, seed=3)
@@ -207,7 +207,7 @@ def test_both_loaders_keep_a_ranks_only_batch_when_its_share_is_smaller_than_a_b
 
 
 def test_evaluate_leaves_a_shards_padding_out() -> None:
-    from mprun.data import TensorLoader
+    from mprun.data.loaders import TensorLoader
     from mprun.loop import evaluate
     from mprun.precision.config import LossScale, PrecisionConfig
     from mprun.precision.names import PrecisionName
@@ -398,7 +398,7 @@ def test_fsdp_shards_a_gpt_per_block_and_keeps_tied_embeddings_with_the_root() -
     """FSDP2 manages a parameter in one group only: the token embedding and the output layer that shares its weight
     were sharded as two units, and fully_shard refused the second ("shared with a parameter already managed")."""
     from mprun.distributed import fsdp_units
-    from mprun.gpt import GPT
+    from mprun.models.gpt import GPT
 
     with torch.device("meta"):
         model = GPT(256, 64, n_layer=12, n_head=12, n_embd=768, block_size=1024)
@@ -495,7 +495,7 @@ def test_peak_memory_is_the_fullest_ranks() -> None:
     uneven model split is not the one that runs out of memory first)."""
     from torch import nn
 
-    from mprun.data import DataBundle, TensorLoader
+    from mprun.data.loaders import DataBundle, TensorLoader
     from mprun.distributed import World
     from mprun.loop import ProgressMode, TrainerConfig, Training, fit
     from mprun.optim import constant

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from mprun import data
+from mprun.data import loaders as data
 from mprun.errors import ConfigError
 from mprun.experiment import run
 

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mprun import checkpoint, hardware
 from mprun.errors import ConfigError, NumericsError
 from mprun.experiment import run
-from mprun.models import SimpleCNN, SimpleMLP
+from mprun.models.vision import SimpleCNN, SimpleMLP
 from mprun.precision import bf16_pure
 from mprun.precision.auto import resolve
 from mprun.precision.names import PrecisionName

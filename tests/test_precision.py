@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mprun.data import DataBundle, TensorLoader
+from mprun.data.loaders import DataBundle, TensorLoader
 from mprun.distributed import SINGLE
 from mprun.errors import ConfigError
 from mprun.hardware import math_flags_restored, set_math_flags

@@ -418,8 +418,9 @@ def test_resume_into_another_model_is_a_clear_error(make_cfg, tmp_path: Path) ->
             )
         )
     # what differs, the model first, and torch's detail past its first line (which ended in a colon, the keys cut off)
-    assert "its settings differ: model._target_: 'mprun.models.SimpleMLP' -> 'mprun.models.SimpleCNN'" in str(
-        error.value
+    assert (
+        "its settings differ: model._target_: 'mprun.models.vision.SimpleMLP' -> 'mprun.models.vision.SimpleCNN'"
+        in str(error.value)
     )
     assert "Missing key(s) in state_dict:" in str(error.value) and "\n" not in str(error.value)
 

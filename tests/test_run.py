@@ -151,7 +151,8 @@ def test_a_model_with_auxiliary_outputs_is_a_clear_error_and_the_fix_works(make_
 
 
 def test_the_fit_check_leaves_batchnorm_statistics_as_found() -> None:
-    from mprun.models import SimpleCNN, check_fits
+    from mprun.models.fit import check_fits
+    from mprun.models.vision import SimpleCNN
 
     model = SimpleCNN(1, (8, 8), 10)
     before = {k: v.clone() for k, v in model.state_dict().items()}

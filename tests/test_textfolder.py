@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from mprun import checkpoint
+from mprun.data.config import Tokenizer
+from mprun.data.textfolder import PAD, UNK, Vocabulary
 from mprun.errors import ConfigError
 from mprun.experiment import run
-from mprun.lstm import LSTM
-from mprun.textfolder import PAD, UNK, Tokenizer, Vocabulary
+from mprun.models.lstm import LSTM
 
 FILLER = "the a movie film plot actor scene was is it this that and of to in story ending music camera".split()
 SENTIMENT = {"pos": "great wonderful superb brilliant moving".split(), "neg": "awful boring terrible dull weak".split()}

@@ -326,7 +326,7 @@ def test_a_run_records_its_dataset_for_the_ui_datasets_column(make_cfg, tmp_path
 
     first = inputs()
     assert sorted(c for *_, c in first) == ["evaluation", "training"]
-    assert {(n, s) for n, _, s, _ in first} == {("digits", '{"uri": "mprun.data.digits"}')}
+    assert {(n, s) for n, _, s, _ in first} == {("digits", '{"uri": "mprun.data.images.digits"}')}
     digests = {d for _, d, _, _ in first}
     assert len(digests) == 2  # one per split: MLflow keeps one input per name and digest
     assert {d for _, d, _, _ in inputs("dataset.batch_size=32")} == digests
@@ -362,7 +362,7 @@ def parallel_jobs_share_a_new_dataset_and_an_experiment_tag(uri: str, tmp_path: 
 
     store, experiment = Store.open(uri, "dataset-race", tmp_path / "mlartifacts")
     first, second = (store.create_run(experiment, f"job {i}", {}) for i in range(2))
-    data = [DatasetRecord("digits", "d1g35t", "mprun.data.digits", "training")]
+    data = [DatasetRecord("digits", "d1g35t", "mprun.data.images.digits", "training")]
     with another_job_writes_first(lambda: store.log_datasets(first, data)):
         store.log_datasets(second, data)
     client = MlflowClient(uri)
@@ -410,7 +410,7 @@ def test_the_trained_model_is_an_mlflow_model_that_loads_runs_and_registers(make
 
     from mprun import checkpoint
     from mprun.experiment import run
-    from mprun.models import SimpleCNN
+    from mprun.models.vision import SimpleCNN
 
     uri = f"sqlite:///{tmp_path}/outputs/mlflow.db"
     plain = run(make_cfg("trainer.max_epochs=1", "trainer.max_steps=2", tracking="mlflow"))

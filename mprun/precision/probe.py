@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mprun.data import Batch
+from mprun.data.loaders import Batch
 from mprun.tasks import Task
 
 log = logging.getLogger(__name__)

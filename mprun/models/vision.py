@@ -1,4 +1,5 @@
-"""Models and their config schemas. Every builder adapts to the dataset: in_chans, image_size, num_classes.
+"""Image classifiers: SimpleMLP, SimpleCNN, any timm or torchvision model. Every builder adapts to the dataset:
+in_chans, image_size, num_classes.
 
 timm and torchvision.models are imported only when such a model is asked for: `import timm`
 alone costs ~5 s on a 2-core CPU, more than the whole default run trains.
@@ -7,65 +8,12 @@ alone costs ~5 s on a 2-core CPU, more than the whole default run trains.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict
 
 import torch
-from omegaconf import MISSING
 from torch import nn
 
 from mprun.errors import ConfigError, first_line, require
-from mprun.guest import user_frames
-from mprun.schema import Buildable
-from mprun.tasks import CLASSIFICATION, Task
-
-
-@dataclass
-class ModelConfig(Buildable):
-    """A model: built with what its dataset's DataBundle.model_inputs() gives (an image classifier: in_chans,
-    image_size and num_classes)."""
-
-    TASKS = ("classification",)  # the tasks (mprun.tasks) it can serve; a class attribute, not a setting
-
-
-@dataclass
-class SimpleMLPConfig(ModelConfig):
-    _target_: str = "mprun.models.SimpleMLP"
-    hidden: int = 256
-    depth: int = 2
-    # Multiplies the gradient flowing back from the logits (forward unchanged). 1e-6 builds a model whose
-    # gradients underflow in fp16 without loss scaling: the loss_scaling experiment.
-    grad_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        require(self.hidden >= 1, f"hidden={self.hidden} must be >= 1")
-        require(self.depth >= 1, f"depth={self.depth} must be >= 1")
-        require(self.grad_scale > 0, f"grad_scale={self.grad_scale} must be > 0")
-
-
-@dataclass
-class SimpleCNNConfig(ModelConfig):
-    _target_: str = "mprun.models.SimpleCNN"
-    width: int = 32
-
-    def __post_init__(self) -> None:
-        require(self.width >= 1, f"width={self.width} must be >= 1")
-
-
-@dataclass
-class TimmModelConfig(ModelConfig):
-    _target_: str = "mprun.models.timm_model"
-    name: str = MISSING
-    pretrained: bool = False  # True downloads weights from the Hugging Face hub
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TorchvisionModelConfig(ModelConfig):
-    _target_: str = "mprun.models.torchvision_model"
-    name: str = MISSING
-    kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -243,61 +191,3 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
                 )
                 return
     raise ConfigError(f"cannot adapt {type(model).__name__} to {in_chans} input channels: it has no Conv2d")
-
-
-def check_fits(
-    model: nn.Module,
-    example: torch.Tensor,
-    smallest_batch: int,
-    num_classes: int,
-    model_name: str,
-    dataset_name: str,
-    *,
-    task: Task = CLASSIFICATION,
-    roots: tuple[Path, ...] = (),
-) -> None:
-    """Run one tiny forward pass in training mode, as the first step will, so that a model/dataset/batch
-    mismatch fails now, naming them (model_name as the command line does: `model=vit_b16 model.name=...`), not
-    mid-epoch. Buffers (BatchNorm's running statistics) are left as found.
-    smallest_batch: the fewest samples a training batch holds (1 makes BatchNorm fail where 2 work). roots: where
-    a project's own model code lives; a failure in it shows its frames below the line."""
-    example = torch.cat([example, example])[: min(2, smallest_batch)]  # a batch of 1 only when training has one
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    was_training = model.training
-    model.train()
-    try:
-        with torch.no_grad():
-            out = model(example)
-    except (RuntimeError, ValueError, AssertionError, TypeError) as e:
-        first = first_line(e, type(e).__name__)
-        batch = (
-            " in batches of 1 (dataset.batch_size, or a training set, or a rank's share of it, that leaves one "
-            "sample for a batch)"
-            if len(example) == 1
-            else ""
-        )
-        frames = user_frames(e, roots)
-        raise ConfigError(
-            f"{model_name} cannot train on dataset={dataset_name} inputs of shape {tuple(example.shape[1:])}{batch}: "
-            f"{first}" + (f"\n{frames}" if frames else "")
-        ) from e
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-    require(
-        isinstance(out, torch.Tensor),
-        f"{model_name} returns {type(out).__name__} in training, not a tensor of logits (auxiliary heads?); "
-        "mprun trains models that return logits: turn the extra outputs off through model.kwargs "
-        "(torchvision googlenet "
-        "and inception_v3: +model.kwargs.aux_logits=false)",
-    )
-    expected = task.output_shape(example, num_classes)
-    what = "vocab_size" if task.per_position else "num_classes"
-    require(
-        tuple(out.shape) == expected,
-        f"{model_name} outputs shape {tuple(out.shape[1:])}, dataset={dataset_name} needs {expected[1:]} "
-        f"({num_classes} {'tokens' if task.per_position else 'classes'}; a model of your own gets {what} from the "
-        "data where its signature has a parameter of that name)",
-    )

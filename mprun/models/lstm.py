@@ -12,30 +12,11 @@ half whatever the autocast dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from mprun.errors import ConfigError, require
-from mprun.models import ModelConfig
-
-
-@dataclass
-class LSTMConfig(ModelConfig):
-    TASKS = ("text_classification", "language_model")
-    _target_: str = "mprun.lstm.LSTM"
-    embed: int = 64
-    hidden: int = 128
-    layers: int = 1
-    bidirectional: bool = False  # true reads each text both ways (a classifier only: an LM would see its targets)
-    dropout: float = 0.0  # on the embeddings, between stacked layers and before the head
-
-    def __post_init__(self) -> None:
-        for key in ("embed", "hidden", "layers"):
-            require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+from mprun.errors import ConfigError
 
 
 class LSTM(nn.Module):

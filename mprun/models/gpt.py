@@ -8,42 +8,12 @@ residual projections scaled by 1/sqrt(2 * n_layer).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mprun.errors import ConfigError, require
-from mprun.models import ModelConfig
-
-
-@dataclass
-class GPTConfig(ModelConfig):
-    TASKS = ("language_model",)
-    _target_: str = "mprun.gpt.GPT"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64  # the positions the model has: the longest window it can read (pycode's default)
-    dropout: float = 0.0
-    bias: bool = False  # biases in the linear layers and LayerNorms (GPT-2 has them; most recent models do not)
-    # The fp16-overflow experiment (experiment=fp16_overflow): block ff_gain_block's feed-forward hidden activations
-    # are multiplied by ff_gain, and its output divided by it. In exact arithmetic the model is the same (GELU of a
-    # large input is the input); in float16 activations past 65504 are inf, as in T5's feed-forward layers.
-    ff_gain: float = 1.0
-    ff_gain_block: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "block_size"):
-            require(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        require(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        require(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
-        require(self.ff_gain > 0, f"ff_gain={self.ff_gain} must be > 0")
-        require(
-            0 <= self.ff_gain_block < self.n_layer,
-            f"ff_gain_block={self.ff_gain_block} must name a block, 0 to n_layer-1={self.n_layer - 1}",
-        )
+from mprun.errors import ConfigError
 
 
 class CausalSelfAttention(nn.Module):
