@@ -58,8 +58,8 @@ def mprun_loop(epochs: int) -> list[float]:
     from common import compose
 
     from mprun import build, config
-    from mprun.loop import TrainState, train_epoch
     from mprun.progress import Progress
+    from mprun.training.loop import TrainState, train_epoch
 
     cfg = compose([f"trainer.max_epochs={epochs}"], tracking=True)
     checked = config.validate(cfg)

@@ -92,7 +92,7 @@ def hand_loop(parts, compiled: bool, channels_last: bool):
     """The reference: what a careful person writes by hand with torch.amp."""
     device = parts.device
     dtype = parts.precision.autocast_dtype
-    from mprun.optim import prepare
+    from mprun.optim.factories import prepare
 
     # An fp8 cell's module already has its Float8Linear layers and a bf16_pure one its bf16 weights (mprun.build's
     # model transform): autocast below is bf16 for fp8 and off for bf16_pure, whose hooks cast the inputs.
@@ -118,9 +118,9 @@ def hand_loop(parts, compiled: bool, channels_last: bool):
 
 
 def mprun_loop(parts, trainer):
-    from mprun.loop import TrainState, train_epoch
     from mprun.progress import Progress
     from mprun.tracking.base import NullTracker
+    from mprun.training.loop import TrainState, train_epoch
 
     state, tracker, progress = TrainState(), NullTracker(), Progress(1, 0, enabled=False)
 

@@ -31,9 +31,10 @@ from common import ROOT, at_least, compose, sync
 from mprun import build, config
 from mprun.data.loaders import TimedLoader, usable_cores
 from mprun.hardware import device_name, resolve_device
-from mprun.loop import INPUT_BOUND, TrainerConfig, TrainState, train_epoch
 from mprun.progress import Progress
 from mprun.tracking.base import NullTracker
+from mprun.training.config import TrainerConfig
+from mprun.training.loop import INPUT_BOUND, TrainState, train_epoch
 
 
 def make_imagefolder(root: Path, images: int, classes: int, size: tuple[int, int], seed: int = 0) -> None:

@@ -19,16 +19,17 @@ from mprun import distributed, guest, numerics
 from mprun.data import user as userdata
 from mprun.data.config import UserDatasetConfig
 from mprun.data.loaders import DataBundle
-from mprun.distributed import SINGLE, Strategy, World
+from mprun.distributed import SINGLE, World
 from mprun.errors import ConfigError, MprunError
 from mprun.hardware import resolve_device, set_math_flags
-from mprun.loop import TrainerConfig, Training, planned_steps
 from mprun.models.fit import check_fits
-from mprun.optim import implementation, prepare
+from mprun.optim.factories import implementation, prepare
 from mprun.precision import probe
 from mprun.precision.config import PrecisionConfig
 from mprun.precision.runtime import Precision
 from mprun.tracking.base import Tracker
+from mprun.training.config import Strategy, TrainerConfig
+from mprun.training.loop import Training, planned_steps
 
 log = logging.getLogger("mprun")
 

@@ -101,11 +101,17 @@ def _main(primary: str) -> None:
 
 
 def _task(cfg: DictConfig) -> float:
-    from mprun.experiment import run
-
     job = sweep.current_job()
     try:
-        summary = run(cfg, STARTED if job is None else time.perf_counter(), job)
+        try:
+            checked = config.validate(cfg)  # imports no torch: a mistyped value is answered before torch loads
+        except ConfigError as e:
+            if job is not None:
+                job.record_failure(e)
+            raise
+        from mprun.experiment import run  # torch and the rest, once the config is known to be good
+
+        summary = run(cfg, STARTED if job is None else time.perf_counter(), job, checked)
     except MprunError as e:  # explained failures: one short line, no traceback
         message = f"mprun: {'stopped' if isinstance(e, NumericsError) else 'error'}: {e}"
         if job is not None:

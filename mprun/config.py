@@ -17,12 +17,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from mprun import guest, loop, optim
+from mprun import guest
 from mprun.data import config as data
 from mprun.errors import ConfigError, first_line
 from mprun.models import config as models
+from mprun.optim import config as optim
 from mprun.precision.config import PrecisionConfig
 from mprun.tracking.config import MlflowConfig, NoTrackingConfig
+from mprun.training.config import TrainerConfig
 
 # Settings that change where and how a run is recorded or continued, not what it computes: a resume may change them
 # without a warning, and the sweep report pairs a job with its fp32 baseline whatever they are.
@@ -90,7 +92,7 @@ class Config:
     optimizer: Any = MISSING
     scheduler: Any = MISSING
     precision: PrecisionConfig = MISSING
-    trainer: loop.TrainerConfig = MISSING
+    trainer: TrainerConfig = MISSING
     tracking: Any = MISSING
     paths: PathsConfig = MISSING
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
@@ -121,7 +123,7 @@ SCHEMAS: dict[str, type] = {
     "scheduler_step_schema": optim.StepConfig,
     "scheduler_onecycle_schema": optim.OneCycleConfig,
     "precision_schema": PrecisionConfig,
-    "trainer_schema": loop.TrainerConfig,
+    "trainer_schema": TrainerConfig,
     "tracking_mlflow_schema": MlflowConfig,
     "tracking_none_schema": NoTrackingConfig,
     "paths_schema": PathsConfig,

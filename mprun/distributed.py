@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -21,15 +20,10 @@ import torch.distributed as dist
 from torch import nn
 
 from mprun.errors import ConfigError
+from mprun.training.config import Strategy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class Strategy(Enum):
-    single = "single"  # one process
-    ddp = "ddp"  # DistributedDataParallel: a full replica per rank, gradients all-reduced
-    fsdp = "fsdp"  # FSDP2 fully_shard: parameters, gradients and optimizer state sharded over ranks
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import socket
 import subprocess
 import time
@@ -26,10 +25,11 @@ from mprun.build import Components
 from mprun.data.loaders import DataBundle
 from mprun.errors import NumericsError
 from mprun.interrupts import GracefulStop
-from mprun.loop import TrainerConfig, TrainState, finished, fit
 from mprun.summary import json_text
 from mprun.sweep import JobInfo
 from mprun.tracking.base import CHECKPOINT_STEP_TAG, DatasetRecord, NullTracker, Tracker
+from mprun.training.config import TrainerConfig
+from mprun.training.loop import TrainState, finished, fit
 
 log = logging.getLogger("mprun")
 
@@ -116,12 +116,15 @@ class _Run:
             self.tracker.log_artifact(out, "numerics")
 
 
-def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = None) -> dict[str, Any]:
-    """Run one experiment from a composed config; returns the summary dict. `job`: its place in a sweep.
-    The process-global math flags the run sets are put back as they were when it ends."""
+def run(
+    cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = None, checked: Optional[dict] = None
+) -> dict[str, Any]:
+    """Run one experiment from a composed config; returns the summary dict. `job`: its place in a sweep; `checked`:
+    the config as config.validate returned it, where the caller validated it already. The process-global math flags
+    the run sets are put back as they were when it ends."""
     with hardware.math_flags_restored():
         try:
-            return _run(cfg, started if started is not None else time.perf_counter(), job)
+            return _run(cfg, started if started is not None else time.perf_counter(), job, checked)
         except Exception as e:  # raised in a project's own model or dataset: its frames, without mprun's
             explained = guest.explained(e, {g: cfg[g].get("_target_") for g in ("model", "dataset")})
             if explained is None:
@@ -129,10 +132,10 @@ def run(cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = 
             raise explained from e
 
 
-def _run(cfg: DictConfig, started: float, job: Optional[JobInfo]) -> dict[str, Any]:
+def _run(cfg: DictConfig, started: float, job: Optional[JobInfo], checked: Optional[dict]) -> dict[str, Any]:
     run_dir = Path(cfg.paths.run_dir).absolute()
     try:
-        checked = config.validate(cfg)
+        checked = checked or config.validate(cfg)
         build.check_task(cfg, checked)
         trainer = checked["trainer"]
         world = distributed.start(trainer.strategy, trainer.device.value != "cpu" and torch.cuda.is_available())
@@ -143,8 +146,8 @@ def _run(cfg: DictConfig, started: float, job: Optional[JobInfo]) -> dict[str, A
         resumed = checkpoint.load(resume_from) if resume_from else None
         state = resume.restore(parts, resumed, resume_from, cfg) if resumed else TrainState()
     except Exception as e:
-        if job is not None and os.environ.get("RANK", "0") == "0":
-            job.record_failure(e)  # a sweep shows the failed job beside its siblings (once, not per rank)
+        if job is not None:
+            job.record_failure(e)  # a sweep shows the failed job beside its siblings
         distributed.stop()
         raise
     try:

@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from enum import Enum
 from typing import Any, Callable, Iterator
 
 import torch
 
 from mprun.errors import require
-
-
-class DeviceName(Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+from mprun.training.config import DeviceName
 
 
 def resolve_device(name: DeviceName, local_rank: int = 0) -> torch.device:

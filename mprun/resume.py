@@ -14,9 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from mprun import checkpoint, config, distributed
 from mprun.checkpoint import unwrap
 from mprun.errors import ConfigError
-from mprun.loop import TrainerConfig, TrainState, evaluate
 from mprun.summary import FINAL_METRICS
 from mprun.tracking.base import Tracker
+from mprun.training.config import TrainerConfig
+from mprun.training.loop import TrainState, evaluate
 
 if TYPE_CHECKING:
     from mprun.build import Components

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from mprun import hardware
-from mprun.loop import FitResult, TrainState
 from mprun.tracking.base import Tracker
+from mprun.training.loop import FitResult, TrainState
 
 if TYPE_CHECKING:
     from mprun.build import Components

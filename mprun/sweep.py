@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,8 +75,9 @@ class JobInfo:
         return tags
 
     def record_failure(self, error: BaseException) -> None:
-        """A FAILED child run for a job that failed before it had a run of its own (e.g. bad input)."""
-        if self.parent.get("parent_run_id"):
+        """A FAILED child run for a job that failed before it had a run of its own (e.g. bad input): once, by rank 0
+        of a multi-process job."""
+        if self.parent.get("parent_run_id") and os.environ.get("RANK", "0") == "0":
             record_failed_run(
                 self.parent["uri"],
                 self.parent["experiment_id"],

@@ -471,3 +471,17 @@ def test_resuming_a_run_directory_continues_in_it(tmp_path: Path) -> None:
     assert list((tmp_path / "outputs").glob("*/*")) == [run_dir]
     assert checkpoint.load(run_dir / "checkpoints" / "final.pt")["progress"]["step"] == 10
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 10
+
+
+@pytest.mark.parametrize("args", [["--help"], ["optimizer.lr=-1"]], ids=["help", "a bad value"])
+def test_help_and_a_bad_value_import_no_torch(tmp_path: Path, args: list[str]) -> None:
+    """The config's schemas, its validation, --help and every config error import no torch: they answer in a fraction
+    of the seconds torch takes to import (docs/benchmarks.md, "The command line's answers")."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mprun", *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "mprun.cli" in imported and "hydra" in imported  # the measurement saw the imports
+    assert "torch" not in imported, sorted(m for m in imported if m.startswith("mprun"))
+    assert done.returncode == (0 if args == ["--help"] else 2)
+    assert args == ["--help"] or "mprun: error: optimizer.lr=-1.0 must be > 0" in done.stderr

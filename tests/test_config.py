@@ -168,7 +168,7 @@ def test_an_option_states_only_what_differs_from_what_it_extends(group: str, opt
 
 def test_the_schema_defaults_are_the_values_runs_get(make_cfg) -> None:
     """The drifted defaults were settled on what every run composed from conf/ already got."""
-    from mprun.optim import AdamWConfig, SGDConfig
+    from mprun.optim.config import AdamWConfig, SGDConfig
 
     assert AdamWConfig().lr == make_cfg().optimizer.lr == 3e-3
     assert SGDConfig().weight_decay == make_cfg("optimizer=sgd").optimizer.weight_decay == 5e-4

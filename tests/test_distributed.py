@@ -208,10 +208,10 @@ def test_both_loaders_keep_a_ranks_only_batch_when_its_share_is_smaller_than_a_b
 
 def test_evaluate_leaves_a_shards_padding_out() -> None:
     from mprun.data.loaders import TensorLoader
-    from mprun.loop import evaluate
     from mprun.precision.config import LossScale, PrecisionConfig
     from mprun.precision.names import PrecisionName
     from mprun.precision.runtime import Precision
+    from mprun.training.loop import evaluate
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -497,12 +497,13 @@ def test_peak_memory_is_the_fullest_ranks() -> None:
 
     from mprun.data.loaders import DataBundle, TensorLoader
     from mprun.distributed import World
-    from mprun.loop import ProgressMode, TrainerConfig, Training, fit
-    from mprun.optim import constant
+    from mprun.optim.factories import constant
     from mprun.precision.config import LossScale, PrecisionConfig
     from mprun.precision.names import PrecisionName
     from mprun.precision.runtime import Precision
     from mprun.tracking.base import Tracker
+    from mprun.training.config import ProgressMode, TrainerConfig
+    from mprun.training.loop import Training, fit
 
     class AnotherRankIsFuller(World):  # one process: every collective but max is the identity
         def max(self, value: float) -> float:

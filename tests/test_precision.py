@@ -16,14 +16,15 @@ from mprun.data.loaders import DataBundle, TensorLoader
 from mprun.distributed import SINGLE
 from mprun.errors import ConfigError
 from mprun.hardware import math_flags_restored, set_math_flags
-from mprun.loop import TrainerConfig, Training, TrainState, train_epoch, train_step
-from mprun.optim import constant, implementation, prepare
+from mprun.optim.factories import constant, implementation, prepare
 from mprun.precision.auto import resolve
 from mprun.precision.config import LossScale, NonFinite, PrecisionConfig
 from mprun.precision.names import PrecisionName
 from mprun.precision.runtime import Precision
 from mprun.progress import Progress
 from mprun.tracking.base import Tracker
+from mprun.training.config import TrainerConfig
+from mprun.training.loop import Training, TrainState, train_epoch, train_step
 
 CPU = torch.device("cpu")
 DEVICE = torch.device(os.environ.get("MPRUN_TEST_DEVICE", "cpu"))
@@ -533,7 +534,8 @@ def test_a_stop_that_ends_an_epoch_early_closes_its_progress_bar() -> None:
     """BarProgress closed its bar only at an epoch's end: a stop signal (or an error) mid-epoch left it open."""
     from tqdm import tqdm
 
-    from mprun.loop import ProgressMode, fit
+    from mprun.training.config import ProgressMode
+    from mprun.training.loop import fit
 
     class Requested:  # a GracefulStop whose signal has arrived
         requested, signum = True, 15

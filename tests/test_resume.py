@@ -68,8 +68,8 @@ def test_the_resume_message_counts_epochs_and_batches_as_the_progress_lines_do(m
     (said,) = [m for m in caplog.messages if m.startswith("resuming from")]
     assert said.endswith(": in epoch 2/2, after batch 8/22 (step 30); it goes on with batch 9"), said
     assert "epoch 2/2" in " ".join(m for m in caplog.messages if m.startswith("epoch "))
-    from mprun.loop import TrainState
     from mprun.resume import position
+    from mprun.training.loop import TrainState
 
     assert position(TrainState(epoch=1, step=22), 2, 22) == "after epoch 1/2 (step 22); it goes on with epoch 2"
 
@@ -220,7 +220,7 @@ def test_a_resumed_runs_speed_medians_leave_out_the_same_warm_up_epoch(make_cfg,
 def test_a_failed_run_resumed_to_the_end_is_not_reported_failed(make_cfg, tmp_path: Path, monkeypatch) -> None:
     """The error tag of the crash stayed on the run that the resume then finished, and the sweep report listed a
     FINISHED job as failed. It is kept as mprun.resume_<k>_after_error."""
-    from mprun import loop
+    from mprun.training import loop
 
     real, calls = loop.train_step, []
 
@@ -253,7 +253,7 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(make_cfg) -> None:
 
 
 def test_a_progress_record_from_before_the_loss_step_counts_is_read() -> None:
-    from mprun.loop import TrainState
+    from mprun.training.loop import TrainState
 
     old = {
         "epoch": 1,
@@ -377,7 +377,7 @@ def test_a_signal_once_training_is_done_finishes_the_run(make_cfg, tmp_path: Pat
     """Ctrl-C during the last step (max_steps ending mid-epoch) or the final evaluation: the work is done, so the
     run is recorded FINISHED with final.pt and final/* metrics (it used to be KILLED with interrupted.pt, and
     resuming it then said "nothing to train", leaving it without results), and the signal is still returned."""
-    from mprun import loop
+    from mprun.training import loop
 
     target = "train_step" if during == "last step" else "evaluate"
     real, calls = getattr(loop, target), []

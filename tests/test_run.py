@@ -219,7 +219,7 @@ def test_a_run_that_fails_while_opening_is_closed(make_cfg, tmp_path: Path, monk
 def test_train_lr_is_the_rate_each_step_used(make_cfg, tmp_path: Path) -> None:
     """train/lr at step s is the rate step s trained with (it used to be the next step's: step 1 of a 2-step warmup
     showed the full rate)."""
-    from mprun.optim import cosine
+    from mprun.optim.factories import cosine
 
     summary = run(
         make_cfg(
@@ -248,7 +248,7 @@ def test_train_lr_is_the_rate_each_step_used(make_cfg, tmp_path: Path) -> None:
 
 
 def test_cosine_warmup_schedule(make_cfg) -> None:
-    from mprun.optim import cosine
+    from mprun.optim.factories import cosine
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = cosine(opt, total_steps=12, warmup_steps=2, min_lr_ratio=0.1)
@@ -268,7 +268,7 @@ def test_cosine_warmup_schedule(make_cfg) -> None:
     "total,warmup,pct_start", [(12, 0, 0.3), (40, 5, 0.3), (7, 0, 0.25), (2, 0, 0.3), (10, 1, 0.3)]
 )
 def test_onecycle_follows_torchs_curve(total: int, warmup: int, pct_start: float) -> None:
-    from mprun.optim import onecycle
+    from mprun.optim.factories import onecycle
 
     def lrs(sched) -> list[float]:
         out = []

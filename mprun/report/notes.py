@@ -17,7 +17,9 @@ SLOW = 0.8  # a CPU half precision below this share of fp32's throughput is note
 
 def notes_for(rows: list[Row], groups: list[grouping.Group] | None = None) -> list[str]:
     """The caveats a reader needs before reading the numbers (groups: the rows' groups, if made already)."""
-    from mprun.loop import INPUT_BOUND  # the threshold the runs warned at (imports torch: here, not at start-up)
+    from mprun.training.loop import (
+        INPUT_BOUND,  # the threshold the runs warned at (imports torch: here, not at start-up)
+    )
 
     notes = []
     if not rows:
