@@ -59,7 +59,8 @@ def mprun_loop(epochs: int) -> list[float]:
 
     from mprun import build, config
     from mprun.progress import Progress
-    from mprun.training.loop import TrainState, train_epoch
+    from mprun.training.loop import train_epoch
+    from mprun.training.state import TrainState
 
     cfg = compose([f"trainer.max_epochs={epochs}"], tracking=True)
     checked = config.validate(cfg)

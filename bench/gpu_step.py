@@ -120,7 +120,8 @@ def hand_loop(parts, compiled: bool, channels_last: bool):
 def mprun_loop(parts, trainer):
     from mprun.progress import Progress
     from mprun.tracking.base import NullTracker
-    from mprun.training.loop import TrainState, train_epoch
+    from mprun.training.loop import train_epoch
+    from mprun.training.state import TrainState
 
     state, tracker, progress = TrainState(), NullTracker(), Progress(1, 0, enabled=False)
 

@@ -34,7 +34,8 @@ from mprun.hardware import device_name, resolve_device
 from mprun.progress import Progress
 from mprun.tracking.base import NullTracker
 from mprun.training.config import TrainerConfig
-from mprun.training.loop import INPUT_BOUND, TrainState, train_epoch
+from mprun.training.loop import INPUT_BOUND, train_epoch
+from mprun.training.state import TrainState
 
 
 def make_imagefolder(root: Path, images: int, classes: int, size: tuple[int, int], seed: int = 0) -> None:

@@ -30,7 +30,8 @@ from mprun import config, configdirs, experiment
 from mprun.cli import StartRefused, leave_a_record
 from mprun.errors import ConfigError, MprunError, UserCodeError
 from mprun.report import Report, build, default_out, find_parent
-from mprun.tracking.store import Store, default_uri
+from mprun.tracking.store import Store
+from mprun.tracking.uris import default_uri
 
 config.register()
 

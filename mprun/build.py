@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mprun import distributed, guest, numerics
+from mprun import distributed, guest
 from mprun.data import user as userdata
 from mprun.data.config import UserDatasetConfig
 from mprun.data.loaders import DataBundle
@@ -26,10 +26,11 @@ from mprun.models.fit import check_fits
 from mprun.optim.factories import implementation, prepare
 from mprun.precision import probe
 from mprun.precision.config import PrecisionConfig
+from mprun.precision.islands import keep_fp32
 from mprun.precision.runtime import Precision
 from mprun.tracking.base import Tracker
 from mprun.training.config import Strategy, TrainerConfig
-from mprun.training.loop import Training, planned_steps
+from mprun.training.state import Training, planned_steps
 
 log = logging.getLogger("mprun")
 
@@ -118,7 +119,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
         given = ", ".join(f"{k}={v}" for k, v in data.model_inputs().items())
         raise ConfigError(f"{model_name} cannot be built for dataset={data.name} ({given}): {e}") from e
     # Model transforms before moving/compiling: fp32 islands run outside autocast.
-    fp32_modules = numerics.keep_fp32(module, wanted.fp32_modules, device.type) if wanted.fp32_modules else []
+    fp32_modules = keep_fp32(module, wanted.fp32_modules, device.type) if wanted.fp32_modules else []
     memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
     module = module.to(device, memory_format=memory_format)
     check_fits(

@@ -15,7 +15,8 @@ import sys
 import time
 
 from mprun.errors import ConfigError
-from mprun.tracking.store import RecordedRun, Store, default_uri, shown
+from mprun.tracking.store import RecordedRun, Store
+from mprun.tracking.uris import default_uri, shown
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

@@ -29,7 +29,8 @@ from mprun.summary import json_text
 from mprun.sweep import JobInfo
 from mprun.tracking.base import CHECKPOINT_STEP_TAG, DatasetRecord, NullTracker, Tracker
 from mprun.training.config import TrainerConfig
-from mprun.training.loop import TrainState, finished, fit
+from mprun.training.loop import fit
+from mprun.training.state import TrainState, finished
 
 log = logging.getLogger("mprun")
 

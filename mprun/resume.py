@@ -17,7 +17,8 @@ from mprun.errors import ConfigError
 from mprun.summary import FINAL_METRICS
 from mprun.tracking.base import Tracker
 from mprun.training.config import TrainerConfig
-from mprun.training.loop import TrainState, evaluate
+from mprun.training.loop import evaluate
+from mprun.training.state import TrainState
 
 if TYPE_CHECKING:
     from mprun.build import Components

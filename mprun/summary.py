@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from mprun import hardware
 from mprun.tracking.base import Tracker
-from mprun.training.loop import FitResult, TrainState
+from mprun.training.state import FitResult, TrainState
 
 if TYPE_CHECKING:
     from mprun.build import Components

@@ -132,3 +132,45 @@ def test_the_wheel_lists_every_subpackage() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {_module(p) for p in PACKAGE.rglob("__init__.py")}
     assert found | {"mprun.conf"} == listed
+
+
+def _imports(path: Path) -> set[str]:
+    """The mprun modules a module imports when it is imported: module-level imports, not those under
+    `if TYPE_CHECKING:` (annotations only) or inside functions (deferred)."""
+    modules = {_module(p) for p in SOURCES}
+    found = set()
+    for node in _tree(path).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+            continue
+        for n in ast.walk(node) if isinstance(node, (ast.Import, ast.ImportFrom, ast.If, ast.Try)) else []:
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("mprun"):
+                found |= {f"{n.module}.{a.name}" if f"{n.module}.{a.name}" in modules else n.module for a in n.names}
+            elif isinstance(n, ast.Import):
+                found |= {a.name for a in n.names if a.name.startswith("mprun")}
+    return (found & modules) - {_module(path)}
+
+
+def test_no_import_cycles() -> None:
+    """Rooms import downwards: no module reaches itself through the modules it imports."""
+    graph = {_module(p): _imports(p) for p in SOURCES}
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for dep in sorted(graph[module]):
+            if dep in path:
+                cycles.append(" -> ".join([*path[path.index(dep) :], dep]))
+            elif dep not in done:
+                visit(dep, [*path, dep])
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    assert cycles == []
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[_module(p) for p in SOURCES])
+def test_no_module_is_over_400_lines(path: Path) -> None:
+    """A module over ~400 lines is usually two rooms (STYLE.md)."""
+    assert len(path.read_text().splitlines()) <= 400

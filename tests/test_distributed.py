@@ -503,7 +503,8 @@ def test_peak_memory_is_the_fullest_ranks() -> None:
     from mprun.precision.runtime import Precision
     from mprun.tracking.base import Tracker
     from mprun.training.config import ProgressMode, TrainerConfig
-    from mprun.training.loop import Training, fit
+    from mprun.training.loop import fit
+    from mprun.training.state import Training
 
     class AnotherRankIsFuller(World):  # one process: every collective but max is the identity
         def max(self, value: float) -> float:

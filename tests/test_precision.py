@@ -24,7 +24,8 @@ from mprun.precision.runtime import Precision
 from mprun.progress import Progress
 from mprun.tracking.base import Tracker
 from mprun.training.config import TrainerConfig
-from mprun.training.loop import Training, TrainState, train_epoch, train_step
+from mprun.training.loop import train_epoch, train_step
+from mprun.training.state import Training, TrainState
 
 CPU = torch.device("cpu")
 DEVICE = torch.device(os.environ.get("MPRUN_TEST_DEVICE", "cpu"))

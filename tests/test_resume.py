@@ -69,7 +69,7 @@ def test_the_resume_message_counts_epochs_and_batches_as_the_progress_lines_do(m
     assert said.endswith(": in epoch 2/2, after batch 8/22 (step 30); it goes on with batch 9"), said
     assert "epoch 2/2" in " ".join(m for m in caplog.messages if m.startswith("epoch "))
     from mprun.resume import position
-    from mprun.training.loop import TrainState
+    from mprun.training.state import TrainState
 
     assert position(TrainState(epoch=1, step=22), 2, 22) == "after epoch 1/2 (step 22); it goes on with epoch 2"
 
@@ -253,7 +253,7 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(make_cfg) -> None:
 
 
 def test_a_progress_record_from_before_the_loss_step_counts_is_read() -> None:
-    from mprun.training.loop import TrainState
+    from mprun.training.state import TrainState
 
     old = {
         "epoch": 1,

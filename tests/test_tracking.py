@@ -18,8 +18,9 @@ from mprun import sweep
 from mprun.cli import CONFIG_DIR, PRIMARY
 from mprun.errors import ConfigError, TrackingLost
 from mprun.tracking.config import Unreachable
+from mprun.tracking.failover import Failover
 from mprun.tracking.metric_writer import BatchedWriter, MetricBatch
-from mprun.tracking.mlflow_tracker import Failover, MlflowTracker
+from mprun.tracking.mlflow_tracker import MlflowTracker
 from mprun.tracking.store import Store, record_failed_run
 
 ROOT = Path(__file__).resolve().parent.parent

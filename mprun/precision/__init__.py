@@ -7,4 +7,5 @@
 - runtime.py  the Precision object: autocast, loss scaling, unscale -> clip -> step -> update, AMP telemetry
 - fp8.py      precision=fp8: torchao's Float8Linear swap, as a model transform
 - bf16_pure.py  precision=bf16_pure: the bf16 cast and the stochastic-rounding optimizers
+- islands.py  fp32 islands: the modules precision.fp32_modules names run outside autocast, in float32
 """

@@ -80,7 +80,8 @@ def default_out(store: Store, parent_id: str) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """python -m mprun.report <parent run id | experiment name>"""
-    from mprun.tracking.store import Store, default_uri
+    from mprun.tracking.store import Store
+    from mprun.tracking.uris import default_uri
 
     p = argparse.ArgumentParser(prog="python -m mprun.report", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep", help="the sweep's parent run id, or an experiment name (its newest sweep)")

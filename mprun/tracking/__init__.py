@@ -5,7 +5,9 @@
 - store.py           one MLflow tracking store: URIs, probes, runs, searches, artifacts; the only code that talks to
                      MlflowClient
 - metric_writer.py   metric batches written off the training thread, in flushes
-- mlflow_tracker.py  MlflowTracker: a Store, a BatchedWriter and the tracking.on_unreachable policy (Failover)
+- uris.py            store URIs: how one is shown (a password hidden), what kind of store it names, the default
+- failover.py        tracking.on_unreachable: what happens when the store cannot be used
+- mlflow_tracker.py  MlflowTracker: a Store, a BatchedWriter and the Failover policy
 
 The store is used with explicit run ids, never MLflow's fluent API and its process-global "active run", so a worker
 process that runs several jobs cannot leak a run from one into the next.

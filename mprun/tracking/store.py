@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mprun.errors import ConfigError, first_line
+from mprun.errors import ConfigError
 from mprun.interrupts import deferred_signals
 from mprun.tracking.base import DatasetRecord
 from mprun.tracking.metric_writer import MetricBatch
+from mprun.tracking.uris import is_database, is_remote, sqlite_path, unusable
 
 log = logging.getLogger("mprun.tracking")
 
@@ -25,31 +26,6 @@ log = logging.getLogger("mprun.tracking")
 # MLflow's UI (3.x) opens an experiment tagged with this kind as model training, not as GenAI.
 KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
-
-
-def shown(uri: str) -> str:
-    """A store URI as it may be printed, logged or recorded: a password in it (postgresql://user:PASSWORD@host/db)
-    replaced by ***. Params, tags, logs and messages are read by everyone who can read the store."""
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", uri)
-
-
-def unusable(uri: str, why: str) -> ConfigError:
-    """The error for a tracking store that cannot be used."""
-    why = first_line(why, "unknown error")
-    return ConfigError(
-        f"cannot use MLflow tracking store {shown(uri)}: {why[:300]}. "
-        "Fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=none"
-    )
-
-
-def is_remote(uri: str) -> bool:
-    """A tracking server (as opposed to a database or a directory): the only kind of store that can go away."""
-    return uri.startswith(("http://", "https://"))
-
-
-def is_database(uri: str) -> bool:
-    """A database server as the store (MLflow's SQLAlchemy store, without an mlflow server in between)."""
-    return uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql")
 
 
 def probe_server(uri: str, timeout_s: float = 5.0) -> None:
@@ -98,16 +74,6 @@ def probe_database(uri: str, timeout_s: int = 5) -> None:
         raise unusable(uri, str(getattr(e, "orig", None) or e)) from e
     finally:
         engine.dispose()
-
-
-def default_uri(output_root: str) -> str:
-    """sqlite database in the output root, as an absolute path so it does not depend on the cwd."""
-    return f"sqlite:///{Path(output_root).absolute() / 'mlflow.db'}"
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite:/// store; None for any other store."""
-    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 @contextlib.contextmanager

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import resource
 import signal
 import statistics
 import time
-from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -24,84 +21,20 @@ from torch import nn
 
 from mprun import numerics
 from mprun.checkpoint import unwrap, user_module
-from mprun.data.loaders import Batch, DataBundle, Loader, TimedLoader
-from mprun.distributed import SINGLE, World, local_shard
+from mprun.data.loaders import Batch, Loader, TimedLoader
+from mprun.distributed import SINGLE, World
 from mprun.interrupts import GracefulStop
 from mprun.precision.runtime import Precision
 from mprun.progress import Progress
 from mprun.tasks import CLASSIFICATION, Task
 from mprun.tracking.base import Tracker
 from mprun.training.config import TrainerConfig
+from mprun.training.memory import param_state_mib, peak_memory_mib, reset_peak_memory
+from mprun.training.state import FitResult, Training, TrainState, finished, planned_epochs, planned_steps
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainState:
-    """Progress counters: what a checkpoint needs to know where training stands, down to the batch.
-
-    The in-epoch sums are kept so that a run resumed mid-epoch logs the same epoch and window means
-    as one that never stopped."""
-
-    epoch: int = 0
-    step: int = 0
-    samples: int = 0
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
-    # This epoch's loss summed over its steps, and their number (the device accumulator, synced). A step the
-    # loss scaler skipped because its loss was inf or NaN adds neither: one such step would otherwise turn
-    # every later train/loss of the epoch into NaN.
-    epoch_loss_sum: float = 0.0
-    epoch_loss_steps: float = 0.0
-    logged_loss_sum: float = 0.0  # the two as of the last log step
-    logged_loss_steps: float = 0.0
-    train_time_s: float = 0.0  # seconds spent training so far, over every segment of a resumed run
-
-    @classmethod
-    def from_dict(cls, progress: dict) -> "TrainState":
-        """A checkpoint's progress record; one written before the loss-step counts (epoch_steps, window_steps:
-        every step counted) is read into them."""
-        progress = dict(progress)
-        if "epoch_steps" in progress:
-            steps, window = progress.pop("epoch_steps"), progress.pop("window_steps", 0)
-            progress.setdefault("epoch_loss_steps", float(steps))
-            progress.setdefault("logged_loss_steps", float(steps - window))
-        return cls(**progress)
-
-
-@dataclass
-class Training:
-    """The built objects the loop trains with (mprun.build.Components adds what the run around it needs)."""
-
-    model: nn.Module  # what the loop calls: DDP-wrapped, FSDP-sharded and/or compiled as configured
-    data: DataBundle
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    precision: Precision
-    device: torch.device
-    world: World
-
-
-@dataclass
-class FitResult:
-    val_loss: float = float("nan")
-    val_acc: float = float("nan")
-    val_extra: dict[str, float] = field(default_factory=dict)  # the task's other val metrics (ppl, bpb), by name
-    train_loss: float = float("nan")
-    samples_per_s: float = float("nan")
-    peak_mem_mib: float = 0.0
-    param_state_mib: float = float("nan")  # parameters plus optimizer state (the fullest rank's shard)
-    data_wait_frac: float = float("nan")  # share of training time spent waiting for the next batch
-    epoch_time_s: float = float("nan")
-    # One entry per epoch trained in this process, in order. An epoch time is None for a partial pass (resumed
-    # midway, or cut by max_steps): it trained, and was timed for its rate, but is no epoch's time.
-    epoch_times: list[Optional[float]] = field(default_factory=list)
-    epoch_rates: list[float] = field(default_factory=list)
-    epoch_waits: list[float] = field(default_factory=list)  # data_wait_frac per epoch
-    interrupted: Optional[int] = None  # the signal that stopped training before it was done, if any
-
-
-# Waiting for data more than this share of an epoch means the input pipeline, not the model, sets the
-# pace: a pipeline that keeps up shows a few percent at most (the first batch of each epoch).
 INPUT_BOUND = 0.10
 
 
@@ -112,61 +45,6 @@ def _steady_median(values: list[Optional[float]]) -> float:
     later = [v for v in values[1:] if v is not None]
     steady = later or [v for v in values[:1] if v is not None]
     return statistics.median(steady) if steady else float("nan")
-
-
-def finished(state: TrainState, cfg: TrainerConfig) -> bool:
-    """Whether training has reached max_epochs or max_steps."""
-    return state.epoch >= cfg.max_epochs or (cfg.max_steps > 0 and state.step >= cfg.max_steps)
-
-
-def steps_per_epoch(cfg: TrainerConfig, batches_per_epoch: int) -> int:
-    return -(-batches_per_epoch // cfg.grad_accum_steps)
-
-
-def planned_steps(cfg: TrainerConfig, batches_per_epoch: int) -> int:
-    """Optimizer steps the run will attempt: the LR schedule's length."""
-    total = steps_per_epoch(cfg, batches_per_epoch) * cfg.max_epochs
-    return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-
-
-def planned_epochs(cfg: TrainerConfig, batches_per_epoch: int) -> int:
-    """Epochs the run goes through: max_steps may end it before max_epochs, in the middle of one."""
-    return -(-planned_steps(cfg, batches_per_epoch) // max(1, steps_per_epoch(cfg, batches_per_epoch)))
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak-memory window, so a process that runs several jobs (a reused sweep worker)
-    reports each job's own peak. On Linux, writing 5 to clear_refs resets the process's peak RSS."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux: the peak is the process's lifetime peak (ru_maxrss)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak tensor memory on a GPU; on the CPU the process's peak resident set (tensors and all)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):  # peak RSS since the last reset_peak_memory
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def param_state_mib(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
-    """MiB held by the parameters and the optimizer's state tensors: what a storage dtype changes (bf16_pure halves it
-    against autocast's fp32 weights), unlike peak memory, where activations and workspaces mix in. Under FSDP2 this
-    rank's shards."""
-    tensors = {id(p): local_shard(p) for p in model.parameters()}  # a tied weight once
-    for state in optimizer.state.values():
-        tensors.update({id(v): local_shard(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0})
-    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
 def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
