@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, run_cli_here, run_statuses
+from helpers import run_cli, run_cli_here, run_statuses
 from mlflow import MlflowClient
 
 from mprun import checkpoint
@@ -21,7 +21,7 @@ from mprun.experiment import run
 
 
 @pytest.mark.slow  # 10 epochs: ~30 s of training
-def test_default_run_reaches_095(tmp_path: Path) -> None:
+def test_default_run_reaches_095(tmp_path: Path, mlflow_client) -> None:
     """The default experiment, as `python -m mprun` with no arguments runs it: accurate, reported, recorded."""
     started = time.perf_counter()
     proc = run_cli_here(cwd=tmp_path)
@@ -38,7 +38,7 @@ def test_default_run_reaches_095(tmp_path: Path) -> None:
     assert run_statuses(tmp_path / "outputs" / "mlflow.db") == ["FINISHED"]
     # The store is where the summary says, and the UI command points at it.
     run_id = summary["mlflow_run_id"]
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     assert client.get_run(run_id).info.status == "FINISHED"
     hydra_files = {Path(a.path).name for a in client.list_artifacts(run_id, "hydra")}
     assert {"config.yaml", "hydra.yaml", "overrides.yaml"} <= hydra_files
@@ -382,7 +382,7 @@ def test_signals_wait_for_the_store_to_be_whole(tmp_path: Path, monkeypatch) -> 
     assert client.get_experiment_by_name("mprun") is not None  # the set-up ran to its end before the signal
 
 
-def test_unnamed_runs_get_distinct_names_and_run_name_prefixes_a_sweeps(tmp_path: Path) -> None:
+def test_unnamed_runs_get_distinct_names_and_run_name_prefixes_a_sweeps(tmp_path: Path, mlflow_client) -> None:
     """MLflow names an unnamed run with Python's `random`, which the run had just seeded: every run with the
     default seed was called the same. tracking.run_name named a sweep's parent and every job alike."""
     for _ in range(2):
@@ -400,7 +400,7 @@ def test_unnamed_runs_get_distinct_names_and_run_name_prefixes_a_sweeps(tmp_path
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     names = sorted(r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()]))
     singles = [n for n in names if not n.startswith("study")]
     assert len(singles) == 2 and singles[0] != singles[1], names

@@ -85,9 +85,18 @@ def test_no_precision_name_is_compared_outside_precision() -> None:
 
 @pytest.mark.parametrize("path", SOURCES, ids=[_module(p) for p in SOURCES])
 def test_no_public_function_takes_more_than_seven_positional_parameters(path: Path) -> None:
-    """Long positional lists want a built object (Training, Components) and keyword-only options."""
+    """Long positional lists want a built object (Training, Components) and keyword-only options; a constructor
+    counts too."""
+    tree = _tree(path)
+    inits = [
+        (f"{c.name}.__init__", f)
+        for c in tree.body
+        if isinstance(c, ast.ClassDef)
+        for f in c.body
+        if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+    ]
     wide = []
-    for name, f in _public_functions(_tree(path)):
+    for name, f in _public_functions(tree) + inits:
         positional = [a.arg for a in f.args.posonlyargs + f.args.args if a.arg not in ("self", "cls")]
         if len(positional) > 7:
             wide.append(f"{name}: {len(positional)}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, run_cli_here, run_statuses
+from helpers import ROOT, run_cli, run_cli_here, run_statuses
 from mlflow import MlflowClient
 
 from mprun import checkpoint
@@ -291,7 +291,9 @@ def test_fsdp2_bf16_smoke_run_checkpoints_full_tensors(tmp_path: Path) -> None:
         ),  # fmt: skip
     ],
 )
-def test_bf16_pure_and_fp8_train_on_two_ranks(tmp_path: Path, strategy: str, precision: list, dtype) -> None:
+def test_bf16_pure_and_fp8_train_on_two_ranks(
+    tmp_path: Path, mlflow_client, strategy: str, precision: list, dtype
+) -> None:
     """One run, a falling loss, and a checkpoint of whole plain tensors in the storage dtype (bf16_pure: bf16;
     fp8: fp32 weights, not torchao's float8 wrapper tensors)."""
     proc = torchrun(f"trainer.strategy={strategy}", *precision, "trainer.max_steps=8", "dataset.batch_size=32",
@@ -300,7 +302,7 @@ def test_bf16_pure_and_fp8_train_on_two_ranks(tmp_path: Path, strategy: str, pre
     weights = checkpoint.load(tmp_path / "outputs" / "two" / "checkpoints" / "final.pt")["model"]
     assert all(type(w) is torch.Tensor and w.dtype == dtype for w in weights.values())
     assert weights["1.weight"].shape[1] == 64  # whole, not a rank's shard of the rows
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     (r,) = client.search_runs(["1"])
     assert r.info.status == "FINISHED" and r.data.tags["strategy"] == f"{strategy} x2"
     loss = _history(client, f"{strategy} x2")
@@ -308,7 +310,7 @@ def test_bf16_pure_and_fp8_train_on_two_ranks(tmp_path: Path, strategy: str, pre
 
 
 @pytest.mark.slow
-def test_fsdp2_trains_a_gpt_with_tied_embeddings_and_checkpoints_whole_tensors(tmp_path: Path) -> None:
+def test_fsdp2_trains_a_gpt_with_tied_embeddings_and_checkpoints_whole_tensors(tmp_path: Path, mlflow_client) -> None:
     """A language model under FSDP2: blocks sharded one by one, the tied embedding and output layer in the root."""
     proc = torchrun(
         "trainer.strategy=fsdp",
@@ -323,14 +325,14 @@ def test_fsdp2_trains_a_gpt_with_tied_embeddings_and_checkpoints_whole_tensors(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = checkpoint.load(tmp_path / "outputs" / "fsdp" / "checkpoints" / "final.pt")["model"]
     assert state["wte.weight"].shape == (256, 128) and torch.equal(state["wte.weight"], state["lm_head.weight"])
-    (run,) = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").search_runs(["1"])
+    (run,) = mlflow_client.search_runs(["1"])
     assert (
         run.info.status == "FINISHED" and run.data.tags["strategy"] == "fsdp x2" and "final/val_bpb" in run.data.metrics
     )
 
 
 @pytest.mark.slow
-def test_fsdp2_statistics_count_every_shard_of_every_gradient(runs: Path, tmp_path: Path) -> None:
+def test_fsdp2_statistics_count_every_shard_of_every_gradient(runs: Path, tmp_path: Path, mlflow_client) -> None:
     """Under FSDP a gradient is a DTensor holding this rank's shard: statistics must count it (DTensor has no
     tolist)."""
     proc = torchrun(
@@ -343,7 +345,7 @@ def test_fsdp2_statistics_count_every_shard_of_every_gradient(runs: Path, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_fsdp_run(tmp_path)  # with AdamW (the default optimizer)
-    fsdp = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    fsdp = mlflow_client
     single = MlflowClient(f"sqlite:///{runs}/outputs/mlflow.db")
     for key in ("numerics/underflow/1", "numerics/underflow/3", "numerics/underflow/5"):
         # the shares over both ranks' shards are the whole gradient's, as one process at the same global batch has it
@@ -455,7 +457,7 @@ def test_fsdp_refuses_bf16_with_on_nonfinite_skip_on_every_rank(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_a_sweep_job_can_be_a_multi_process_ddp_job_through_submitit(tmp_path: Path) -> None:
+def test_a_sweep_job_can_be_a_multi_process_ddp_job_through_submitit(tmp_path: Path, mlflow_client) -> None:
     # The same path as hydra/launcher=slurm_multigpu, on this machine: submitit starts 2 tasks per job.
     env = {"OMP_NUM_THREADS": "1"}
     proc = run_cli(
@@ -470,7 +472,7 @@ def test_a_sweep_job_can_be_a_multi_process_ddp_job_through_submitit(tmp_path: P
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     runs = client.search_runs(["1"])
     (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert child.info.status == "FINISHED" and child.data.tags["strategy"] == "ddp x2"

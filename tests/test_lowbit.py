@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli_here, run_statuses
-from mlflow import MlflowClient
+from helpers import run_cli_here, run_statuses
 
 from mprun import checkpoint, hardware
 from mprun.errors import ConfigError, NumericsError
@@ -110,12 +109,12 @@ def test_a_bf16_pure_run_resumes_exactly(make_cfg, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # ~18 s: two GPT runs, fp8's emulated on the CPU
-def test_fp8_trains_like_bf16_and_records_the_layers_it_swapped(make_cfg, tmp_path: Path) -> None:
+def test_fp8_trains_like_bf16_and_records_the_layers_it_swapped(make_cfg, tmp_path: Path, mlflow_client) -> None:
     bf16 = run(make_cfg(*FP8_MLP, "precision=bf16", f"paths.run_dir={tmp_path}/bf16"))
     fp8 = run(make_cfg(*FP8_MLP, "precision=fp8", f"paths.run_dir={tmp_path}/fp8", tracking="mlflow"))
     assert fp8["fp8_modules"] == 2 and bf16["fp8_modules"] == 0  # the two hidden layers; the output layer stays
     assert abs(fp8["val_acc"] - bf16["val_acc"]) <= 0.02 and fp8["val_acc"] > 0.9
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     r = client.get_run(fp8["mlflow_run_id"])
     assert r.data.tags["fp8_modules"] == "1,3" and r.data.tags["precision"] == "fp8"
     loss = [m.value for m in sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)]

@@ -38,7 +38,9 @@ def test_fp32_modules_run_outside_autocast(make_cfg) -> None:
     assert dtypes == {"3": torch.bfloat16, "5": torch.float32}
 
 
-def test_fp32_modules_are_recorded_and_a_pattern_matching_nothing_is_an_error(make_cfg, tmp_path: Path) -> None:
+def test_fp32_modules_are_recorded_and_a_pattern_matching_nothing_is_an_error(
+    make_cfg, tmp_path: Path, mlflow_client
+) -> None:
     summary = run(
         make_cfg(
             "model=simple_mlp",
@@ -49,7 +51,7 @@ def test_fp32_modules_are_recorded_and_a_pattern_matching_nothing_is_an_error(ma
             tracking="mlflow",
         )
     )
-    r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
+    r = mlflow_client.get_run(summary["mlflow_run_id"])
     assert r.data.tags["fp32_modules"] == "3,5" and r.data.params["precision.fp32_modules"] == "['[35]']"
     with pytest.raises(ConfigError, match=r"fp32_modules: \['head'\] match no module"):
         run(make_cfg("model=simple_mlp", "precision.fp32_modules=[head]"))
@@ -105,7 +107,7 @@ def test_fp16_statistics_round_as_the_cast_rounds() -> None:
     }  # 2**-24 is kept, 65519*2 is not
 
 
-def test_collapsing_scale_stops_the_run_failed_with_a_diagnosis(make_cfg, tmp_path: Path) -> None:
+def test_collapsing_scale_stops_the_run_failed_with_a_diagnosis(make_cfg, tmp_path: Path, mlflow_client) -> None:
     # grad_scale=1e30 overflows float16 at any scale: the dynamic scale halves every step toward the floor.
     with pytest.raises(NumericsError, match=r"loss scale collapsed.* Try bf16 \(fp32's exponent range"):
         run(
@@ -119,7 +121,7 @@ def test_collapsing_scale_stops_the_run_failed_with_a_diagnosis(make_cfg, tmp_pa
                 tracking="mlflow",
             )
         )
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert r.info.status == "FAILED"
     assert (
@@ -295,7 +297,7 @@ def test_loss_scaling_story(make_cfg, tmp_path: Path, caplog) -> None:
     ],
 )
 def test_gradients_that_all_underflow_stop_the_run_saying_what_to_change(
-    make_cfg, tmp_path: Path, precision, hint
+    make_cfg, tmp_path: Path, mlflow_client, precision, hint
 ) -> None:
     """Every gradient flushed to zero: the run finished 'ok' at chance accuracy, with no word of it."""
     with pytest.raises(
@@ -305,7 +307,7 @@ def test_gradients_that_all_underflow_stop_the_run_saying_what_to_change(
     ) as stop:
         run(make_cfg(*UNDERFLOWS, *precision, "trainer.log_every_steps=5", "trainer.max_epochs=2", tracking="mlflow"))
     assert "trace" not in stop.value.report  # nothing non-finite to trace
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert r.info.status == "FAILED" and "nothing trains" in r.data.tags["diagnosis"]
 

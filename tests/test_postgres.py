@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import ROOT, run_cli_here
+from helpers import ROOT, run_cli_here
 from mlflow import MlflowClient
 from test_distributed import torchrun
 from test_tracking import parallel_jobs_share_a_new_dataset_and_an_experiment_tag

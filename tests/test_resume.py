@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from mprun import checkpoint
 from mprun.errors import ConfigError
@@ -90,7 +89,7 @@ def test_resume_in_process_mid_epoch_equals_uninterrupted(make_cfg, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, tmp_path: Path) -> None:
+def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """A real process gets a real SIGTERM mid-epoch; `trainer.resume=auto` in its run directory continues it. The
     uninterrupted run and the resumption need no process of their own: they run here, into the same store."""
     # precision=fp32 in the process too (make_cfg sets it here): auto's timed pick could differ between them
@@ -127,7 +126,7 @@ def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(make_cfg, 
     assert all(
         torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values())
     )
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}  # the cut run was continued, not duplicated
     (cut_run,) = [r for r in runs if r.data.tags.get("mprun.resumes") == "1"]
@@ -201,13 +200,13 @@ def test_a_resumed_runs_training_time_counts_every_segment(make_cfg, tmp_path: P
     assert rest["epoch_time_s"] != rest["epoch_time_s"] and rest["timed_epochs"] == 1
 
 
-def test_a_resumed_runs_speed_medians_leave_out_the_same_warm_up_epoch(make_cfg, tmp_path: Path) -> None:
+def test_a_resumed_runs_speed_medians_leave_out_the_same_warm_up_epoch(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """Resumed mid-epoch, the process's warm-up is the rest of that epoch. samples/s left it out; epoch_time_s, which
     has no time for a partial pass, left out the next (whole) epoch instead, so the two were medians of other epochs."""
     common = ["model=simple_mlp", "trainer.max_epochs=4"]
     run(make_cfg(*common, "trainer.max_steps=10", tracking="mlflow"))  # 10 of the first epoch's 22 steps
     rest = run(make_cfg(*common, f"trainer.resume={tmp_path / 'run'}", tracking="mlflow"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     times, rates = (
         {m.step: m.value for m in client.get_metric_history(rest["mlflow_run_id"], f"perf/{k}")}
         for k in ("epoch_time_s", "samples_per_s")
@@ -217,7 +216,9 @@ def test_a_resumed_runs_speed_medians_leave_out_the_same_warm_up_epoch(make_cfg,
     assert rest["samples_per_s"] == statistics.median(rates[s] for s in (44, 66, 88))
 
 
-def test_a_failed_run_resumed_to_the_end_is_not_reported_failed(make_cfg, tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_run_resumed_to_the_end_is_not_reported_failed(
+    make_cfg, tmp_path: Path, mlflow_client, monkeypatch
+) -> None:
     """The error tag of the crash stayed on the run that the resume then finished, and the sweep report listed a
     FINISHED job as failed. It is kept as mprun.resume_<k>_after_error."""
     from mprun.training import loop
@@ -242,7 +243,7 @@ def test_a_failed_run_resumed_to_the_end_is_not_reported_failed(make_cfg, tmp_pa
         run(make_cfg(*common, tracking="mlflow"))
     monkeypatch.setattr(loop, "train_step", real)
     summary = run(make_cfg(*common, tracking="mlflow"))
-    r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
+    r = mlflow_client.get_run(summary["mlflow_run_id"])
     assert r.info.status == "FINISHED" and r.data.tags["mprun.resume_1_step"] == "5"
     assert "error" not in r.data.tags and r.data.tags["mprun.resume_1_after_error"] == "RuntimeError: crash"
 
@@ -269,7 +270,7 @@ def test_a_progress_record_from_before_the_loss_step_counts_is_read() -> None:
     assert (state.epoch_loss_steps, state.logged_loss_steps, state.step) == (8.0, 5.0, 30)
 
 
-def test_resuming_a_finished_run_changes_nothing(make_cfg, tmp_path: Path, capsys) -> None:
+def test_resuming_a_finished_run_changes_nothing(make_cfg, tmp_path: Path, mlflow_client, capsys) -> None:
     """A requeued job that had already finished (trainer.resume=auto finds final.pt) trains nothing; it used to
     log final/val_acc=NaN and samples/s 0 over the real results, and rewrite summary.json so."""
     args = ("model=simple_mlp", "trainer.max_epochs=1")
@@ -280,7 +281,7 @@ def test_resuming_a_finished_run_changes_nothing(make_cfg, tmp_path: Path, capsy
     assert "mprun: nothing to train" in capsys.readouterr().out
     assert again["val_acc"] == first["val_acc"] and again["steps"] == first["steps"] and again["interrupted"] is None
     assert summary_file.read_text() == written
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert r.info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(r.info.run_id, "final/val_acc")] == [first["val_acc"]]
@@ -315,7 +316,7 @@ def test_a_final_checkpoint_without_its_results_takes_them_from_its_run_director
     assert again["samples_per_s"] == pytest.approx(first["samples_per_s"]) and again["val_acc"] == first["val_acc"]
 
 
-def test_resuming_from_an_epochs_last_batch_times_no_empty_epoch(make_cfg, tmp_path: Path) -> None:
+def test_resuming_from_an_epochs_last_batch_times_no_empty_epoch(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """A step checkpoint at the epoch's last batch leaves nothing of that epoch to train; the resumed run used to
     time it anyway: a perf/samples_per_s of 0 at step 22 (and half the time 'waiting for data')."""
     common = [
@@ -330,18 +331,16 @@ def test_resuming_from_an_epochs_last_batch_times_no_empty_epoch(make_cfg, tmp_p
     summary = run(
         make_cfg(*common, f"trainer.resume={at_end}", "paths.run_dir=" + str(tmp_path / "rest"), tracking="mlflow")
     )
-    rates = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_metric_history(
-        summary["mlflow_run_id"], "perf/samples_per_s"
-    )
+    rates = mlflow_client.get_metric_history(summary["mlflow_run_id"], "perf/samples_per_s")
     assert [m.step for m in rates] == [44] and rates[0].value > 0 and summary["samples_per_s"] == rates[0].value
     # (No assertion on the input-bound warning: this tiny MLP can wait for its in-memory batches >10% of an epoch
     # on a loaded machine, a true warning, so asserting its absence made this test flaky.)
 
 
-def test_resuming_a_run_deleted_in_mlflow_starts_a_new_one(make_cfg, tmp_path: Path) -> None:
+def test_resuming_a_run_deleted_in_mlflow_starts_a_new_one(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """MLflow refuses to reopen a deleted run; the resume used to end in its traceback."""
     first = run(make_cfg("model=simple_mlp", "trainer.max_epochs=1", tracking="mlflow"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     client.delete_run(first["mlflow_run_id"])
     again = run(make_cfg("model=simple_mlp", "trainer.max_epochs=2", "trainer.resume=auto", tracking="mlflow"))
     assert again["mlflow_run_id"] != first["mlflow_run_id"] and again["epochs"] == 2
@@ -349,14 +348,14 @@ def test_resuming_a_run_deleted_in_mlflow_starts_a_new_one(make_cfg, tmp_path: P
 
 
 @pytest.mark.slow  # three tracked runs
-def test_resuming_an_old_checkpoint_again_branches_into_a_new_run(make_cfg, tmp_path: Path) -> None:
+def test_resuming_an_old_checkpoint_again_branches_into_a_new_run(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """The same `trainer.resume=<dir>` run twice: the second resume used to reopen the run the first one had
     finished and log steps 31..44 into it a second time. It branches into a new run now; the first is untouched."""
     common = ["model=simple_mlp", "scheduler=none", "trainer.max_epochs=2", "trainer.log_every_steps=5"]
     run(make_cfg(*common, "trainer.max_steps=30", "paths.run_dir=" + str(tmp_path / "part"), tracking="mlflow"))
     resume = f"trainer.resume={tmp_path / 'part'}"
     first = run(make_cfg(*common, resume, "paths.run_dir=" + str(tmp_path / "rest"), tracking="mlflow"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     history = [(m.step, m.value) for m in client.get_metric_history(first["mlflow_run_id"], "train/loss")]
     assert [s for s, _ in history] == [5, 10, 15, 20, 25, 30, 35, 40, 44]
     assert client.get_run(first["mlflow_run_id"]).data.tags["mprun.checkpoint_step"] == "44"
@@ -373,7 +372,9 @@ def test_resuming_an_old_checkpoint_again_branches_into_a_new_run(make_cfg, tmp_
 
 
 @pytest.mark.parametrize("during", ["last step", "final evaluation"])
-def test_a_signal_once_training_is_done_finishes_the_run(make_cfg, tmp_path: Path, monkeypatch, during: str) -> None:
+def test_a_signal_once_training_is_done_finishes_the_run(
+    make_cfg, tmp_path: Path, mlflow_client, monkeypatch, during: str
+) -> None:
     """Ctrl-C during the last step (max_steps ending mid-epoch) or the final evaluation: the work is done, so the
     run is recorded FINISHED with final.pt and final/* metrics (it used to be KILLED with interrupted.pt, and
     resuming it then said "nothing to train", leaving it without results), and the signal is still returned."""
@@ -392,7 +393,7 @@ def test_a_signal_once_training_is_done_finishes_the_run(make_cfg, tmp_path: Pat
     summary = run(make_cfg("model=simple_mlp", "trainer.max_epochs=1", "trainer.max_steps=5", tracking="mlflow"))
     assert summary["stop_signal"] == signal.SIGINT and summary["interrupted"] is None and summary["steps"] == 5
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["final.pt"]
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert r.info.status == "FINISHED" and r.data.metrics["final/val_acc"] == summary["val_acc"]
 

@@ -167,7 +167,9 @@ def test_optimizers_and_schedulers(make_cfg, optimizer: str, scheduler: str) -> 
     assert summary["steps"] == 3
 
 
-def test_a_failed_metric_write_loses_that_batch_not_the_run(make_cfg, tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_metric_write_loses_that_batch_not_the_run(
+    make_cfg, tmp_path: Path, mlflow_client, monkeypatch
+) -> None:
     """One background write that the store refuses while it still answers ('database is locked' with parallel
     jobs on one sqlite file) used to re-raise at every later call: the training crashed and its run stayed RUNNING.
     Now the batch is reported lost (log, tag) and the run finishes and is closed."""
@@ -191,13 +193,15 @@ def test_a_failed_metric_write_loses_that_batch_not_the_run(make_cfg, tmp_path: 
             tracking="mlflow",
         )
     )
-    r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
+    r = mlflow_client.get_run(summary["mlflow_run_id"])
     assert r.info.status == "FINISHED" and r.data.metrics["final/val_acc"] == summary["val_acc"]
     assert "step 5: MlflowException" in r.data.tags["mprun.metrics_not_recorded"]
 
 
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "second Ctrl-C"])
-def test_a_run_that_fails_while_opening_is_closed(make_cfg, tmp_path: Path, monkeypatch, error: BaseException) -> None:
+def test_a_run_that_fails_while_opening_is_closed(
+    make_cfg, tmp_path: Path, mlflow_client, monkeypatch, error: BaseException
+) -> None:
     """The run exists once created: a failure while its params are recorded closes it (it used to stay RUNNING)."""
     from mlflow import MlflowClient as Client
 
@@ -211,12 +215,12 @@ def test_a_run_that_fails_while_opening_is_closed(make_cfg, tmp_path: Path, monk
     monkeypatch.setattr(Client, "log_batch", failing)
     with pytest.raises(type(error)):
         run(make_cfg("model=simple_mlp", "trainer.max_steps=2", "trainer.max_epochs=1", tracking="mlflow"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert r.info.status == ("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED") and "error" in r.data.tags
 
 
-def test_train_lr_is_the_rate_each_step_used(make_cfg, tmp_path: Path) -> None:
+def test_train_lr_is_the_rate_each_step_used(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """train/lr at step s is the rate step s trained with (it used to be the next step's: step 1 of a 2-step warmup
     showed the full rate)."""
     from mprun.optim.factories import cosine
@@ -234,9 +238,7 @@ def test_train_lr_is_the_rate_each_step_used(make_cfg, tmp_path: Path) -> None:
             tracking="mlflow",
         )
     )
-    history = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_metric_history(
-        summary["mlflow_run_id"], "train/lr"
-    )
+    history = mlflow_client.get_metric_history(summary["mlflow_run_id"], "train/lr")
     sched = cosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), 6, 2, 0.0)
     used = []
     for _ in range(6):
@@ -429,14 +431,14 @@ def test_final_checkpoint_contents(make_cfg, tmp_path: Path) -> None:
     assert state["config"]["precision"]["dtype"] == "fp16"
 
 
-def test_mlflow_run_records_params_tags_metrics_artifacts(make_cfg, tmp_path: Path) -> None:
+def test_mlflow_run_records_params_tags_metrics_artifacts(make_cfg, tmp_path: Path, mlflow_client) -> None:
     # simple_mlp: the default CNN's two epochs in CPU-emulated fp16 took ~30 s, and nothing here depends on the model
     summary = run(
         make_cfg(
             "model=simple_mlp", "precision=fp16", "trainer.max_epochs=2", "trainer.log_every_steps=5", tracking="mlflow"
         )
     )
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     r = client.get_run(summary["mlflow_run_id"])
     assert r.info.status == "FINISHED"
     assert r.data.params["precision.dtype"] == "fp16"
@@ -485,14 +487,16 @@ def test_mlflow_run_records_params_tags_metrics_artifacts(make_cfg, tmp_path: Pa
     [(RuntimeError("exploded mid-training"), "FAILED"), (KeyboardInterrupt(), "KILLED")],
     ids=["exception", "ctrl-c"],
 )
-def test_run_that_dies_is_closed_with_its_status(make_cfg, tmp_path: Path, monkeypatch, error, status) -> None:
+def test_run_that_dies_is_closed_with_its_status(
+    make_cfg, tmp_path: Path, mlflow_client, monkeypatch, error, status
+) -> None:
     def die(*a, **k):
         raise error
 
     monkeypatch.setattr("mprun.experiment.fit", die)
     with pytest.raises(type(error)):
         run(make_cfg(*SHORT, tracking="mlflow"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     (r,) = client.search_runs([client.get_experiment_by_name("mprun").experiment_id])
     assert r.info.status == status
     if status == "FAILED":
@@ -513,13 +517,13 @@ def test_tracking_env_var_wins_over_default(make_cfg, tmp_path: Path, monkeypatc
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
-def test_only_a_run_with_a_loss_scaler_logs_amp_metrics(make_cfg, tmp_path: Path) -> None:
+def test_only_a_run_with_a_loss_scaler_logs_amp_metrics(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """fp16's scale, skips and growth/backoff events are logged every log step; a run without a scaler logs none."""
     fp16 = run(make_cfg("model=simple_mlp", "precision=fp16", "trainer.max_steps=4", "trainer.log_every_steps=2",
                         "trainer.max_epochs=1", f"paths.run_dir={tmp_path}/fp16", tracking="mlflow"))  # fmt: skip
     bf16 = run(make_cfg("model=simple_mlp", "precision=bf16", "trainer.max_steps=4", "trainer.log_every_steps=2",
                         "trainer.max_epochs=1", f"paths.run_dir={tmp_path}/bf16", tracking="mlflow"))  # fmt: skip
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     amp = {s["precision"]: sorted(k for k in client.get_run(s["mlflow_run_id"]).data.metrics if k.startswith("amp/"))
            for s in (fp16, bf16)}  # fmt: skip
     assert amp["bf16"] == []
@@ -528,10 +532,10 @@ def test_only_a_run_with_a_loss_scaler_logs_amp_metrics(make_cfg, tmp_path: Path
     assert len(client.get_metric_history(fp16["mlflow_run_id"], "amp/loss_scale")) == 2
 
 
-def test_a_run_shorter_than_one_log_window_logs_its_training_metrics(make_cfg, tmp_path: Path) -> None:
+def test_a_run_shorter_than_one_log_window_logs_its_training_metrics(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """3 steps with log_every_steps=10: train/* and amp/* used to be missing from MLflow altogether."""
     summary = run(make_cfg("model=simple_mlp", "trainer.max_steps=3", "trainer.max_epochs=1", tracking="mlflow"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     for key in ("train/loss", "train/lr", "train/grad_norm"):
         assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], key)] == [3], key
     (loss,) = client.get_metric_history(summary["mlflow_run_id"], "train/loss")
@@ -546,11 +550,13 @@ def test_a_run_shorter_than_one_log_window_logs_its_training_metrics(make_cfg, t
         (3, "(median of 2 epochs; the first (warm-up) left out)"),
     ],
 )
-def test_per_epoch_speed_figures_share_one_median_and_say_which(make_cfg, tmp_path: Path, capsys, epochs, said) -> None:
+def test_per_epoch_speed_figures_share_one_median_and_say_which(
+    make_cfg, tmp_path: Path, mlflow_client, capsys, epochs, said
+) -> None:
     """final/epoch_time_s used to be the median over every epoch, warm-up included, beside a samples/s without it; and
     a one-epoch run's summary said its throughput was a median over epochs with the first one excluded."""
     summary = run(make_cfg("model=simple_mlp", f"trainer.max_epochs={epochs}", tracking="mlflow"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     history = {
         key: [m.value for m in client.get_metric_history(summary["mlflow_run_id"], f"perf/{key}")]
         for key in ("epoch_time_s", "samples_per_s", "data_wait_frac")
@@ -563,10 +569,10 @@ def test_per_epoch_speed_figures_share_one_median_and_say_which(make_cfg, tmp_pa
     assert line.endswith(f"samples/s  {said}")
 
 
-def test_an_epoch_cut_short_by_max_steps_has_a_rate_but_no_epoch_time(make_cfg, tmp_path: Path) -> None:
+def test_an_epoch_cut_short_by_max_steps_has_a_rate_but_no_epoch_time(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """max_steps=30 at 22 batches an epoch: the 8-batch second pass became final/epoch_time_s."""
     summary = run(make_cfg("model=simple_mlp", "trainer.max_epochs=2", "trainer.max_steps=30", tracking="mlflow"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     times, rates = (
         client.get_metric_history(summary["mlflow_run_id"], f"perf/{k}") for k in ("epoch_time_s", "samples_per_s")
     )
@@ -590,11 +596,11 @@ def test_step_checkpoint_writes_are_not_timed_as_training(make_cfg, monkeypatch)
     assert summary["wall_time_s"] > 6.0  # the writes did happen
 
 
-def test_logged_train_loss_is_the_mean_over_each_log_window(make_cfg, tmp_path: Path) -> None:
+def test_logged_train_loss_is_the_mean_over_each_log_window(make_cfg, tmp_path: Path, mlflow_client) -> None:
     # 22 steps in one epoch, logged every 5 steps and at the last (steps 21-22). Each logged value is the mean over
     # its own window: values fall as the model learns (cumulative sums would grow), and the epoch mean lies among them.
     summary = run(make_cfg("trainer.max_epochs=1", "trainer.log_every_steps=5", "scheduler=none", tracking="mlflow"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     history = sorted(client.get_metric_history(summary["mlflow_run_id"], "train/loss"), key=lambda m: m.step)
     assert [m.step for m in history] == [5, 10, 15, 20, 22]
     windows = [m.value for m in history]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, run_cli_here, run_statuses
+from helpers import run_cli, run_cli_here, run_statuses
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
@@ -355,7 +355,7 @@ def test_a_requeued_sweep_continues_its_parent_and_leaves_finished_jobs_alone(tm
     assert (tmp_path / "outputs" / "sw" / "report" / "report.md").read_text().count("| ok |") == 2
 
 
-def test_a_requeued_sweep_closes_the_runs_its_killed_launch_left_running(tmp_path: Path) -> None:
+def test_a_requeued_sweep_closes_the_runs_its_killed_launch_left_running(tmp_path: Path, mlflow_client) -> None:
     """A job killed with kill -9 before its first checkpoint leaves its run RUNNING; the requeue runs the job anew.
     The stale run used to stay RUNNING for good, and the report listed the job twice and closed the parent FAILED."""
     import shutil
@@ -363,7 +363,7 @@ def test_a_requeued_sweep_closes_the_runs_its_killed_launch_left_running(tmp_pat
     args = ["-m", "precision=fp32,bf16", "hydra.sweep.dir=outputs/sw", "trainer.resume=auto", *TINY]
     assert run_cli_here(*args, cwd=tmp_path).returncode == 0
     _, (killed, _) = sweep_runs(tmp_path)
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     client.update_run(killed.info.run_id, status="RUNNING")  # as kill -9 leaves it...
     shutil.rmtree(tmp_path / "outputs" / "sw" / "0" / "checkpoints")  # ...before any checkpoint
     again = run_cli_here(*args, cwd=tmp_path)

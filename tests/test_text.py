@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from mprun import checkpoint
 from mprun.errors import ConfigError
@@ -33,7 +32,7 @@ TINY_LM = [
 ]
 
 
-def test_a_gpt_learns_bytes_of_python_and_reports_bits_per_byte(make_cfg, tmp_path: Path) -> None:
+def test_a_gpt_learns_bytes_of_python_and_reports_bits_per_byte(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """The task owns the loss and the metrics: val/loss in nats per byte, val/bpb = loss / ln 2, val/ppl, next-byte
     accuracy; tokens/s beside samples/s (a sample is a window); the corpus's Python and digest as params."""
     summary = run(make_cfg(*TINY_LM, "trainer.max_epochs=3", tracking="mlflow"))
@@ -42,7 +41,7 @@ def test_a_gpt_learns_bytes_of_python_and_reports_bits_per_byte(make_cfg, tmp_pa
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
     assert summary["val_bpb"] < 7.0  # below a uniform guess over 256 bytes (8 bits): it learned something
     assert summary["tokens_per_s"] == pytest.approx(16 * summary["samples_per_s"])
-    r = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"])
+    r = mlflow_client.get_run(summary["mlflow_run_id"])
     assert {"val/bpb", "val/ppl", "val/loss", "val/acc", "final/val_bpb", "final/tokens_per_s"} <= set(r.data.metrics)
     assert r.data.params["corpus.python"] and len(r.data.params["corpus.sha256"]) == 16
 

@@ -311,14 +311,14 @@ def test_an_experiment_made_without_a_kind_is_marked_as_model_training(tmp_path:
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
 
 
-def test_a_run_records_its_dataset_for_the_ui_datasets_column(make_cfg, tmp_path: Path) -> None:
+def test_a_run_records_its_dataset_for_the_ui_datasets_column(make_cfg, tmp_path: Path, mlflow_client) -> None:
     """MLflow's dataset tracking: the training and evaluation splits, named, with a digest that the same data keeps
     (a batch size does not change it, a split does) and the source it was read from."""
     from mprun.experiment import run
 
     def inputs(*overrides: str) -> list[tuple[str, str, str, str]]:
         summary = run(make_cfg("trainer.max_epochs=1", "trainer.max_steps=2", *overrides, tracking="mlflow"))
-        found = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"]).inputs
+        found = mlflow_client.get_run(summary["mlflow_run_id"]).inputs
         context = "mlflow.data.context"
         return [
             (d.dataset.name, d.dataset.digest, d.dataset.source, {t.key: t.value for t in d.tags}[context])
@@ -380,14 +380,16 @@ def test_parallel_jobs_share_a_new_dataset_and_an_experiment_tag(tmp_path: Path)
     parallel_jobs_share_a_new_dataset_and_an_experiment_tag(f"sqlite:///{tmp_path}/mlflow.db", tmp_path)  # and PG
 
 
-def test_system_metrics_are_recorded_when_on_and_by_default_only_on_a_gpu(make_cfg, tmp_path: Path) -> None:
+def test_system_metrics_are_recorded_when_on_and_by_default_only_on_a_gpu(
+    make_cfg, tmp_path: Path, mlflow_client
+) -> None:
     """MLflow's own system metrics (tracking.system_metrics): auto leaves a CPU run without them; on samples the
     machine every system_metrics_every_s and writes what it sampled before the run closes."""
     from mprun.experiment import run
 
     def recorded(*overrides: str) -> set[str]:
         summary = run(make_cfg("trainer.max_epochs=4", *overrides, tracking="mlflow"))
-        metrics = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").get_run(summary["mlflow_run_id"]).data
+        metrics = mlflow_client.get_run(summary["mlflow_run_id"]).data
         return {k for k in metrics.metrics if k.startswith("system/")}
 
     assert not recorded()  # auto, on a CPU
@@ -455,7 +457,7 @@ def test_a_store_this_process_cannot_write_is_one_line_before_anything_runs(tmp_
     import os
 
     import filelock
-    from conftest import run_cli_here
+    from helpers import run_cli_here
 
     store = tmp_path / "shared" / "mlflow.db"
     Store(f"sqlite:///{store}")  # a store with its tables, as a team's would be

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import run_cli_here
+from helpers import run_cli_here
 from mlflow import MlflowClient
 
 MLFLOW = [sys.executable, "-m", "mlflow"]  # not bin/mlflow: a --target install (the GPU machine's) has no scripts
@@ -90,7 +90,7 @@ def test_runs_metrics_and_artifacts_arrive(server: tuple[str, subprocess.Popen],
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing fell back to the local store
 
 
-def test_unreachable_at_start_with_local_option_trains_and_logs_locally(tmp_path: Path) -> None:
+def test_unreachable_at_start_with_local_option_trains_and_logs_locally(tmp_path: Path, mlflow_client) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     proc = run_cli_here(
         f"tracking.uri={dead}",
@@ -102,6 +102,6 @@ def test_unreachable_at_start_with_local_option_trains_and_logs_locally(tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tracking.on_unreachable=local: logging to sqlite" in proc.stdout + proc.stderr
-    client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    client = mlflow_client
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and run.data.tags["mprun.intended_tracking_uri"] == dead

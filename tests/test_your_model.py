@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli_here, run_statuses
-from mlflow.tracking import MlflowClient
+from helpers import ROOT, run_cli_here, run_statuses
 
 import mprun
 from mprun import checkpoint
@@ -163,10 +162,10 @@ def test_the_example_project_trains_under_each_precision(project: Path, shared: 
     assert summary["precision"] == precision and summary["val_acc"] > 0.5  # 4 classes: chance is 0.25
 
 
-def test_the_example_project_records_what_the_data_decided(project: Path, tmp_path: Path) -> None:
+def test_the_example_project_records_what_the_data_decided(project: Path, tmp_path: Path, mlflow_client) -> None:
     done = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", "precision=fp32", *SHORT)
     assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").search_runs(["1"])
+    (run,) = mlflow_client.search_runs(["1"])
     # What mprun passed to Wide is recorded: the data decided in_features (16) and num_classes (4), the YAML hidden.
     params = run.data.params
     assert params["model.from_data.in_features"] == "16" and params["model.from_data.num_classes"] == "4"
@@ -196,11 +195,13 @@ def test_fp8_and_bf16_pure_train_the_projects_linear_layers(project: Path, share
     assert pure.returncode == 0, pure.stderr[-3000:]
 
 
-def test_fp32_modules_and_the_nan_tracer_name_the_projects_modules(project: Path, tmp_path: Path) -> None:
+def test_fp32_modules_and_the_nan_tracer_name_the_projects_modules(
+    project: Path, tmp_path: Path, mlflow_client
+) -> None:
     kept = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", "precision=bf16",
                       "precision.fp32_modules=[head]", "trainer.max_epochs=1")  # fmt: skip
     assert kept.returncode == 0, kept.stderr[-3000:]
-    (run,) = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").search_runs(["1"])
+    (run,) = mlflow_client.search_runs(["1"])
     assert run.data.tags["fp32_modules"] == "head"
     diverged = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", "optimizer=sgd", "optimizer.lr=1e12",
                           "scheduler=none", "tracking=none", "hydra.run.dir=" + str(tmp_path / "nan"))  # fmt: skip
@@ -220,11 +221,11 @@ def test_the_projects_model_resumes_exactly(project: Path, tmp_path: Path) -> No
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_projects_language_model_on_its_own_token_windows(project: Path, tmp_path: Path) -> None:
+def test_a_projects_language_model_on_its_own_token_windows(project: Path, tmp_path: Path, mlflow_client) -> None:
     done = mprun_here(project, tmp_path, "model=wide", "dataset=blobs", "model._target_=badlab.TinyLM", "~model.hidden",
                       "dataset._target_=badlab.windows", "~dataset.n", "dataset.batch_size=16", *SHORT)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db").search_runs(["1"])
+    (run,) = mlflow_client.search_runs(["1"])
     assert run.data.tags["task"] == "language_model" and run.data.tags["mprun.headline"] == "val_loss"
     assert (
         run.data.params["model.from_data.vocab_size"] == "50" and run.data.params["model.from_data.block_size"] == "16"

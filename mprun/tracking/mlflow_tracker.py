@@ -52,6 +52,7 @@ class MlflowTracker(Tracker):
         experiment: str,
         run_name: str | None,
         log_checkpoint: bool,
+        *,
         on_unreachable: Unreachable = Unreachable.fail,
         flush_every_s: float = MlflowConfig.flush_every_s,
         system_metrics: SystemMetrics = SystemMetrics.auto,
