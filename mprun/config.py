@@ -69,7 +69,7 @@ class PathsConfig:
 
 @dataclass
 class ReportConfig:
-    """How a sweep's report judges its precisions (mprun.report, mprun.groups)."""
+    """How a sweep's report judges its precisions (mprun.report, mprun.report.groups)."""
 
     tolerance_pp: float = 0.0  # accuracy vs fp32 (percentage points) a precision may lose and still be recommended
 

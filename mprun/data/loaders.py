@@ -84,7 +84,7 @@ class DataBundle:
         return out
 
     def example_batch(self) -> Batch:
-        """The first validation batch: for checking that a model fits, and for timing it (mprun.probe)."""
+        """The first validation batch: for checking that a model fits, and for timing it (mprun.precision.probe)."""
         return next(iter(self.val))
 
     def example(self) -> torch.Tensor:

@@ -44,7 +44,7 @@ def resolve(
     requested: PrecisionName, device: torch.device, measure: Optional[Measure] = None
 ) -> tuple[PrecisionName, str]:
     """Map `auto` to what this device really runs fast, and reject what it cannot run; returns (name, why). On a CPU,
-    `measure` times the candidates on the run's model (mprun.probe); without it, the CPU's AMX units decide."""
+    `measure` times the candidates on the run's model (precision/probe.py); without it, the CPU's AMX units decide."""
     if device.type == "cuda":
         name, major, minor = hardware.gpu_capability(device)
         if requested is PrecisionName.auto:

@@ -9,7 +9,7 @@ artifacts), or on demand:
 A job's baseline is the FINISHED fp32 job with the same other overrides: all but the precision option and
 the settings that change nothing in fp32 (the loss scaler's, fp32_modules; precision.HALF_ONLY). Jobs that differ
 only in trainer.seed form a group, compared with its fp32 group (groups.py). Rows are read back from the tracking
-store (tracking.Store), so the report shows what was recorded, nothing else.
+store (tracking.store.Store), so the report shows what was recorded, nothing else.
 """
 
 from mprun.report.cli import build, default_out, find_parent, main, write

@@ -28,7 +28,7 @@ class Row:
     error: str = ""
     mem_kind: str = ""  # cuda_max_allocated, or process_peak_rss on the CPU
     timed_epochs: int | None = None  # epochs its throughput is the median of (1: a single epoch, warm-up included)
-    headline: str = "val_acc"  # what its task is judged on (mprun.groups.HEADLINES): val_bpb for a byte-level LM
+    headline: str = "val_acc"  # what its task is judged on (mprun.report.groups.HEADLINES): val_bpb for a byte-level LM
     setting: tuple[str, ...] | None = None  # its overrides but the precision option (others keeps fewer); None: others
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     scale_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -95,7 +95,7 @@ def _others(overrides: str) -> tuple[str, ...]:
 
 def _own(overrides: str) -> tuple[str, ...]:
     """A job's overrides but its precision option and the settings that change no outcome: what, with the option,
-    makes its group (the seed aside, which mprun.groups takes out)."""
+    makes its group (the seed aside, which mprun.report.groups takes out)."""
     from mprun.config import outcome_neutral
 
     def kept(o: str) -> bool:
