@@ -64,8 +64,8 @@ def mprun_loop(epochs: int) -> list[float]:
 
     cfg = compose([f"trainer.max_epochs={epochs}"], tracking=True)
     checked = config.validate(cfg)
-    tracker = build.tracker(cfg)  # imports mlflow, as a real run does
-    parts = build.components(cfg, checked)
+    tracker = build.tracker(cfg.tracking, cfg.paths.output_root)  # imports mlflow, as a real run does
+    parts = build.components(checked)
     tracker.start({}, {})
     state, per_step = TrainState(), []
     for epoch in range(epochs):
@@ -75,7 +75,7 @@ def mprun_loop(epochs: int) -> list[float]:
         train_epoch(
             parts,
             parts.data.train,
-            checked["trainer"],
+            checked.trainer,
             state,
             tracker=tracker,
             progress=Progress(epochs, 0, enabled=False),

@@ -85,7 +85,7 @@ def components(model: str, precision: str, compiled: bool, args: argparse.Namesp
         ]
     )
     checked = config.validate(cfg)
-    return build.components(cfg, checked), checked["trainer"], batch
+    return build.components(checked), checked.trainer, batch
 
 
 def hand_loop(parts, compiled: bool, channels_last: bool):

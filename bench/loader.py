@@ -92,8 +92,8 @@ def train_rate(overrides: list[str], warmup: int, steps: int) -> dict:
     """samples/s of mprun's train_epoch over `steps` steps after `warmup`, and the share spent waiting for data."""
     cfg = compose(overrides)
     checked = config.validate(cfg)
-    parts = build.components(cfg, checked)
-    trainer: TrainerConfig = checked["trainer"]
+    parts = build.components(checked)
+    trainer: TrainerConfig = checked.trainer
     batch = cfg.dataset.batch_size
     timed = TimedLoader(parts.data.train)
     window = Window(timed, warmup, warmup + steps, parts.device)
@@ -110,9 +110,10 @@ def train_rate(overrides: list[str], warmup: int, steps: int) -> dict:
 def loader_rate(overrides: list[str], workers: int, warmup: int, batches: int) -> dict:
     """samples/s of the train loader alone with this many workers (first `warmup` batches untimed)."""
     cfg = compose(overrides + [f"dataset.num_workers={workers}"])
-    trainer: TrainerConfig = config.validate(cfg)["trainer"]
+    checked = config.validate(cfg)
+    trainer: TrainerConfig = checked.trainer
     device = resolve_device(trainer.device)
-    data = build.dataset(cfg, trainer.seed, device)
+    data = build.dataset(checked, trainer.seed, device)
     loader = data.train
     loader.set_epoch(0)
     it = iter(loader)
@@ -217,8 +218,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"bench/loader.py measures datasets read from disk (imagefolder, cifar10, mnist, ...); "
             f"the configured dataset ({cfg.dataset._target_}) is held in memory"
         )
-    trainer = config.validate(cfg)["trainer"]
-    probe = build.dataset(cfg, 0, torch.device("cpu"))
+    checked = config.validate(cfg)
+    trainer = checked.trainer
+    probe = build.dataset(checked, 0, torch.device("cpu"))
     shape, classes, batch = list(probe.example().shape[1:]), probe.num_classes, int(cfg.dataset.batch_size)
     if len(probe.train) < args.warmup + args.steps + 1:
         raise SystemExit(

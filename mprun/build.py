@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mprun import distributed, guest
+from mprun.config import RunConfig
 from mprun.data import user as userdata
 from mprun.data.config import UserDatasetConfig
 from mprun.data.loaders import DataBundle
@@ -25,11 +26,10 @@ from mprun.hardware import resolve_device, set_math_flags
 from mprun.models.fit import check_fits
 from mprun.optim.factories import implementation, prepare
 from mprun.precision import probe
-from mprun.precision.config import PrecisionConfig
 from mprun.precision.islands import keep_fp32
 from mprun.precision.runtime import Precision
 from mprun.tracking.base import Tracker
-from mprun.training.config import Strategy, TrainerConfig
+from mprun.training.config import Strategy
 from mprun.training.state import Training, planned_steps
 
 log = logging.getLogger("mprun")
@@ -53,25 +53,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def tracker(cfg: DictConfig) -> Tracker:
-    """The configured tracker, already connected to its store (a bad store fails here, before training)."""
-    return instantiate(cfg.tracking, _convert_="all")(output_root=cfg.paths.output_root)
+def tracker(tracking: DictConfig, output_root: str) -> Tracker:
+    """The tracker a tracking group configures, already connected to its store (a bad store fails here, before
+    training): a run's, or a sweep's parent run's."""
+    return instantiate(tracking, _convert_="all")(output_root=output_root)
 
 
-def dataset(cfg: DictConfig, seed: int, device: torch.device, spec: Any = None, task: Any = None) -> DataBundle:
-    """The configured dataset and its loaders. `spec`: the validated dataset group, where it is a project's own
-    (UserDatasetConfig); `task`: model.task, where a project's model names one."""
+def dataset(config: RunConfig, seed: int, device: torch.device) -> DataBundle:
+    """The configured dataset and its loaders: one of mprun's, or a project's own (data/user.py), for the task that
+    model.task names, where a project's model names one."""
+    spec = config.dataset
     if not isinstance(spec, UserDatasetConfig):
-        return instantiate(cfg.dataset, _convert_="all")(seed=seed, device=device)
-    splits, _ = _user_call("dataset", spec._target_, spec.kwargs, {}, user_roots(cfg))
+        return instantiate(config.composed.dataset, _convert_="all")(seed=seed, device=device)
+    splits, _ = _user_call("dataset", spec._target_, spec.kwargs, {}, user_roots(config))
+    task = getattr(config.model, "task", None)
     return userdata.bundle(
-        splits, spec, name=_option(cfg, "dataset"), task=task, seed=seed, device=device, roots=user_roots(cfg)
+        splits, spec, name=_option(config, "dataset"), task=task, seed=seed, device=device, roots=user_roots(config)
     )
 
 
-def user_roots(cfg: DictConfig) -> tuple[Path, ...]:
+def user_roots(config: RunConfig) -> tuple[Path, ...]:
     """Where the project's own code of this config lives (its model's and dataset's packages)."""
-    return guest.roots_of([cfg.model.get("_target_"), cfg.dataset.get("_target_")])
+    return guest.roots_of([config.model._target_, config.dataset._target_])
 
 
 def _user_call(
@@ -85,13 +88,14 @@ def _user_call(
     return guest.call(key, path, lambda: guest.invoke(target, {**built, **passed}), roots), passed
 
 
-def _model(cfg: DictConfig, spec: Any, data: DataBundle, example: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
+def _model(config: RunConfig, data: DataBundle, example: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
     """The configured model, and what the data decided for it: a schema's builder takes its task's inputs; a
     project's callable takes each fact of the data its signature names."""
+    spec = config.model
     if not isinstance(spec, guest.UserModelConfig):
         inputs = data.model_inputs()
-        return instantiate(cfg.model, _convert_="all")(**inputs), inputs
-    module, passed = _user_call("model", spec._target_, spec.kwargs, data.facts(example), user_roots(cfg))
+        return instantiate(config.composed.model, _convert_="all")(**inputs), inputs
+    module, passed = _user_call("model", spec._target_, spec.kwargs, data.facts(example), user_roots(config))
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model._target_={spec._target_} returned {type(module).__name__}, not a torch.nn.Module")
     given = ", ".join(f"{k}={v}" for k, v in passed.items()) or "nothing"
@@ -99,20 +103,19 @@ def _model(cfg: DictConfig, spec: Any, data: DataBundle, example: torch.Tensor) 
     return module, passed
 
 
-def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) -> Components:
+def components(config: RunConfig, world: World = SINGLE) -> Components:
     """Device, precision, data, model, optimizer and schedule, in the order each needs the last."""
-    trainer: TrainerConfig = checked["trainer"]
+    trainer, wanted, cfg = config.trainer, config.precision, config.composed
     device = resolve_device(trainer.device, world.local_rank)
-    wanted: PrecisionConfig = checked["precision"]
     seed_everything(trainer.seed)
-    data = dataset(cfg, trainer.seed, device, checked["dataset"], getattr(checked["model"], "task", None))
-    check_task(cfg, checked, data.task.name)
+    data = dataset(config, trainer.seed, device)
+    check_task(config, data.task.name)
     data.train.shard(world.rank, world.size)
     data.val.shard(world.rank, world.size)  # each rank evaluates its share; evaluate() sums over ranks
-    model_name = _model_label(cfg)
+    model_name = _model_label(config)
     batch = tuple(t.to(device) for t in data.example_batch())
     try:
-        module, inputs = _model(cfg, checked["model"], data, batch[0])
+        module, inputs = _model(config, data, batch[0])
     except MprunError:
         raise
     except (AssertionError, ValueError, RuntimeError) as e:  # e.g. a ViT patch larger than the image
@@ -130,7 +133,7 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
         model_name,
         data.name,
         task=data.task,
-        roots=user_roots(cfg),
+        roots=user_roots(config),
     )
     # On a CPU, auto (and the emulation warning of an explicit bf16/fp16) go by this model's measured speed: rank 0
     # measures (and keeps the result under the outputs root), and every rank takes its result, so all pick alike.
@@ -169,31 +172,31 @@ def components(cfg: DictConfig, checked: dict[str, Any], world: World = SINGLE) 
     )
 
 
-def check_task(cfg: DictConfig, checked: dict[str, Any], task: str | None = None) -> None:
+def check_task(config: RunConfig, task: str | None = None) -> None:
     """The model can serve the dataset's task: checked from their configs, before the store is reached or the data
     read; a project's own dataset has its task from its items (`task`), once they are read."""
-    task, served = task or checked["dataset"].TASK, checked["model"].TASKS
+    task, served = task or config.dataset.TASK, config.model.TASKS
     if task is not None and task not in served:
         chosen = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() else None
-        data = chosen or cfg.dataset.get("_target_", "?").rsplit(".", 1)[-1]
+        data = chosen or config.dataset._target_.rsplit(".", 1)[-1]
         raise ConfigError(
-            f"{_model_label(cfg)} cannot serve dataset={data}: the dataset is a {task} task and the model serves "
+            f"{_model_label(config)} cannot serve dataset={data}: the dataset is a {task} task and the model serves "
             f"{', '.join(served)} (language models: model=gpt or lstm; text classifiers: model=lstm; image "
             "classifiers: model=simple_cnn, resnet18, ...)"
         )
 
 
-def _model_label(cfg: DictConfig) -> str:
+def _model_label(config: RunConfig) -> str:
     """The model as the command line names it, for errors: `model=vit_b16 model.name=vit_base_patch16_224`,
     `model=timm model.name=resnet5O`, `model=simple_cnn`. A config Hydra's CLI did not compose (tests, a script's
     compose()) has no choices: `model.name=...`, or else the class its _target_ builds."""
     chosen = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
-    name = cfg.model.get("name")
+    name = getattr(config.model, "name", None)
     parts = ([f"model={chosen}"] if chosen else []) + ([f"model.name={name}"] if name and name != chosen else [])
-    return " ".join(parts) or f"model {cfg.model.get('_target_', '?').rsplit('.', 1)[-1]}"
+    return " ".join(parts) or f"model {config.model._target_.rsplit('.', 1)[-1]}"
 
 
-def _option(cfg: DictConfig, group: str) -> str:
+def _option(config: RunConfig, group: str) -> str:
     """The option the command line chose for a group (`blobs`), or the last part of its _target_."""
     chosen = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
-    return chosen or str(cfg[group].get("_target_", "?")).rsplit(".", 1)[-1]
+    return chosen or str(getattr(config, group)._target_).rsplit(".", 1)[-1]

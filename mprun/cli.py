@@ -111,7 +111,7 @@ def _task(cfg: DictConfig) -> float:
             raise
         from mprun.experiment import run  # torch and the rest, once the config is known to be good
 
-        summary = run(cfg, STARTED if job is None else time.perf_counter(), job, checked)
+        summary = run(checked, STARTED if job is None else time.perf_counter(), job)
     except MprunError as e:  # explained failures: one short line, no traceback
         message = f"mprun: {'stopped' if isinstance(e, NumericsError) else 'error'}: {e}"
         if job is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -196,8 +197,32 @@ def unknown_override(error: BaseException) -> Optional[str]:
     return _unknown_key(f"{where}." if where else "", name, allowed)
 
 
-def validate(cfg: DictConfig) -> dict[str, Any]:
-    """Check keys, ranges and cross-field rules group by group; returns {group: dataclass instance}."""
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated config, the one object a run, its builder and resume take: each group as its typed schema (a
+    project's own model or dataset as guest.UserModelConfig / UserDatasetConfig), and the composed config it was
+    validated from, which is what Hydra instantiates and what a run records (params, config_resolved.yaml, its
+    checkpoints)."""
+
+    model: Any
+    dataset: Any
+    optimizer: Any
+    scheduler: Any
+    precision: PrecisionConfig
+    trainer: TrainerConfig
+    tracking: Any
+    paths: PathsConfig
+    report: ReportConfig
+    composed: DictConfig
+
+    @functools.cached_property
+    def resolved(self) -> dict[str, Any]:
+        """The composed config with every interpolation resolved, enums as their names: what a run records."""
+        return OmegaConf.to_container(self.composed, resolve=True, enum_to_str=True)
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Check keys, ranges and cross-field rules group by group; returns the typed config."""
     _known(cfg.keys(), Config.__dataclass_fields__, "")
     checked = {}
     for group in Config.__dataclass_fields__:
@@ -214,7 +239,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         except OmegaConfBaseException as e:
             raise ConfigError(f"{group}: {first_line(e)}") from None
         _known(cfg[group].keys(), [f.name for f in dataclasses.fields(checked[group])], f"{group}.")
-    return checked
+    return RunConfig(**checked, composed=cfg)
 
 
 _USER_BUILT = ("model", "dataset")  # groups whose option may be a project's own YAML, schema-less, by _target_

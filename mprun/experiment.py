@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import mprun
 from mprun import build, checkpoint, config, distributed, guest, hardware, numerics, resume, summary
 from mprun.build import Components
+from mprun.config import RunConfig
 from mprun.data.loaders import DataBundle
 from mprun.errors import NumericsError
 from mprun.interrupts import GracefulStop
@@ -71,12 +72,12 @@ def run_tags(parts: Components) -> dict[str, str]:
 _SERVING = ("_target_", "_partial_", "batch_size", "num_workers", "prefetch_factor", "on_device", "download")
 
 
-def dataset_records(cfg: DictConfig, data: DataBundle) -> list[DatasetRecord]:
+def dataset_records(cfg: RunConfig, data: DataBundle) -> list[DatasetRecord]:
     """The run's dataset, for MLflow's dataset tracking: its training and evaluation splits. The digest is a text
     corpus's own sha256 where mprun reads one, else a hash of the settings that decide the data (the files' root,
     the split, the shapes), with the split's name, so runs on the same data share it; the source is the file or
     folder, or the builder."""
-    settings = OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True)
+    settings = cfg.resolved["dataset"]
     where = settings.get("root") or settings.get("path")
     source = str(Path(str(where)).expanduser().resolve()) if where else str(settings["_target_"])
     decides = {k: v for k, v in settings.items() if k not in _SERVING}
@@ -95,7 +96,7 @@ def dataset_records(cfg: DictConfig, data: DataBundle) -> list[DatasetRecord]:
 class _Run:
     """One run's built pieces and where it writes, from the moment its tracking run may open."""
 
-    cfg: DictConfig
+    cfg: RunConfig
     trainer: TrainerConfig
     parts: Components
     tracker: Tracker
@@ -117,32 +118,30 @@ class _Run:
             self.tracker.log_artifact(out, "numerics")
 
 
-def run(
-    cfg: DictConfig, started: float | None = None, job: Optional[JobInfo] = None, checked: Optional[dict] = None
-) -> dict[str, Any]:
-    """Run one experiment from a composed config; returns the summary dict. `job`: its place in a sweep; `checked`:
-    the config as config.validate returned it, where the caller validated it already. The process-global math flags
-    the run sets are put back as they were when it ends."""
+def run(cfg: RunConfig | DictConfig, started: float | None = None, job: Optional[JobInfo] = None) -> dict[str, Any]:
+    """Run one experiment; returns the summary dict. `cfg`: the validated config (config.validate), or a composed one,
+    validated here first. `job`: its place in a sweep. The process-global math flags the run sets are put back as
+    they were when it ends."""
+    composed = cfg.composed if isinstance(cfg, RunConfig) else cfg
     with hardware.math_flags_restored():
         try:
-            return _run(cfg, started if started is not None else time.perf_counter(), job, checked)
+            return _run(cfg, started if started is not None else time.perf_counter(), job)
         except Exception as e:  # raised in a project's own model or dataset: its frames, without mprun's
-            explained = guest.explained(e, {g: cfg[g].get("_target_") for g in ("model", "dataset")})
+            explained = guest.explained(e, {g: composed[g].get("_target_") for g in ("model", "dataset")})
             if explained is None:
                 raise
             raise explained from e
 
 
-def _run(cfg: DictConfig, started: float, job: Optional[JobInfo], checked: Optional[dict]) -> dict[str, Any]:
-    run_dir = Path(cfg.paths.run_dir).absolute()
+def _run(cfg: RunConfig | DictConfig, started: float, job: Optional[JobInfo]) -> dict[str, Any]:
     try:
-        checked = checked or config.validate(cfg)
-        build.check_task(cfg, checked)
-        trainer = checked["trainer"]
+        cfg = cfg if isinstance(cfg, RunConfig) else config.validate(cfg)
+        build.check_task(cfg)
+        trainer, run_dir = cfg.trainer, Path(cfg.paths.run_dir).absolute()
         world = distributed.start(trainer.strategy, trainer.device.value != "cpu" and torch.cuda.is_available())
         # Only rank 0 tracks. The store is reached now, so a bad URI fails before any data or model work.
-        tracker = build.tracker(cfg) if world.is_main else NullTracker()
-        parts = build.components(cfg, checked, world)
+        tracker = build.tracker(cfg.composed.tracking, cfg.paths.output_root) if world.is_main else NullTracker()
+        parts = build.components(cfg, world)
         resume_from = checkpoint.resume_path(trainer.resume, run_dir)
         resumed = checkpoint.load(resume_from) if resume_from else None
         state = resume.restore(parts, resumed, resume_from, cfg) if resumed else TrainState()
@@ -182,7 +181,7 @@ def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dic
     with GracefulStop() as stop:
         continued = bool(previous_run) and r.tracker.resume(previous_run, state.step)
         if not continued:
-            params = config.logged_params(OmegaConf.to_container(r.cfg, resolve=True, enum_to_str=True))
+            params = config.logged_params(r.cfg.resolved)
             params.update(r.parts.data.source)  # what the data was made from (a corpus's Python and digest)
             # what the data decided for the model: its callable's arguments that no config key set
             params.update({f"model.from_data.{k}": v for k, v in r.parts.model_inputs.items()})
@@ -213,7 +212,7 @@ def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: Gr
     try:
         if main:  # the config first: a run that fails or is stopped still shows what it ran
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(r.cfg, resolve=True))
+            (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(r.cfg.composed, resolve=True))
             tracker.log_artifact(run_dir / "config_resolved.yaml")
             if (run_dir / ".hydra").is_dir():
                 tracker.log_artifact(run_dir / ".hydra", "hydra")

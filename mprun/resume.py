@@ -9,10 +9,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from mprun import checkpoint, config, distributed
 from mprun.checkpoint import unwrap
+from mprun.config import RunConfig
 from mprun.errors import ConfigError
 from mprun.summary import FINAL_METRICS
 from mprun.tracking.base import Tracker
@@ -28,7 +27,7 @@ log = logging.getLogger("mprun")
 
 
 def checkpoint_state(
-    parts: Components, state: TrainState, cfg: DictConfig, tracker: Tracker, guard: Guard
+    parts: Components, state: TrainState, cfg: RunConfig, tracker: Tracker, guard: Guard
 ) -> dict[str, Any]:
     """Everything needed to continue: unwrapped model, optimizer, schedule, scaler, numerics policy, RNG,
     progress (down to the batch), config, and the tracking run to continue."""
@@ -41,16 +40,16 @@ def checkpoint_state(
         "numerics": guard.state_dict(),
         "rng": checkpoint.rng_state(),
         "progress": dataclasses.asdict(state),
-        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "config": cfg.resolved,
         "tracking": {"run_id": tracker.run_id or ""},
         "world_size": parts.world.size,
     }
 
 
-def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: DictConfig) -> TrainState:
+def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: RunConfig) -> TrainState:
     """Load a checkpoint into freshly built components; returns where training stands."""
     before = config.flatten(ckpt.get("config", {}))
-    now = config.flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    now = config.flatten(cfg.resolved)
     changed = [
         f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
         for k in sorted(set(before) | set(now))

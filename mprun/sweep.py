@@ -210,7 +210,7 @@ class Sweep:
 
         self.cfg = cfg
         self.sweep_dir = Path(cfg.hydra.sweep.dir).absolute()
-        self.tracker = build.tracker(cfg)
+        self.tracker = build.tracker(cfg.tracking, cfg.paths.output_root)
         self.varied = varied_keys(cfg)
         params = cfg.hydra.sweeper.get("params")
         params = OmegaConf.to_container(params) if params is not None else {}

@@ -105,9 +105,10 @@ def test_host_side_synthetic_batches_are_pinned(make_cfg) -> None:
     """dataset.on_device=false keeps synthetic data pinned on the host; each batch taken from it must be pinned too
     (index_select alone allocates pageable memory), so the non_blocking copy to the GPU overlaps."""
     from mprun import build
+    from mprun.config import validate
 
     cfg = make_cfg("dataset=synthetic", "dataset.on_device=false", "dataset.shape=[3,8,8]", "dataset.num_samples=64")
-    data = build.dataset(cfg, 0, torch.device("cuda"))
+    data = build.dataset(validate(cfg), 0, torch.device("cuda"))
     for x, y in (*data.train, *data.val):
         assert x.is_pinned() and y.is_pinned() and x.device.type == "cpu"
 
@@ -120,7 +121,7 @@ def test_a_batch_larger_than_the_training_split_is_capped_with_one_warning(make_
     cfg = make_cfg("dataset.batch_size=100000")
     validate(cfg)
     with caplog.at_level("WARNING", logger="mprun.data"):
-        data = build.dataset(cfg, 0, torch.device("cpu"))
+        data = build.dataset(validate(cfg), 0, torch.device("cpu"))
     assert caplog.messages == [
         "dataset.batch_size=100000 is larger than the training split (1438 samples): each pass is one batch of 1438"
     ]

@@ -26,7 +26,7 @@ UNDERFLOWS = ["model=simple_mlp", "model.grad_scale=1e-6"]  # logits' gradients 
 
 def test_fp32_modules_run_outside_autocast(make_cfg) -> None:
     cfg = make_cfg("model=simple_mlp", "precision=bf16", "precision.fp32_modules=[5]")
-    parts = build.components(cfg, validate(cfg))
+    parts = build.components(validate(cfg))
     assert parts.fp32_modules == ["5"]
     dtypes = {}
     for name in ("3", "5"):

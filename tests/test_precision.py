@@ -558,7 +558,7 @@ def test_a_static_loss_scale_names_the_scale_in_force(make_cfg) -> None:
     from mprun.config import validate
 
     def described(*overrides: str) -> str:
-        return Precision(validate(make_cfg(*overrides))["precision"], torch.device("cpu")).description
+        return Precision(validate(make_cfg(*overrides)).precision, torch.device("cpu")).description
 
     assert described("precision=fp16", "precision.loss_scale=static") == "fp16 (static loss scale 65536)"
     assert described("precision=fp16_static") == "fp16 (static loss scale 128)"
@@ -570,12 +570,12 @@ def test_auto_says_when_it_drops_an_explicit_static_loss_scale(make_cfg, caplog)
     setting was dropped without a word. Now a warning says so (auto's pick depends on the machine)."""
     from mprun.config import validate
 
-    cfg = validate(make_cfg("precision=auto", "precision.loss_scale=static", "trainer.device=cpu"))["precision"]
+    cfg = validate(make_cfg("precision=auto", "precision.loss_scale=static", "trainer.device=cpu")).precision
     with caplog.at_level("WARNING", logger="mprun.precision"):
         p = Precision(cfg, torch.device("cpu"))
     assert not p.name.scales_loss  # on a CPU auto picks bf16 or fp32
     assert [m for m in caplog.messages if m.startswith("precision.loss_scale=static dropped: auto resolved to ")]
     caplog.clear()
     with caplog.at_level("WARNING", logger="mprun.precision"):
-        Precision(validate(make_cfg("precision=auto"))["precision"], torch.device("cpu"))
+        Precision(validate(make_cfg("precision=auto")).precision, torch.device("cpu"))
     assert not [m for m in caplog.messages if "dropped" in m]  # the default, dynamic, goes unsaid
