@@ -87,14 +87,19 @@ class _Items(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        item = _unwrapped(self.dataset[index])
-        if self.kind == "tokens":
-            ids = torch.as_tensor(item).long()
-            return ids[:-1], ids[1:]
-        x, y = (torch.as_tensor(part) for part in item)
-        if self.kind == "lm_pair" or _tokens(x):
-            return x.long(), y.long()
-        return (x.float() if x.dtype == torch.float64 else x), y.long()
+        return _as_tensors(self.dataset[index], self.kind)
+
+
+def _as_tensors(item: Any, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One item as _Items serves it: (input, target) tensors."""
+    item = _unwrapped(item)
+    if kind == "tokens":
+        ids = torch.as_tensor(item).long()
+        return ids[:-1], ids[1:]
+    x, y = (torch.as_tensor(part) for part in item)
+    if kind == "lm_pair" or _tokens(x):
+        return x.long(), y.long()
+    return (x.float() if x.dtype == torch.float64 else x), y.long()
 
 
 def _scan(dataset: Dataset, kind: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +107,7 @@ def _scan(dataset: Dataset, kind: str, split: str) -> tuple[torch.Tensor, torch.
     empty for other inputs): for the classes, the vocabulary and their range. From a TensorDataset's tensors, or a
     `targets` attribute (torchvision's datasets have one) where no target_transform changes it; else read item by
     item, each checked to be of item 0's kind and shape (a split's items are batched together)."""
-    first = _Items(dataset, kind)[0][0]
+    first = _as_tensors(dataset[0], kind)[0]
     tokens_in = kind == "pair" and _tokens(first)
     if isinstance(dataset, TensorDataset):
         if kind != "pair":
@@ -125,10 +130,10 @@ def _scan(dataset: Dataset, kind: str, split: str) -> tuple[torch.Tensor, torch.
         log.info("reading the %d items of the %s split for their labels and shapes", len(dataset), split)
     targets, inputs = [], []
     for i in range(len(dataset)):
-        where = f"item {i} of the {split} split"
-        if _kind(dataset[i], where) != kind:
-            raise ConfigError(f"dataset: {where} is {_describe(dataset[i])}, unlike item 0 ({kind})")
-        x, y = _Items(dataset, kind)[i]
+        item, where = dataset[i], f"item {i} of the {split} split"  # read once: an item may be decoded from disk
+        if _kind(item, where) != kind:
+            raise ConfigError(f"dataset: {where} is {_describe(item)}, unlike item 0 ({kind})")
+        x, y = _as_tensors(item, kind)
         if x.shape != first.shape:
             raise ConfigError(
                 f"dataset: {where} has an input of shape {tuple(x.shape)}, item 0 {tuple(first.shape)}: the items of "
@@ -181,7 +186,7 @@ def bundle(
     if kinds[0] != kinds[1]:
         raise ConfigError(f"dataset: the train split's items are {kinds[0]}, the val split's {kinds[1]}")
     kind = kinds[0]
-    x = _Items(splits[0], kind)[0][0]
+    x = _as_tensors(splits[0][0], kind)[0]
     found = _task(kind, x, task)
     targets, inputs = (torch.cat([scan[i] for scan in scans]) for i in (0, 1))
     if found.per_position:
