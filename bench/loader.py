@@ -33,8 +33,8 @@ from mprun.data.loaders import TimedLoader, usable_cores
 from mprun.hardware import device_name, resolve_device
 from mprun.progress import Progress
 from mprun.tracking.base import NullTracker
-from mprun.training.config import TrainerConfig
-from mprun.training.loop import INPUT_BOUND, train_epoch
+from mprun.training.config import INPUT_BOUND, TrainerConfig
+from mprun.training.loop import train_epoch
 from mprun.training.state import TrainState
 
 

@@ -7,12 +7,13 @@ a sweep's comparison report (mprun.api).
 from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "load_report", "run"]
 
 
 def __getattr__(name: str) -> Any:
     # `import mprun` stays light (the CLI's --help, `mprun.__version__`): the API and Hydra load on first use.
-    if name in ("run", "load_report"):
-        from mprun import api
+    if name in __all__:
+        from mprun import api  # hydra and torch load here, on first use
 
         return getattr(api, name)
     raise AttributeError(f"module 'mprun' has no attribute {name!r}")

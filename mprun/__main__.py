@@ -41,7 +41,7 @@ def main() -> None:
         signal.signal(s, stop_now)
     code = None
     try:
-        from mprun import cli
+        from mprun import cli  # after the handlers: a signal while Hydra and the config load is handled too
 
         cli.main()
     except KeyboardInterrupt as e:  # what was open has been closed on the way out

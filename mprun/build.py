@@ -105,40 +105,19 @@ def _model(config: RunConfig, data: DataBundle, example: torch.Tensor) -> tuple[
 
 def components(config: RunConfig, world: World = SINGLE) -> Components:
     """Device, precision, data, model, optimizer and schedule, in the order each needs the last."""
-    trainer, wanted, cfg = config.trainer, config.precision, config.composed
+    trainer, cfg = config.trainer, config.composed
     device = resolve_device(trainer.device, world.local_rank)
     seed_everything(trainer.seed)
     data = dataset(config, trainer.seed, device)
     check_task(config, data.task.name)
     data.train.shard(world.rank, world.size)
     data.val.shard(world.rank, world.size)  # each rank evaluates its share; evaluate() sums over ranks
-    model_name = _model_label(config)
     batch = tuple(t.to(device) for t in data.example_batch())
-    try:
-        module, inputs = _model(config, data, batch[0])
-    except MprunError:
-        raise
-    except (AssertionError, ValueError, RuntimeError) as e:  # e.g. a ViT patch larger than the image
-        given = ", ".join(f"{k}={v}" for k, v in data.model_inputs().items())
-        raise ConfigError(f"{model_name} cannot be built for dataset={data.name} ({given}): {e}") from e
-    # Model transforms before moving/compiling: fp32 islands run outside autocast.
-    fp32_modules = keep_fp32(module, wanted.fp32_modules, device.type) if wanted.fp32_modules else []
-    memory_format = torch.channels_last if trainer.channels_last else torch.preserve_format
-    module = module.to(device, memory_format=memory_format)
-    check_fits(
-        module,
-        batch[0][:2],
-        data.train.smallest_batch(),
-        data.num_classes,
-        model_name,
-        data.name,
-        task=data.task,
-        roots=user_roots(config),
-    )
+    module, inputs, fp32_modules = _placed_model(config, data, batch, device)
     # On a CPU, auto (and the emulation warning of an explicit bf16/fp16) go by this model's measured speed: rank 0
     # measures (and keeps the result under the outputs root), and every rank takes its result, so all pick alike.
     precision = Precision(
-        wanted,
+        config.precision,
         device,
         lambda dtypes: world.from_main(
             lambda: probe.measure(module, batch, data.task, dtypes, Path(cfg.paths.output_root))
@@ -155,9 +134,8 @@ def components(config: RunConfig, world: World = SINGLE) -> Components:
     optimizer = prepare(instantiate(cfg.optimizer, _target_=target, _convert_="all")(module.parameters(), **kernels))
     total = planned_steps(trainer, len(data.train))
     scheduler = instantiate(cfg.scheduler, _convert_="all")(optimizer=optimizer, total_steps=total)
-    model = torch.compile(wrapped) if trainer.compile else wrapped
     return Components(
-        model=model,
+        model=torch.compile(wrapped) if trainer.compile else wrapped,
         data=data,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -170,6 +148,37 @@ def components(config: RunConfig, world: World = SINGLE) -> Components:
         strategy=trainer.strategy,
         model_inputs=inputs,
     )
+
+
+def _placed_model(
+    config: RunConfig, data: DataBundle, batch: tuple[torch.Tensor, ...], device: torch.device
+) -> tuple[nn.Module, dict[str, Any], list[str]]:
+    """The model built for the data, its fp32 islands marked, on the device and checked against a batch: (module,
+    what the data decided for it, the modules kept in fp32)."""
+    model_name = _model_label(config)
+    try:
+        module, inputs = _model(config, data, batch[0])
+    except MprunError:
+        raise
+    except (AssertionError, ValueError, RuntimeError) as e:  # e.g. a ViT patch larger than the image
+        given = ", ".join(f"{k}={v}" for k, v in data.model_inputs().items())
+        raise ConfigError(f"{model_name} cannot be built for dataset={data.name} ({given}): {e}") from e
+    # Model transforms before moving/compiling: fp32 islands run outside autocast.
+    wanted = config.precision.fp32_modules
+    fp32_modules = keep_fp32(module, wanted, device.type) if wanted else []
+    memory_format = torch.channels_last if config.trainer.channels_last else torch.preserve_format
+    module = module.to(device, memory_format=memory_format)
+    check_fits(
+        module,
+        batch[0][:2],
+        data.train.smallest_batch(),
+        data.num_classes,
+        model_name,
+        data.name,
+        task=data.task,
+        roots=user_roots(config),
+    )
+    return module, inputs, fp32_modules
 
 
 def check_task(config: RunConfig, task: str | None = None) -> None:

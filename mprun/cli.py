@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import CompactHydraException, ConfigCompositionException, OverrideParseException  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -139,8 +140,6 @@ def leave_a_record(message: str, bad_input: bool, output_root: Path) -> None:
     """After a failed run: a run directory that holds only what Hydra put there before mprun ran (`.hydra/`, the
     log) is bad input's leftover, and goes, with the date directory above it if that is left empty; any other keeps
     its log, which now ends with the error."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -159,7 +158,7 @@ def leave_a_record(message: str, bad_input: bool, output_root: Path) -> None:
                 break
             parent = parent.parent
         return
-    from mprun.summary import write_to_log_file
+    from mprun.summary import write_to_log_file  # imports torch (training.state): a bad value's answer does not
 
     write_to_log_file(message, logging.ERROR)  # the file only: the console has had it
 

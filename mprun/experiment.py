@@ -190,86 +190,102 @@ def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dic
         return _train_and_close(r, state, guard, stop)
 
 
+class _Saver:
+    """Writes a run's checkpoints: every rank gathers (under FSDP the shards), rank 0 writes and tags the step."""
+
+    def __init__(self, r: _Run, guard: numerics.Guard) -> None:
+        self.r, self.guard = r, guard
+        self.ckpts = checkpoint.Checkpoints(r.run_dir / "checkpoints", r.trainer.keep_last)
+
+    def __call__(self, name: str, s: TrainState, results: Optional[dict[str, Any]] = None) -> Optional[Path]:
+        """Write checkpoint `name` at `s`; `results`: the run's, which the final checkpoint carries (a resume that
+        finds it done reports them). Returns its path on rank 0."""
+        r = self.r
+        contents = resume.checkpoint_state(r.parts, s, r.cfg, r.tracker, self.guard)
+        if results is not None:
+            contents["summary"] = results
+        if not r.parts.world.is_main:
+            return None  # only rank 0 writes
+        path = self.ckpts.save(name, contents)
+        r.tracker.flush()  # the store gets every metric up to this step before the checkpoint's tag says it is there
+        r.tracker.set_tags({CHECKPOINT_STEP_TAG: str(s.step)})  # a later resume from an older checkpoint branches
+        return path
+
+    def periodic(self, s: TrainState) -> None:
+        self(self.ckpts.periodic_name(s.step), s)
+
+
+def _record_config(r: _Run) -> None:
+    """The resolved config (and Hydra's files) first: a run that fails or is stopped still shows what it ran."""
+    r.run_dir.mkdir(parents=True, exist_ok=True)
+    (r.run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(r.cfg.composed, resolve=True))
+    r.tracker.log_artifact(r.run_dir / "config_resolved.yaml")
+    if (r.run_dir / ".hydra").is_dir():
+        r.tracker.log_artifact(r.run_dir / ".hydra", "hydra")
+
+
+def _record_results(r: _Run, results: dict[str, Any], guard: numerics.Guard, ckpt: Optional[Path], step: int) -> None:
+    """Rank 0's record of a run that trained: numerics files, summary.json, final metrics, tags, artifacts, model."""
+    tracker, interrupted = r.tracker, results["interrupted"]
+    r.log_numerics(guard)
+    (r.run_dir / "summary.json").write_text(json_text(results))
+    if not interrupted:  # an interrupted run's numbers are not final: its resumption logs them
+        tracker.log_metrics(summary.final_metrics(results), step)
+    # How many epochs the throughput is the median of: the report marks a speedup that rests on one.
+    tracker.set_tags({"peak_mem_kind": results["peak_mem_kind"], "mprun.timed_epochs": str(results["timed_epochs"])})
+    tracker.log_artifact(r.run_dir / "summary.json")
+    if tracker.log_checkpoint:
+        tracker.log_artifact(ckpt, "checkpoints")
+    # Not under FSDP: its module holds this rank's shards; the checkpoint has the whole weights.
+    if not interrupted and r.parts.strategy is not distributed.Strategy.fsdp:
+        tracker.log_model(r.parts.module, r.parts.data.example_batch()[0])
+
+
+def _record_error(r: _Run, e: BaseException, guard: numerics.Guard) -> None:
+    """The error as a tag, and a numerics failure's diagnosis as a tag and a file; never raises."""
+    try:
+        r.tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
+        if isinstance(e, NumericsError) and r.parts.world.is_main:
+            r.tracker.set_tags({"diagnosis": e.diagnosis})
+            r.run_dir.mkdir(parents=True, exist_ok=True)
+            (r.run_dir / "diagnosis.json").write_text(json_text(e.report))
+            r.tracker.log_artifact(r.run_dir / "diagnosis.json")
+            r.log_numerics(guard)
+    except Exception:  # the store may be what failed; the original error matters more
+        log.exception("could not record the error in the tracking run")
+
+
 def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: GracefulStop) -> dict[str, Any]:
     """Fit, checkpoint and log artifacts; always close the tracking run with the right status."""
     status = "FAILED"
-    parts, tracker, run_dir = r.parts, r.tracker, r.run_dir
-    ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", r.trainer.keep_last)
-    main = parts.world.is_main
-
-    def save(name: str, s: TrainState, results: Optional[dict[str, Any]] = None) -> Optional[Path]:
-        # every rank: under FSDP this gathers the shards
-        contents = resume.checkpoint_state(parts, s, r.cfg, tracker, guard)
-        if results is not None:  # the final checkpoint carries the run's results: a resume that finds it done
-            contents["summary"] = results
-        if not main:
-            return None  # only rank 0 writes
-        path = ckpts.save(name, contents)
-        tracker.flush()  # the store gets every metric up to this step before the checkpoint's tag says it is there
-        tracker.set_tags({CHECKPOINT_STEP_TAG: str(s.step)})  # a later resume from an older checkpoint branches
-        return path
-
+    save, main = _Saver(r, guard), r.parts.world.is_main
     try:
-        if main:  # the config first: a run that fails or is stopped still shows what it ran
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(r.cfg.composed, resolve=True))
-            tracker.log_artifact(run_dir / "config_resolved.yaml")
-            if (run_dir / ".hydra").is_dir():
-                tracker.log_artifact(run_dir / ".hydra", "hydra")
-        result = fit(
-            parts,
-            r.trainer,
-            tracker,
-            state,
-            stop=stop,
-            guard=guard,
-            checkpoint=lambda s: save(ckpts.periodic_name(s.step), s),
-        )
-        results = summary.build(result, parts, state, tracker, time.perf_counter() - r.started)
-        results["run_dir"] = str(run_dir)  # in the final checkpoint's copy too: a resume that finds it done says where
+        if main:
+            _record_config(r)
+        result = fit(r.parts, r.trainer, r.tracker, state, stop=stop, guard=guard, checkpoint=save.periodic)
+        results = summary.build(result, r.parts, state, r.tracker, time.perf_counter() - r.started)
+        results["run_dir"] = str(
+            r.run_dir
+        )  # in the final checkpoint's copy too: a resume that finds it done says where
         results["interrupted"] = result.interrupted
         if result.interrupted:
-            ckpt = save(ckpts.INTERRUPTED, state)
+            ckpt = save(save.ckpts.INTERRUPTED, state)
         else:
-            ckpt = save(ckpts.FINAL, state, results)
+            ckpt = save(save.ckpts.FINAL, state, results)
         results["wall_time_s"] = time.perf_counter() - r.started  # the checkpoint write included
-        if not main:  # the other ranks trained; rank 0 records
-            status = "KILLED" if result.interrupted else "FINISHED"
-            return {**results, "stop_signal": result.interrupted or stop.signum}
-        r.log_numerics(guard)
-        (run_dir / "summary.json").write_text(json_text(results))
-        if not result.interrupted:  # an interrupted run's numbers are not final: its resumption logs them
-            tracker.log_metrics(summary.final_metrics(results), state.step)
-        # How many epochs the throughput is the median of: the report marks a speedup that rests on one.
-        tracker.set_tags(
-            {"peak_mem_kind": results["peak_mem_kind"], "mprun.timed_epochs": str(results["timed_epochs"])}
-        )
-        tracker.log_artifact(run_dir / "summary.json")
-        if tracker.log_checkpoint:
-            tracker.log_artifact(ckpt, "checkpoints")
-        # Not under FSDP: its module holds this rank's shards; the checkpoint has the whole weights.
-        if not result.interrupted and parts.strategy is not distributed.Strategy.fsdp:
-            tracker.log_model(parts.module, parts.data.example_batch()[0])
+        if main:  # the other ranks trained; rank 0 records
+            _record_results(r, results, guard, ckpt, state.step)
         status = "KILLED" if result.interrupted else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     except BaseException as e:
-        try:
-            tracker.set_tags({"error": f"{type(e).__name__}: {e}"})
-            if isinstance(e, NumericsError) and main:
-                tracker.set_tags({"diagnosis": e.diagnosis})
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "diagnosis.json").write_text(json_text(e.report))
-                tracker.log_artifact(run_dir / "diagnosis.json")
-                r.log_numerics(guard)
-        except Exception:  # the store may be what failed; the original error matters more
-            log.exception("could not record the error in the tracking run")
+        _record_error(r, e, guard)
         raise
     finally:
-        tracker.end(status)
+        r.tracker.end(status)
     if main:
-        summary.print_summary(results, run_dir, tracker, r.job)
+        summary.print_summary(results, r.run_dir, r.tracker, r.job)
     # A signal that came once training was complete (during its last step, its evaluation or the recording) left
     # the run finished, but the process still stops with it: a sweep starts no further job.
     return {**results, "stop_signal": result.interrupted or stop.signum}

@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import Any, Mapping
 
+from tqdm import tqdm
+
 log = logging.getLogger("mprun")
 
 
@@ -60,8 +62,6 @@ class BarProgress(Progress):
     bar: Any = None  # the open epoch's bar
 
     def start_epoch(self, epoch: int) -> None:
-        from tqdm import tqdm
-
         self.close()
         self.bar = tqdm(total=self.batches, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False, dynamic_ncols=True)
 

@@ -16,7 +16,7 @@ from mprun.errors import ConfigError
 from mprun.summary import FINAL_METRICS
 from mprun.tracking.base import Tracker
 from mprun.training.config import TrainerConfig
-from mprun.training.loop import evaluate
+from mprun.training.loop import evaluate_run
 from mprun.training.state import TrainState
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def restore(parts: Components, ckpt: dict[str, Any], path: Path, cfg: RunConfig)
             "; ".join(changed[:10]),
         )
     try:
-        state = TrainState.from_dict(ckpt["progress"])
+        state = TrainState(**ckpt["progress"])
     except TypeError as e:  # a progress record of another mprun version
         raise ConfigError(
             f"trainer.resume: {path} was written by an mprun (version {ckpt.get('mprun_version')}) whose "
@@ -119,15 +119,7 @@ def completed_summary(
     validation score."""
     results = dict(ckpt.get("summary") or _summary_beside(path, state))
     if not results:
-        val = evaluate(
-            parts.model,
-            parts.data.val,
-            parts.precision,
-            parts.device,
-            channels_last=trainer.channels_last,
-            world=parts.world,
-            task=parts.data.task,
-        )
+        val = evaluate_run(parts, trainer)
         results = {**{f"val_{k}": v for k, v in val.items()}, "epochs": state.epoch, "steps": state.step}
     results.update({k: float("nan") for k in FINAL_METRICS if results.get(k) is None})  # not measured
     print(

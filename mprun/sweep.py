@@ -30,6 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mprun import report
 from mprun.tracking.config import MlflowConfig
 from mprun.tracking.store import record_failed_run
 
@@ -273,8 +274,6 @@ class Sweep:
         """Report, then close the parent: KILLED if interrupted, FAILED if any job failed or the multirun ended
         before its jobs were done (`completed` false: e.g. a sweep value Hydra rejected), else FINISHED.
         Returns how many jobs did not finish."""
-        from mprun import report
-
         status, unfinished, jobs = ("KILLED" if interrupted else "FAILED"), 0, 0  # until the report says otherwise
         try:
             rows = report.collect(self.tracker.store, self.tracker.run_id)  # the one search for the sweep's jobs

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import mprun
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mprun"
 SOURCES = sorted(PACKAGE.rglob("*.py"))  # subpackages included
@@ -103,33 +105,76 @@ def test_no_public_function_takes_more_than_seven_positional_parameters(path: Pa
     assert wide == []
 
 
+def _references(path: Path, modules: set[str]) -> tuple[set[tuple[str, str]], set[str], dict[str, str]]:
+    """What a file refers to: (module, name) pairs it resolves through its imports (`from m import f`, `m.f`, a
+    _target_ string, a bare name of its own module), the attribute names it reads on other objects, and, for a
+    package's __init__, the names it re-exports (name -> the module they come from)."""
+    own = _module(path) if path.is_relative_to(PACKAGE) else ""
+    tree = _tree(path)
+    aliases: dict[str, str] = {}  # a local name -> the mprun module it is
+    resolved: set[tuple[str, str]] = set()
+    exported: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname or a.name: a.name for a in node.names if a.name in modules and a.asname})
+        elif isinstance(node, ast.ImportFrom) and node.module in modules:
+            for a in node.names:
+                if f"{node.module}.{a.name}" in modules:
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+                elif path.name == "__init__.py" and node.module.startswith(own + "."):
+                    exported[a.asname or a.name] = node.module
+                else:
+                    resolved.add((node.module, a.name))
+    attributes = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            base = node.value
+            dotted = ast.unparse(base) if isinstance(base, (ast.Name, ast.Attribute)) else ""
+            if aliases.get(dotted, dotted) in modules:
+                resolved.add((aliases.get(dotted, dotted), node.attr))
+            else:
+                attributes.add(node.attr)
+        elif isinstance(node, ast.Name) and own:
+            resolved.add((own, node.id))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
+            resolved.add(tuple(node.value.rsplit(".", 1)))  # a _target_
+    return resolved, attributes, exported
+
+
 def test_no_public_function_or_method_is_dead() -> None:
-    """Every public function and method is called somewhere in mprun/ or bench/, named by a config's _target_, or
-    implements a base class's method (Hydra's Callback hooks, the Tracker interface)."""
-    files = SOURCES + sorted((ROOT / "bench").glob("*.py"))
-    used: set[str] = set()
+    """Every public function is referred to from mprun/ or bench/ through its own module (an import, `module.f`, a
+    config's _target_, a package's re-export that is itself used), or is mprun's Python API; every public method is
+    called by name somewhere (an object's type is not known from the source), or implements a base class's method
+    (Hydra's Callback hooks, the Tracker interface)."""
+    modules = {_module(p) for p in SOURCES}
+    files = SOURCES + sorted((ROOT / "bench").glob("*.py")) + sorted((ROOT / "conf").rglob("*.yaml"))
+    resolved: set[tuple[str, str]] = set()
+    attributes: set[str] = set()
+    exported: dict[tuple[str, str], str] = {}
     for path in files:
-        for node in ast.walk(_tree(path)):
-            if isinstance(node, ast.Attribute):
-                used.add(node.attr)
-            elif isinstance(node, ast.Name):
-                used.add(node.id)
-            elif isinstance(node, ast.alias):
-                used.add(node.name.rsplit(".", 1)[-1])
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-                used.add(node.value.rsplit(".", 1)[-1])  # _target_ strings
+        if path.suffix == ".yaml":  # a _target_ in a config file
+            resolved |= {tuple(t.rsplit(".", 1)) for t in re.findall(r"_target_:\s*([\w.]+)", path.read_text())}
+            continue
+        found, read, reexports = _references(path, modules)
+        resolved |= found
+        attributes |= read
+        exported |= {(_module(path), name): origin for name, origin in reexports.items()}
+    resolved |= {(exported[ref], ref[1]) for ref in list(resolved) if ref in exported}
+    resolved |= {("mprun.api", name) for name in mprun.__all__}  # the Python API: users call it
     dead = []
     for path in SOURCES:
         module = importlib.import_module(_module(path))
         for name, _ in _public_functions(_tree(path)):
             owner, _, attr = name.rpartition(".")
-            if attr in used:
+            if not owner:
+                if (_module(path), name) not in resolved:
+                    dead.append(f"{_module(path)}:{name}")
                 continue
-            if owner:  # a method a base class declares is called through the base
-                cls = getattr(module, owner)
-                if any(attr in vars(base) for base in cls.__mro__[1:]):
-                    continue
-            dead.append(f"{_module(path)}:{name}")
+            if attr in attributes or (_module(path), attr) in resolved:
+                continue
+            cls = getattr(module, owner)  # a method a base class declares is called through the base
+            if not any(attr in vars(base) for base in cls.__mro__[1:]):
+                dead.append(f"{_module(path)}:{name}")
     assert dead == []
 
 
@@ -183,3 +228,68 @@ def test_no_import_cycles() -> None:
 def test_no_module_is_over_400_lines(path: Path) -> None:
     """A module over ~400 lines is usually two rooms (STYLE.md)."""
     assert len(path.read_text().splitlines()) <= 400
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[_module(p) for p in SOURCES])
+def test_no_function_is_over_60_lines(path: Path) -> None:
+    """A function over 60 lines (its docstring included) is several steps that want names of their own."""
+    long = [
+        f"{f.name} (line {f.lineno}): {f.end_lineno - f.lineno + 1}"
+        for f in ast.walk(_tree(path))
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 60
+    ]
+    assert long == []
+
+
+# What a function may import inside itself, and why: a package whose import costs time that most runs or answers do
+# not need to pay, and mprun's own modules that bring torch to the side of the line that has none.
+DEFERRED = {
+    "torch": "the FSDP and checkpoint parts (0.5 s each), and torch where the module itself is torch-free",
+    "torchvision": "an image dataset or model that asks for it",
+    "timm": "a timm model",
+    "torchao": "fp8",
+    "transformers": "a Hugging Face model",
+    "matplotlib": "the report's plots",
+    "scipy": "the report's seed comparison",
+    "mlflow": "1.2 s: only when a store is used",
+    "sqlalchemy": "a database store's probe",
+    "submitit": "the SLURM launcher's extra",
+    "mprun.api": "`import mprun` stays light: hydra and torch load with mprun.run",
+    "mprun.cli": "after the signal handlers: a signal while Hydra and the config load is handled",
+    "mprun.experiment": "torch: --help and a bad value answer without it",
+    "mprun.build": "torch: a sweep's callbacks load with the config",
+    "mprun.summary": "torch: a bad value's clean-up runs without it",
+}
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[_module(p) for p in SOURCES])
+def test_function_level_imports_defer_something_heavy_and_say_why(path: Path) -> None:
+    """An import inside a function is only for what DEFERRED lists, with a comment on its line or the line above."""
+    lines = path.read_text().splitlines()
+    wrong = []
+    for f in ast.walk(_tree(path)):
+        if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(f):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module if node.module != "mprun" else f"mprun.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                known = name in DEFERRED or name.split(".", 1)[0] in DEFERRED
+                said = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+                if not (known and (said or _first_of_a_run(lines, node.lineno))):
+                    wrong.append(f"{f.name} (line {node.lineno}): {name}")
+    assert wrong == []
+
+
+def _first_of_a_run(lines: list[str], lineno: int) -> bool:
+    """Whether the import at `lineno` continues a block of imports whose first line gives the reason."""
+    i = lineno - 2
+    while i >= 0 and lines[i].strip().startswith(("import ", "from ")):
+        if "#" in lines[i] or lines[i - 1].strip().startswith("#"):
+            return True
+        i -= 1
+    return False

@@ -253,23 +253,6 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(make_cfg) -> None:
     assert summary["steps"] == 2
 
 
-def test_a_progress_record_from_before_the_loss_step_counts_is_read() -> None:
-    from mprun.training.state import TrainState
-
-    old = {
-        "epoch": 1,
-        "step": 30,
-        "samples": 1920,
-        "batch_in_epoch": 8,
-        "epoch_loss_sum": 4.0,
-        "epoch_steps": 8,
-        "logged_loss_sum": 2.5,
-        "window_steps": 3,
-    }
-    state = TrainState.from_dict(old)
-    assert (state.epoch_loss_steps, state.logged_loss_steps, state.step) == (8.0, 5.0, 30)
-
-
 def test_resuming_a_finished_run_changes_nothing(make_cfg, tmp_path: Path, mlflow_client, capsys) -> None:
     """A requeued job that had already finished (trainer.resume=auto finds final.pt) trains nothing; it used to
     log final/val_acc=NaN and samples/s 0 over the real results, and rewrite summary.json so."""

@@ -91,7 +91,7 @@ def torchvision_dataset(
 ) -> DataBundle:
     # loader: batch_size, num_workers, prefetch_factor (LoaderConfig), passed through to EpochDataLoader.
     """MNIST, Fashion-MNIST, CIFAR-10/100 from disk, downloaded only when dataset.download=true."""
-    import torchvision
+    import torchvision  # only the datasets that use it load it
     from torchvision import transforms as T
 
     name = VisionName(name)
@@ -129,7 +129,7 @@ def image_folder(
     *, root: str, train_dir: str, val_dir: str, image_size: int, seed: int, device: torch.device, **loader: int
 ) -> DataBundle:
     """root/train/<class>/*.jpg and root/val/<class>/*.jpg, resized to image_size, ImageNet-normalized."""
-    import torchvision
+    import torchvision  # only the datasets that use it load it
     from torchvision import transforms as T
 
     dirs = [Path(root) / train_dir, Path(root) / val_dir]

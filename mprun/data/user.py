@@ -158,6 +158,38 @@ def _range(values: torch.Tensor, given: Optional[int], key: str, split: str, wha
     return count
 
 
+def _scanned(splits: Any, path: str) -> tuple[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The items' kind, checked to be one across the splits, and each split's scan (_scan), each split checked to
+    be a non-empty map-style Dataset."""
+    kinds, scans = [], []
+    for split, dataset in zip(("train", "val"), splits):
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise ConfigError(
+                f"dataset: the {split} split from {path} is {_describe(dataset)}, not a map-style Dataset (len() and "
+                "[i]): mprun draws a seeded order of indices each epoch, which exact resume needs"
+            )
+        require(len(dataset) > 0, f"dataset: the {split} split from {path} is empty")
+        kinds.append(_kind(dataset[0], f"item 0 of the {split} split"))
+        scans.append(_scan(dataset, kinds[-1], split))
+    if kinds[0] != kinds[1]:
+        raise ConfigError(f"dataset: the train split's items are {kinds[0]}, the val split's {kinds[1]}")
+    return kinds[0], scans
+
+
+def _counts(found: Task, targets: torch.Tensor, inputs: torch.Tensor, spec: UserDatasetConfig) -> tuple[int, int]:
+    """The count of classes and the vocabulary's size (0 where the inputs are not token ids), checked against the
+    targets and inputs of both splits."""
+    if found.per_position:
+        classes = vocab = _range(targets, spec.vocab_size, "vocab_size", "train or val", "tokens")
+    else:
+        classes = _range(targets, spec.num_classes, "num_classes", "train or val", "labels")
+        vocab = _range(inputs, spec.vocab_size, "vocab_size", "train or val", "tokens") if len(inputs) else 0
+        require(
+            classes >= 2, "dataset: every label is 0; a classifier needs two classes or more (or dataset.num_classes)"
+        )
+    return classes, vocab
+
+
 def bundle(
     splits: Any,
     spec: UserDatasetConfig,
@@ -173,30 +205,11 @@ def bundle(
     path = spec._target_
     if not (isinstance(splits, (tuple, list)) and len(splits) == 2):
         raise ConfigError(f"dataset._target_={path} returned {_describe(splits)}; it must return (train, val) datasets")
-    kinds, scans = [], []
-    for split, dataset in zip(("train", "val"), splits):
-        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-            raise ConfigError(
-                f"dataset: the {split} split from {path} is {_describe(dataset)}, not a map-style Dataset (len() and "
-                "[i]): mprun draws a seeded order of indices each epoch, which exact resume needs"
-            )
-        require(len(dataset) > 0, f"dataset: the {split} split from {path} is empty")
-        kinds.append(_kind(dataset[0], f"item 0 of the {split} split"))
-        scans.append(_scan(dataset, kinds[-1], split))
-    if kinds[0] != kinds[1]:
-        raise ConfigError(f"dataset: the train split's items are {kinds[0]}, the val split's {kinds[1]}")
-    kind = kinds[0]
+    kind, scans = _scanned(splits, path)
     x = _as_tensors(splits[0][0], kind)[0]
     found = _task(kind, x, task)
     targets, inputs = (torch.cat([scan[i] for scan in scans]) for i in (0, 1))
-    if found.per_position:
-        classes = vocab = _range(targets, spec.vocab_size, "vocab_size", "train or val", "tokens")
-    else:
-        classes = _range(targets, spec.num_classes, "num_classes", "train or val", "labels")
-        vocab = _range(inputs, spec.vocab_size, "vocab_size", "train or val", "tokens") if len(inputs) else 0
-        require(
-            classes >= 2, "dataset: every label is 0; a classifier needs two classes or more (or dataset.num_classes)"
-        )
+    classes, vocab = _counts(found, targets, inputs, spec)
     train, val = (_loader(s, kind, spec, shuffle, seed, device) for s, shuffle in zip(splits, (True, False)))
     # One batch now, so that items torch cannot batch (or a dataset that fails past its first items) fail here
     # with the dataset named, not at the first step.

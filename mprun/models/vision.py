@@ -117,7 +117,7 @@ def timm_model(
     """Any timm model, built for the data's image size where the model takes one (ViTs, Swin, LeViT, MaxViT,
     CoaT, ...: position embeddings, windows and strides then fit the data). Convolutional nets take any size
     and have no img_size argument: timm rejects it with a TypeError before building anything."""
-    import timm
+    import timm  # only timm models load it
 
     if not timm.is_model(name):
         raise _unknown(
@@ -155,7 +155,7 @@ def torchvision_model(
     in_chans: int, image_size: tuple[int, int], num_classes: int, name: str, kwargs: Dict[str, Any] | None = None
 ) -> nn.Module:
     """Any torchvision classification model, untrained, with its first conv adapted to in_chans."""
-    import torchvision
+    import torchvision  # only torchvision models load it
 
     choices = torchvision.models.list_models(module=torchvision.models)
     if name not in choices:

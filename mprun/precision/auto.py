@@ -45,30 +45,35 @@ def resolve(
 ) -> tuple[PrecisionName, str]:
     """Map `auto` to what this device really runs fast, and reject what it cannot run; returns (name, why). On a CPU,
     `measure` times the candidates on the run's model (precision/probe.py); without it, the CPU's AMX units decide."""
-    if device.type == "cuda":
-        name, major, minor = hardware.gpu_capability(device)
-        if requested is PrecisionName.auto:
-            if major >= 8:
-                return PrecisionName.bf16, f"{name} (sm_{major}{minor}) has bf16 tensor cores"
-            if major == 7:
-                return PrecisionName.fp16, f"{name} (sm_{major}{minor}) has fp16 but no bf16 tensor cores"
-            return PrecisionName.fp32, f"{name} (sm_{major}{minor}) has no fast half precision"
-        if requested in (PrecisionName.bf16, PrecisionName.bf16_pure) and major < 8:
-            raise ConfigError(
-                f"precision={requested.value} is not supported by {name} (sm_{major}{minor}); "
-                "choose precision=fp16 (with loss scaling), tf32 or fp32"
-            )
-        if requested is PrecisionName.fp8 and (major, minor) < (8, 9):
-            raise ConfigError(
-                f"precision=fp8 needs float8 tensor cores (Ada or Hopper, sm_89+); {name} is sm_{major}{minor}. "
-                f"Use precision=bf16{'' if major >= 8 else ' (Ampere+) or fp16'}"
-            )
-        if requested is PrecisionName.tf32 and major < 8:
-            raise ConfigError(
-                f"precision=tf32 needs an Ampere or newer GPU; {name} is sm_{major}{minor}. Use fp32 or fp16"
-            )
-        return requested, "requested"
-    # CPU
+    return _on_gpu(requested, device) if device.type == "cuda" else _on_cpu(requested, measure)
+
+
+def _on_gpu(requested: PrecisionName, device: torch.device) -> tuple[PrecisionName, str]:
+    """resolve() on a CUDA device: its compute capability decides."""
+    name, major, minor = hardware.gpu_capability(device)
+    if requested is PrecisionName.auto:
+        if major >= 8:
+            return PrecisionName.bf16, f"{name} (sm_{major}{minor}) has bf16 tensor cores"
+        if major == 7:
+            return PrecisionName.fp16, f"{name} (sm_{major}{minor}) has fp16 but no bf16 tensor cores"
+        return PrecisionName.fp32, f"{name} (sm_{major}{minor}) has no fast half precision"
+    if requested in (PrecisionName.bf16, PrecisionName.bf16_pure) and major < 8:
+        raise ConfigError(
+            f"precision={requested.value} is not supported by {name} (sm_{major}{minor}); "
+            "choose precision=fp16 (with loss scaling), tf32 or fp32"
+        )
+    if requested is PrecisionName.fp8 and (major, minor) < (8, 9):
+        raise ConfigError(
+            f"precision=fp8 needs float8 tensor cores (Ada or Hopper, sm_89+); {name} is sm_{major}{minor}. "
+            f"Use precision=bf16{'' if major >= 8 else ' (Ampere+) or fp16'}"
+        )
+    if requested is PrecisionName.tf32 and major < 8:
+        raise ConfigError(f"precision=tf32 needs an Ampere or newer GPU; {name} is sm_{major}{minor}. Use fp32 or fp16")
+    return requested, "requested"
+
+
+def _on_cpu(requested: PrecisionName, measure: Optional[Measure]) -> tuple[PrecisionName, str]:
+    """resolve() on a CPU: measured on the run's model where `measure` is given, else by the CPU's AMX units."""
     if requested is PrecisionName.tf32:  # TF32 is a GPU tensor-core format: a CPU computes in full fp32
         return requested, "requested; on a CPU tf32 runs as plain fp32"
     if requested is PrecisionName.auto:

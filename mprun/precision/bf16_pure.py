@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from mprun.distributed import local_shard
+from mprun.errors import ConfigError
 
 # Only the top 16 bits of an fp32 word survive in bf16; the low 16 bits are what rounding drops.
 _LOW_BITS = 1 << 16
@@ -193,8 +194,6 @@ REPLACES = {"torch.optim.SGD": SGD, "torch.optim.Adam": Adam, "torch.optim.AdamW
 
 def optimizer_target(target: str) -> str:
     """The class path of the bf16 optimizer that does what `target` does (a torch.optim class path)."""
-    from mprun.errors import ConfigError
-
     cls = REPLACES.get(target)
     if cls is None:
         raise ConfigError(

@@ -21,7 +21,7 @@ MIN_TORCHAO = (0, 18)
 def _torchao() -> Any:
     """torchao's float8 package, or a one-line error naming the install command."""
     try:
-        import torchao
+        import torchao  # only fp8 runs load it (an optional extra)
         from torchao import float8
     except ImportError as e:
         raise ConfigError(f"precision=fp8 needs torchao ({e}); install it with: {INSTALL}") from e

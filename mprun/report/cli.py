@@ -19,6 +19,8 @@ from mprun.report.notes import notes_for
 from mprun.report.plots import plot
 from mprun.report.rows import Row, close_running, collect
 from mprun.report.tables import Report
+from mprun.tracking.store import Store
+from mprun.tracking.uris import default_uri
 
 
 def write(
@@ -80,9 +82,6 @@ def default_out(store: Store, parent_id: str) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """python -m mprun.report <parent run id | experiment name>"""
-    from mprun.tracking.store import Store
-    from mprun.tracking.uris import default_uri
-
     p = argparse.ArgumentParser(prog="python -m mprun.report", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep", help="the sweep's parent run id, or an experiment name (its newest sweep)")
     p.add_argument(

@@ -100,7 +100,7 @@ def welch(values: list[float], base: list[float]) -> Delta:
     if va + vb == 0:  # both sides identical within themselves (a deterministic CPU run repeated): no spread to test
         return Delta(diff, 0.0)
     df = (va + vb) ** 2 / (va**2 / (len(values) - 1) + vb**2 / (len(base) - 1))
-    from scipy.stats import t  # only when a report is built
+    from scipy.stats import t  # scipy.stats: 0.6 s, when a report compares seeds
 
     return Delta(diff, float(t.ppf(0.5 + CONFIDENCE / 2, df)) * math.sqrt(va + vb))
 

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Optional
 
 from mprun.report import groups as grouping
-
-if TYPE_CHECKING:
-    pass
 from mprun.report.rows import Row
 from mprun.report.tables import rate_of
 
@@ -48,15 +45,9 @@ def _mean_curve(rows: list[Row]) -> tuple[list[int], list[float], list[float], l
     return steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
-def plot(groups: list[grouping.Group], out_dir: Path) -> list[str]:
-    """loss.png (a mean curve per group, its seeds' range as a band), loss_scale.png (fp16 jobs) and perf.png (medians,
-    with the seeds' range as error bars); returns the file names written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
+def _plot_loss(plt: Any, groups: list[grouping.Group], out_dir: Path) -> Optional[str]:
+    """Draw loss.png: a mean curve per group, its seeds' range as a band; returns its name, or None where no group
+    has a curve."""
     styles = ["-", "--", ":", "-."]
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     drawn: dict[str, int] = {}  # colour -> lines drawn in it: colour says the precision option, each line its own style
@@ -75,6 +66,7 @@ def plot(groups: list[grouping.Group], out_dir: Path) -> list[str]:
                 **style)  # fmt: skip
         if n > 1:
             ax.fill_between(steps, low, high, color=_colour(g), alpha=0.15, linewidth=0)
+    written = None
     if ax.lines:
         ax.set(
             xlabel="optimizer step",
@@ -83,38 +75,62 @@ def plot(groups: list[grouping.Group], out_dir: Path) -> list[str]:
             yscale="log",
         )
         ax.legend(fontsize="small")
-        written.append(_save(fig, out_dir / "loss.png"))
+        written = _save(fig, out_dir / "loss.png")
     plt.close(fig)
-
-    scaled = [r for g in groups for r in g.rows if r.scale_curve]
-    if scaled:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for r in scaled:
-            steps, values = zip(*r.scale_curve, strict=True)
-            ax.step(steps, values, where="post", label=r.name)
-        ax.set(xlabel="optimizer step", ylabel="loss scale", title="fp16 loss scale", yscale="log")
-        ax.legend(fontsize="small")
-        written.append(_save(fig, out_dir / "loss_scale.png"))
-        plt.close(fig)
-
-    done = [g for g in groups if g.values(grouping.THROUGHPUT)]
-    if done:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.5 * len(done) + 2))
-        names = [_name(g, groups) for g in done]
-        colors = [_colour(g) for g in done]
-        # A GPU's peak is tensor memory, which precision changes; a CPU's is the process's peak RSS (libraries,
-        # allocator), which says little of it: there the bars show the parameter and optimizer-state bytes.
-        gpu = all(r.mem_kind == "cuda_max_allocated" for g in done for r in g.used)
-        memory = (grouping.MEMORY, "Peak GPU memory") if gpu else (grouping.STATE, "Parameters + optimizer state")
-        rate = rate_of([r for g in done for r in g.rows])
-        for axis, key, title, unit in ((left, rate[0], "Throughput", rate[1]), (right, *memory, "MiB")):
-            medians = [g.median(key) or 0 for g in done]
-            spans = [g.values(key) or [0.0] for g in done]
-            errors = [[m - min(v) for m, v in zip(medians, spans)], [max(v) - m for m, v in zip(medians, spans)]]
-            axis.barh(names, medians, color=colors, xerr=errors, capsize=3)
-            axis.set(xlabel=f"{unit} (median; bars: min–max over seeds)", title=title)
-            axis.invert_yaxis()
-        right.set_yticklabels([])
-        written.append(_save(fig, out_dir / "perf.png"))
-        plt.close(fig)
     return written
+
+
+def _plot_loss_scale(plt: Any, groups: list[grouping.Group], out_dir: Path) -> Optional[str]:
+    """Draw loss_scale.png: each fp16 job's loss scale; returns its name, or None where no job has one."""
+    scaled = [r for g in groups for r in g.rows if r.scale_curve]
+    if not scaled:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in scaled:
+        steps, values = zip(*r.scale_curve, strict=True)
+        ax.step(steps, values, where="post", label=r.name)
+    ax.set(xlabel="optimizer step", ylabel="loss scale", title="fp16 loss scale", yscale="log")
+    ax.legend(fontsize="small")
+    written = _save(fig, out_dir / "loss_scale.png")
+    plt.close(fig)
+    return written
+
+
+def _plot_perf(plt: Any, groups: list[grouping.Group], out_dir: Path) -> Optional[str]:
+    """Draw perf.png: throughput and memory medians per group, the seeds' range as error bars; returns its name, or
+    None where no group has a throughput."""
+    done = [g for g in groups if g.values(grouping.THROUGHPUT)]
+    if not done:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.5 * len(done) + 2))
+    names = [_name(g, groups) for g in done]
+    colors = [_colour(g) for g in done]
+    # A GPU's peak is tensor memory, which precision changes; a CPU's is the process's peak RSS (libraries,
+    # allocator), which says little of it: there the bars show the parameter and optimizer-state bytes.
+    gpu = all(r.mem_kind == "cuda_max_allocated" for g in done for r in g.used)
+    memory = (grouping.MEMORY, "Peak GPU memory") if gpu else (grouping.STATE, "Parameters + optimizer state")
+    rate = rate_of([r for g in done for r in g.rows])
+    for axis, key, title, unit in ((left, rate[0], "Throughput", rate[1]), (right, *memory, "MiB")):
+        medians = [g.median(key) or 0 for g in done]
+        spans = [g.values(key) or [0.0] for g in done]
+        errors = [[m - min(v) for m, v in zip(medians, spans)], [max(v) - m for m, v in zip(medians, spans)]]
+        axis.barh(names, medians, color=colors, xerr=errors, capsize=3)
+        axis.set(xlabel=f"{unit} (median; bars: min–max over seeds)", title=title)
+        axis.invert_yaxis()
+    right.set_yticklabels([])
+    written = _save(fig, out_dir / "perf.png")
+    plt.close(fig)
+    return written
+
+
+def plot(groups: list[grouping.Group], out_dir: Path) -> list[str]:
+    """loss.png (a mean curve per group, its seeds' range as a band), loss_scale.png (fp16 jobs) and perf.png (medians,
+    with the seeds' range as error bars); returns the file names written."""
+    # Imported here, not at the top: matplotlib loads only when a report is drawn.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after use("Agg"): drawn to files, no display
+
+    drawn = (_plot_loss(plt, groups, out_dir), _plot_loss_scale(plt, groups, out_dir), _plot_perf(plt, groups, out_dir))
+    return [name for name in drawn if name]

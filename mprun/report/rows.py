@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mprun.config import outcome_neutral
 from mprun.precision.names import HALF_ONLY, can_carry_loss_scale, is_baseline
 
 if TYPE_CHECKING:
@@ -83,7 +84,6 @@ class Row:
 def _others(overrides: str) -> tuple[str, ...]:
     """What an fp32 baseline must share with the job: its overrides but the precision option and the settings that
     change nothing in fp32 (a clipping or on_nonfinite override stays: it changes fp32 runs too)."""
-    from mprun.config import outcome_neutral  # imports torch: here, not at start-up
 
     def compared(o: str) -> bool:  # also not trainer.resume and the like: a requeued job's overrides add it
         name = o.split("=", 1)[0].lstrip("+~")
@@ -96,7 +96,6 @@ def _others(overrides: str) -> tuple[str, ...]:
 def _own(overrides: str) -> tuple[str, ...]:
     """A job's overrides but its precision option and the settings that change no outcome: what, with the option,
     makes its group (the seed aside, which mprun.report.groups takes out)."""
-    from mprun.config import outcome_neutral
 
     def kept(o: str) -> bool:
         name = o.split("=", 1)[0].lstrip("+~")

@@ -4,6 +4,7 @@ written off the training thread) and Failover (tracking.on_unreachable: what hap
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,8 +31,6 @@ T = TypeVar("T")
 
 def _pins(*packages: str) -> list[str]:
     """package==version for those of these installed here."""
-    from importlib.metadata import PackageNotFoundError, version
-
     pins = []
     for name in packages:
         try:
@@ -260,8 +260,7 @@ class MlflowTracker(Tracker):
     def log_model(self, model: Any, example: Any) -> None:
         if not self.model_logged:
             return
-        import copy
-
+        # mlflow.pytorch and torch: the tracker itself stays torch-free (the sweep's parent process uses it)
         import mlflow
         import mlflow.pytorch
         import torch
@@ -317,7 +316,7 @@ class MlflowTracker(Tracker):
         if self.system_metrics is SystemMetrics.off or (self.system_metrics is SystemMetrics.auto and not gpu):
             return
         try:  # psutil (and nvidia-ml-py for GPUs) are mprun's dependencies; a broken install costs the metrics only
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # only when asked for
         except ImportError as e:
             log.warning("tracking.system_metrics: not recorded (%s)", first_line(e, type(e).__name__))
             return

@@ -9,10 +9,14 @@ import logging
 import os
 import random
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from mprun.errors import ConfigError
 from mprun.interrupts import deferred_signals
@@ -34,9 +38,6 @@ def probe_server(uri: str, timeout_s: float = 5.0) -> None:
     server's /health answers without touching its database (measured: OK while its PostgreSQL was stopped), so a
     request that reads the store follows, with MLflow's request timeout: a stopped database hangs it (the server
     retries its connection for ~100 s), a broken one answers 5xx."""
-    import urllib.error
-    import urllib.request
-
     base = uri.rstrip("/")
     try:
         urllib.request.urlopen(f"{base}/health", timeout=timeout_s).close()
@@ -59,7 +60,7 @@ def probe_server(uri: str, timeout_s: float = 5.0) -> None:
 def probe_database(uri: str, timeout_s: int = 5) -> None:
     """Fail at once on a database store that refuses the connection (a wrong password, a missing database, no
     server): MLflow's SQLAlchemy store retries for ~100 s (10 tries with backoff) before saying why."""
-    import sqlalchemy
+    import sqlalchemy  # 0.2 s: only a database store is probed with it
 
     args = {"connect_timeout": timeout_s} if uri.startswith(("postgresql", "mysql")) else {}
     try:
@@ -85,8 +86,6 @@ def store_lock(uri: str) -> Iterator[None]:
     if db is None:
         yield
         return
-    from filelock import FileLock
-
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(f"{db}.lock", timeout=300)
@@ -147,7 +146,7 @@ class Store:
 
     def __init__(self, uri: str) -> None:
         """Connect to the store at uri (a new sqlite store gets its tables here: see `open` for a first use)."""
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # mlflow: 1.2 s, when the store is used
 
         self.uri = uri
         try:
@@ -203,7 +202,7 @@ class Store:
     def experiment(self, name: str, local_artifacts: Path) -> str:
         """The id of the experiment of that name, created if new (a sqlite store's keeps its artifacts in
         local_artifacts); any failure here means the store is unreachable or unusable."""
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: 1.2 s, when the store is used
 
         try:
             found = self._client.get_experiment_by_name(name)
@@ -261,7 +260,7 @@ class Store:
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Record params (values as text, cut to MLflow's limit)."""
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # mlflow: 1.2 s, when the store is used
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
@@ -269,8 +268,8 @@ class Store:
 
     def log_datasets(self, run_id: str, datasets: Sequence[DatasetRecord]) -> None:
         """Record the datasets as the run's inputs (MLflow's dataset tracking), one call for all."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-        from mlflow.exceptions import MlflowException
+        from mlflow.entities import Dataset, DatasetInput, InputTag  # mlflow: 1.2 s, when the store is used
+        from mlflow.exceptions import MlflowException  # mlflow: 1.2 s, when the store is used
 
         inputs = [
             DatasetInput(
@@ -296,14 +295,14 @@ class Store:
     def log_metrics(self, run_id: str, batches: list[MetricBatch]) -> None:
         """Record several steps' metrics in one call: one transaction of a sqlite store, one request to a server
         (MLflow's client splits more than 1,000 points into requests of 1,000)."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow: 1.2 s, when the store is used
 
         metrics = [Metric(k, v, b.timestamp_ms, b.step) for b in batches for k, v in b.values.items()]
         self._client.log_batch(run_id, metrics=metrics)
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         """Add or overwrite tags (values cut to MLflow's limit)."""
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # mlflow: 1.2 s, when the store is used
 
         self._client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
@@ -327,7 +326,7 @@ class Store:
 
     def run(self, run_id: str) -> RecordedRun | None:
         """The run with that id; None if the store has none (or it is no run id at all)."""
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # mlflow: 1.2 s, when the store is used
 
         try:
             return _recorded(self._client.get_run(run_id))

@@ -9,6 +9,11 @@ from typing import Optional
 
 from mprun.errors import require
 
+# Waiting for data more than this share of an epoch means the input pipeline, not the model, sets the pace: a
+# pipeline that keeps up shows a few percent at most (the first batch of each epoch). The loop warns past it, and the
+# report notes the jobs past it.
+INPUT_BOUND = 0.10
+
 
 class DeviceName(Enum):
     auto = "auto"

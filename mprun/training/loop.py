@@ -13,6 +13,7 @@ import logging
 import signal
 import statistics
 import time
+from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -28,14 +29,11 @@ from mprun.precision.runtime import Precision
 from mprun.progress import Progress
 from mprun.tasks import CLASSIFICATION, Task
 from mprun.tracking.base import Tracker
-from mprun.training.config import TrainerConfig
+from mprun.training.config import INPUT_BOUND, TrainerConfig
 from mprun.training.memory import param_state_mib, peak_memory_mib, reset_peak_memory
 from mprun.training.state import FitResult, Training, TrainState, finished, planned_epochs, planned_steps
 
 log = logging.getLogger(__name__)
-
-
-INPUT_BOUND = 0.10
 
 
 def _steady_median(values: list[Optional[float]]) -> float:
@@ -105,6 +103,78 @@ def train_step(
 Checkpointer = Callable[[TrainState], None]
 
 
+@dataclass
+class _Pass:
+    """One pass over the training data and what each of its steps reads and writes besides the batch."""
+
+    run: Training
+    cfg: TrainerConfig
+    state: TrainState
+    tracker: Tracker
+    progress: Progress
+    guard: Optional[numerics.Guard]
+    loss: torch.Tensor  # [loss sum, steps counted] stays on the device: no sync per step
+    last_step: int  # its window is logged however short: a run shorter than one has one
+
+    def sync(self) -> None:
+        """The device accumulator into state (averaged over ranks): at log steps, checkpoints and stops."""
+        world = self.run.world
+        self.state.epoch_loss_sum, self.state.epoch_loss_steps = (v / world.size for v in world.sum(self.loss.tolist()))
+
+    def mean(self) -> float:
+        """The pass's mean loss so far, synced."""
+        self.sync()
+        return _mean(self.state.epoch_loss_sum, self.state.epoch_loss_steps)
+
+    def step(self, micro: list[Batch]) -> None:
+        """Train one optimizer step on the micro-batches, count it, and log at log steps."""
+        run, cfg, state, guard = self.run, self.cfg, self.state, self.guard
+        micro = [_to_device(b, run.device, cfg.channels_last) for b in micro]
+        at_log_step = (state.step + 1) % cfg.log_every_steps == 0 or state.step + 1 == self.last_step
+        stats = {} if guard is not None and guard.stats_due(state.step + 1) else None
+        loss, norm = train_step(
+            run.model, micro, run.optimizer, run.precision, want_norm=at_log_step, stats=stats, task=run.data.task
+        )
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step used (a host float): logged, not the next step's
+        # Every attempted step advances the schedule, skipped or not, as in a torch.amp loop: holding it
+        # for skipped steps would mean reading each step's outcome on the host (a sync per step).
+        run.scheduler.step()
+        if guard is not None:
+            guard.after_step(unwrap(run.model), micro, state.step + 1)
+        if stats:
+            grads, acts = stats.get("grads", {}), stats.get("acts", {})
+            self.tracker.log_metrics(guard.stats.metrics(grads, acts, user_module(run.model)), state.step + 1)
+        state.step += 1
+        state.batch_in_epoch += len(micro)
+        state.samples += sum(len(y) for _, y in micro)
+        # A step the scaler skipped with a non-finite loss stays out of the means (a gradient overflow with a
+        # finite loss counts as usual); without a scaler every step is applied, so a NaN loss still shows.
+        kept = (run.precision.applied > 0) | torch.isfinite(loss)
+        self.loss += torch.stack([torch.where(kept, loss, 0.0), kept.to(loss.dtype)])
+        self.progress.advance(len(micro))
+        if at_log_step:
+            self.log_window(lr, norm, micro)
+
+    def log_window(self, lr: float, norm: Optional[torch.Tensor], micro: list[Batch]) -> None:
+        """Log the window since the last log step: its mean loss, the LR, the precision's telemetry, the grad norm."""
+        state = self.state
+        self.sync()  # sync point, once per log interval
+        metrics = {
+            "train/loss": _mean(
+                state.epoch_loss_sum - state.logged_loss_sum, state.epoch_loss_steps - state.logged_loss_steps
+            ),
+            "train/lr": lr,
+            **self.run.precision.telemetry(),
+        }
+        if norm is not None:  # under FSDP a DTensor: the norm over every rank's shards, the same on every rank
+            metrics["train/grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        self.tracker.log_metrics(metrics, state.step)
+        self.progress.show({"loss": metrics["train/loss"], "scale": metrics.get("amp/loss_scale", 1.0)})
+        state.logged_loss_sum, state.logged_loss_steps = state.epoch_loss_sum, state.epoch_loss_steps
+        if self.guard is not None:
+            self.guard.check(metrics, unwrap(self.run.model), micro, state.step)  # may stop the run with a diagnosis
+
+
 def train_epoch(
     run: Training,
     loader: Loader,
@@ -119,77 +189,29 @@ def train_epoch(
 ) -> Optional[float]:
     """One pass over the training data (the rest of it, when resumed mid-epoch): the epoch's mean loss,
     or None if a stop signal ended it early (state then says exactly where, for the checkpoint)."""
-    model, optimizer, scheduler, precision = run.model, run.optimizer, run.scheduler, run.precision
-    device, world = run.device, run.world
-    model.train()
+    run.model.train()
     loader.set_epoch(state.epoch, state.batch_in_epoch)
-    # [loss sum, steps counted] stays on the device: no sync per step
-    epoch_loss = torch.tensor([state.epoch_loss_sum, state.epoch_loss_steps], device=device)
-
-    def sync() -> None:  # the device accumulator into state (averaged over ranks): at log steps and stops
-        state.epoch_loss_sum, state.epoch_loss_steps = (v / world.size for v in world.sum(epoch_loss.tolist()))
-
-    last_step = planned_steps(cfg, len(loader))  # its window is logged however short: a run shorter than one has one
+    loss = torch.tensor([state.epoch_loss_sum, state.epoch_loss_steps], device=run.device)
+    this = _Pass(run, cfg, state, tracker, progress, guard, loss, planned_steps(cfg, len(loader)))
     for micro in _chunks(loader, cfg.grad_accum_steps):
         # First the end of the run (a stop signal that arrived during the last step does not make a finished run
         # an interrupted one). It ends mid-epoch: the position stays in state, so raising max_steps and resuming
         # continues this epoch where it stopped.
         if cfg.max_steps > 0 and state.step >= cfg.max_steps:
-            sync()
-            return _mean(state.epoch_loss_sum, state.epoch_loss_steps)
+            return this.mean()
         # Under torchrun the ranks agree on stopping at log boundaries, so all stop after the same step.
         if (
             stop is not None
-            and (world.size == 1 or state.step % cfg.log_every_steps == 0)
-            and world.any(stop.requested)
+            and (run.world.size == 1 or state.step % cfg.log_every_steps == 0)
+            and run.world.any(stop.requested)
         ):
-            sync()
+            this.sync()
             return None
-        micro = [_to_device(b, device, cfg.channels_last) for b in micro]
-        at_log_step = (state.step + 1) % cfg.log_every_steps == 0 or state.step + 1 == last_step
-        stats = {} if guard is not None and guard.stats_due(state.step + 1) else None
-        loss, norm = train_step(
-            model, micro, optimizer, precision, want_norm=at_log_step, stats=stats, task=run.data.task
-        )
-        lr = scheduler.get_last_lr()[0]  # the rate this step used (a host float): logged, not the next step's
-        # Every attempted step advances the schedule, skipped or not, as in a torch.amp loop: holding it
-        # for skipped steps would mean reading each step's outcome on the host (a sync per step).
-        scheduler.step()
-        if guard is not None:
-            guard.after_step(unwrap(model), micro, state.step + 1)
-        if stats:
-            tracker.log_metrics(
-                guard.stats.metrics(stats.get("grads", {}), stats.get("acts", {}), user_module(model)), state.step + 1
-            )
-        state.step += 1
-        state.batch_in_epoch += len(micro)
-        state.samples += sum(len(y) for _, y in micro)
-        # A step the scaler skipped with a non-finite loss stays out of the means (a gradient overflow with a
-        # finite loss counts as usual); without a scaler every step is applied, so a NaN loss still shows.
-        kept = (precision.applied > 0) | torch.isfinite(loss)
-        epoch_loss += torch.stack([torch.where(kept, loss, 0.0), kept.to(loss.dtype)])
-        progress.advance(len(micro))
-        if at_log_step:
-            sync()  # sync point, once per log interval
-            metrics = {
-                "train/loss": _mean(
-                    state.epoch_loss_sum - state.logged_loss_sum, state.epoch_loss_steps - state.logged_loss_steps
-                ),
-                "train/lr": lr,
-                **precision.telemetry(),
-            }
-            if norm is not None:  # under FSDP a DTensor: the norm over every rank's shards, the same on every rank
-                metrics["train/grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-            tracker.log_metrics(metrics, state.step)
-            progress.show({"loss": metrics["train/loss"], "scale": metrics.get("amp/loss_scale", 1.0)})
-            state.logged_loss_sum, state.logged_loss_steps = state.epoch_loss_sum, state.epoch_loss_steps
-            if guard is not None:
-                guard.check(metrics, unwrap(model), micro, state.step)  # may stop the run with a diagnosis
+        this.step(micro)
         if checkpoint is not None and cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
-            sync()
+            this.sync()
             checkpoint(state)
-    sync()
-    mean = _mean(state.epoch_loss_sum, state.epoch_loss_steps)
+    mean = this.mean()
     state.batch_in_epoch = 0
     state.epoch_loss_sum = state.epoch_loss_steps = state.logged_loss_sum = state.logged_loss_steps = 0.0
     return mean
@@ -228,6 +250,58 @@ def evaluate(
     return task.metrics(*world.sum(sums.tolist()))  # the sync
 
 
+class _Clock:
+    """Training time, added to state.train_time_s: evaluation and checkpoint writes are not training."""
+
+    def __init__(self, state: TrainState, device: torch.device) -> None:
+        self.state, self.device, self.since = state, device, 0.0
+
+    def start(self) -> None:
+        self.since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the queued GPU work is training time
+        self.state.train_time_s += time.perf_counter() - self.since
+
+    def paused(self, checkpoint: Optional[Checkpointer]) -> Optional[Checkpointer]:
+        """`checkpoint` with the clock stopped around it (the checkpoint records the time so far)."""
+        if checkpoint is None:
+            return None
+
+        def write(state: TrainState) -> None:
+            self.stop()
+            checkpoint(state)
+            self.start()
+
+        return write
+
+
+def _epoch_perf(run: Training, result: FitResult, seconds: float, samples: int, waited: float, whole: bool) -> dict:
+    """The epoch's perf/ metrics, appending its rate, wait and time to `result` when it trained `samples` (a
+    resumed epoch with nothing left trains none). `whole`: a pass from the epoch's start to its end."""
+    world = run.world
+    result.param_state_mib = world.max(param_state_mib(run.model, run.optimizer))
+    metrics = {
+        "perf/peak_mem_mib": world.max(peak_memory_mib(run.device)),  # the fullest rank's
+        "perf/param_state_mib": result.param_state_mib,
+    }
+    if samples:
+        result.epoch_rates.append(samples * world.size / seconds)  # all ranks' samples
+        result.epoch_waits.append(waited / seconds)
+        metrics.update({"perf/samples_per_s": result.epoch_rates[-1], "perf/data_wait_frac": result.epoch_waits[-1]})
+        result.epoch_times.append(seconds if whole else None)  # a resumed or max_steps-cut pass is no epoch's time
+        if whole:
+            metrics["perf/epoch_time_s"] = seconds
+    return metrics
+
+
+def _input_bound(result: FitResult, trained: bool, done: bool) -> bool:
+    """Whether the epoch just trained waited for data past INPUT_BOUND. Judged like the throughput: the first epoch
+    (worker start-up) only when it is the only one."""
+    return trained and result.epoch_waits[-1] > INPUT_BOUND and (len(result.epoch_waits) > 1 or done)
+
+
 def _warn_input_bound(frac: float, loader: Loader, rate: float) -> None:
     """Say that the input pipeline is the bottleneck, and what to change."""
     log.warning(
@@ -237,6 +311,27 @@ def _warn_input_bound(frac: float, loader: Loader, rate: float) -> None:
         rate,
         loader.remedy(),
     )
+
+
+def evaluate_run(run: Training, cfg: TrainerConfig) -> dict[str, float]:
+    """evaluate() on the run's own model, validation data, precision and ranks."""
+    return evaluate(
+        run.model,
+        run.data.val,
+        run.precision,
+        run.device,
+        channels_last=cfg.channels_last,
+        world=run.world,
+        task=run.data.task,
+    )
+
+
+def _validate(run: Training, cfg: TrainerConfig, result: FitResult) -> dict[str, float]:
+    """Evaluate into `result`; returns the val/ metrics."""
+    val = evaluate_run(run, cfg)
+    result.val_loss, result.val_acc = val.pop("loss"), val.pop("acc")
+    result.val_extra = val
+    return {"val/loss": result.val_loss, "val/acc": result.val_acc, **{f"val/{k}": v for k, v in val.items()}}
 
 
 def fit(
@@ -251,106 +346,42 @@ def fit(
 ) -> FitResult:
     """Train for max_epochs (or max_steps) from `state`, evaluating every eval_every_epochs and at the end;
     `checkpoint(state)` is called every checkpoint_every_steps steps and checkpoint_every_epochs epochs."""
-    device, world, data = run.device, run.world, run.data
-    state = state or TrainState()
-    result = FitResult()
-    progress = Progress.create(cfg.progress.value, planned_epochs(cfg, len(data.train)), len(data.train))
-    train = TimedLoader(data.train)
+    state, result, world = state or TrainState(), FitResult(), run.world
+    progress = Progress.create(cfg.progress.value, planned_epochs(cfg, len(run.data.train)), len(run.data.train))
+    train = TimedLoader(run.data.train)
     warned = False  # about an input-bound run: once
-    reset_peak_memory(device)
-    clock = [0.0]  # when training time was last added to state.train_time_s
-
-    def clock_in() -> None:  # training time runs from here
-        clock[0] = time.perf_counter()
-
-    def clock_out() -> None:  # ... to here (evaluation and checkpoint writes are not training)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the queued GPU work is training time
-        state.train_time_s += time.perf_counter() - clock[0]
-
-    def timed_checkpoint(s: TrainState) -> None:
-        clock_out()  # the checkpoint records the time so far
-        checkpoint(s)
-        clock_in()
-
+    reset_peak_memory(run.device)
+    clock = _Clock(state, run.device)
     try:
         while not finished(state, cfg):
             running = state.epoch  # the epoch under way (0-based); it stays the count when max_steps ends it midway
             progress.start_epoch(running)
             before, samples_before, from_start = state.train_time_s, state.samples, state.batch_in_epoch == 0
-            clock_in()
+            clock.start()
             train_loss = train_epoch(
-                run,
-                train,
-                cfg,
-                state,
-                tracker=tracker,
-                progress=progress,
-                stop=stop,
-                checkpoint=timed_checkpoint if checkpoint is not None else None,
-                guard=guard,
-            )
-            clock_out()
-            if train_loss is None:
-                # an agreed stop: some rank got the signal
+                run, train, cfg, state, tracker=tracker, progress=progress, stop=stop,
+                checkpoint=clock.paused(checkpoint), guard=guard,
+            )  # fmt: skip
+            clock.stop()
+            if train_loss is None:  # an agreed stop: some rank got the signal
                 result.interrupted = (stop.signum or signal.SIGTERM) if stop is not None else None
                 break
-            seconds = state.train_time_s - before
             waited = world.max(train.take())  # the hungriest rank holds the others up
-            # An epoch resumed from a checkpoint taken at its last batch has nothing left to train: no timing of it.
-            trained = state.samples > samples_before
-            result.param_state_mib = world.max(param_state_mib(run.model, run.optimizer))
-            metrics = {
-                "perf/peak_mem_mib": world.max(peak_memory_mib(device)),  # the fullest rank's
-                "perf/param_state_mib": result.param_state_mib,
-            }
-            if trained:
-                result.epoch_rates.append((state.samples - samples_before) * world.size / seconds)  # all ranks' samples
-                result.epoch_waits.append(waited / seconds)
-                metrics.update(
-                    {"perf/samples_per_s": result.epoch_rates[-1], "perf/data_wait_frac": result.epoch_waits[-1]}
-                )
-                whole = from_start and state.batch_in_epoch == 0  # a resumed or max_steps-cut pass is no epoch's time
-                result.epoch_times.append(seconds if whole else None)
-                if whole:
-                    metrics["perf/epoch_time_s"] = seconds
+            samples, whole = state.samples - samples_before, from_start and state.batch_in_epoch == 0
+            metrics = _epoch_perf(run, result, state.train_time_s - before, samples, waited, whole)
             result.train_loss = train_loss
             state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
             done = finished(state, cfg)
-            # Judged like the throughput: the first epoch (worker start-up) only when it is the only one.
-            if (
-                not warned
-                and trained
-                and result.epoch_waits[-1] > INPUT_BOUND
-                and (len(result.epoch_waits) > 1 or done)
-                and world.is_main
-            ):
+            if not warned and _input_bound(result, samples > 0, done) and world.is_main:
                 _warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
                 warned = True
             if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or done:
-                val = evaluate(
-                    run.model,
-                    data.val,
-                    run.precision,
-                    device,
-                    channels_last=cfg.channels_last,
-                    world=world,
-                    task=data.task,
-                )
-                result.val_loss, result.val_acc = val.pop("loss"), val.pop("acc")
-                result.val_extra = val
-                metrics.update({"val/loss": result.val_loss, "val/acc": result.val_acc})
-                metrics.update({f"val/{k}": v for k, v in val.items()})
+                metrics.update(_validate(run, cfg, result))
             tracker.log_metrics(metrics, state.step)
             progress.end_epoch(running + 1, {"train_loss": result.train_loss, **metrics})
-            # not after the last epoch: the final checkpoint follows anyway
-            if (
-                checkpoint is not None
-                and cfg.checkpoint_every_epochs
-                and state.epoch % cfg.checkpoint_every_epochs == 0
-                and not done
-            ):
-                checkpoint(state)
+            if checkpoint is not None and cfg.checkpoint_every_epochs and not done:  # the final checkpoint follows
+                if state.epoch % cfg.checkpoint_every_epochs == 0:
+                    checkpoint(state)
             if stop is not None and world.any(stop.requested):  # arrived during the epoch's last step or evaluation
                 # After the last epoch's evaluation training is complete: the run finishes as such (the caller still
                 # stops when it is recorded); otherwise it is interrupted, to be resumed.
@@ -358,10 +389,15 @@ def fit(
                 break
     finally:
         progress.close()  # the bar too, when a stop signal or an error ends an epoch early
-    # Medians over epochs, leaving out the first (warm-up, compilation) when there are others.
-    # No epoch timed in this process (stopped in its first, or resumed with nothing left to train): not measured.
+    return _summarized(result, run)
+
+
+def _summarized(result: FitResult, run: Training) -> FitResult:
+    """`result` with the run's figures: medians over epochs, leaving out the first (warm-up, compilation) when there
+    are others, and the peak memory. No epoch timed in this process (stopped in its first, or resumed with nothing
+    left to train): not measured."""
     result.samples_per_s = _steady_median(result.epoch_rates)
     result.data_wait_frac = _steady_median(result.epoch_waits)
     result.epoch_time_s = _steady_median(result.epoch_times)
-    result.peak_mem_mib = world.max(peak_memory_mib(device))
+    result.peak_mem_mib = run.world.max(peak_memory_mib(run.device))
     return result

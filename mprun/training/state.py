@@ -35,17 +35,6 @@ class TrainState:
     logged_loss_steps: float = 0.0
     train_time_s: float = 0.0  # seconds spent training so far, over every segment of a resumed run
 
-    @classmethod
-    def from_dict(cls, progress: dict) -> "TrainState":
-        """A checkpoint's progress record; one written before the loss-step counts (epoch_steps, window_steps:
-        every step counted) is read into them."""
-        progress = dict(progress)
-        if "epoch_steps" in progress:
-            steps, window = progress.pop("epoch_steps"), progress.pop("window_steps", 0)
-            progress.setdefault("epoch_loss_steps", float(steps))
-            progress.setdefault("logged_loss_steps", float(steps - window))
-        return cls(**progress)
-
 
 @dataclass
 class Training:
@@ -77,10 +66,6 @@ class FitResult:
     epoch_rates: list[float] = field(default_factory=list)
     epoch_waits: list[float] = field(default_factory=list)  # data_wait_frac per epoch
     interrupted: Optional[int] = None  # the signal that stopped training before it was done, if any
-
-
-# Waiting for data more than this share of an epoch means the input pipeline, not the model, sets the
-# pace: a pipeline that keeps up shows a few percent at most (the first batch of each epoch).
 
 
 def finished(state: TrainState, cfg: TrainerConfig) -> bool:
