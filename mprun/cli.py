@@ -8,6 +8,7 @@ STARTED = time.perf_counter()  # wall time in the summary counts from here: impo
 
 import atexit  # noqa: E402
 import gc  # noqa: E402
+import io  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -24,6 +25,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from mprun import config, configdirs, sweep  # noqa: E402
 from mprun.errors import ConfigError, MprunError, NumericsError, UserCodeError  # noqa: E402
+from mprun.tracking.source import remember_command  # noqa: E402
 
 log = logging.getLogger("mprun")
 config.register()
@@ -101,7 +103,23 @@ def _main(primary: str) -> None:
     hydra.main(version_base="1.3", config_path=primary, config_name=PRIMARY)(_task)()
 
 
+def _other_rank() -> bool:
+    """Under torchrun, a rank other than 0: what is wrong with the config is rank 0's to say; the others exit with the
+    same code, quietly."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+_held: list[Any] = []  # an other rank's stderr, set aside (main) until its config has composed
+
+
+def _speak() -> None:
+    """Give back the stderr main set aside, if it did."""
+    if _held:
+        sys.stderr = _held.pop()
+
+
 def _task(cfg: DictConfig) -> float:
+    _speak()  # composed: from here on every rank speaks for itself, but for a config error
     job = sweep.current_job()
     try:
         try:
@@ -119,9 +137,13 @@ def _task(cfg: DictConfig) -> float:
             # Raising lets Hydra mark this job failed and run the rest of the sweep; exiting would end it.
             log.error("%s", message)
             raise JobFailed(f"{message} (job {job.num}: {','.join(job.varied)})") from e  # whole keys
+        if isinstance(e, ConfigError) and _other_rank():
+            sys.exit(2)  # rank 0 says it, and records it in the log the ranks share
         print(message, file=sys.stderr, flush=True)
-        # The user's code failing before anything was written leaves nothing either.
-        clean = isinstance(e, (ConfigError, UserCodeError))
+        # The user's code failing before anything was written leaves nothing either; but under torchrun the other
+        # ranks are setting up in the same run directory (Hydra's log file, .hydra/), and removing it under them
+        # would crash them: there it stays, its log ending with the error.
+        clean = isinstance(e, (ConfigError, UserCodeError)) and int(os.environ.get("WORLD_SIZE", "1")) == 1
         leave_a_record(message, bad_input=clean, output_root=Path(cfg.paths.output_root))
         sys.exit(2 if isinstance(e, ConfigError) else 1)  # a user's mistake exits 2, like argparse
     if summary["stop_signal"]:
@@ -167,6 +189,10 @@ def main() -> None:
     """Run the Hydra app; a multirun's parent run is closed however it ends. The process's signal handling and
     exit codes for signals are mprun.__main__'s. A conf/ in the launch directory is searched before mprun's own
     (configdirs), and the launch directory is importable: a project's models and datasets live there."""
+    if _other_rank():  # Hydra's own errors (a command line that does not compose) too: rank 0 prints them
+        _held.append(sys.stderr)
+        sys.stderr = io.StringIO()
+    remember_command(sys.argv)
     cwd = Path.cwd()
     primary, sys.argv[1:], project = configdirs.search_order(sys.argv[1:], cwd)
     for note in configdirs.replacement_notes(project) if project else []:
@@ -188,3 +214,5 @@ def main() -> None:
                 print(f"mprun: error: {unknown}", file=sys.stderr, flush=True)
             sys.exit(2)
         raise
+    finally:
+        _speak()  # an error that was no config's still shows

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from mprun.interrupts import GracefulStop
 from mprun.summary import json_text
 from mprun.sweep import JobInfo
 from mprun.tracking.base import CHECKPOINT_STEP_TAG, DatasetRecord, NullTracker, Tracker
+from mprun.tracking.source import git_commit
 from mprun.training.config import TrainerConfig
 from mprun.training.loop import fit
 from mprun.training.state import TrainState, finished
@@ -36,23 +36,11 @@ from mprun.training.state import TrainState, finished
 log = logging.getLogger("mprun")
 
 
-def _git_commit() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=Path(mprun.__file__).parent, capture_output=True, text=True, timeout=5
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def run_tags(parts: Components) -> dict[str, str]:
     """Where and how this run ran: what makes two runs' numbers comparable or not."""
     cuda = {"cuda_version": str(torch.version.cuda)} if parts.device.type == "cuda" else {}  # a CPU run has none
     return {
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(Path(mprun.__file__).parent) or "unknown",  # mprun's own
         "host": socket.gethostname(),
         "device": hardware.device_name(parts.device),
         "torch_version": torch.__version__,

@@ -353,6 +353,20 @@ def test_fsdp2_statistics_count_every_shard_of_every_gradient(runs: Path, tmp_pa
         assert shards == pytest.approx(whole, abs=1e-3), key
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [("optimizer.lr=-1", "mprun: error: optimizer"), ("optimizer.lrr=1", "Could not override 'optimizer.lrr'")],
+    ids=["mprun-validation", "hydra-composition"],
+)
+def test_a_config_error_under_torchrun_is_said_once_by_rank_zero(tmp_path: Path, bad: str, said: str) -> None:
+    """Every rank finds the same mistake; rank 0 says it, the others exit with the same code, quietly."""
+    proc = torchrun("trainer.strategy=ddp", bad, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count(said) == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("mprun: error:") == 1, proc.stderr[-3000:]
+
+
 def test_ddp_without_torchrun_is_a_clear_error(make_cfg, tmp_path: Path, monkeypatch) -> None:
     """A plain `python -m mprun trainer.strategy=ddp` (no torchrun, no submitit tasks): a user's mistake, before any
     tracking run (the command line shows a ConfigError as one line and exit 2)."""

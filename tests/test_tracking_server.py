@@ -4,6 +4,7 @@ that dies mid-run, on the team set-up (PostgreSQL behind it), is in test_postgre
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -88,6 +89,40 @@ def test_runs_metrics_and_artifacts_arrive(server: tuple[str, subprocess.Popen],
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config_resolved.yaml", "summary.json", "checkpoints", "hydra"} <= top
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing fell back to the local store
+
+
+def _dom(browser: str, url: str, profile: Path) -> str:
+    """The page at url as headless Chromium renders it (a fresh profile: MLflow keeps the last view in localStorage)."""
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+         "--virtual-time-budget=20000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_the_printed_ui_link_opens_the_model_training_view_in_a_browser(
+    server: tuple[str, subprocess.Popen], tmp_path: Path
+) -> None:
+    """MLflow 3.18's UI shows an experiment's runs as GenAI evaluations unless told otherwise: the link mprun prints
+    opens the Model training view (the run page under Runs), where the same page without its parameter does not."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        why = "no headless browser: apt-get install chromium"
+        if os.environ.get("MPRUN_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{why} (MPRUN_REQUIRE_BROWSER=1)")
+        pytest.skip(why)
+    uri, _ = server
+    proc = run_cli_here(f"tracking.uri={uri}", "model=simple_mlp", "trainer.max_steps=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    link = next(line.split("MLflow UI", 1)[1].strip() for line in proc.stdout.splitlines() if "MLflow UI" in line)
+    assert link.startswith(f"{uri}/#/experiments/") and link.endswith("?workflowType=machine_learning")
+    shown = _dom(browser, link, tmp_path / "profile")
+    assert ">Runs<" in shown and ">Evaluations<" not in shown, shown[-3000:]
+    bare = _dom(browser, link.split("?")[0], tmp_path / "profile-bare")
+    assert ">Evaluations<" in bare  # what the parameter is for: without it, the GenAI view
 
 
 def test_unreachable_at_start_with_local_option_trains_and_logs_locally(tmp_path: Path, mlflow_client) -> None:

@@ -25,7 +25,8 @@ class MlflowConfig(Buildable):
     _target_: str = "mprun.tracking.mlflow_tracker.MlflowTracker"
     # null: $MLFLOW_TRACKING_URI if set, else sqlite at <output_root>/mlflow.db
     uri: str | None = None
-    experiment: str = "mprun"
+    # null: $MLFLOW_EXPERIMENT_NAME, else the experiment $MLFLOW_EXPERIMENT_ID names, else mprun (tracking/source.py)
+    experiment: str | None = None
     run_name: str | None = None
     log_checkpoint: bool = True  # checkpoints can be large: false keeps them only in the run directory
     # The trained model as an MLflow model (the UI's Models column; mlflow.pytorch.load_model("runs:/<id>/model")),
@@ -48,7 +49,7 @@ class MlflowConfig(Buildable):
             raise ConfigError(f"flush_every_s={self.flush_every_s} must be >= 0")
         if not self.system_metrics_every_s > 0:
             raise ConfigError(f"system_metrics_every_s={self.system_metrics_every_s} must be > 0")
-        if not (self.experiment or "").strip():  # MLflow's own error for it blamed the store
+        if self.experiment is not None and not self.experiment.strip():  # MLflow's own error blamed the store
             raise ConfigError("experiment: must name an MLflow experiment (default: mprun), got an empty name")
 
 

@@ -22,6 +22,7 @@ from mprun.tracking.base import CHECKPOINT_STEP_TAG, DatasetRecord, Tracker
 from mprun.tracking.config import MlflowConfig, SystemMetrics, Unreachable
 from mprun.tracking.failover import Failover
 from mprun.tracking.metric_writer import BatchedWriter, MetricBatch
+from mprun.tracking.source import env_tags, experiment_choice, source_tags
 from mprun.tracking.store import Store
 from mprun.tracking.uris import default_uri, is_database, shown
 
@@ -49,7 +50,7 @@ class MlflowTracker(Tracker):
         self,
         output_root: str,
         uri: str | None,
-        experiment: str,
+        experiment: str | None,
         run_name: str | None,
         log_checkpoint: bool,
         *,
@@ -66,7 +67,8 @@ class MlflowTracker(Tracker):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.output_root = Path(output_root).absolute()
         self.run_name = run_name
-        self.experiment = experiment
+        self.experiment, self.experiment_wanted = experiment_choice(experiment)  # a name, an id, or both
+        self.env_tags = env_tags()  # $MLFLOW_TAGS: a bad one fails here, before anything is recorded
         self.log_checkpoint = log_checkpoint
         self.failover = Failover(on_unreachable, default_uri(output_root))
         self._started: tuple | None = None  # (params, tags, name, datasets): to reopen the run in the local store
@@ -78,7 +80,11 @@ class MlflowTracker(Tracker):
         self.failover.open(uri or os.environ.get("MLFLOW_TRACKING_URI") or self.failover.local_uri, self._connect)
 
     def _connect(self, uri: str) -> None:
-        self.store, self.experiment_id = Store.open(uri, self.experiment, self.output_root / "mlartifacts")
+        self.store, self.experiment_id = Store.open(
+            uri, self.experiment, self.output_root / "mlartifacts", experiment_id=self.experiment_wanted
+        )
+        # By name from now on: a run the failover moves to the local store goes to the same experiment's name there.
+        self.experiment, self.experiment_wanted = self.store.experiment_name(self.experiment_id), None
 
     @property
     def uri(self) -> str:
@@ -92,6 +98,8 @@ class MlflowTracker(Tracker):
         run_name: str | None = None,
         datasets: Sequence[DatasetRecord] = (),
     ) -> None:
+        # $MLFLOW_TAGS first: a tag mprun sets itself keeps mprun's value
+        tags = {**self.env_tags, **source_tags(), **tags}
         if self.failover.intended:
             tags = {**tags, "mprun.intended_tracking_uri": self.failover.intended}
         params = {k: shown(v) if isinstance(v, str) else v for k, v in params.items()}  # tracking.uri's password
@@ -357,7 +365,8 @@ class MlflowTracker(Tracker):
         # Quoted where needed, so that it can be pasted as is: a path with a space split into two arguments.
         store = shlex.quote(shown(self.uri))  # with its password, if any, left for the reader to fill in
         cmd = f"{shlex.quote(str(ui)) if ui.exists() else 'mlflow'} ui --backend-store-uri {store}"
-        run = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        # MLflow 3's UI opens an experiment as GenAI unless the link (or the browser's last choice) says otherwise
+        run = f"#/experiments/{self.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
         lines = [f"MLflow run  {self.run_id} (experiment {self.experiment_id}) in {shown(self.uri)}"]
         if self.uri.startswith("sqlite:") or is_database(self.uri):
             lines.append(f"MLflow UI   {cmd} --port 5000")

@@ -22,7 +22,7 @@ from mprun.errors import ConfigError
 from mprun.interrupts import deferred_signals
 from mprun.tracking.base import DatasetRecord
 from mprun.tracking.metric_writer import MetricBatch
-from mprun.tracking.uris import is_database, is_remote, sqlite_path, unusable
+from mprun.tracking.uris import is_database, is_remote, shown, sqlite_path, unusable
 
 log = logging.getLogger("mprun.tracking")
 
@@ -155,15 +155,25 @@ class Store:
             raise unusable(uri, str(e)) from e
 
     @classmethod
-    def open(cls, uri: str, experiment: str, local_artifacts: Path) -> tuple[Store, str]:
-        """Connect for a run, and get or create its experiment: (store, experiment id). A server that does not
-        answer fails in seconds. A new sqlite store gets its tables now, in several migrations: parallel first
-        openers take turns, and signals wait until the store is whole (a Ctrl-C in between left a store that every
-        later run failed on, "duplicate column name")."""
+    def open(
+        cls, uri: str, experiment: str | None, local_artifacts: Path, *, experiment_id: str | None = None
+    ) -> tuple[Store, str]:
+        """Connect for a run, and get or create its experiment by name, or take an existing one by id (with both,
+        they must agree): (store, experiment id). A server that does not answer fails in seconds. A new sqlite store
+        gets its tables now, in several migrations: parallel first openers take turns, and signals wait until the
+        store is whole (a Ctrl-C in between left a store that every later run failed on, "duplicate column name")."""
         cls.probe(uri)
         with store_lock(uri), deferred_signals():
             store = cls(uri)
-            return store, store.experiment(experiment, local_artifacts)
+            if experiment is None:
+                return store, store.existing_experiment(experiment_id)
+            found = store.experiment(experiment, local_artifacts)
+            if experiment_id is not None and experiment_id != found:
+                raise ConfigError(
+                    f"MLFLOW_EXPERIMENT_ID={experiment_id} does not match experiment {experiment!r} (id {found}) "
+                    "that MLFLOW_EXPERIMENT_NAME names: unset one of them"
+                )
+            return store, found
 
     @classmethod
     def existing(cls, uri: str) -> Store:
@@ -225,6 +235,27 @@ class Store:
                 return found.experiment_id
         except Exception as e:  # every backend raises its own types; all mean "cannot track"
             raise unusable(self.uri, str(e)) from e
+
+    def existing_experiment(self, experiment_id: str) -> str:
+        """The id of an active experiment that must exist (MLFLOW_EXPERIMENT_ID's)."""
+        from mlflow.exceptions import MlflowException  # mlflow: 1.2 s, when the store is used
+
+        try:
+            found = self._client.get_experiment(experiment_id)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise unusable(self.uri, str(e)) from e
+            found = None
+        if found is None or found.lifecycle_stage != "active":
+            raise ConfigError(
+                f"MLFLOW_EXPERIMENT_ID={experiment_id}: no {'such' if found is None else 'active'} experiment in "
+                f"{shown(self.uri)}; set MLFLOW_EXPERIMENT_NAME (created when new) or tracking.experiment instead"
+            )
+        return found.experiment_id
+
+    def experiment_name(self, experiment_id: str) -> str:
+        """The name of the experiment with that id."""
+        return self._client.get_experiment(experiment_id).name
 
     def find_experiment(self, name: str) -> str | None:
         """The id of the experiment of that name; None if there is none."""

@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import statistics
-import time
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -29,20 +27,12 @@ from mprun.precision.runtime import Precision
 from mprun.progress import Progress
 from mprun.tasks import CLASSIFICATION, Task
 from mprun.tracking.base import Tracker
-from mprun.training.config import INPUT_BOUND, TrainerConfig
-from mprun.training.memory import param_state_mib, peak_memory_mib, reset_peak_memory
-from mprun.training.state import FitResult, Training, TrainState, finished, planned_epochs, planned_steps
+from mprun.training import measure
+from mprun.training.config import TrainerConfig
+from mprun.training.memory import reset_peak_memory
+from mprun.training.state import Checkpointer, FitResult, Training, TrainState, finished, planned_epochs, planned_steps
 
 log = logging.getLogger(__name__)
-
-
-def _steady_median(values: list[Optional[float]]) -> float:
-    """The median of per-epoch numbers (None: not measured in that epoch) without the process's first epoch
-    (warm-up: compilation, worker start-up) when a later one was measured; NaN (not measured) for none. The warm-up
-    is the first epoch trained, measured or not, so every median leaves out the same epoch."""
-    later = [v for v in values[1:] if v is not None]
-    steady = later or [v for v in values[:1] if v is not None]
-    return statistics.median(steady) if steady else float("nan")
 
 
 def _to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
@@ -98,9 +88,6 @@ def train_step(
     norm = precision.step(optimizer, model.parameters(), want_norm, inspect)
     optimizer.zero_grad(set_to_none=True)
     return total / len(micro_batches), norm
-
-
-Checkpointer = Callable[[TrainState], None]
 
 
 @dataclass
@@ -250,69 +237,6 @@ def evaluate(
     return task.metrics(*world.sum(sums.tolist()))  # the sync
 
 
-class _Clock:
-    """Training time, added to state.train_time_s: evaluation and checkpoint writes are not training."""
-
-    def __init__(self, state: TrainState, device: torch.device) -> None:
-        self.state, self.device, self.since = state, device, 0.0
-
-    def start(self) -> None:
-        self.since = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the queued GPU work is training time
-        self.state.train_time_s += time.perf_counter() - self.since
-
-    def paused(self, checkpoint: Optional[Checkpointer]) -> Optional[Checkpointer]:
-        """`checkpoint` with the clock stopped around it (the checkpoint records the time so far)."""
-        if checkpoint is None:
-            return None
-
-        def write(state: TrainState) -> None:
-            self.stop()
-            checkpoint(state)
-            self.start()
-
-        return write
-
-
-def _epoch_perf(run: Training, result: FitResult, seconds: float, samples: int, waited: float, whole: bool) -> dict:
-    """The epoch's perf/ metrics, appending its rate, wait and time to `result` when it trained `samples` (a
-    resumed epoch with nothing left trains none). `whole`: a pass from the epoch's start to its end."""
-    world = run.world
-    result.param_state_mib = world.max(param_state_mib(run.model, run.optimizer))
-    metrics = {
-        "perf/peak_mem_mib": world.max(peak_memory_mib(run.device)),  # the fullest rank's
-        "perf/param_state_mib": result.param_state_mib,
-    }
-    if samples:
-        result.epoch_rates.append(samples * world.size / seconds)  # all ranks' samples
-        result.epoch_waits.append(waited / seconds)
-        metrics.update({"perf/samples_per_s": result.epoch_rates[-1], "perf/data_wait_frac": result.epoch_waits[-1]})
-        result.epoch_times.append(seconds if whole else None)  # a resumed or max_steps-cut pass is no epoch's time
-        if whole:
-            metrics["perf/epoch_time_s"] = seconds
-    return metrics
-
-
-def _input_bound(result: FitResult, trained: bool, done: bool) -> bool:
-    """Whether the epoch just trained waited for data past INPUT_BOUND. Judged like the throughput: the first epoch
-    (worker start-up) only when it is the only one."""
-    return trained and result.epoch_waits[-1] > INPUT_BOUND and (len(result.epoch_waits) > 1 or done)
-
-
-def _warn_input_bound(frac: float, loader: Loader, rate: float) -> None:
-    """Say that the input pipeline is the bottleneck, and what to change."""
-    log.warning(
-        "input-bound: the training loop waited for data %.0f%% of the epoch (%s; %.0f samples/s). Faster input: %s",
-        100 * frac,
-        loader.describe(),
-        rate,
-        loader.remedy(),
-    )
-
-
 def evaluate_run(run: Training, cfg: TrainerConfig) -> dict[str, float]:
     """evaluate() on the run's own model, validation data, precision and ranks."""
     return evaluate(
@@ -351,7 +275,7 @@ def fit(
     train = TimedLoader(run.data.train)
     warned = False  # about an input-bound run: once
     reset_peak_memory(run.device)
-    clock = _Clock(state, run.device)
+    clock = measure.Clock(state, run.device)
     try:
         while not finished(state, cfg):
             running = state.epoch  # the epoch under way (0-based); it stays the count when max_steps ends it midway
@@ -368,12 +292,12 @@ def fit(
                 break
             waited = world.max(train.take())  # the hungriest rank holds the others up
             samples, whole = state.samples - samples_before, from_start and state.batch_in_epoch == 0
-            metrics = _epoch_perf(run, result, state.train_time_s - before, samples, waited, whole)
+            metrics = measure.epoch_perf(run, result, state.train_time_s - before, samples, waited, whole)
             result.train_loss = train_loss
             state.epoch += state.batch_in_epoch == 0  # a completed pass; max_steps may end one midway
             done = finished(state, cfg)
-            if not warned and _input_bound(result, samples > 0, done) and world.is_main:
-                _warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
+            if not warned and measure.input_bound(result, samples > 0, done) and world.is_main:
+                measure.warn_input_bound(result.epoch_waits[-1], train, result.epoch_rates[-1])
                 warned = True
             if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or done:
                 metrics.update(_validate(run, cfg, result))
@@ -389,15 +313,4 @@ def fit(
                 break
     finally:
         progress.close()  # the bar too, when a stop signal or an error ends an epoch early
-    return _summarized(result, run)
-
-
-def _summarized(result: FitResult, run: Training) -> FitResult:
-    """`result` with the run's figures: medians over epochs, leaving out the first (warm-up, compilation) when there
-    are others, and the peak memory. No epoch timed in this process (stopped in its first, or resumed with nothing
-    left to train): not measured."""
-    result.samples_per_s = _steady_median(result.epoch_rates)
-    result.data_wait_frac = _steady_median(result.epoch_waits)
-    result.epoch_time_s = _steady_median(result.epoch_times)
-    result.peak_mem_mib = run.world.max(peak_memory_mib(run.device))
-    return result
+    return measure.summarized(result, run)

@@ -4,7 +4,7 @@ objects the loop trains with (Training), what fit returns (FitResult), and the s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ class TrainState:
     logged_loss_sum: float = 0.0  # the two as of the last log step
     logged_loss_steps: float = 0.0
     train_time_s: float = 0.0  # seconds spent training so far, over every segment of a resumed run
+
+
+Checkpointer = Callable[["TrainState"], None]  # writes a checkpoint of training as it stands
 
 
 @dataclass
