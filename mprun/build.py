@@ -6,7 +6,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class Components(Training):
     fp32_modules: list[str]  # modules precision.fp32_modules matched, kept out of autocast
     strategy: Strategy
     model_inputs: dict[str, Any]  # what the data decided and mprun passed to the model's callable
+    keep_best: Optional[str]  # the val/ metric whose best evaluation checkpoints/best.pt keeps; None: off
 
 
 def seed_everything(seed: int) -> None:
@@ -110,6 +111,7 @@ def components(config: RunConfig, world: World = SINGLE) -> Components:
     seed_everything(trainer.seed)
     data = dataset(config, trainer.seed, device)
     check_task(config, data.task.name)
+    keep_best = _best_metric(config, data)
     data.train.shard(world.rank, world.size)
     data.val.shard(world.rank, world.size)  # each rank evaluates its share; evaluate() sums over ranks
     batch = tuple(t.to(device) for t in data.example_batch())
@@ -147,7 +149,24 @@ def components(config: RunConfig, world: World = SINGLE) -> Components:
         fp32_modules=fp32_modules,
         strategy=trainer.strategy,
         model_inputs=inputs,
+        keep_best=keep_best,
     )
+
+
+def _best_metric(config: RunConfig, data: DataBundle) -> Optional[str]:
+    """trainer.keep_best as a val/ metric of the data's task: auto is the task's headline."""
+    wanted = config.trainer.keep_best
+    if wanted == "none":
+        if getattr(config.tracking, "log_model", False) == "best":
+            raise ConfigError("tracking.log_model=best logs the best checkpoint: set trainer.keep_best (not none)")
+        return None
+    metric, has = (f"val/{data.task.headline}" if wanted == "auto" else wanted), data.task.val_metrics()
+    if metric.removeprefix("val/") not in has:
+        raise ConfigError(
+            f"trainer.keep_best={wanted}: dataset={data.name} ({data.task.name}) has no such metric; choose one of "
+            f"{', '.join(f'val/{m}' for m in has)}, auto or none"
+        )
+    return metric
 
 
 def _placed_model(

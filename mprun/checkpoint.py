@@ -102,10 +102,11 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
 
 
 class Checkpoints:
-    """A run's checkpoints/ directory: periodic step-<N>.pt files (the newest keep_last kept), plus
-    final.pt or interrupted.pt at the end (final.pt replaces the interrupted.pt a resume in place continued)."""
+    """A run's checkpoints/ directory: periodic step-<N>.pt files (the newest keep_last kept), best.pt at the best
+    evaluation so far (trainer.keep_best), and final.pt or interrupted.pt at the end (final.pt replaces the
+    interrupted.pt a resume in place continued)."""
 
-    FINAL, INTERRUPTED = "final.pt", "interrupted.pt"
+    FINAL, INTERRUPTED, BEST = "final.pt", "interrupted.pt", "best.pt"
 
     def __init__(self, directory: Path, keep_last: int) -> None:
         self.directory = Path(directory)

@@ -6,6 +6,7 @@ and once open it is always closed: FINISHED, FAILED (with the error as a tag) or
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -29,9 +30,9 @@ from mprun.summary import json_text
 from mprun.sweep import JobInfo
 from mprun.tracking.base import CHECKPOINT_STEP_TAG, DatasetRecord, NullTracker, Tracker
 from mprun.tracking.source import git_commit
-from mprun.training.config import TrainerConfig
+from mprun.training.config import BEST_METRICS, TrainerConfig
 from mprun.training.loop import fit
-from mprun.training.state import TrainState, finished
+from mprun.training.state import KeepBest, TrainState, finished
 
 log = logging.getLogger("mprun")
 
@@ -130,7 +131,9 @@ def _run(cfg: RunConfig | DictConfig, started: float, job: Optional[JobInfo]) ->
         # Only rank 0 tracks. The store is reached now, so a bad URI fails before any data or model work.
         tracker = build.tracker(cfg.composed.tracking, cfg.paths.output_root) if world.is_main else NullTracker()
         parts = build.components(cfg, world)
-        resume_from = checkpoint.resume_path(trainer.resume, run_dir)
+        # trainer.resume, else the directory of the run MLFLOW_RUN_ID continues, where mprun checkpointed it
+        resume_spec = trainer.resume or world.from_main(tracker.resume_dir)
+        resume_from = checkpoint.resume_path(resume_spec, run_dir)
         resumed = checkpoint.load(resume_from) if resume_from else None
         state = resume.restore(parts, resumed, resume_from, cfg) if resumed else TrainState()
     except Exception as e:
@@ -156,7 +159,7 @@ def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dic
         r.parts.device,
         r.parts.total_steps,
     )
-    tags = {**run_tags(r.parts), **(r.job.tags() if r.job else {})}
+    tags = {**run_tags(r.parts), "mprun.run_dir": str(r.run_dir), **(r.job.tags() if r.job else {})}
     previous_run = resumed["tracking"]["run_id"] if resumed and "tracking" in resumed else ""
     if previous_run:  # kept by a new run too, when the old one cannot be continued
         tags.update({"mprun.resumed_from_run": previous_run, "mprun.resumed_from_step": str(state.step)})
@@ -202,6 +205,35 @@ class _Saver:
     def periodic(self, s: TrainState) -> None:
         self(self.ckpts.periodic_name(s.step), s)
 
+    def best(self, s: TrainState) -> None:
+        """checkpoints/best.pt at the best evaluation so far, with its score and step as the run's tags."""
+        if self(self.ckpts.BEST, s) is not None:
+            self.r.tracker.set_tags(best_tags(s, self.r.parts.keep_best))
+
+    def kept_best(self) -> Optional[KeepBest]:
+        """trainer.keep_best's keeper, writing through this saver; None when it is off."""
+        metric = self.r.parts.keep_best
+        return None if metric is None else KeepBest(metric, BEST_METRICS[metric], self.best)
+
+
+def best_tags(s: TrainState, metric: str) -> dict[str, str]:
+    """The best checkpoint's record in the run's tags: which metric, its score, and where in training it was."""
+    return {
+        "mprun.best_metric": metric,
+        "mprun.best_score": f"{s.best_score:.6g}",
+        "mprun.best_step": str(s.best_step),
+        "mprun.best_epoch": str(s.best_epoch),
+    }
+
+
+def _best_record(r: _Run, state: TrainState, save: _Saver) -> Optional[dict[str, Any]]:
+    """The best checkpoint's record for summary.json: metric, score, epoch, step and file; None without one."""
+    if r.parts.keep_best is None or state.best_score is None:
+        return None
+    where = save.ckpts.directory / save.ckpts.BEST
+    return {"metric": r.parts.keep_best, "score": state.best_score, "epoch": state.best_epoch, "step": state.best_step,
+            "checkpoint": str(where)}  # fmt: skip
+
 
 def _record_config(r: _Run) -> None:
     """The resolved config (and Hydra's files) first: a run that fails or is stopped still shows what it ran."""
@@ -222,11 +254,23 @@ def _record_results(r: _Run, results: dict[str, Any], guard: numerics.Guard, ckp
     # How many epochs the throughput is the median of: the report marks a speedup that rests on one.
     tracker.set_tags({"peak_mem_kind": results["peak_mem_kind"], "mprun.timed_epochs": str(results["timed_epochs"])})
     tracker.log_artifact(r.run_dir / "summary.json")
+    best = results.get("best")
     if tracker.log_checkpoint:
         tracker.log_artifact(ckpt, "checkpoints")
+        if best:
+            tracker.log_artifact(Path(best["checkpoint"]), "checkpoints")
     # Not under FSDP: its module holds this rank's shards; the checkpoint has the whole weights.
     if not interrupted and r.parts.strategy is not distributed.Strategy.fsdp:
-        tracker.log_model(r.parts.module, r.parts.data.example_batch()[0])
+        tracker.log_model(_logged_module(r, best), r.parts.data.example_batch()[0])
+
+
+def _logged_module(r: _Run, best: Optional[dict[str, Any]]) -> torch.nn.Module:
+    """The module tracking.log_model logs: the trained one, or with log_model=best a copy holding best.pt's weights."""
+    if getattr(r.cfg.tracking, "log_model", False) != "best" or not best:
+        return r.parts.module
+    module = copy.deepcopy(r.parts.module)
+    module.load_state_dict(checkpoint.load(Path(best["checkpoint"]))["model"])
+    return module
 
 
 def _record_error(r: _Run, e: BaseException, guard: numerics.Guard) -> None:
@@ -250,11 +294,14 @@ def _train_and_close(r: _Run, state: TrainState, guard: numerics.Guard, stop: Gr
     try:
         if main:
             _record_config(r)
-        result = fit(r.parts, r.trainer, r.tracker, state, stop=stop, guard=guard, checkpoint=save.periodic)
+        result = fit(
+            r.parts, r.trainer, r.tracker, state, stop=stop, guard=guard, checkpoint=save.periodic,
+            best=save.kept_best(),
+        )  # fmt: skip
         results = summary.build(result, r.parts, state, r.tracker, time.perf_counter() - r.started)
-        results["run_dir"] = str(
-            r.run_dir
-        )  # in the final checkpoint's copy too: a resume that finds it done says where
+        # in the final checkpoint's copy too: a resume that finds it done says where
+        results["run_dir"] = str(r.run_dir)
+        results["best"] = _best_record(r, state, save)
         results["interrupted"] = result.interrupted
         if result.interrupted:
             ckpt = save(save.ckpts.INTERRUPTED, state)

@@ -153,10 +153,22 @@ def summary_block(s: Mapping[str, Any], run_dir: Path, tracker: Tracker, job: Op
         f"time        {s['train_time_s']:.1f} s training in all, "
         f"{s['wall_time_s']:.1f} s in this process (since start), "
         f"{s['steps']} steps on {s['device']}",
+        *_best_line(s),
         f"run dir     {run_dir}",
         *tracker.describe(),
     ]
     return "\n".join(lines)
+
+
+def _best_line(s: Mapping[str, Any]) -> list[str]:
+    """Where the best evaluation's checkpoint is, when the run kept one (trainer.keep_best)."""
+    best = s.get("best")
+    if not best:
+        return []
+    return [
+        f"best        {best['metric']} {best['score']:.4g} at epoch {best['epoch']}, step {best['step']}: "
+        f"{best['checkpoint']}"
+    ]
 
 
 def _headline(s: Mapping[str, Any]) -> tuple[str, str]:

@@ -49,6 +49,10 @@ class Task:
             ]
         )
 
+    def val_metrics(self) -> tuple[str, ...]:
+        """The names of the val/ metrics that `metrics` computes."""
+        return ("loss", "acc") + (("ppl",) if self.per_position else ()) + (("bpb",) if self.bytes_per_token else ())
+
     def metrics(self, loss_sum: float, correct: float, count: float) -> dict[str, float]:
         """val metrics (names without the val/ prefix) from the summed [loss, correct, targets]."""
         loss, acc = loss_sum / max(1.0, count), correct / max(1.0, count)

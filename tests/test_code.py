@@ -45,7 +45,7 @@ def test_only_tracking_imports_mlflow() -> None:
                 names = [node.module or ""]
             if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
                 importers.add(_module(path))
-    assert importers == {"mprun.tracking.store", "mprun.tracking.mlflow_tracker"}
+    assert importers == {"mprun.tracking.store", "mprun.tracking.mlflow_tracker", "mprun.tracking.logged_model"}
 
 
 def test_every_mprun_exception_type_is_defined_in_errors() -> None:

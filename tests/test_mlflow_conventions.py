@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, run_cli_here
 
+from mprun.errors import ConfigError
 from mprun.experiment import run
 from mprun.tracking.source import COMMAND_ENV, remember_command
 
@@ -84,8 +85,9 @@ def test_mlflows_experiment_and_tags_variables_choose_the_experiment_and_add_tag
         ({"MLFLOW_EXPERIMENT_NAME": "a", "MLFLOW_EXPERIMENT_ID": "0"}, "does not match experiment 'a'"),
         ({"MLFLOW_TAGS": "team=vision"}, "MLFLOW_TAGS is not JSON"),
         ({"MLFLOW_TAGS": '["vision"]'}, "MLFLOW_TAGS must be a JSON object"),
+        ({"MLFLOW_RUN_ID": "0" * 32}, f"MLFLOW_RUN_ID={'0' * 32}: no such run in"),
     ],
-    ids=["unknown-id", "name-and-id-disagree", "tags-not-json", "tags-not-an-object"],
+    ids=["unknown-id", "name-and-id-disagree", "tags-not-json", "tags-not-an-object", "unknown-run"],
 )
 def test_a_wrong_mlflow_variable_is_one_line_and_leaves_no_run(tmp_path: Path, mlflow_client, env, said) -> None:
     proc = run_cli_here(*SHORT, "trainer.progress=off", cwd=tmp_path, env=env)
@@ -111,3 +113,63 @@ def test_the_printed_ui_link_opens_mlflows_model_training_view(tmp_path: Path) -
     proc = run_cli_here(*SHORT, "trainer.progress=off", cwd=tmp_path)
     link = next(line.split("open ", 1)[1] for line in proc.stdout.splitlines() if "then open http" in line)
     assert link.startswith("http://127.0.0.1:5000/#/experiments/") and link.endswith("?workflowType=machine_learning")
+
+
+def test_mlflow_run_id_continues_that_run_from_its_checkpoint(
+    make_cfg, mlflow_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As trainer.resume would: the run's own run directory (its mprun.run_dir tag) holds the checkpoint to go on
+    from, and the run goes on, with no second run."""
+    first = run(make_cfg(*SHORT[:1], "trainer.max_epochs=2", tracking="mlflow"))
+    (r,) = _runs(mlflow_client, "mprun")
+    monkeypatch.setenv("MLFLOW_RUN_ID", r.info.run_id)
+    again = run(make_cfg(*SHORT[:1], "trainer.max_epochs=3", tracking="mlflow"))
+    assert again["epochs"] == 3 and again["steps"] == first["steps"] * 3 // 2
+    (same,) = _runs(mlflow_client, "mprun")
+    assert same.info.run_id == r.info.run_id and same.info.status == "FINISHED"
+    assert len(mlflow_client.get_metric_history(r.info.run_id, "val/acc")) == 3
+    assert "MLFLOW_RUN_ID" not in os.environ  # taken: a later run in this process starts its own
+
+
+def test_mlflow_run_id_of_a_run_a_job_script_opened_gets_the_training(make_cfg, mlflow_client, monkeypatch) -> None:
+    """The pattern of pipelines: a script opens a run (with its own tags and params) and hands its id over."""
+    run(make_cfg(*SHORT, "tracking.experiment=pipeline", tracking="mlflow"))  # the experiment, with a run of its own
+    exp = mlflow_client.get_experiment_by_name("pipeline").experiment_id
+    opened = mlflow_client.create_run(exp, run_name="nightly", tags={"pipeline": "nightly"}).info.run_id
+    mlflow_client.log_param(opened, "stage", "train")
+    monkeypatch.setenv("MLFLOW_RUN_ID", opened)
+    run(make_cfg(*SHORT, tracking="mlflow"))  # no experiment chosen: the run's own
+    got = mlflow_client.get_run(opened)
+    assert got.info.status == "FINISHED" and got.info.run_name == "nightly"
+    assert got.data.params["stage"] == "train" and got.data.params["optimizer.lr"]
+    assert got.data.tags["pipeline"] == "nightly" and "final/val_acc" in got.data.metrics
+    assert len(_runs(mlflow_client, "pipeline")) == 2
+    # Its params now stand: a run with another learning rate cannot go into it (MLflow keeps a param's first value)
+    monkeypatch.setenv("MLFLOW_RUN_ID", mlflow_client.create_run(exp).info.run_id)
+    mlflow_client.log_param(os.environ["MLFLOW_RUN_ID"], "optimizer.lr", "5")
+    with pytest.raises(ConfigError, match=r"has other values for params this run sets: optimizer\.lr=5 \(here"):
+        run(make_cfg(*SHORT, tracking="mlflow"))
+
+
+def test_mlflow_run_id_in_a_sweep_is_the_parent_of_its_jobs(tmp_path: Path, mlflow_client) -> None:
+    """A sweep's jobs cannot all continue one run: the sweep's parent run is the one MLFLOW_RUN_ID names, and the
+    jobs are its children."""
+    exp = mlflow_client.create_experiment("mprun")
+    opened = mlflow_client.create_run(exp, run_name="study").info.run_id
+    env = {"MLFLOW_RUN_ID": opened}
+    proc = run_cli_here("-m", "precision=fp32,bf16", *SHORT, "trainer.progress=off", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {r.info.run_id: r for r in _runs(mlflow_client, "mprun")}
+    assert len(runs) == 3 and runs[opened].data.tags["mprun.role"] == "sweep"
+    assert runs[opened].info.status == "FINISHED"
+    assert sorted(r.data.tags.get("mlflow.parentRunId") for i, r in runs.items() if i != opened) == [opened] * 2
+
+
+def test_mlflow_run_id_of_another_experiment_than_the_chosen_one_is_an_error(make_cfg, mlflow_client, monkeypatch):
+    run(make_cfg(*SHORT, "tracking.experiment=mine", tracking="mlflow"))  # makes the store
+    other = mlflow_client.create_run(mlflow_client.create_experiment("theirs")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", other)
+    with pytest.raises(ConfigError, match=f"MLFLOW_RUN_ID={other} is a run of experiment .*, not of 'mine'"):
+        run(make_cfg(*SHORT, "tracking.experiment=mine", tracking="mlflow"))
+    assert mlflow_client.get_run(other).info.status == "RUNNING"  # left as its owner has it
+    assert len(_runs(mlflow_client, "mine")) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ def test_periodic_checkpoints_keep_the_last_k(make_cfg, tmp_path: Path) -> None:
         )
     )
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert names == ["final.pt", "step-000000006.pt", "step-000000008.pt"]
+    assert names == ["best.pt", "final.pt", "step-000000006.pt", "step-000000008.pt"]  # best.pt: trainer.keep_best
     state = checkpoint.load(tmp_path / "run" / "checkpoints" / "step-000000008.pt")
     assert {
         "model",
@@ -54,7 +55,7 @@ def test_epoch_checkpoints_by_default(make_cfg, tmp_path: Path) -> None:
     run(make_cfg("trainer.max_epochs=3", "model=simple_mlp"))
     # every epoch but the last (final.pt covers it), keep_last=2
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert names == ["final.pt", "step-000000022.pt", "step-000000044.pt"]
+    assert names == ["best.pt", "final.pt", "step-000000022.pt", "step-000000044.pt"]
 
 
 def test_the_resume_message_counts_epochs_and_batches_as_the_progress_lines_do(make_cfg, tmp_path, caplog) -> None:
@@ -375,7 +376,7 @@ def test_a_signal_once_training_is_done_finishes_the_run(
     monkeypatch.setattr(loop, target, signalled)
     summary = run(make_cfg("model=simple_mlp", "trainer.max_epochs=1", "trainer.max_steps=5", tracking="mlflow"))
     assert summary["stop_signal"] == signal.SIGINT and summary["interrupted"] is None and summary["steps"] == 5
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["final.pt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.pt", "final.pt"]
     client = mlflow_client
     (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert r.info.status == "FINISHED" and r.data.metrics["final/val_acc"] == summary["val_acc"]
@@ -529,3 +530,72 @@ def test_a_signal_inside_a_checkpoint_write_ends_the_run_as_an_interrupt_and_lea
     with pytest.raises(StopNow):
         checkpoint.save(tmp_path / "interrupted.pt", {"step": 1})
     assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temp file
+
+
+# A constant rate of 0.02 for simple_mlp: val/acc peaks at epoch 3 of 4 (seed 0, fp32), so the last epoch is not the
+# best. Each test asserts that much before relying on it.
+BEST_NOT_LAST = ("model=simple_mlp", "scheduler=none", "optimizer.lr=0.02")
+
+
+def _val_acc_by_step(client, run_id: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, "val/acc")}
+
+
+def test_best_pt_is_the_best_evaluations_and_survives_a_resume(make_cfg, tmp_path: Path, mlflow_client) -> None:
+    """trainer.keep_best (auto: val/acc here) keeps checkpoints/best.pt at the evaluation with the best score, tagged
+    with its step and score; resumed, the run keeps comparing with the best so far (its checkpoint state), so a worse
+    later epoch does not take its place."""
+    args = BEST_NOT_LAST
+    run(make_cfg(*args, "trainer.max_epochs=3", tracking="mlflow"))
+    run(make_cfg(*args, "trainer.max_epochs=4", "trainer.resume=auto", tracking="mlflow"))
+    (r,) = mlflow_client.search_runs([e.experiment_id for e in mlflow_client.search_experiments()])
+    accs = _val_acc_by_step(mlflow_client, r.info.run_id)
+    assert len(accs) == 4
+    step = max(accs, key=lambda s: (accs[s], -s))  # the first of the best
+    assert step != max(accs), "precondition: the last epoch is not the best, or the resume would not be tested"
+    best = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")["progress"]
+    assert (best["step"], best["best_step"], best["best_score"]) == (step, step, accs[step])
+    tags = r.data.tags
+    assert (tags["mprun.best_metric"], int(tags["mprun.best_step"])) == ("val/acc", step)
+    assert float(tags["mprun.best_score"]) == pytest.approx(accs[step], rel=1e-5)
+    arts = {a.path for a in mlflow_client.list_artifacts(r.info.run_id, "checkpoints")}
+    assert "checkpoints/best.pt" in arts
+
+
+def test_log_model_best_logs_the_best_checkpoints_weights(make_cfg, tmp_path: Path, mlflow_client) -> None:
+    import mlflow.pytorch
+
+    summary = run(make_cfg(*BEST_NOT_LAST, "trainer.max_epochs=4", "tracking.log_model=best", tracking="mlflow"))
+    assert summary["best"]["step"] < summary["steps"]  # the best is not the final model, so the two differ
+    (r,) = mlflow_client.search_runs([e.experiment_id for e in mlflow_client.search_experiments()])
+    mlflow.set_tracking_uri(mlflow_client.tracking_uri)
+    logged = mlflow.pytorch.load_model(f"runs:/{r.info.run_id}/model").state_dict()
+    best = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")["model"]
+    final = checkpoint.load(tmp_path / "run" / "checkpoints" / "final.pt")["model"]
+    assert all(torch.equal(logged[k], best[k]) for k in best)
+    assert not all(torch.equal(logged[k], final[k]) for k in final)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        (["trainer.keep_best=val/bpb"], "trainer.keep_best=val/bpb: dataset=digits (classification) has no such"),
+        (["trainer.keep_best=acc"], "keep_best=acc: choose one of auto, val/acc"),
+        (["trainer.keep_best=none", "tracking.log_model=best"], "tracking.log_model=best logs the best checkpoint"),
+        (["tracking.log_model=last"], "log_model=last: choose true"),
+    ],
+)
+def test_a_wrong_keep_best_is_a_config_error(make_cfg, overrides: list[str], said: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        run(make_cfg("model=simple_mlp", "trainer.max_steps=1", *overrides, tracking="mlflow"))
+
+
+def test_a_tie_keeps_the_earlier_best_and_a_nan_never_counts() -> None:
+    from mprun.training.state import KeepBest, TrainState
+
+    written = []
+    keep = KeepBest("val/loss", maximize=False, write=lambda s: written.append(s.step))
+    state = TrainState(step=10, best_score=0.5, best_step=5)  # resumed: the best so far came with the checkpoint
+    assert not keep.offer(state, {"val/loss": 0.5}) and not keep.offer(state, {"val/loss": float("nan")})
+    assert not keep.offer(state, {"val/loss": 0.7}) and written == []
+    assert keep.offer(state, {"val/loss": 0.4}) and written == [10] and state.best_step == 10

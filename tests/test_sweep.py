@@ -103,6 +103,11 @@ def test_report_numbers_are_the_child_runs_metrics(precision_sweep: Path) -> Non
         assert cell[13] == (f"{m['final/loss_scale']:g}" if prec == "fp16" else "—")
     md = (rep.out_dir / "report.md").read_text()
     assert md.count("| ok |") == 6
+    # Each job's best checkpoint (trainer.keep_best: val/acc), and which job's is the sweep's best
+    best = {c.info.run_name: float(c.data.tags["mprun.best_score"]) for c in children}
+    assert md.count("`checkpoints/best.pt` of run") == 6
+    named = md.split("The best val/acc of the sweep: job ", 1)[1].split("`")[1]
+    assert best[named] == max(best.values())
     assert {"loss.png", "loss_scale.png", "perf.png"} <= {p.name for p in rep.out_dir.iterdir()}
     # The report of the sweep itself went to the parent run's artifacts.
     assert "report/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}

@@ -31,6 +31,7 @@ def test_only_tracking_imports_mlflow() -> None:
     importing = re.compile(r"^\s*(import mlflow|from mlflow[. ])", re.MULTILINE)
     importers = [p for p in sorted((ROOT / "mprun").rglob("*.py")) if importing.search(p.read_text())]
     assert [p.relative_to(ROOT / "mprun").as_posix() for p in importers] == [
+        "tracking/logged_model.py",
         "tracking/mlflow_tracker.py",
         "tracking/store.py",
     ]

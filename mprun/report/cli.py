@@ -8,13 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mprun.errors import ConfigError
 from mprun.report import groups as grouping
-
-if TYPE_CHECKING:
-    from mprun.tracking.store import Store
 from mprun.report.notes import notes_for
 from mprun.report.plots import plot
 from mprun.report.rows import Row, close_running, collect

@@ -34,6 +34,7 @@ class Row:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     scale_curve: list[tuple[int, float]] = field(default_factory=list)
     baseline: Row | None = None
+    best: tuple[str, float, int, int] | None = None  # its best checkpoint: (metric, score, epoch, step)
 
     def metric(self, key: str) -> float | None:
         value = self.metrics.get(key)
@@ -138,6 +139,7 @@ def collect(store: Store, parent_id: str, curves: bool = True) -> list[Row]:
             timed_epochs=int(tags["mprun.timed_epochs"]) if tags.get("mprun.timed_epochs", "").isdigit() else None,
             headline=tags.get("mprun.headline", "val_acc"),
             setting=_own(overrides),
+            best=_best_of(tags),
         )
         if curves and run.status != "FAILED":
             row.loss_curve = store.metric_history(run.run_id, "train/loss")
@@ -155,6 +157,15 @@ def collect(store: Store, parent_id: str, curves: bool = True) -> list[Row]:
     for r in rows:
         r.baseline = baselines.get(r.others)
     return rows
+
+
+def _best_of(tags: dict[str, str]) -> tuple[str, float, int, int] | None:
+    """A job's best checkpoint, from the tags its run records with checkpoints/best.pt (trainer.keep_best)."""
+    try:
+        return (tags["mprun.best_metric"], float(tags["mprun.best_score"]), int(tags["mprun.best_epoch"]),
+                int(tags["mprun.best_step"]))  # fmt: skip
+    except (KeyError, ValueError):
+        return None
 
 
 def close_running(store: Store, rows: list[Row]) -> None:

@@ -6,15 +6,12 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mprun.errors import first_line
 from mprun.precision.names import can_carry_loss_scale
 from mprun.report import groups as grouping
-
-if TYPE_CHECKING:
-    pass
 from mprun.report.rows import Row
+from mprun.training.config import BEST_METRICS
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -222,6 +219,7 @@ class Report:
         lines += _table(group_columns(self.groups), group_rows(self.groups)) + [""]
         lines += [f"- {n}" for n in self.notes] + [""]
         lines += ["## By job", ""] + _table(columns(self.rows), table_rows(self.rows))
+        lines += best_checkpoints(self.rows)
         failed = [r for r in self.rows if r.failure]
         if failed:
             lines += ["", "## Failed jobs", ""] + [f"- job {r.num} `{r.name}`: {r.failure}" for r in failed]
@@ -243,3 +241,22 @@ class Report:
         text += [f"best        {line}" for line in self.best()]
         text += [f"report      {self.out_dir / 'report.md'}"]
         return "\n".join(text)
+
+
+def best_checkpoints(rows: list[Row]) -> list[str]:
+    """report.md's list of each job's best checkpoint (trainer.keep_best), the sweep's best of each metric first."""
+    kept = [r for r in rows if r.best is not None]
+    if not kept:
+        return []
+    lines = ["", "## Best checkpoints", ""]
+    for metric in dict.fromkeys(r.best[0] for r in kept):
+        scored = [r for r in kept if r.best[0] == metric]
+        top = (max if BEST_METRICS.get(metric, True) else min)(scored, key=lambda r: r.best[1])
+        lines.append(f"The best {metric} of the sweep: job {top.num} `{top.name}` (run {top.run_id}).")
+    lines.append("")
+    lines += [
+        f"- job {r.num} `{r.name}`: {r.best[0]} {r.best[1]:.4g} at epoch {r.best[2]}, step {r.best[3]}: "
+        f"`checkpoints/best.pt` of run {r.run_id}"
+        for r in kept
+    ]
+    return lines

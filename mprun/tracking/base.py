@@ -46,6 +46,11 @@ class Tracker:
         """Reopen an earlier run to continue it (a resumed training); False if this store lacks it."""
         return False
 
+    def resume_dir(self) -> str | None:
+        """The run directory whose checkpoints training continues from when nothing else says (trainer.resume): that of
+        the run MLFLOW_RUN_ID names, where mprun has checkpointed it; None otherwise."""
+        return None
+
     def log_model(self, model: Any, example: Any) -> None:
         """Record the trained model (a plain nn.Module) as an MLflow model, with a signature and an input example
         (a batch of inputs), as configured."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from mprun.errors import ConfigError
 from mprun.schema import Buildable
@@ -31,7 +32,8 @@ class MlflowConfig(Buildable):
     log_checkpoint: bool = True  # checkpoints can be large: false keeps them only in the run directory
     # The trained model as an MLflow model (the UI's Models column; mlflow.pytorch.load_model("runs:/<id>/model")),
     # with a signature and an input example; register_model=<name> also registers it in the model registry.
-    log_model: bool = False
+    # true: the trained model; best: the best evaluation's (checkpoints/best.pt, trainer.keep_best); false: none.
+    log_model: Any = False  # a bool or "best", which a structured config cannot type: checked below
     register_model: str | None = None
     # A store that cannot be reached, at start or mid-run: fail (clear error), or local (keep training,
     # log to sqlite:///<output_root>/mlflow.db, tagging the run with the intended store).
@@ -45,6 +47,8 @@ class MlflowConfig(Buildable):
     system_metrics_every_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.log_model not in (True, False, "best"):
+            raise ConfigError(f"log_model={self.log_model}: choose true (the trained model), best or false")
         if self.flush_every_s < 0:
             raise ConfigError(f"flush_every_s={self.flush_every_s} must be >= 0")
         if not self.system_metrics_every_s > 0:

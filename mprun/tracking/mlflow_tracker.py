@@ -4,41 +4,28 @@ written off the training thread) and Failover (tracking.on_unreachable: what hap
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
 import shlex
 import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mprun.errors import TrackingLost, first_line
+from mprun.errors import ConfigError, TrackingLost, first_line
+from mprun.tracking import logged_model
 from mprun.tracking.base import CHECKPOINT_STEP_TAG, DatasetRecord, Tracker
 from mprun.tracking.config import MlflowConfig, SystemMetrics, Unreachable
 from mprun.tracking.failover import Failover
 from mprun.tracking.metric_writer import BatchedWriter, MetricBatch
 from mprun.tracking.source import env_tags, experiment_choice, source_tags
-from mprun.tracking.store import Store
+from mprun.tracking.store import RecordedRun, Store
 from mprun.tracking.uris import default_uri, is_database, shown
 
 log = logging.getLogger("mprun.tracking")
 T = TypeVar("T")
-
-
-def _pins(*packages: str) -> list[str]:
-    """package==version for those of these installed here."""
-    pins = []
-    for name in packages:
-        try:
-            pins.append(f"{name}=={version(name).split('+')[0]}")
-        except PackageNotFoundError:
-            continue
-    return pins
 
 
 class MlflowTracker(Tracker):
@@ -58,7 +45,7 @@ class MlflowTracker(Tracker):
         flush_every_s: float = MlflowConfig.flush_every_s,
         system_metrics: SystemMetrics = SystemMetrics.auto,
         system_metrics_every_s: float = MlflowConfig.system_metrics_every_s,
-        log_model: bool = False,
+        log_model: bool | str = False,
         register_model: str | None = None,
     ) -> None:
         # A new store's schema migrations print a dozen INFO lines (alembic) and two of MLflow's own ("Creating
@@ -77,14 +64,56 @@ class MlflowTracker(Tracker):
         self.system_metrics, self.system_metrics_every_s = system_metrics, system_metrics_every_s
         self._monitor: Any = None  # MLflow's SystemMetricsMonitor, while it samples
         self.model_logged, self.register_model = log_model or register_model is not None, register_model
+        self.continuing_id = os.environ.get("MLFLOW_RUN_ID") or None  # a run to continue, as MLflow's clients do
         self.failover.open(uri or os.environ.get("MLFLOW_TRACKING_URI") or self.failover.local_uri, self._connect)
+        self.continuing = self._run_to_continue()
 
     def _connect(self, uri: str) -> None:
         self.store, self.experiment_id = Store.open(
-            uri, self.experiment, self.output_root / "mlartifacts", experiment_id=self.experiment_wanted
+            uri,
+            self.experiment,
+            self.output_root / "mlartifacts",
+            experiment_id=self.experiment_wanted,
+            continuing=self.continuing_id,
         )
         # By name from now on: a run the failover moves to the local store goes to the same experiment's name there.
         self.experiment, self.experiment_wanted = self.store.experiment_name(self.experiment_id), None
+
+    def _run_to_continue(self) -> RecordedRun | None:
+        """The run $MLFLOW_RUN_ID names, checked before anything is recorded: it exists, in this run's experiment."""
+        wanted = self.continuing_id
+        if wanted is None:
+            return None
+        run = self.store.run(wanted)
+        if run is None or run.deleted:
+            raise ConfigError(
+                f"MLFLOW_RUN_ID={wanted}: no {'such run' if run is None else 'live run (it was deleted)'} in "
+                f"{shown(self.uri)}; unset it to start a new run"
+            )
+        if run.experiment_id != self.experiment_id:
+            raise ConfigError(
+                f"MLFLOW_RUN_ID={wanted} is a run of experiment {run.experiment_id}, not of {self.experiment!r} "
+                f"(id {self.experiment_id}), which tracking.experiment or MLFLOW_EXPERIMENT_NAME/_ID chose: unset "
+                "those to continue it in its own experiment"
+            )
+        return run
+
+    def _taken(self) -> None:
+        """The run MLFLOW_RUN_ID names is this process's now: no later run here (a sweep's jobs) takes it too."""
+        self.continuing = None
+        os.environ.pop("MLFLOW_RUN_ID", None)
+
+    def resume_dir(self) -> str | None:
+        run = self.continuing
+        if run is None or CHECKPOINT_STEP_TAG not in run.tags:  # mprun never checkpointed it: it trains afresh
+            return None
+        where = run.tags.get("mprun.run_dir", "")
+        if not where or not (Path(where) / "checkpoints").is_dir():
+            raise ConfigError(
+                f"MLFLOW_RUN_ID={run.run_id}: mprun checkpointed that run in {where or 'a directory it did not record'}"
+                ", which this machine does not have; pass trainer.resume=<a copy of one of its checkpoints>"
+            )
+        return where
 
     @property
     def uri(self) -> str:
@@ -104,12 +133,42 @@ class MlflowTracker(Tracker):
             tags = {**tags, "mprun.intended_tracking_uri": self.failover.intended}
         params = {k: shown(v) if isinstance(v, str) else v for k, v in params.items()}  # tracking.uri's password
         self._started = (params, tags, run_name, datasets)
+        if self.continuing is not None:
+            self._continue_afresh(params, tags, datasets)
+            return
         # tracking.run_name names the study: a sweep's parent and jobs keep what tells them apart after it.
         name = ": ".join(n for n in (self.run_name, run_name) if n) or None
         self.run_id = self.store.create_run(self.experiment_id, name, tags)
         with self.closed_on_error():
             self.store.log_params(self.run_id, params)
             self.store.log_datasets(self.run_id, datasets)
+
+    def _continue_afresh(
+        self, params: Mapping[str, Any], tags: Mapping[str, str], datasets: Sequence[DatasetRecord]
+    ) -> None:
+        """Train from the start into the run MLFLOW_RUN_ID names (one a job script opened for it, say): its params
+        must agree with this run's, since MLflow keeps a param's first value."""
+        run = self.continuing
+        if CHECKPOINT_STEP_TAG in run.tags:  # training afresh would log a second history over the same steps
+            raise ConfigError(
+                f"MLFLOW_RUN_ID={run.run_id} was trained by mprun up to step {run.tags[CHECKPOINT_STEP_TAG]}: resume "
+                f"from its checkpoint (trainer.resume={run.tags.get('mprun.run_dir') or '<its run dir>'}), or unset "
+                "MLFLOW_RUN_ID to start a new run"
+            )
+        clash = [f"{k}={run.params[k]} (here {v})" for k, v in params.items() if run.params.get(k, str(v)) != str(v)]
+        if clash:
+            raise ConfigError(
+                f"MLFLOW_RUN_ID={run.run_id} has other values for params this run sets: {', '.join(clash[:3])}; "
+                "MLflow keeps a param's first value, so start a new run (unset MLFLOW_RUN_ID)"
+            )
+        self._taken()
+        self.run_id = run.run_id
+        self.store.reopen(run.run_id)
+        with self.closed_on_error():
+            self.store.set_tags(run.run_id, tags)
+            self.store.log_params(run.run_id, {k: v for k, v in params.items() if k not in run.params})
+            self.store.log_datasets(run.run_id, datasets)
+        log.info("continuing MLflow run %s (MLFLOW_RUN_ID)", run.run_id)
 
     @contextlib.contextmanager
     def closed_on_error(self) -> Any:
@@ -128,6 +187,11 @@ class MlflowTracker(Tracker):
             raise
 
     def resume(self, run_id: str, step: int) -> bool:
+        if self.continuing is not None and run_id != self.continuing.run_id:
+            raise ConfigError(
+                f"MLFLOW_RUN_ID={self.continuing.run_id}, but the checkpoint continues MLflow run {run_id}: unset "
+                "MLFLOW_RUN_ID, or resume from a checkpoint of that run"
+            )
         run = self.store.run(run_id)
         if run is None:
             log.warning("the checkpoint's MLflow run %s is not in %s: starting a new run", run_id, shown(self.uri))
@@ -136,6 +200,11 @@ class MlflowTracker(Tracker):
             log.warning("the checkpoint's MLflow run %s was deleted in %s: starting a new run", run_id, shown(self.uri))
             return False
         later = int(run.tags.get(CHECKPOINT_STEP_TAG, -1))
+        if later > step and self.continuing is not None:
+            raise ConfigError(
+                f"MLFLOW_RUN_ID={run_id} has gone on past this checkpoint (step {step}) to step {later}: resume from "
+                "its newest checkpoint, or unset MLFLOW_RUN_ID to branch into a new run"
+            )
         if later > step:  # continuing would log a second history over the steps the run has already recorded
             log.warning(
                 "MLflow run %s has gone on past this checkpoint (step %d) to one at step %d, so the resume "
@@ -145,6 +214,7 @@ class MlflowTracker(Tracker):
                 later,
             )
             return False
+        self._taken()
         self.run_id = run_id
         self.store.reopen(run_id)
         self._send_kept(run_id, step)
@@ -268,57 +338,8 @@ class MlflowTracker(Tracker):
     def log_model(self, model: Any, example: Any) -> None:
         if not self.model_logged:
             return
-        # mlflow.pytorch and torch: the tracker itself stays torch-free (the sweep's parent process uses it)
-        import mlflow
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import Model, infer_signature
-
-        # A CPU copy in eval mode: what is logged loads on a machine without the run's GPU, and predicts.
-        plain = copy.deepcopy(model).cpu().eval()
-        x = example.detach().cpu()
-        with torch.no_grad():
-            y = plain(x)
-        signature = infer_signature(x.numpy(), y.float().numpy())
-        mlflow.set_tracking_uri(self.uri)  # Model.log's own client reads the process's tracking URI
-
-        # MLflow's default format is pt2, torch.export's traced graph, which loads without mprun's code; torch.export
-        # cannot trace every model (an LSTM's packed batch), and a failed Model.log leaves a half-made model behind,
-        # so a trial export on a copy (a failed one can leave fake tensors on what it traced) decides first.
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.export.export(copy.deepcopy(plain), (x,))
-            form: dict[str, Any] = {"pip_requirements": _pins("torch")}
-        except Exception as e:  # noqa: BLE001 - torch.export fails in many ways on what it cannot trace
-            log.warning(
-                "tracking.log_model: torch.export could not trace the model (%s); it is logged as a pickle, which "
-                "carries mprun's code and loads where its packages are installed",
-                first_line(e, type(e).__name__),
-            )
-            form = {
-                "serialization_format": "pickle",
-                "code_paths": [str(Path(__file__).resolve().parent)],
-                "pip_requirements": _pins("torch", "numpy", "omegaconf", "timm", "torchvision"),
-            }
-
-        def record() -> None:
-            # Made here, in the run's experiment: Model.log alone makes it in the process's active one ("Default").
-            made = self.store.create_logged_model(self.experiment_id, "model", self.run_id)
-            Model.log(
-                artifact_path=None,
-                name="model",
-                flavor=mlflow.pytorch,
-                run_id=self.run_id,
-                model_id=made,
-                registered_model_name=self.register_model,
-                pytorch_model=plain,
-                signature=signature,
-                input_example=x.numpy(),
-                **form,  # requirements stated, not inferred: inference loads the model in a fresh Python (seconds)
-            )
-
-        self._call(record)
+        ready = logged_model.prepare(model, example)
+        self._call(lambda: logged_model.record(self.store, self.experiment_id, self.run_id, ready, self.register_model))
 
     def watch_system(self, gpu: bool, continued: bool) -> None:
         if self.system_metrics is SystemMetrics.off or (self.system_metrics is SystemMetrics.auto and not gpu):

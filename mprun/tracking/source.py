@@ -58,12 +58,12 @@ def source_tags() -> dict[str, str]:
 
 def experiment_choice(configured: Optional[str]) -> tuple[Optional[str], Optional[str]]:
     """(name, id) of the experiment a run goes to: tracking.experiment when set; else $MLFLOW_EXPERIMENT_NAME (created
-    when new; with $MLFLOW_EXPERIMENT_ID too, the two must agree), else the experiment $MLFLOW_EXPERIMENT_ID names,
-    else `mprun`. MLflow's fluent API reads the two variables alike."""
+    when new; with $MLFLOW_EXPERIMENT_ID too, the two must agree), else the experiment $MLFLOW_EXPERIMENT_ID names;
+    (None, None) when nothing chooses one: then the run $MLFLOW_RUN_ID names decides, or it is `mprun`
+    (Store.open). MLflow's fluent API reads the variables alike."""
     if configured is not None:
         return configured, None
-    name, wanted = os.environ.get("MLFLOW_EXPERIMENT_NAME") or None, os.environ.get("MLFLOW_EXPERIMENT_ID") or None
-    return (name or (None if wanted else "mprun")), wanted
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or None, os.environ.get("MLFLOW_EXPERIMENT_ID") or None
 
 
 def env_tags() -> dict[str, str]:

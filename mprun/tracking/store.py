@@ -1,103 +1,32 @@
-"""One MLflow tracking store: store URIs and how they are shown, probes that fail in seconds, and Store, the only code
-that talks to MlflowClient (runs, searches, params, datasets, metrics, tags, artifacts)."""
+"""One MLflow tracking store: Store, the only code that talks to MlflowClient (experiments, runs, searches, params,
+datasets, metrics, tags, artifacts). Reaching it (probes, the first openers' lock) is reach.py's."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import random
 import re
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from filelock import FileLock
 
 from mprun.errors import ConfigError
 from mprun.interrupts import deferred_signals
 from mprun.tracking.base import DatasetRecord
 from mprun.tracking.metric_writer import MetricBatch
+from mprun.tracking.reach import probe_database, probe_server, store_lock
 from mprun.tracking.uris import is_database, is_remote, shown, sqlite_path, unusable
 
 log = logging.getLogger("mprun.tracking")
 
 
-# MLflow's UI (3.x) opens an experiment tagged with this kind as model training, not as GenAI.
+# The experiment's kind, which MLflow 3.17's UI read to open it as model training (a run link's workflowType decides in
+# 3.18: MlflowTracker.describe).
 KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
-
-
-def probe_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds on a tracking server that does not answer, or whose own store (its database) does not: MLflow's
-    client retries with backoff for minutes (measured: 4 min 13 s against a closed port) before giving up. The
-    server's /health answers without touching its database (measured: OK while its PostgreSQL was stopped), so a
-    request that reads the store follows, with MLflow's request timeout: a stopped database hangs it (the server
-    retries its connection for ~100 s), a broken one answers 5xx."""
-    base = uri.rstrip("/")
-    try:
-        urllib.request.urlopen(f"{base}/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return  # it answered: auth or routing is MLflow's business, checked by the first real request
-    except (urllib.error.URLError, OSError) as e:
-        raise unusable(uri, f"no answer from the server ({getattr(e, 'reason', e)})") from e
-    wait = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or 15)
-    behind = "its database may be down or refusing it: see the server's log"
-    try:
-        urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout=wait).close()
-    except urllib.error.HTTPError as e:
-        if e.code >= 500:  # 4xx: it answered (a login, a proxy's rules), which the first real request reports
-            raise unusable(uri, f"the server answers, but reading its store failed (HTTP {e.code}): {behind}") from e
-    except (urllib.error.URLError, OSError) as e:
-        why = f"the server answers, but a request that reads its store got no answer in {wait:g} s: {behind}"
-        raise unusable(uri, why) from e
-
-
-def probe_database(uri: str, timeout_s: int = 5) -> None:
-    """Fail at once on a database store that refuses the connection (a wrong password, a missing database, no
-    server): MLflow's SQLAlchemy store retries for ~100 s (10 tries with backoff) before saying why."""
-    import sqlalchemy  # 0.2 s: only a database store is probed with it
-
-    args = {"connect_timeout": timeout_s} if uri.startswith(("postgresql", "mysql")) else {}
-    try:
-        engine = sqlalchemy.create_engine(uri, connect_args=args)
-    except ImportError as e:  # the driver: psycopg2 for postgresql://, from the server extra
-        raise unusable(uri, f"{e} (its driver: pip install -e '.[server]' for PostgreSQL)") from e
-    except Exception as e:  # a URI SQLAlchemy cannot parse
-        raise unusable(uri, str(e)) from e
-    try:
-        engine.connect().close()
-    except Exception as e:  # every driver raises its own types; the driver's message says why
-        raise unusable(uri, str(getattr(e, "orig", None) or e)) from e
-    finally:
-        engine.dispose()
-
-
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """A file lock beside a sqlite store for its first use: MLflow creates the tables on first open,
-    and parallel first openers race (most of them fail). Other backends need no lock. A store in a directory
-    this process cannot write (read-only, another user's) is an error that says so: a run must write to it."""
-    db = sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(f"{db}.lock", timeout=300)
-        lock.acquire()
-    except OSError as e:
-        raise unusable(uri, f"cannot write in {db.parent} ({e.strerror or e})") from e
-    try:
-        if db.exists() and not os.access(db, os.W_OK):  # sqlite would fail on the run's first write, in a traceback
-            raise unusable(uri, f"{db} is read-only")
-        yield
-    finally:
-        lock.release()
 
 
 # A database's words for an insert that broke a unique key: PostgreSQL, sqlite, MySQL.
@@ -123,6 +52,8 @@ class RecordedRun:
     metrics: Mapping[str, float]  # the latest value of each
     deleted: bool = False
     last_logged: int = 0  # ms since the epoch of its newest metric point (0: none yet)
+    experiment_id: str = ""
+    params: Mapping[str, str] = field(default_factory=dict)
 
 
 def _recorded(run: Any) -> RecordedRun:
@@ -138,6 +69,8 @@ def _recorded(run: Any) -> RecordedRun:
         info.lifecycle_stage == "deleted",
         # The latest points' own timestamps: RunData keeps the Metric objects, not only their values.
         max((m.timestamp for m in getattr(run.data, "_metric_objs", [])), default=0),
+        info.experiment_id,
+        dict(run.data.params),
     )
 
 
@@ -156,15 +89,28 @@ class Store:
 
     @classmethod
     def open(
-        cls, uri: str, experiment: str | None, local_artifacts: Path, *, experiment_id: str | None = None
+        cls,
+        uri: str,
+        experiment: str | None,
+        local_artifacts: Path,
+        *,
+        experiment_id: str | None = None,
+        continuing: str | None = None,
     ) -> tuple[Store, str]:
         """Connect for a run, and get or create its experiment by name, or take an existing one by id (with both,
         they must agree): (store, experiment id). A server that does not answer fails in seconds. A new sqlite store
         gets its tables now, in several migrations: parallel first openers take turns, and signals wait until the
-        store is whole (a Ctrl-C in between left a store that every later run failed on, "duplicate column name")."""
+        store is whole (a Ctrl-C in between left a store that every later run failed on, "duplicate column name").
+        With neither a name nor an id, the experiment is that of the run `continuing` names, if the store has it,
+        else `mprun`."""
         cls.probe(uri)
         with store_lock(uri), deferred_signals():
             store = cls(uri)
+            if experiment is None and experiment_id is None:
+                found = store.run(continuing) if continuing else None
+                if found is not None:
+                    return store, found.experiment_id
+                experiment = "mprun"
             if experiment is None:
                 return store, store.existing_experiment(experiment_id)
             found = store.experiment(experiment, local_artifacts)

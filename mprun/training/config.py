@@ -15,6 +15,11 @@ from mprun.errors import require
 INPUT_BOUND = 0.10
 
 
+# The validation metrics trainer.keep_best can follow, and whether more is better. A language model's ppl and bpb
+# exist for language models only (build checks the metric against the task).
+BEST_METRICS = {"val/acc": True, "val/loss": False, "val/ppl": False, "val/bpb": False}
+
+
 class DeviceName(Enum):
     auto = "auto"
     cpu = "cpu"
@@ -53,6 +58,9 @@ class TrainerConfig:
     checkpoint_every_steps: int = 0
     checkpoint_every_epochs: int = 1
     keep_last: int = 2  # periodic checkpoints kept; older ones are deleted
+    # checkpoints/best.pt holds training at the evaluation with the best value of this metric: auto (the task's
+    # headline: val/acc, or a language model's val/bpb or val/loss), one of BEST_METRICS, or none
+    keep_best: str = "auto"
     # Continue from a checkpoint: a .pt file, a run directory (its newest checkpoint), or auto (this run
     # directory's newest, or a fresh start if it has none: the pattern for preempted, requeued jobs).
     resume: Optional[str] = None
@@ -76,3 +84,5 @@ class TrainerConfig:
             f"checkpoint_every_epochs={self.checkpoint_every_epochs} must be >= 0 (0: off)",
         )
         require(self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1")
+        choices = ["auto", *BEST_METRICS, "none"]
+        require(self.keep_best in choices, f"keep_best={self.keep_best}: choose one of {', '.join(choices)}")

@@ -30,7 +30,16 @@ from mprun.tracking.base import Tracker
 from mprun.training import measure
 from mprun.training.config import TrainerConfig
 from mprun.training.memory import reset_peak_memory
-from mprun.training.state import Checkpointer, FitResult, Training, TrainState, finished, planned_epochs, planned_steps
+from mprun.training.state import (
+    Checkpointer,
+    FitResult,
+    KeepBest,
+    Training,
+    TrainState,
+    finished,
+    planned_epochs,
+    planned_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +276,11 @@ def fit(
     stop: Optional[GracefulStop] = None,
     checkpoint: Optional[Checkpointer] = None,
     guard: Optional[numerics.Guard] = None,
+    best: Optional[KeepBest] = None,
 ) -> FitResult:
     """Train for max_epochs (or max_steps) from `state`, evaluating every eval_every_epochs and at the end;
-    `checkpoint(state)` is called every checkpoint_every_steps steps and checkpoint_every_epochs epochs."""
+    `checkpoint(state)` is called every checkpoint_every_steps steps and checkpoint_every_epochs epochs; `best` keeps
+    the best evaluation's."""
     state, result, world = state or TrainState(), FitResult(), run.world
     progress = Progress.create(cfg.progress.value, planned_epochs(cfg, len(run.data.train)), len(run.data.train))
     train = TimedLoader(run.data.train)
@@ -301,6 +312,8 @@ def fit(
                 warned = True
             if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or done:
                 metrics.update(_validate(run, cfg, result))
+                if best is not None:
+                    best.offer(state, metrics)
             tracker.log_metrics(metrics, state.step)
             progress.end_epoch(running + 1, {"train_loss": result.train_loss, **metrics})
             if checkpoint is not None and cfg.checkpoint_every_epochs and not done:  # the final checkpoint follows

@@ -3,8 +3,9 @@ objects the loop trains with (Training), what fit returns (FitResult), and the s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -34,9 +35,36 @@ class TrainState:
     logged_loss_sum: float = 0.0  # the two as of the last log step
     logged_loss_steps: float = 0.0
     train_time_s: float = 0.0  # seconds spent training so far, over every segment of a resumed run
+    # The best evaluation so far (trainer.keep_best's metric), where checkpoints/best.pt was taken: a resumed run
+    # keeps comparing against it.
+    best_score: Optional[float] = None
+    best_step: int = -1
+    best_epoch: int = -1
 
 
 Checkpointer = Callable[["TrainState"], None]  # writes a checkpoint of training as it stands
+
+
+@dataclass
+class KeepBest:
+    """trainer.keep_best: the metric whose best evaluation so far is kept (checkpoints/best.pt), and the writer."""
+
+    metric: str  # val/acc, val/loss, ...
+    maximize: bool
+    write: Checkpointer
+
+    def offer(self, state: TrainState, metrics: Mapping[str, float]) -> bool:
+        """Write the best checkpoint if this evaluation beats the best so far (a tie keeps the earlier one; a
+        non-finite score never counts); returns whether it did."""
+        score = metrics.get(self.metric)
+        if score is None or not math.isfinite(score):
+            return False
+        best = state.best_score
+        if best is not None and not (score > best if self.maximize else score < best):
+            return False
+        state.best_score, state.best_step, state.best_epoch = float(score), state.step, state.epoch
+        self.write(state)
+        return True
 
 
 @dataclass
