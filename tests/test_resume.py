@@ -595,7 +595,10 @@ def test_a_tie_keeps_the_earlier_best_and_a_nan_never_counts() -> None:
 
     written = []
     keep = KeepBest("val/loss", maximize=False, write=lambda s: written.append(s.step))
-    state = TrainState(step=10, best_score=0.5, best_step=5)  # resumed: the best so far came with the checkpoint
+    state = TrainState(step=10, best_metric="val/loss", best_score=0.5, best_step=5)  # from the checkpoint
     assert not keep.offer(state, {"val/loss": 0.5}) and not keep.offer(state, {"val/loss": float("nan")})
     assert not keep.offer(state, {"val/loss": 0.7}) and written == []
     assert keep.offer(state, {"val/loss": 0.4}) and written == [10] and state.best_step == 10
+    # a best of another metric (the run before kept val/acc's) is no bar: the first evaluation is the best so far
+    state = TrainState(step=20, best_metric="val/acc", best_score=0.1)
+    assert keep.offer(state, {"val/loss": 0.9}) and (state.best_metric, state.best_score) == ("val/loss", 0.9)

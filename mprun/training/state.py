@@ -37,6 +37,7 @@ class TrainState:
     train_time_s: float = 0.0  # seconds spent training so far, over every segment of a resumed run
     # The best evaluation so far (trainer.keep_best's metric), where checkpoints/best.pt was taken: a resumed run
     # keeps comparing against it.
+    best_metric: str = ""  # what best_score is a value of: a resume with another trainer.keep_best starts over
     best_score: Optional[float] = None
     best_step: int = -1
     best_epoch: int = -1
@@ -59,10 +60,11 @@ class KeepBest:
         score = metrics.get(self.metric)
         if score is None or not math.isfinite(score):
             return False
-        best = state.best_score
+        best = state.best_score if state.best_metric == self.metric else None
         if best is not None and not (score > best if self.maximize else score < best):
             return False
-        state.best_score, state.best_step, state.best_epoch = float(score), state.step, state.epoch
+        state.best_metric, state.best_score = self.metric, float(score)
+        state.best_step, state.best_epoch = state.step, state.epoch
         self.write(state)
         return True
 
