@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,22 @@ class Checkpoints:
         for tmp in self.directory.glob(".*.tmp-*"):
             if not tmp.name.endswith(f".tmp-{os.getpid()}"):
                 tmp.unlink(missing_ok=True)
+
+
+def carry_best(resumed_from: Path, directory: Path, has_best: bool) -> None:
+    """A run resumed into another directory takes the best.pt beside its checkpoint along (`has_best`: the checkpoint
+    carries a best so far): best.pt is written only when an evaluation beats that best, so without it the new
+    directory would have none until one does. The one beside the checkpoint is that best when it is no newer than
+    the checkpoint; a newer one is a later best, of training past it, and stays where it is."""
+    old, new = Path(resumed_from).parent / Checkpoints.BEST, Path(directory) / Checkpoints.BEST
+    if not has_best or not old.is_file() or new.exists() or old.resolve() == new.resolve():
+        return
+    if old.stat().st_mtime_ns > Path(resumed_from).stat().st_mtime_ns:
+        return
+    new.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new.with_name(f".{new.name}.tmp-{os.getpid()}")
+    shutil.copy2(old, tmp)
+    os.replace(tmp, new)  # never a torn best.pt
 
 
 def newest(directory: Path) -> Path | None:

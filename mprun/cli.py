@@ -112,14 +112,16 @@ def _other_rank() -> bool:
 _held: list[Any] = []  # an other rank's stderr, set aside (main) until its config has composed
 
 
-def _speak() -> None:
-    """Give back the stderr main set aside, if it did."""
+def _speak(replay: bool) -> None:
+    """Give back the stderr main set aside, if it did; `replay`: with what was written to it meanwhile."""
     if _held:
-        sys.stderr = _held.pop()
+        held, sys.stderr = sys.stderr, _held.pop()
+        if replay:
+            sys.stderr.write(held.getvalue())
 
 
 def _task(cfg: DictConfig) -> float:
-    _speak()  # composed: from here on every rank speaks for itself, but for a config error
+    _speak(replay=False)  # composed, as on rank 0, which has said what composing said; now each rank speaks
     job = sweep.current_job()
     try:
         try:
@@ -127,6 +129,8 @@ def _task(cfg: DictConfig) -> float:
         except ConfigError as e:
             if job is not None:
                 job.record_failure(e)
+            if _other_rank():
+                sys.exit(2)  # every rank finds the same mistake in the config: rank 0 says it
             raise
         from mprun.experiment import run  # torch and the rest, once the config is known to be good
 
@@ -137,8 +141,6 @@ def _task(cfg: DictConfig) -> float:
             # Raising lets Hydra mark this job failed and run the rest of the sweep; exiting would end it.
             log.error("%s", message)
             raise JobFailed(f"{message} (job {job.num}: {','.join(job.varied)})") from e  # whole keys
-        if isinstance(e, ConfigError) and _other_rank():
-            sys.exit(2)  # rank 0 says it, and records it in the log the ranks share
         print(message, file=sys.stderr, flush=True)
         # The user's code failing before anything was written leaves nothing either; but under torchrun the other
         # ranks are setting up in the same run directory (Hydra's log file, .hydra/), and removing it under them
@@ -189,16 +191,17 @@ def main() -> None:
     """Run the Hydra app; a multirun's parent run is closed however it ends. The process's signal handling and
     exit codes for signals are mprun.__main__'s. A conf/ in the launch directory is searched before mprun's own
     (configdirs), and the launch directory is importable: a project's models and datasets live there."""
-    if _other_rank():  # Hydra's own errors (a command line that does not compose) too: rank 0 prints them
-        _held.append(sys.stderr)
-        sys.stderr = io.StringIO()
-    remember_command(sys.argv)
-    cwd = Path.cwd()
-    primary, sys.argv[1:], project = configdirs.search_order(sys.argv[1:], cwd)
-    for note in configdirs.replacement_notes(project) if project else []:
-        print(note, file=sys.stderr, flush=True)
-    configdirs.launch_dir_importable(cwd)
+    code = None
     try:
+        if _other_rank():  # until the config composes (Hydra's own errors too): rank 0 says what is wrong with it
+            _held.append(sys.stderr)
+            sys.stderr = io.StringIO()
+        remember_command(sys.argv)
+        cwd = Path.cwd()
+        primary, sys.argv[1:], project = configdirs.search_order(sys.argv[1:], cwd)
+        for note in configdirs.replacement_notes(project) if project else []:
+            print(note, file=sys.stderr, flush=True)
+        configdirs.launch_dir_importable(cwd)
         _main(primary)
     except BaseException as e:
         # Hydra ends a multirun early with an exception (a failed job re-raised after its batch, a bad sweep
@@ -212,7 +215,8 @@ def main() -> None:
             unknown = config.unknown_override(e.__context__)
             if unknown:  # Hydra's message suggests adding the key with '+', which mprun then rejects: say what is valid
                 print(f"mprun: error: {unknown}", file=sys.stderr, flush=True)
+            code = 2
             sys.exit(2)
         raise
     finally:
-        _speak()  # an error that was no config's still shows
+        _speak(replay=code != 2)  # held back for a config error only: anything else this rank says still shows

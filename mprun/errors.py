@@ -12,6 +12,11 @@ class ConfigError(MprunError, ValueError):
     """Bad user input (config value, missing data, unusable device): message names the key and the valid choices."""
 
 
+class StoreUnusable(ConfigError):
+    """A tracking store that cannot be reached or used (a dead server, a refused database, a read-only file): what
+    tracking.on_unreachable=local falls back from. A mistake about what is in a store that works is a ConfigError."""
+
+
 class NumericsError(MprunError, RuntimeError):
     """The numerics policy stopped the run; `report` says why and what was seen."""
 

@@ -136,6 +136,8 @@ def _run(cfg: RunConfig | DictConfig, started: float, job: Optional[JobInfo]) ->
         resume_from = checkpoint.resume_path(resume_spec, run_dir)
         resumed = checkpoint.load(resume_from) if resume_from else None
         state = resume.restore(parts, resumed, resume_from, cfg) if resumed else TrainState()
+        if resumed and world.is_main:
+            checkpoint.carry_best(resume_from, run_dir / "checkpoints", state.best_score is not None)
     except Exception as e:
         if job is not None:
             job.record_failure(e)  # a sweep shows the failed job beside its siblings
@@ -171,6 +173,8 @@ def _track_and_train(r: _Run, state: TrainState, resumed: Optional[dict]) -> dic
     # in between stops training gracefully instead of killing the process with the run RUNNING.
     with GracefulStop() as stop:
         continued = bool(previous_run) and r.tracker.resume(previous_run, state.step)
+        if continued:  # its checkpoints are written here from now on (MLFLOW_RUN_ID finds them by this tag)
+            r.tracker.set_tags({"mprun.run_dir": str(r.run_dir)})
         if not continued:
             params = config.logged_params(r.cfg.resolved)
             params.update(r.parts.data.source)  # what the data was made from (a corpus's Python and digest)
@@ -228,9 +232,11 @@ def best_tags(s: TrainState, metric: str) -> dict[str, str]:
 
 def _best_record(r: _Run, state: TrainState, save: _Saver) -> Optional[dict[str, Any]]:
     """The best checkpoint's record for summary.json: metric, score, epoch, step and file; None without one."""
-    if r.parts.keep_best is None or state.best_score is None:
-        return None
     where = save.ckpts.directory / save.ckpts.BEST
+    if r.parts.keep_best is None or state.best_score is None or state.best_metric != r.parts.keep_best:
+        return None
+    if not where.is_file():  # resumed from a directory whose best.pt was of training past the checkpoint
+        return None
     return {"metric": r.parts.keep_best, "score": state.best_score, "epoch": state.best_epoch, "step": state.best_step,
             "checkpoint": str(where)}  # fmt: skip
 

@@ -329,6 +329,9 @@ class SweepCallback(Callback):
             _ACTIVE = Sweep(config)
         except Exception as e:  # noqa: BLE001 - Hydra would turn it into a warning; say plainly what it means
             log.error("sweep: no MLflow parent run (%s: %s); each job still tracks itself", type(e).__name__, e)
+        finally:
+            # MLFLOW_RUN_ID names the parent run: the jobs never continue it, even when the parent could not open
+            os.environ.pop("MLFLOW_RUN_ID", None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         close_active(interrupted=False)

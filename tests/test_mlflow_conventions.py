@@ -116,19 +116,23 @@ def test_the_printed_ui_link_opens_mlflows_model_training_view(tmp_path: Path) -
 
 
 def test_mlflow_run_id_continues_that_run_from_its_checkpoint(
-    make_cfg, mlflow_client, monkeypatch: pytest.MonkeyPatch
+    make_cfg, mlflow_client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As trainer.resume would: the run's own run directory (its mprun.run_dir tag) holds the checkpoint to go on
     from, and the run goes on, with no second run."""
     first = run(make_cfg(*SHORT[:1], "trainer.max_epochs=2", tracking="mlflow"))
     (r,) = _runs(mlflow_client, "mprun")
-    monkeypatch.setenv("MLFLOW_RUN_ID", r.info.run_id)
-    again = run(make_cfg(*SHORT[:1], "trainer.max_epochs=3", tracking="mlflow"))
-    assert again["epochs"] == 3 and again["steps"] == first["steps"] * 3 // 2
+    # Each continuation runs in a directory of its own (as a new command's would), and the next one finds the newest
+    for epochs, run_dir in ((3, "run2"), (4, "run3")):
+        monkeypatch.setenv("MLFLOW_RUN_ID", r.info.run_id)
+        again = run(make_cfg(*SHORT[:1], f"trainer.max_epochs={epochs}", f"paths.run_dir={tmp_path / run_dir}",
+                             tracking="mlflow"))  # fmt: skip
+        assert again["epochs"] == epochs and again["steps"] == first["steps"] * epochs // 2
+        assert "MLFLOW_RUN_ID" not in os.environ  # taken: a later run in this process starts its own
     (same,) = _runs(mlflow_client, "mprun")
     assert same.info.run_id == r.info.run_id and same.info.status == "FINISHED"
-    assert len(mlflow_client.get_metric_history(r.info.run_id, "val/acc")) == 3
-    assert "MLFLOW_RUN_ID" not in os.environ  # taken: a later run in this process starts its own
+    assert same.data.tags["mprun.run_dir"] == str(tmp_path / "run3")
+    assert len(mlflow_client.get_metric_history(r.info.run_id, "val/acc")) == 4
 
 
 def test_mlflow_run_id_of_a_run_a_job_script_opened_gets_the_training(make_cfg, mlflow_client, monkeypatch) -> None:

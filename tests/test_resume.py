@@ -343,6 +343,9 @@ def test_resuming_an_old_checkpoint_again_branches_into_a_new_run(make_cfg, tmp_
     history = [(m.step, m.value) for m in client.get_metric_history(first["mlflow_run_id"], "train/loss")]
     assert [s for s, _ in history] == [5, 10, 15, 20, 25, 30, 35, 40, 44]
     assert client.get_run(first["mlflow_run_id"]).data.tags["mprun.checkpoint_step"] == "44"
+    # best.pt came along into the new run directory (or a better evaluation there wrote its own)
+    assert first["best"] and Path(first["best"]["checkpoint"]) == tmp_path / "rest" / "checkpoints" / "best.pt"
+    assert checkpoint.load(first["best"]["checkpoint"])["progress"]["best_step"] == first["best"]["step"]
 
     again = run(make_cfg(*common, resume, "paths.run_dir=" + str(tmp_path / "again"), tracking="mlflow"))
     assert again["mlflow_run_id"] != first["mlflow_run_id"] and again["steps"] == 44

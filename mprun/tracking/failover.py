@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from mprun.errors import ConfigError, TrackingLost
+from mprun.errors import StoreUnusable, TrackingLost
 from mprun.tracking.config import Unreachable
 from mprun.tracking.uris import shown
 
@@ -27,7 +27,7 @@ class Failover:
         """connect(uri); when that store cannot be used and the policy is local, connect(the local store)."""
         try:
             return connect(uri)
-        except ConfigError as e:
+        except StoreUnusable as e:  # not a mistake about what is in a store that works (an experiment id, a run id)
             if self.policy is Unreachable.fail or uri == self.local_uri:
                 raise
             log.warning("%s\ntracking.on_unreachable=local: logging to %s instead", e, self.local_uri)

@@ -69,6 +69,8 @@ class MlflowTracker(Tracker):
         self.continuing = self._run_to_continue()
 
     def _connect(self, uri: str) -> None:
+        if self.failover.intended and self.experiment is None:  # the local fallback has no experiment of that id
+            self.experiment, self.experiment_wanted = "mprun", None
         self.store, self.experiment_id = Store.open(
             uri,
             self.experiment,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mprun.errors import ConfigError, first_line
+from mprun.errors import StoreUnusable, first_line
 
 
 def shown(uri: str) -> str:
@@ -14,10 +14,10 @@ def shown(uri: str) -> str:
     return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", uri)
 
 
-def unusable(uri: str, why: str) -> ConfigError:
+def unusable(uri: str, why: str) -> StoreUnusable:
     """The error for a tracking store that cannot be used."""
     why = first_line(why, "unknown error")
-    return ConfigError(
+    return StoreUnusable(
         f"cannot use MLflow tracking store {shown(uri)}: {why[:300]}. "
         "Fix tracking.uri / MLFLOW_TRACKING_URI, or run with tracking=none"
     )

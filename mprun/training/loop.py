@@ -312,9 +312,9 @@ def fit(
                 warned = True
             if (state.epoch % cfg.eval_every_epochs == 0 and state.batch_in_epoch == 0) or done:
                 metrics.update(_validate(run, cfg, result))
-                if best is not None:
-                    best.offer(state, metrics)
-            tracker.log_metrics(metrics, state.step)
+            tracker.log_metrics(metrics, state.step)  # before best.pt's checkpoint tag says the step is recorded
+            if best is not None:
+                best.offer(state, metrics)
             progress.end_epoch(running + 1, {"train_loss": result.train_loss, **metrics})
             if checkpoint is not None and cfg.checkpoint_every_epochs and not done:  # the final checkpoint follows
                 if state.epoch % cfg.checkpoint_every_epochs == 0:
