@@ -110,6 +110,23 @@ def _other_rank() -> bool:
 
 
 _held: list[Any] = []  # an other rank's stderr, set aside (main) until its config has composed
+RANK_ZERO_GRACE_S = 10.0  # how long an other rank waits for rank 0 to say the config error they share
+
+
+def _quiet_on_signals(code: int) -> None:
+    """Under torchrun, on a rank that is ending with an error: the SIGTERM torchrun sends once another rank has ended
+    ends this one at once, quietly and with the same code, instead of as a traceback from wherever it arrived."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda *_: os._exit(code))
+
+
+def _wait_for_rank_zero(code: int) -> None:
+    """An other rank with the config error that rank 0 has too: rank 0 says it, and torchrun ends this rank when rank
+    0 exits. Exiting first instead would get rank 0 killed before it had said anything."""
+    _quiet_on_signals(code)
+    time.sleep(RANK_ZERO_GRACE_S)
+    sys.exit(code)
 
 
 def _speak(replay: bool) -> None:
@@ -130,7 +147,7 @@ def _task(cfg: DictConfig) -> float:
             if job is not None:
                 job.record_failure(e)
             if _other_rank():
-                sys.exit(2)  # every rank finds the same mistake in the config: rank 0 says it
+                _wait_for_rank_zero(2)  # every rank finds the same mistake in the config: rank 0 says it
             raise
         from mprun.experiment import run  # torch and the rest, once the config is known to be good
 
@@ -141,6 +158,7 @@ def _task(cfg: DictConfig) -> float:
             # Raising lets Hydra mark this job failed and run the rest of the sweep; exiting would end it.
             log.error("%s", message)
             raise JobFailed(f"{message} (job {job.num}: {','.join(job.varied)})") from e  # whole keys
+        _quiet_on_signals(2 if isinstance(e, ConfigError) else 1)
         print(message, file=sys.stderr, flush=True)
         # The user's code failing before anything was written leaves nothing either; but under torchrun the other
         # ranks are setting up in the same run directory (Hydra's log file, .hydra/), and removing it under them
@@ -212,10 +230,13 @@ def main() -> None:
             e.__context__, (ConfigCompositionException, OverrideParseException)
         ):
             # Hydra has said why the command line does not compose: a user's mistake, like mprun's own
+            code = 2
+            if _other_rank():
+                _wait_for_rank_zero(2)
+            _quiet_on_signals(2)
             unknown = config.unknown_override(e.__context__)
             if unknown:  # Hydra's message suggests adding the key with '+', which mprun then rejects: say what is valid
                 print(f"mprun: error: {unknown}", file=sys.stderr, flush=True)
-            code = 2
             sys.exit(2)
         raise
     finally:

@@ -22,6 +22,7 @@ from mprun.tracking.failover import Failover
 from mprun.tracking.metric_writer import BatchedWriter, MetricBatch
 from mprun.tracking.mlflow_tracker import MlflowTracker
 from mprun.tracking.store import Store, record_failed_run
+from mprun.tracking.uris import unusable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,7 +168,9 @@ def test_flush_every_s_must_not_be_negative(make_cfg) -> None:
 def test_failover_at_the_start(tmp_path: Path) -> None:
     def connect(uri: str) -> str:
         if uri == "http://gone":
-            raise ConfigError("cannot use MLflow tracking store http://gone")
+            raise unusable(uri, "no answer from the server")
+        if uri == "http://wrong-experiment":  # a mistake about what is in a store that works: no fallback
+            raise ConfigError("MLFLOW_EXPERIMENT_ID=987: no such experiment in http://wrong-experiment")
         return uri
 
     with pytest.raises(ConfigError):
@@ -175,6 +178,8 @@ def test_failover_at_the_start(tmp_path: Path) -> None:
     local = Failover(Unreachable.local, "sqlite:///local.db")
     assert local.open("http://gone", connect) == "sqlite:///local.db" and local.intended == "http://gone"
     assert Failover(Unreachable.local, "sqlite:///local.db").open("http://up", connect) == "http://up"
+    with pytest.raises(ConfigError, match="no such experiment"):
+        Failover(Unreachable.local, "sqlite:///local.db").open("http://wrong-experiment", connect)
 
 
 def test_failover_mid_run() -> None:
