@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -131,8 +132,10 @@ def _run(cfg: RunConfig | DictConfig, started: float, job: Optional[JobInfo]) ->
         # Only rank 0 tracks. The store is reached now, so a bad URI fails before any data or model work.
         tracker = build.tracker(cfg.composed.tracking, cfg.paths.output_root) if world.is_main else NullTracker()
         parts = build.components(cfg, world)
-        # trainer.resume, else the directory of the run MLFLOW_RUN_ID continues, where mprun checkpointed it
-        resume_spec = trainer.resume or world.from_main(tracker.resume_dir)
+        # trainer.resume, else the directory of the run MLFLOW_RUN_ID continues, where mprun checkpointed it (rank 0
+        # asks the store; the ranks see the same environment, so only a run with the variable pays the collective)
+        wanted = "MLFLOW_RUN_ID" in os.environ and not trainer.resume
+        resume_spec = trainer.resume or (world.from_main(tracker.resume_dir) if wanted else None)
         resume_from = checkpoint.resume_path(resume_spec, run_dir)
         resumed = checkpoint.load(resume_from) if resume_from else None
         state = resume.restore(parts, resumed, resume_from, cfg) if resumed else TrainState()

@@ -229,9 +229,20 @@ class Store:
         # same seed got the same name. The draw gets fresh entropy, and the experiment's random state is kept.
         state = random.getstate()
         random.seed()
+        from mlflow.exceptions import MlflowException  # mlflow: 1.2 s, when the store is used
+
         try:
             tags = {k: str(v)[:5000] for k, v in tags.items()}
             return self._client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        except MlflowException as e:
+            if e.error_code != "PERMISSION_DENIED":
+                raise
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise ConfigError(
+                f"user {user!r} is not allowed to write in experiment {experiment_id} of {shown(self.uri)} (HTTP 403: "
+                "MLflow's READ permission only): ask for EDIT on it, or choose an experiment of your own "
+                "(tracking.experiment=<a new name>)"
+            ) from None
         finally:
             random.setstate(state)
 
