@@ -59,6 +59,11 @@ class World:
         """True on every rank if it is true on any (a collective)."""
         return self.max(float(flag)) > 0
 
+    def barrier(self) -> None:
+        """Wait until every rank is here (a collective)."""
+        if self.size > 1:
+            dist.barrier()
+
     def from_main(self, make: Callable[[], T]) -> T:
         """make() on rank 0, its result given to every rank (a collective): a decision the ranks must share."""
         if self.size == 1:

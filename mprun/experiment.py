@@ -148,8 +148,11 @@ def _run(cfg: RunConfig | DictConfig, started: float, job: Optional[JobInfo]) ->
         raise
     try:
         if resumed and finished(state, trainer):
-            return resume.completed_summary(resumed, resume_from, state, parts, trainer)
-        return _track_and_train(_Run(cfg, trainer, parts, tracker, run_dir, job, started), state, resumed)
+            summary = resume.completed_summary(resumed, resume_from, state, parts, trainer)
+        else:
+            summary = _track_and_train(_Run(cfg, trainer, parts, tracker, run_dir, job, started), state, resumed)
+        world.barrier()  # a finished rank waits for rank 0's recording: no rank leaves the group under another
+        return summary
     finally:
         distributed.stop()  # every exit: success, error, signal
 
