@@ -103,6 +103,11 @@ def _main(primary: str) -> None:
     hydra.main(version_base="1.3", config_path=primary, config_name=PRIMARY)(_task)()
 
 
+def _under_torchrun() -> bool:
+    """Whether this process is one of several ranks torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _other_rank() -> bool:
     """Under torchrun, a rank other than 0: what is wrong with the config is rank 0's to say; the others exit with the
     same code, quietly."""
@@ -116,7 +121,7 @@ RANK_ZERO_GRACE_S = 10.0  # how long an other rank waits for rank 0 to say the c
 def _quiet_on_signals(code: int) -> None:
     """Under torchrun, on a rank that is ending with an error: the SIGTERM torchrun sends once another rank has ended
     ends this one at once, quietly and with the same code, instead of as a traceback from wherever it arrived."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _under_torchrun():
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda *_: os._exit(code))
 
@@ -163,7 +168,7 @@ def _task(cfg: DictConfig) -> float:
         # The user's code failing before anything was written leaves nothing either; but under torchrun the other
         # ranks are setting up in the same run directory (Hydra's log file, .hydra/), and removing it under them
         # would crash them: there it stays, its log ending with the error.
-        clean = isinstance(e, (ConfigError, UserCodeError)) and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        clean = isinstance(e, (ConfigError, UserCodeError)) and not _under_torchrun()
         leave_a_record(message, bad_input=clean, output_root=Path(cfg.paths.output_root))
         sys.exit(2 if isinstance(e, ConfigError) else 1)  # a user's mistake exits 2, like argparse
     if summary["stop_signal"]:
